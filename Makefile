@@ -1,0 +1,38 @@
+# Loupe — the two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+EXTRAS ?= dev,pdq
+STAMP  := $(VENV)/.loupe-installed
+PORT   ?= 8080
+DEMO_DIR ?= .demo
+
+.PHONY: setup test test-fast demo lint bench clean
+
+setup: $(STAMP)
+
+# Re-installs only when pyproject.toml changes (idempotent, fast otherwise).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not browser" tests
+
+lint: setup
+	$(VENV)/bin/ruff check retrieval indexer server cli tests benchmarks
+
+demo: setup
+	$(PY) -m cli.demo --out $(DEMO_DIR) --port $(PORT)
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

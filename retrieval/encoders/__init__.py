@@ -1,0 +1,86 @@
+"""The encoder registry: configs as data (``registry.json``), thin adapters per family.
+
+>>> enc = create_encoder("effnet-lite0", device="cpu")
+>>> vecs = enc.encode_images([img])          # [1, 1280] float32, unit rows
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ..device import resolve_device
+from ..errors import UnknownEncoderError
+from .base import Encoder, EncoderSpec, l2_normalize
+
+__all__ = ["Encoder", "EncoderSpec", "create_encoder", "get_spec", "list_encoders", "register_encoder",
+           "l2_normalize", "DEFAULT_ENCODER"]
+
+DEFAULT_ENCODER = "clip-vit-b-32"
+_TABLE = Path(__file__).with_name("registry.json")
+_FAMILIES = {  # family -> "module:Class"
+    "clip": "clip:ClipEncoder",
+    "dinov2": "dinov2:Dinov2Encoder",
+    "effnet": "effnet:EffnetEncoder",
+    "conse": "conse:ConseEncoder",
+    "sscd": "sscd:SscdEncoder",
+    "pdq": "pdq:PdqEncoder",
+}
+_SPECS: dict[str, EncoderSpec] = {}
+_CACHE: dict[tuple[str, str, str], Encoder] = {}
+
+
+def _load_table() -> None:
+    if _SPECS:
+        return
+    rows = json.loads(_TABLE.read_text())
+    for name, row in rows.items():
+        if not name.startswith("_"):
+            _SPECS[name] = EncoderSpec.from_row(name, row)
+
+
+def register_encoder(name: str, row: dict[str, Any] | EncoderSpec, *, replace: bool = False) -> EncoderSpec:
+    """Add an encoder (e.g. a tiny test model, or a fine-tuned checkpoint) to the registry."""
+    _load_table()
+    spec = row if isinstance(row, EncoderSpec) else EncoderSpec.from_row(name, row)
+    if spec.family not in _FAMILIES:
+        raise UnknownEncoderError(f"unknown encoder family {spec.family!r}; known: {', '.join(sorted(_FAMILIES))}")
+    if name in _SPECS and not replace:
+        raise ValueError(f"encoder {name!r} is already registered")
+    _SPECS[name] = spec
+    for key in [k for k in _CACHE if k[0] == name]:
+        del _CACHE[key]
+    return spec
+
+
+def get_spec(name: str) -> EncoderSpec:
+    _load_table()
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise UnknownEncoderError(
+            f"unknown encoder {name!r}; known encoders: {', '.join(sorted(_SPECS))} (see `loupe encoders`)"
+        ) from None
+
+
+def list_encoders() -> list[dict[str, Any]]:
+    """One description per registered encoder: name, dim, modalities, weights, offline."""
+    _load_table()
+    return [spec.describe() for spec in _SPECS.values()]
+
+
+def create_encoder(name: str, device: str = "auto", precision: str = "auto", *, cache: bool = True) -> Encoder:
+    """Build (or reuse) the encoder ``name`` on ``device`` (``auto|cpu|cuda[:n]``)."""
+    spec = get_spec(name)
+    dev = resolve_device(device, precision)
+    key = (name, str(dev.device), dev.precision)
+    if cache and key in _CACHE:
+        return _CACHE[key]
+    module_name, cls_name = _FAMILIES[spec.family].split(":")
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    encoder = getattr(module, cls_name)(spec, dev)
+    if cache:
+        _CACHE[key] = encoder
+    return encoder

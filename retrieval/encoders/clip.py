@@ -1,0 +1,116 @@
+"""CLIP dual encoders through open_clip (ViT-B-32, ViT-L-14, or any open_clip architecture).
+
+Preprocessing is open_clip's own validation transform, so vectors equal open_clip's
+``encode_image`` / ``encode_text`` on the same weights (tests check this to 1e-5). Local features
+are the ViT patch tokens after ``ln_post``, projected into the joint space by ``visual.proj``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..types import Vectors
+from .base import Encoder, l2_normalize
+from .weights import local_weights, missing_weights
+
+_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors", "model.pt")
+
+
+def _register_arch(arch: str, model_config: dict[str, Any]) -> None:
+    import open_clip
+
+    folder = Path(tempfile.mkdtemp(prefix="loupe-openclip-"))
+    (folder / f"{arch}.json").write_text(json.dumps(model_config))
+    open_clip.add_model_config(folder)
+
+
+class ClipEncoder(Encoder):
+    def __init__(self, spec, device):
+        super().__init__(spec, device)
+        import open_clip
+
+        arch = spec.get("arch")
+        if spec.get("model_config"):
+            _register_arch(arch, spec.get("model_config"))
+        explicit = spec.get("weights")
+        local = local_weights(spec.name, _WEIGHT_FILES)
+        if spec.get("random_init"):
+            pretrained = None
+        elif explicit:
+            pretrained = str(explicit)
+        elif local is not None:
+            pretrained = str(local)
+        else:
+            pretrained = spec.get("pretrained")
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+        except Exception as exc:  # hub unreachable, missing file, bad checkpoint
+            looked = [f"open_clip hub cache ({spec.get('hub_id') or spec.get('pretrained')})",
+                      "$LOUPE_WEIGHTS_DIR/" + spec.name + "/{" + ",".join(_WEIGHT_FILES) + "}"]
+            if explicit:
+                looked.insert(0, str(explicit))
+            raise missing_weights(
+                spec.name, looked,
+                f"connect once to the internet so open_clip caches {spec.get('arch')}/{spec.get('pretrained')}, "
+                f"or put the checkpoint at $LOUPE_WEIGHTS_DIR/{spec.name}/open_clip_pytorch_model.bin",
+                exc,
+            ) from exc
+        self.model = model.eval().to(device.device)
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.logit_scale = float(self.model.logit_scale.exp().item()) if hasattr(self.model, "logit_scale") else 100.0
+
+    @property
+    def visual(self):
+        return self.model.visual
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.visual.grid_size
+        return (int(g[0]), int(g[1]))
+
+    @torch.inference_mode()
+    def encode_images(self, batch) -> Vectors:
+        with self.lock:
+            x = self.to_batch(batch)
+            with self.device.autocast():
+                out = self.model.encode_image(x)
+        return l2_normalize(out)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> Vectors:
+        with self.lock:
+            tokens = self.tokenizer(list(texts)).to(self.device.device)
+            with self.device.autocast():
+                out = self.model.encode_text(tokens)
+        return l2_normalize(out)
+
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        visual = self.visual
+        previous = visual.output_tokens
+        visual.output_tokens = True
+        try:
+            pooled, tokens = visual(x)
+        finally:
+            visual.output_tokens = previous
+        if visual.proj is not None:
+            tokens = tokens @ visual.proj
+        return pooled, tokens
+
+    @torch.inference_mode()
+    def encode_images_and_local(self, batch) -> tuple[Vectors, Vectors, tuple[int, int]]:
+        """Global vectors and projected patch tokens from one forward pass."""
+        with self.lock:
+            x = self.to_batch(batch)
+            with self.device.autocast():
+                pooled, tokens = self._tokens(x)
+        return l2_normalize(pooled), l2_normalize(tokens), self.grid
+
+    def local_features(self, batch) -> tuple[Vectors, tuple[int, int]]:
+        _, tokens, grid = self.encode_images_and_local(batch)
+        return tokens, grid
