@@ -1,0 +1,507 @@
+"""Copy detection: "is this image a copy of something we have?", with one threshold for all queries.
+
+Pipeline for a query image (``match_images``; the maths are pure functions below it):
+
+1. **Candidates by global vector**: the top ``k`` indexed images by cosine (float encoders) or by
+   Hamming distance (PDQ, packed 256-bit codes in a ``faiss.IndexBinaryFlat``; a Hamming distance
+   ``h`` is the score ``1 - 2h/256``).
+2. **Score normalisation against a background set** (the SSCD / DISC21 trick)::
+
+       normalised(q, r) = sim(q, r) - beta * sim(q, b_k(q))
+
+   where ``b_k(q)`` is the query's ``bg_k``-th nearest neighbour in a set of images unrelated to
+   the collection. A query that is "close to everything" (plain textures, text, simple shapes) gets
+   its scores lowered as much as it is close to arbitrary images, so one threshold works across
+   queries. Background: ``DIR/<encoder>/background.npy`` (float32 unit rows, or uint8 codes for
+   PDQ) written by :func:`build_background` / ``loupe match --build-background FOLDER``. Without
+   that file, ``background_size`` vectors are sampled (seeded) from the index itself, and for each
+   candidate the background neighbour that *is* that candidate is skipped, so a true copy is never
+   normalised away by its own original.
+3. **Local verification** (when the index stores local features and ``verify`` is on): the query's
+   and each candidate's local descriptors go through the re-ranker's spatial check
+   (``retrieval.rerank.verify_pair``: mutual nearest neighbours + RANSAC affine), whose score in
+   [0, 1] (inlier evidence) is added: ``final = normalised + w_verify * verify``.
+
+Thresholds (``DEFAULT_THRESHOLDS``) were calibrated on ``benchmarks/bench_copydetect.py`` for about
+90 % precision; see ``benchmarks/results/copydetect.md``. Metrics for such calibration are here too
+(:func:`micro_average_precision` as DISC21 defines µAP, :func:`recall_at_precision`,
+:func:`threshold_for_precision`).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .dedup import hamming_to_score, pack_signs
+from .errors import InvalidQueryError
+
+BACKGROUND_FILE = "background.npy"
+BACKGROUND_IDS_FILE = "background-ids.npy"
+
+# Calibrated on benchmarks/bench_copydetect.py (see benchmarks/results/copydetect.md); keys are
+# (normalised?, verified?). Scores are similarities (raw) or similarity margins (normalised).
+DEFAULT_THRESHOLDS = {
+    (False, False): 0.80,
+    (True, False): 0.20,
+    (True, True): 0.30,
+    (False, True): 0.90,
+}
+# Encoders preferred for copy detection when the index has several (most copy-specific first).
+PREFERRED_ENCODERS = ("sscd", "dinov2-base", "dinov2-small", "effnet-lite0", "clip-vit-l-14", "clip-vit-b-32")
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    k: int = 10                       # global candidates per query
+    threshold: float | None = None    # report matches with final score >= threshold (None: default)
+    normalize: bool = True            # subtract beta * similarity to the bg_k-th background neighbour
+    bg_k: int = 1
+    beta: float = 1.0
+    background_size: int = 2000       # vectors sampled from the index when no background file exists
+    verify: bool | None = None        # local verification; None = when the index has local features
+    w_verify: float = 0.5
+    n_verify: int = 10                # verify at most this many top candidates per query
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.k < 1 or self.bg_k < 1 or self.n_verify < 0 or self.background_size < 1:
+            raise InvalidQueryError("match k, bg_k and background_size must be positive")
+
+    def resolved_threshold(self, verified: bool) -> float:
+        if self.threshold is not None:
+            return float(self.threshold)
+        return DEFAULT_THRESHOLDS[(bool(self.normalize), bool(verified))]
+
+
+@dataclass
+class Match:
+    query: int          # index of the query image in the request
+    id: str
+    score: float        # final score (compare with the threshold)
+    similarity: float   # raw global similarity
+    background: float | None = None   # similarity to the bg_k-th background neighbour
+    verify: float | None = None       # local verification score in [0, 1]
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"id": self.id, "score": round(float(self.score), 6), "similarity": round(float(self.similarity), 6)}
+        if self.background is not None:
+            out["background"] = round(float(self.background), 6)
+        if self.verify is not None:
+            out["verify"] = round(float(self.verify), 6)
+        return out
+
+
+# -- similarity search over float or binary vectors ------------------------------------------
+def knn(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` by similarity: float unit rows (inner product) or packed binary codes
+    (Hamming, reported as ``1 - 2h/nbits``). Returns (scores [q, k] desc, rows [q, k]; -1 = none)."""
+    import faiss
+
+    q, db = np.asarray(queries), np.asarray(database)
+    k = int(k)
+    if len(db) == 0 or k == 0:
+        return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+    kk = min(k, len(db))
+    if db.dtype == np.uint8:
+        index = faiss.IndexBinaryFlat(db.shape[1] * 8)
+        index.add(np.ascontiguousarray(db))
+        dist, rows = index.search(np.ascontiguousarray(pack_signs(q)), kk)
+        scores = hamming_to_score(dist, db.shape[1] * 8)
+    else:
+        index = faiss.IndexFlatIP(db.shape[1])
+        index.add(np.ascontiguousarray(db, dtype=np.float32))
+        scores, rows = index.search(np.ascontiguousarray(q, dtype=np.float32), kk)
+    if kk < k:
+        pad = k - kk
+        scores = np.concatenate([scores, np.full((len(q), pad), -np.inf, np.float32)], axis=1)
+        rows = np.concatenate([rows, np.full((len(q), pad), -1, np.int64)], axis=1)
+    return scores.astype(np.float32), rows.astype(np.int64)
+
+
+# -- score normalisation ----------------------------------------------------------------------
+@dataclass
+class Background:
+    """Vectors of unrelated images (float unit rows or packed codes), optionally with index ids
+    (when sampled from the index itself, so a candidate can be skipped as its own background)."""
+
+    vectors: np.ndarray
+    ids: np.ndarray | None = None      # str ids, or None for an external background set
+    source: str = "file"               # file | index-sample
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+
+def background_similarity(queries: np.ndarray, background: Background, k: int,
+                          candidate_ids: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+    """Similarity of each query to its ``k``-th nearest background vector.
+
+    Without ``candidate_ids``: ``[q]``. With ``candidate_ids`` (per query, the ids being scored) and
+    a background carrying ids: ``[q, c]``, where for candidate ``c`` background rows whose id equals
+    ``c`` are skipped before taking the ``k``-th (never normalise a copy away by its own original).
+    """
+    if len(background) == 0:
+        raise InvalidQueryError("the background set is empty")
+    if candidate_ids is None or background.ids is None:
+        scores, _ = knn(queries, background.vectors, k)
+        kth = scores[:, k - 1]
+        kth = np.where(np.isfinite(kth), kth, scores[:, :1].min(axis=1) if scores.size else 0.0)
+        if candidate_ids is None:
+            return kth.astype(np.float32)
+        return np.repeat(kth[:, None], max((len(c) for c in candidate_ids), default=0), axis=1).astype(np.float32)
+    width = max((len(c) for c in candidate_ids), default=0)
+    scores, rows = knn(queries, background.vectors, k + 1)   # one spare: a candidate may be among them
+    out = np.zeros((len(queries), width), np.float32)
+    for qi, cands in enumerate(candidate_ids):
+        bg_ids = [background.ids[r] if r >= 0 else None for r in rows[qi]]
+        for ci, cid in enumerate(cands):
+            vals = [s for s, b in zip(scores[qi], bg_ids) if b is not None and b != cid]
+            out[qi, ci] = vals[k - 1] if len(vals) >= k else (vals[-1] if vals else 0.0)
+    return out
+
+
+def normalize_scores(similarities: np.ndarray, background_kth: np.ndarray, beta: float = 1.0) -> np.ndarray:
+    """``sim - beta * bg``, with ``bg`` per query ``[q]`` or per (query, candidate) ``[q, c]``."""
+    sim = np.asarray(similarities, np.float32)
+    bg = np.asarray(background_kth, np.float32)
+    if bg.ndim == 1:
+        bg = bg[:, None]
+    return (sim - np.float32(beta) * bg).astype(np.float32)
+
+
+def final_scores(similarities: np.ndarray, config: MatchConfig, *, background_kth: np.ndarray | None = None,
+                 verify: np.ndarray | None = None) -> np.ndarray:
+    """The documented score: ``sim [- beta * bg] [+ w_verify * verify]`` (NaN verify counts as 0)."""
+    out = np.asarray(similarities, np.float32)
+    if config.normalize:
+        if background_kth is None:
+            raise InvalidQueryError("score normalisation needs the background similarities")
+        out = normalize_scores(out, background_kth, config.beta)
+    if verify is not None:
+        out = out + np.float32(config.w_verify) * np.nan_to_num(np.asarray(verify, np.float32))
+    return out.astype(np.float32)
+
+
+def match_arrays(queries: np.ndarray, database: np.ndarray, ids: Sequence[str], config: MatchConfig, *,
+                 background: Background | None = None, verify_fn=None,
+                 threshold: float | None = None) -> list[list[Match]]:
+    """Copy matches of ``queries`` against ``database`` (pure arrays; the Engine path does the same
+    through the index). ``verify_fn(query_no, row) -> float in [0, 1]`` adds local verification."""
+    sims, rows = knn(queries, database, config.k)
+    cand_ids = [[ids[r] for r in row if r >= 0] for row in rows]
+    bg = None
+    if config.normalize:
+        if background is None:
+            raise InvalidQueryError("score normalisation needs a background set")
+        bg = background_similarity(queries, background, config.bg_k, cand_ids)
+    ver = None
+    if verify_fn is not None:
+        ver = np.full(sims.shape, np.nan, np.float32)
+        for qi in range(len(rows)):
+            for ci in range(min(config.n_verify, len(rows[qi]))):
+                if rows[qi, ci] >= 0:
+                    ver[qi, ci] = float(verify_fn(qi, int(rows[qi, ci])))
+    return _collect(sims, rows, ids, config, bg, ver, threshold)
+
+
+def _collect(sims, rows, ids, config, bg, ver, threshold) -> list[list[Match]]:
+    final = final_scores(sims, config, background_kth=bg if config.normalize else None, verify=ver)
+    thr = config.resolved_threshold(ver is not None) if threshold is None else threshold
+    out: list[list[Match]] = []
+    for qi in range(len(rows)):
+        found = []
+        for ci, r in enumerate(rows[qi]):
+            if r < 0 or not np.isfinite(sims[qi, ci]):
+                continue
+            if final[qi, ci] >= thr:
+                found.append(Match(
+                    query=qi, id=ids[r], score=float(final[qi, ci]),
+                    similarity=float(sims[qi, ci]),
+                    background=None if bg is None else float(np.asarray(bg)[qi, ci] if np.ndim(bg) == 2 else bg[qi]),
+                    verify=None if ver is None or np.isnan(ver[qi, ci]) else float(ver[qi, ci])))
+        found.sort(key=lambda m: -m.score)
+        out.append(found)
+    return out
+
+
+# -- evaluation (DISC21) ------------------------------------------------------------------------
+def micro_average_precision(scores: Sequence[float], correct: Sequence[bool], n_ground_truth: int) -> float:
+    """µAP as DISC21 defines it: all (query, reference, score) predictions of all queries pooled and
+    sorted by score; AP over that list, with recall relative to ``n_ground_truth`` (the number of
+    queries that have a true reference). Each true (query, reference) pair must be counted once."""
+    if n_ground_truth <= 0:
+        raise InvalidQueryError("µAP needs at least one ground-truth pair")
+    s = np.asarray(scores, np.float64)
+    c = np.asarray(correct, bool)
+    if len(s) == 0:
+        return 0.0
+    order = np.argsort(-s, kind="stable")
+    c = c[order]
+    tp = np.cumsum(c)
+    precision = tp / np.arange(1, len(c) + 1)
+    return float(np.sum(precision[c]) / n_ground_truth)
+
+
+def precision_recall_curve(scores, correct, n_ground_truth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, threshold) at every prediction, scores sorted descending."""
+    s = np.asarray(scores, np.float64)
+    c = np.asarray(correct, bool)
+    order = np.argsort(-s, kind="stable")
+    s, c = s[order], c[order]
+    tp = np.cumsum(c)
+    precision = tp / np.arange(1, len(c) + 1)
+    recall = tp / max(n_ground_truth, 1)
+    # ties: a threshold admits every prediction with that score; keep the last index of each run
+    last = np.r_[s[1:] != s[:-1], True] if len(s) else np.zeros(0, bool)
+    return precision[last], recall[last], s[last]
+
+
+def recall_at_precision(scores, correct, n_ground_truth: int, precision: float = 0.9) -> float:
+    p, r, _ = precision_recall_curve(scores, correct, n_ground_truth)
+    ok = p >= precision
+    return float(r[ok].max()) if ok.any() else 0.0
+
+
+def threshold_for_precision(scores, correct, n_ground_truth: int, precision: float = 0.9) -> float | None:
+    """The lowest score threshold at which precision is still >= ``precision`` (max recall)."""
+    p, r, t = precision_recall_curve(scores, correct, n_ground_truth)
+    ok = np.nonzero(p >= precision)[0]
+    if len(ok) == 0:
+        return None
+    best = ok[np.argmax(r[ok])]
+    return float(t[best])
+
+
+# -- background sets ----------------------------------------------------------------------------
+def background_path(index_dir, encoder: str) -> Path:
+    return Path(index_dir) / encoder / BACKGROUND_FILE
+
+
+def build_background(encoder, images: Iterable[Any], path: str | Path | None = None, *,
+                     batch_size: int = 32, progress=None) -> np.ndarray:
+    """Embed ``images`` (PIL / paths / bytes) of unrelated content with ``encoder`` and save them
+    (float32 rows; PDQ: packed uint8 codes) to ``path`` (normally ``DIR/<encoder>/background.npy``).
+    A few hundred to a few thousand images are enough."""
+    from .store import atomic_write_with
+
+    chunks, batch = [], []
+
+    def flush():
+        if batch:
+            chunks.append(_embed_for_matching(encoder, batch))
+            if progress:
+                progress(len(batch))
+            batch.clear()
+    for img in images:
+        batch.append(img)
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    if not chunks:
+        raise InvalidQueryError("build_background needs at least one image")
+    vectors = np.concatenate(chunks)
+    if path is not None:
+        atomic_write_with(path, lambda tmp: np.save(tmp, vectors))
+    return vectors
+
+
+def _embed_for_matching(encoder, images) -> np.ndarray:
+    if getattr(encoder, "binary", False) and hasattr(encoder, "hash_bits"):
+        return encoder.hash_bits(images)
+    return encoder.encode_images(images)
+
+
+# -- the Engine adapter -------------------------------------------------------------------------
+class _IndexCache:
+    """Per-engine cached things: packed binary codes of a binary encoder, and background samples."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.binary: dict[str, tuple[np.ndarray, list[str]]] = {}
+        self.background: dict[tuple, Background] = {}
+
+
+_CACHES: "weakref.WeakKeyDictionary[Any, _IndexCache]" = weakref.WeakKeyDictionary()
+_CACHES_LOCK = threading.Lock()
+
+
+def _cache(engine) -> _IndexCache:
+    with _CACHES_LOCK:
+        c = _CACHES.get(engine)
+        if c is None:
+            c = _IndexCache()
+            _CACHES[engine] = c
+        return c
+
+
+def choose_encoder(engine, name: str | None = None) -> str:
+    """The encoder to match with: ``name``, else the most copy-specific encoder of the index."""
+    encoders = list(engine.manifest.encoders)
+    if name:
+        if name not in encoders:
+            from .errors import UnknownEncoderError
+
+            raise UnknownEncoderError(f"encoder {name!r} is not in this index (it has: {', '.join(encoders)})")
+        return name
+    for pref in PREFERRED_ENCODERS:
+        if pref in encoders:
+            return pref
+    non_binary = [e for e in encoders if engine.manifest.encoders[e].index_type != "binary" and e != "pdq"]
+    return (non_binary or encoders)[0]
+
+
+def _is_binary_encoder(engine, name: str) -> bool:
+    entry = engine.manifest.encoders[name]
+    return entry.index_type == "binary" or name == "pdq"
+
+
+def _all_codes(engine, name: str) -> tuple[np.ndarray, list[str]]:
+    cache = _cache(engine)
+    with cache.lock:
+        if name not in cache.binary:
+            codes, ids = [], []
+            for _, vecs, vids in engine.all_vectors(name):
+                codes.append(pack_signs(vecs))
+                ids.extend(vids)
+            cache.binary[name] = (np.concatenate(codes) if codes else np.zeros((0, 32), np.uint8), ids)
+        return cache.binary[name]
+
+
+def load_background(engine, name: str, config: MatchConfig) -> Background:
+    """``DIR/<encoder>/background.npy`` if present, else a seeded sample of the index's vectors."""
+    cache = _cache(engine)
+    path = background_path(engine.index_dir, name)
+    key = (name, str(path), path.stat().st_mtime if path.is_file() else None, config.background_size, config.seed)
+    with cache.lock:
+        if key in cache.background:
+            return cache.background[key]
+    binary = _is_binary_encoder(engine, name)
+    if path.is_file():
+        vecs = np.load(path)
+        bg = Background(pack_signs(vecs) if binary else vecs.astype(np.float32), None, "file")
+    else:
+        bg = sample_background(engine.all_vectors(name), config.background_size, seed=config.seed, binary=binary)
+    with cache.lock:
+        cache.background[key] = bg
+    return bg
+
+
+def sample_background(blocks: Iterable[tuple[int, np.ndarray, list[str]]], size: int, *, seed: int = 0,
+                      binary: bool = False) -> Background:
+    """A seeded uniform sample of ``size`` rows (with their ids) over ``(shard, vectors, ids)`` blocks,
+    holding at most ``size`` rows at a time (reservoir over blocks)."""
+    rng = np.random.default_rng(seed)
+    keep_v: np.ndarray | None = None
+    keep_ids: list[str] = []
+    keys = np.zeros(0)
+    for _, vecs, ids in blocks:
+        vecs = pack_signs(vecs) if binary else np.asarray(vecs, np.float32)
+        k = rng.random(len(vecs))
+        if keep_v is None:
+            keep_v = vecs[:0]
+        allv = np.concatenate([keep_v, vecs])
+        allk = np.concatenate([keys, k])
+        alli = keep_ids + list(ids)
+        top = np.argsort(allk)[:size]
+        keep_v, keys, keep_ids = allv[top], allk[top], [alli[i] for i in top]
+    if keep_v is None or len(keep_v) == 0:
+        raise InvalidQueryError("the index is empty: no background can be sampled")
+    return Background(keep_v, np.asarray(keep_ids, dtype=object), "index-sample")
+
+
+def _verify_available(engine, name: str) -> bool:
+    entry = engine.manifest.encoders[name]
+    return bool(entry.local_features)
+
+
+def match_images(engine, images: Sequence[Any], config: MatchConfig | None = None, *,
+                 encoder: str | None = None) -> list[list[Match]]:
+    """For each query image (bytes / PIL / path), the indexed images it is a copy of, best first.
+
+    Uses ``engine`` (``retrieval.engine.Engine``) to embed and search; see the module docstring for
+    the scoring."""
+    config = config or MatchConfig()
+    name = choose_encoder(engine, encoder)
+    binary = _is_binary_encoder(engine, name)
+    ctxs = [engine.embed(image=img, encoder=name) for img in images]
+    if not ctxs:
+        return []
+    qvecs = np.stack([np.asarray(c.vector, np.float32) for c in ctxs])
+    # 1. candidates
+    if binary:
+        codes, ids = _all_codes(engine, name)
+        sims, rows = knn(pack_signs(qvecs), codes, config.k)
+        cand_ids = [[ids[r] for r in row if r >= 0] for row in rows]
+        hits_per_query = None
+    else:
+        hits_per_query = [engine.search_vector(name, q, config.k) for q in qvecs]
+        width = config.k
+        sims = np.full((len(qvecs), width), -np.inf, np.float32)
+        rows = np.full((len(qvecs), width), -1, np.int64)
+        cand_ids = []
+        for qi, hits in enumerate(hits_per_query):
+            cand_ids.append([h.id for h in hits])
+            for ci, h in enumerate(hits[:width]):
+                sims[qi, ci] = h.score
+                rows[qi, ci] = ci
+        ids = None
+    # 2. background
+    bg = None
+    if config.normalize:
+        background = load_background(engine, name, config)
+        qb = pack_signs(qvecs) if binary else qvecs
+        bg = background_similarity(qb, background, config.bg_k, cand_ids)
+        if bg.shape[1] < sims.shape[1]:
+            bg = np.pad(bg, ((0, 0), (0, sims.shape[1] - bg.shape[1])))
+    # 3. local verification
+    verify = config.verify if config.verify is not None else _verify_available(engine, name)
+    ver = None
+    if verify and not binary and _verify_available(engine, name):
+        ver = _verify_candidates(engine, name, ctxs, hits_per_query, config, sims.shape)
+    # collect with per-query ids
+    out = []
+    for qi in range(len(qvecs)):
+        q_ids = cand_ids[qi]
+        q_rows = np.array([[i if i < len(q_ids) else -1 for i in range(sims.shape[1])]])
+        res = _collect(sims[qi:qi + 1], q_rows, q_ids, config,
+                       None if bg is None else bg[qi:qi + 1],
+                       None if ver is None else ver[qi:qi + 1], config.threshold if config.threshold is not None
+                       else config.resolved_threshold(ver is not None))
+        for m in res[0]:
+            m.query = qi
+        out.append(res[0])
+    return out
+
+
+def _verify_candidates(engine, name, ctxs, hits_per_query, config: MatchConfig, shape) -> np.ndarray | None:
+    try:
+        from .rerank import DEFAULT_CONFIG, query_local_features, verify_pair
+    except ImportError:
+        return None
+    info = engine.manifest.encoders[name].local_features or {}
+    ver = np.full(shape, np.nan, np.float32)
+    rcfg = replace(DEFAULT_CONFIG, allow_reflection=True)   # flips are a common copy edit
+    for qi, (ctx, hits) in enumerate(zip(ctxs, hits_per_query)):
+        q = query_local_features(engine, ctx, name)
+        if q is None or not hits:
+            continue
+        q_desc, q_pos, q_grid = q
+        todo = hits[:config.n_verify]
+        locals_ = engine.local_features(name, todo)
+        for ci, (c_desc, c_pos) in enumerate(locals_):
+            c_grid = tuple(info.get("grid") or (int(np.max(c_pos[:, 0])) + 1, int(np.max(c_pos[:, 1])) + 1))
+            ver[qi, ci] = verify_pair(q_desc, q_pos, np.asarray(c_desc, np.float32), c_pos, q_grid, c_grid,
+                                      rcfg).score
+    return ver
+
+
+__all__ = ["MatchConfig", "Match", "Background", "knn", "background_similarity", "normalize_scores",
+           "final_scores", "match_arrays", "micro_average_precision", "recall_at_precision",
+           "precision_recall_curve", "threshold_for_precision", "build_background", "background_path",
+           "load_background", "sample_background", "choose_encoder", "match_images", "DEFAULT_THRESHOLDS"]
