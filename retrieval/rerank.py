@@ -1,0 +1,436 @@
+"""Local-global re-ranking: local matching, spatial verification (RANSAC), αQE / DBA, score fusion.
+
+Everything below ``rerank_hits`` is a pure function over arrays; ``rerank_hits`` is the thin adapter
+the Engine calls (``Engine.search(rerank=True)``).
+
+Pipeline for an image query against the top ``N`` (default 100) global candidates:
+
+1. **Local matching.** Query and candidate local descriptors (unit rows, the index's PCA-reduced
+   patch tokens / feature-map cells) give a similarity matrix ``S = Q Cᵀ``. Two scores:
+   *MaxSim / Chamfer* ``mean_i max_j S_ij`` (query → candidate: every query patch finds its best
+   counterpart; robust to the candidate holding more than the query), and the set of *mutual nearest
+   neighbours* (``j = argmax_j S_ij`` and ``i = argmax_i S_ij``, ``S_ij ≥ min_match_sim``).
+2. **Spatial verification.** The mutual-NN matches' grid centres (normalised to [0, 1]) are fitted
+   with a 2-D affine transform by RANSAC (minimal samples of 3; all triples when there are at most
+   ``ransac_iters`` of them, else ``ransac_iters`` seeded random triples; hypotheses evaluated as one
+   batched numpy computation; implausible transforms — scale outside ``[1/max_scale, max_scale]``,
+   anisotropy above ``max_aspect``, reflections — are rejected; the best one is refitted on its
+   inliers by least squares). The inlier count is the evidence: it survives crops (scale), rotations,
+   and partial copies (only the shared part matches).
+3. **Fusion** (documented, defaults tuned on ``benchmarks/bench_rerank.py``)::
+
+       fused = global + w_local * maxsim + w_spatial * min(inliers, inlier_cap) / inlier_cap
+
+   where ``inliers`` counts only when ``inliers >= max(min_inliers, min_inlier_ratio * matches)``
+   (fewer is what chance gives: random matches on a coarse grid fit some affine map by accident).
+4. **αQE** (optional): the query vector is expanded with the top ``qe_k`` re-ranked candidates,
+   ``q' = norm(q + Σ_i max(q·v_i, 0)^α v_i)``, and the global term is recomputed with ``q'``.
+   **DBA** (optional): candidate vectors are replaced by ``norm(Σ_j (v_i·v_j)^α v_j)`` over their
+   ``dba_k`` nearest neighbours within the shortlist before scoring.
+
+For a text query, the encoder's local features must live in the joint text–image space (CLIP's
+projected patch tokens): each candidate gets ``mean of the top 1/8 patch similarities`` to the text
+vector (projected through the index's PCA), fused as ``global + w_text * patch_score``. Encoders whose
+local features are not in the text space (ConSE's CNN cells) keep the global order.
+
+``verify_pair`` is the standalone spatial check (used by copy detection).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .encoders.base import l2_normalize
+
+__all__ = ["RerankConfig", "VerificationResult", "LocalScores", "grid_coordinates", "similarity",
+           "maxsim_score", "mutual_nearest_neighbors", "ransac_affine", "verify_pair", "alpha_query_expansion",
+           "database_side_augmentation", "fuse_scores", "text_patch_scores", "rerank_arrays", "rerank_hits",
+           "query_local_features"]
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    """Knobs of the re-ranker (defaults tuned on benchmarks/bench_rerank.py, effnet-lite0)."""
+
+    n_candidates: int = 100        # re-rank this many global candidates
+    local: bool = True             # MaxSim local score
+    spatial: bool = True           # RANSAC spatial verification
+    qe: bool = False               # α-query expansion over the re-ranked shortlist
+    dba: bool = False              # database-side augmentation within the shortlist
+    w_local: float = 0.5
+    w_spatial: float = 0.5
+    w_text: float = 0.5
+    min_match_sim: float = 0.0     # mutual-NN matches below this similarity are dropped
+    min_inliers: int = 5
+    min_inlier_ratio: float = 0.2  # ... and at least this fraction of the mutual-NN matches
+    inlier_cap: int = 15
+    ransac_iters: int = 512
+    ransac_threshold: float = 1.0  # residual threshold, in cells of the candidate's grid
+    max_scale: float = 4.0
+    max_aspect: float = 3.0
+    allow_reflection: bool = False
+    seed: int = 0
+    qe_k: int = 2
+    qe_alpha: float = 3.0
+    dba_k: int = 2
+    dba_alpha: float = 3.0
+    text_top_frac: float = 0.125
+
+
+DEFAULT_CONFIG = RerankConfig()
+
+
+@dataclass
+class VerificationResult:
+    inliers: int                    # RANSAC inlier count (0 when too few matches)
+    score: float                    # min(inliers, cap)/cap if inliers >= min_inliers else 0
+    matches: np.ndarray             # int [m, 2] (query token, candidate token) mutual-NN matches
+    inlier_mask: np.ndarray         # bool [m]
+    transform: np.ndarray | None    # float [2, 3] affine (query xy -> candidate xy, normalised coords)
+    match_sims: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+
+@dataclass
+class LocalScores:
+    """Per-candidate evidence and the fused score, in candidate order."""
+
+    global_scores: np.ndarray
+    maxsim: np.ndarray
+    inliers: np.ndarray
+    spatial: np.ndarray
+    fused: np.ndarray
+    verifications: list[VerificationResult | None]
+
+
+# -- local matching ----------------------------------------------------------------------------
+def grid_coordinates(pos: np.ndarray, grid: Sequence[int]) -> np.ndarray:
+    """(row, col) grid positions → (x, y) cell centres normalised to [0, 1]."""
+    pos = np.asarray(pos, dtype=np.float64).reshape(-1, 2)
+    h, w = int(grid[0]), int(grid[1])
+    return np.stack([(pos[:, 1] + 0.5) / w, (pos[:, 0] + 0.5) / h], axis=1)
+
+
+def similarity(q_desc: np.ndarray, c_desc: np.ndarray) -> np.ndarray:
+    return np.asarray(q_desc, np.float32) @ np.asarray(c_desc, np.float32).T
+
+
+def maxsim_score(sim: np.ndarray) -> float:
+    """Chamfer / MaxSim: the mean over query tokens of their best candidate-token similarity."""
+    if sim.size == 0:
+        return 0.0
+    return float(sim.max(axis=1).mean())
+
+
+def mutual_nearest_neighbors(sim: np.ndarray, min_sim: float = -np.inf) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j) that are each other's nearest neighbour; returns (matches int [m, 2], sims [m])."""
+    if sim.size == 0:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
+    nn_q = sim.argmax(axis=1)            # best candidate token of each query token
+    nn_c = sim.argmax(axis=0)            # best query token of each candidate token
+    i = np.arange(sim.shape[0])
+    keep = nn_c[nn_q] == i
+    i = i[keep]
+    j = nn_q[keep]
+    s = sim[i, j]
+    ok = s >= min_sim
+    return np.stack([i[ok], j[ok]], axis=1).astype(np.int64), s[ok].astype(np.float32)
+
+
+# -- RANSAC ------------------------------------------------------------------------------------
+def _triples(m: int, iters: int, rng: np.random.Generator) -> np.ndarray:
+    total = m * (m - 1) * (m - 2) // 6
+    if total <= iters:
+        return np.array(list(itertools.combinations(range(m), 3)), dtype=np.int64).reshape(-1, 3)
+    # seeded random distinct triples (duplicates within a triple are resampled)
+    out = rng.integers(0, m, size=(iters * 2, 3))
+    out = out[(out[:, 0] != out[:, 1]) & (out[:, 0] != out[:, 2]) & (out[:, 1] != out[:, 2])]
+    while len(out) < iters:  # pragma: no cover - only for tiny m with many iterations
+        more = rng.integers(0, m, size=(iters, 3))
+        more = more[(more[:, 0] != more[:, 1]) & (more[:, 0] != more[:, 2]) & (more[:, 1] != more[:, 2])]
+        out = np.concatenate([out, more])
+    return out[:iters]
+
+
+def _plausible(linear: np.ndarray, max_scale: float, max_aspect: float, allow_reflection: bool) -> np.ndarray:
+    """linear: [k, 2, 2] → bool [k]: scales within bounds, limited anisotropy, optional reflection."""
+    sv = np.linalg.svd(linear, compute_uv=False)          # [k, 2], descending
+    ok = (sv[:, 1] > 1.0 / max_scale) & (sv[:, 0] < max_scale) & (sv[:, 0] <= max_aspect * sv[:, 1])
+    if not allow_reflection:
+        ok &= np.linalg.det(linear) > 0
+    return ok
+
+
+def _fit_affine_lstsq(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    a = np.concatenate([src, np.ones((len(src), 1))], axis=1)
+    sol, *_ = np.linalg.lstsq(a, dst, rcond=None)          # [3, 2]
+    return sol.T                                            # [2, 3]
+
+
+def ransac_affine(src: np.ndarray, dst: np.ndarray, *, threshold: float, iters: int = 512, seed: int = 0,
+                  max_scale: float = 4.0, max_aspect: float = 3.0, allow_reflection: bool = False,
+                  weights: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+    """Affine ``dst ≈ A @ [src, 1]`` by RANSAC. Returns (A [2, 3] or None, inlier mask bool [m]).
+
+    Hypotheses from 3-point samples are scored all at once (inlier count, ties broken by the smaller
+    summed inlier residual); the winner is refitted on its inliers (least squares) and its inlier set
+    recomputed once. Deterministic for a given ``seed``.
+    """
+    src = np.asarray(src, np.float64).reshape(-1, 2)
+    dst = np.asarray(dst, np.float64).reshape(-1, 2)
+    m = len(src)
+    if m < 3:
+        return None, np.zeros(m, bool)
+    rng = np.random.default_rng(seed)
+    tri = _triples(m, iters, rng)                                    # [k, 3]
+    s = np.concatenate([src[tri], np.ones((len(tri), 3, 1))], axis=2)  # [k, 3, 3]
+    d = dst[tri]                                                      # [k, 3, 2]
+    det = np.linalg.det(s)
+    good = np.abs(det) > 1e-9
+    if not good.any():
+        return None, np.zeros(m, bool)
+    s, d, tri = s[good], d[good], tri[good]
+    a_t = np.linalg.solve(s, d)                                      # [k, 3, 2]: [x y 1] @ a_t = [x' y']
+    linear = np.transpose(a_t[:, :2, :], (0, 2, 1))                  # [k, 2, 2]
+    plausible = _plausible(linear, max_scale, max_aspect, allow_reflection)
+    if not plausible.any():
+        return None, np.zeros(m, bool)
+    a_t = a_t[plausible]
+    src_h = np.concatenate([src, np.ones((m, 1))], axis=1)          # [m, 3]
+    pred = np.einsum("mi,kij->kmj", src_h, a_t)                      # [k, m, 2]
+    resid = np.linalg.norm(pred - dst[None], axis=2)                 # [k, m]
+    inl = resid <= threshold
+    w = np.ones(m) if weights is None else np.asarray(weights, np.float64)
+    counts = (inl * w).sum(axis=1)
+    cost = np.where(inl, resid, 0.0).sum(axis=1)
+    best = int(np.lexsort((cost, -counts))[0])
+    mask = inl[best]
+    transform = a_t[best].T                                          # [2, 3]
+    if mask.sum() >= 3:
+        refit = _fit_affine_lstsq(src[mask], dst[mask])
+        if _plausible(refit[None, :, :2], max_scale, max_aspect, allow_reflection)[0]:
+            mask2 = np.linalg.norm(src_h @ refit.T - dst, axis=1) <= threshold
+            if (mask2 * w).sum() >= (mask * w).sum():
+                transform, mask = refit, mask2
+    return transform, mask
+
+
+def verify_pair(q_desc: np.ndarray, q_pos: np.ndarray, c_desc: np.ndarray, c_pos: np.ndarray,
+                q_grid: Sequence[int], c_grid: Sequence[int] | None = None,
+                config: RerankConfig = DEFAULT_CONFIG, *, sim: np.ndarray | None = None) -> VerificationResult:
+    """Spatially verify a (query, candidate) pair of local features.
+
+    ``*_desc``: unit rows [p, c]; ``*_pos``: (row, col) on the grid ``*_grid`` (h, w). Mutual-NN matches
+    are fitted with an affine transform (RANSAC); ``inliers`` counts the consistent matches and
+    ``score`` maps them to [0, 1] (0 below ``config.min_inliers``).
+    """
+    c_grid = q_grid if c_grid is None else c_grid
+    if sim is None:
+        sim = similarity(q_desc, c_desc)
+    matches, sims = mutual_nearest_neighbors(sim, config.min_match_sim)
+    empty = VerificationResult(0, 0.0, matches, np.zeros(len(matches), bool), None, sims)
+    if len(matches) < 3:
+        return empty
+    src = grid_coordinates(np.asarray(q_pos)[matches[:, 0]], q_grid)
+    dst = grid_coordinates(np.asarray(c_pos)[matches[:, 1]], c_grid)
+    cell = 1.0 / max(int(c_grid[0]), int(c_grid[1]))
+    transform, mask = ransac_affine(src, dst, threshold=config.ransac_threshold * cell, iters=config.ransac_iters,
+                                    seed=config.seed, max_scale=config.max_scale, max_aspect=config.max_aspect,
+                                    allow_reflection=config.allow_reflection)
+    if transform is None:
+        return empty
+    n = int(mask.sum())
+    needed = max(config.min_inliers, int(np.ceil(config.min_inlier_ratio * len(matches))))
+    score = min(n, config.inlier_cap) / config.inlier_cap if n >= needed else 0.0
+    return VerificationResult(n, float(score), matches, mask, transform, sims)
+
+
+# -- query expansion / DBA ---------------------------------------------------------------------
+def alpha_query_expansion(query: np.ndarray, neighbours: np.ndarray, alpha: float = 3.0) -> np.ndarray:
+    """αQE (Radenović et al.): ``norm(q + Σ_i max(q·v_i, 0)^α v_i)`` over the given neighbour vectors."""
+    q = np.asarray(query, np.float32).reshape(-1)
+    v = np.asarray(neighbours, np.float32).reshape(-1, q.shape[0])
+    w = np.maximum(v @ q, 0.0) ** alpha
+    return l2_normalize((q + w @ v)[None])[0]
+
+
+def database_side_augmentation(vectors: np.ndarray, k: int = 2, alpha: float = 3.0) -> np.ndarray:
+    """DBA: each vector becomes ``norm(Σ_{j ∈ kNN(i) ∪ {i}} max(v_i·v_j, 0)^α v_j)`` within ``vectors``."""
+    v = np.asarray(vectors, np.float32)
+    if len(v) == 0 or k <= 0:
+        return v.copy()
+    sim = v @ v.T
+    k = min(k + 1, len(v))                        # the vector itself is its own nearest neighbour
+    nn = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    w = np.maximum(np.take_along_axis(sim, nn, axis=1), 0.0) ** alpha
+    return l2_normalize(np.einsum("nk,nkd->nd", w, v[nn]))
+
+
+# -- fusion ------------------------------------------------------------------------------------
+def fuse_scores(global_scores: np.ndarray, maxsim: np.ndarray, spatial: np.ndarray,
+                config: RerankConfig = DEFAULT_CONFIG) -> np.ndarray:
+    """``global + w_local·maxsim + w_spatial·spatial`` (terms switched off by the config count 0)."""
+    out = np.asarray(global_scores, np.float64).copy()
+    if config.local:
+        out += config.w_local * np.asarray(maxsim, np.float64)
+    if config.spatial:
+        out += config.w_spatial * np.asarray(spatial, np.float64)
+    return out
+
+
+def text_patch_scores(text_vec: np.ndarray, candidates: Sequence[np.ndarray], top_frac: float = 0.125) -> np.ndarray:
+    """Per candidate: the mean of its top ``top_frac`` patch similarities to the text vector."""
+    t = np.asarray(text_vec, np.float32).reshape(-1)
+    out = np.zeros(len(candidates), np.float64)
+    for n, desc in enumerate(candidates):
+        if len(desc) == 0:
+            continue
+        s = np.sort(np.asarray(desc, np.float32) @ t)[::-1]
+        top = max(1, int(round(len(s) * top_frac)))
+        out[n] = float(s[:top].mean())
+    return out
+
+
+def rerank_arrays(q_desc: np.ndarray, q_pos: np.ndarray, q_grid: Sequence[int], global_scores: np.ndarray,
+                  candidates: Sequence[tuple[np.ndarray, np.ndarray]], c_grid: Sequence[int] | None = None,
+                  config: RerankConfig = DEFAULT_CONFIG) -> LocalScores:
+    """Local + spatial evidence and fused scores for one image query against its candidates."""
+    n = len(candidates)
+    maxsim = np.zeros(n)
+    inliers = np.zeros(n, np.int64)
+    spatial = np.zeros(n)
+    verifications: list[VerificationResult | None] = [None] * n
+    q_desc = np.asarray(q_desc, np.float32)
+    for idx, (c_desc, c_pos) in enumerate(candidates):
+        if len(c_desc) == 0 or len(q_desc) == 0:
+            continue
+        sim = similarity(q_desc, c_desc)
+        maxsim[idx] = maxsim_score(sim)
+        if config.spatial:
+            res = verify_pair(q_desc, q_pos, c_desc, c_pos, q_grid, c_grid, config, sim=sim)
+            verifications[idx] = res
+            inliers[idx] = res.inliers
+            spatial[idx] = res.score
+    g = np.asarray(global_scores, np.float64)
+    return LocalScores(g, maxsim, inliers, spatial, fuse_scores(g, maxsim, spatial, config), verifications)
+
+
+def _expanded_scores(query: np.ndarray, vectors: np.ndarray, order: np.ndarray, config: RerankConfig) -> np.ndarray:
+    """Global scores recomputed with αQE (top ``qe_k`` of ``order``) and/or DBA over ``vectors``."""
+    v = database_side_augmentation(vectors, config.dba_k, config.dba_alpha) if config.dba else vectors
+    q = np.asarray(query, np.float32)
+    if config.qe and config.qe_k > 0:
+        q = alpha_query_expansion(q, v[order[:config.qe_k]], config.qe_alpha)
+    return v @ q
+
+
+# -- Engine adapter ----------------------------------------------------------------------------
+_REDUCERS: dict[tuple[str, str, float], Any] = {}
+_REDUCERS_LOCK = threading.Lock()
+
+
+def _reducer(engine, encoder: str):
+    from . import store
+
+    path = store.pca_path(engine.index_dir, encoder)
+    if not os.path.isfile(path):
+        return None
+    key = (str(Path(path).resolve()), encoder, os.path.getmtime(path))
+    with _REDUCERS_LOCK:
+        if key not in _REDUCERS:
+            _REDUCERS[key] = store.LocalReducer.load(path)
+        return _REDUCERS[key]
+
+
+def _local_info(engine, encoder: str) -> dict | None:
+    entry = engine.manifest.encoders.get(encoder)
+    return entry.local_features if entry is not None else None
+
+
+def _grid_positions(grid: Sequence[int]) -> np.ndarray:
+    h, w = int(grid[0]), int(grid[1])
+    rr, cc = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    return np.stack([rr.ravel(), cc.ravel()], axis=1).astype(np.int64)
+
+
+def reduce_tokens(engine, encoder: str, tokens: np.ndarray) -> np.ndarray:
+    """Raw encoder tokens → the index's local descriptor space (its PCA, then unit rows)."""
+    red = _reducer(engine, encoder)
+    return l2_normalize(tokens) if red is None else red.transform(tokens)
+
+
+def query_local_features(engine, ctx, encoder_name: str | None = None) -> tuple[np.ndarray, np.ndarray, tuple[int, int]] | None:
+    """The query's local descriptors in the index's space: ``(desc [p, c], pos [p, 2], grid)`` or None."""
+    name = encoder_name or ctx.encoder
+    info = _local_info(engine, name) or {}
+    if getattr(ctx, "image", None) is not None:
+        enc = engine.encoder(name)
+        _, tokens, grid = enc.encode_images_and_local([ctx.image])
+        return reduce_tokens(engine, name, tokens[0]), _grid_positions(grid), (int(grid[0]), int(grid[1]))
+    if getattr(ctx, "image_id", None):
+        hit = engine.hit_for_id(name, ctx.image_id)
+        desc, pos = engine.local_features(name, [hit])[0]
+        grid = tuple(info.get("grid") or (int(pos[:, 0].max()) + 1, int(pos[:, 1].max()) + 1))
+        return np.asarray(desc, np.float32), np.asarray(pos), (int(grid[0]), int(grid[1]))
+    return None
+
+
+def _text_in_patch_space(engine, name: str) -> bool:
+    try:
+        enc = engine.encoder(name)
+    except Exception:  # noqa: BLE001 - unloadable encoder: no text re-ranking
+        return False
+    return bool(enc.supports_text and enc.spec.local == "patch_tokens")
+
+
+def _project_text(engine, name: str, text_vec: np.ndarray) -> np.ndarray:
+    """A text vector into the index's local descriptor space (PCA directions, no centring)."""
+    red = _reducer(engine, name)
+    t = np.asarray(text_vec, np.float32).reshape(1, -1)
+    if red is None:
+        return l2_normalize(t)[0]
+    return l2_normalize(t @ red.components.T)[0]
+
+
+def rerank_hits(engine, ctx, hits: list, k: int, config: RerankConfig | dict | None = None) -> list:
+    """Re-rank ``hits`` (top-N global candidates of ``ctx``) with local evidence; return the top ``k``.
+
+    Returned hits are copies with ``score`` set to the fused score. Without local features in the
+    index (``loupe index --local-features``), the global order is kept (αQE/DBA still apply if set).
+    """
+    if isinstance(config, dict):
+        config = replace(DEFAULT_CONFIG, **config)
+    config = config or DEFAULT_CONFIG
+    hits = list(hits)[: config.n_candidates]
+    if not hits:
+        return []
+    name = ctx.encoder
+    g = np.array([h.score for h in hits], np.float64)
+    has_local = bool(_local_info(engine, name))
+    fused = g.copy()
+    if has_local:
+        is_image = getattr(ctx, "image", None) is not None or bool(getattr(ctx, "image_id", None))
+        if is_image and (config.local or config.spatial):
+            q = query_local_features(engine, ctx, name)
+            if q is not None:
+                cands = engine.local_features(name, hits)
+                info = _local_info(engine, name) or {}
+                c_grid = tuple(info.get("grid") or q[2])
+                fused = rerank_arrays(q[0], q[1], q[2], g, cands, c_grid, config).fused
+        elif not is_image and getattr(ctx, "text", None) and _text_in_patch_space(engine, name):
+            t = _project_text(engine, name, ctx.vector)
+            cands = engine.local_features(name, hits)
+            fused = g + config.w_text * text_patch_scores(t, [d for d, _ in cands], config.text_top_frac)
+    if config.qe or config.dba:
+        order = np.argsort(-fused, kind="stable")
+        vecs = np.asarray(engine.vectors(name, hits), np.float32)
+        new_g = _expanded_scores(ctx.vector, vecs, order, config)
+        fused = fused - g + new_g
+    order = np.argsort(-fused, kind="stable")[:k]
+    return [replace(hits[i], score=float(fused[i])) for i in order]

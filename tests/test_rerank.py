@@ -1,0 +1,278 @@
+"""Re-ranking: RANSAC, local scores against an exhaustive reference, buried copies rising, αQE/DBA,
+and ``rerank_hits`` through a minimal engine."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval.rerank import (RerankConfig, alpha_query_expansion, database_side_augmentation, grid_coordinates,
+                              maxsim_score, mutual_nearest_neighbors, ransac_affine, rerank_arrays, rerank_hits,
+                              text_patch_scores, verify_pair)
+
+
+def _unit(x):
+    x = np.asarray(x, np.float64)
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _affine(angle_deg, scale, tx, ty):
+    a = np.deg2rad(angle_deg)
+    return np.array([[scale * np.cos(a), -scale * np.sin(a), tx], [scale * np.sin(a), scale * np.cos(a), ty]])
+
+
+# -- RANSAC ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("angle,scale", [(0, 1.0), (25, 0.55), (-40, 1.6), (90, 0.8)])
+def test_ransac_recovers_known_affine(angle, scale):
+    rng = np.random.default_rng(1)
+    src = rng.uniform(0, 1, size=(60, 2))
+    true = _affine(angle, scale, 0.2, -0.1)
+    dst = src @ true[:, :2].T + true[:, 2] + rng.normal(0, 0.002, size=(60, 2))
+    outliers = rng.choice(60, 24, replace=False)          # 40% outliers
+    dst[outliers] = rng.uniform(-1, 2, size=(24, 2))
+    est, mask = ransac_affine(src, dst, threshold=0.02, iters=400, seed=0)
+    assert est is not None
+    np.testing.assert_allclose(est, true, atol=0.02)
+    inl = np.ones(60, bool)
+    inl[outliers] = False
+    assert mask[inl].all() and mask.sum() <= inl.sum() + 2
+
+
+def test_ransac_is_deterministic_and_rejects_reflections():
+    rng = np.random.default_rng(2)
+    src = rng.uniform(0, 1, size=(40, 2))
+    dst = src.copy()
+    dst[:, 0] = 1 - dst[:, 0]                              # a mirror image: no proper affine explains it
+    _, mask = ransac_affine(src, dst, threshold=0.02, iters=300, seed=0)
+    assert mask.sum() <= 3
+    _, mask_ok = ransac_affine(src, dst, threshold=0.02, iters=300, seed=0, allow_reflection=True)
+    assert mask_ok.all()
+    a = ransac_affine(src, src + 0.1, threshold=0.02, iters=50, seed=7)
+    b = ransac_affine(src, src + 0.1, threshold=0.02, iters=50, seed=7)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_ransac_too_few_points():
+    t, mask = ransac_affine(np.zeros((2, 2)), np.zeros((2, 2)), threshold=0.1)
+    assert t is None and mask.shape == (2,) and not mask.any()
+
+
+# -- exhaustive reference ----------------------------------------------------------------------
+def reference_scores(q_desc, q_pos, q_grid, g, candidates, cfg: RerankConfig):
+    """Loops over every token pair and every match triple: the scores rerank_arrays must give."""
+    hq, wq = q_grid
+    out = []
+    for c_desc, c_pos in candidates:
+        P, Qn = len(q_desc), len(c_desc)
+        sim = [[float(np.dot(q_desc[i].astype(np.float64), c_desc[j].astype(np.float64))) for j in range(Qn)]
+               for i in range(P)]
+        maxsim = sum(max(row) for row in sim) / P
+        best_c = [max(range(Qn), key=lambda j: (sim[i][j], -j)) for i in range(P)]
+        best_q = [max(range(P), key=lambda i: (sim[i][j], -i)) for j in range(Qn)]
+        matches = [(i, best_c[i]) for i in range(P) if best_q[best_c[i]] == i and sim[i][best_c[i]] >= cfg.min_match_sim]
+        pts = [(((q_pos[i][1] + .5) / wq, (q_pos[i][0] + .5) / hq), ((c_pos[j][1] + .5) / wq, (c_pos[j][0] + .5) / hq))
+               for i, j in matches]
+        thr = cfg.ransac_threshold / max(q_grid)
+        best = (0, 0.0)
+        for a, b, c in itertools.combinations(range(len(pts)), 3):
+            S = np.array([[*pts[t][0], 1.0] for t in (a, b, c)])
+            D = np.array([pts[t][1] for t in (a, b, c)])
+            if abs(np.linalg.det(S)) <= 1e-9:
+                continue
+            A = np.linalg.solve(S, D).T
+            sv = np.linalg.svd(A[:, :2], compute_uv=False)
+            if not (sv[1] > 1 / cfg.max_scale and sv[0] < cfg.max_scale and sv[0] <= cfg.max_aspect * sv[1]
+                    and np.linalg.det(A[:, :2]) > 0):
+                continue
+            r = [np.hypot(*(A @ [*p, 1.0] - np.array(d))) for p, d in pts]
+            cnt = sum(x <= thr for x in r)
+            cost = sum(x for x in r if x <= thr)
+            if cnt > best[0] or (cnt == best[0] and cost < best[1]):
+                best = (cnt, cost)
+        # the library refits the winner on its inliers and keeps the refit when it is not worse
+        n = best[0]
+        needed = max(cfg.min_inliers, int(np.ceil(cfg.min_inlier_ratio * len(matches))))
+        spatial = min(n, cfg.inlier_cap) / cfg.inlier_cap if n >= needed else 0.0
+        out.append((maxsim, spatial))
+    ms = np.array([o[0] for o in out])
+    sp = np.array([o[1] for o in out])
+    return ms, sp, g + cfg.w_local * ms + cfg.w_spatial * sp
+
+
+def _synthetic_candidates(rng, grid=(5, 5), dim=16, n=6, copy_at=3):
+    h, w = grid
+    pos = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 2)
+    q = _unit(rng.normal(size=(h * w, dim)))
+    cands = []
+    for c in range(n):
+        d = _unit(rng.normal(size=(h * w, dim)))
+        if c == copy_at:      # a shifted copy: query cell (r, c) appears at (r + 1, c + 1), noisy
+            for i, (r, cc) in enumerate(pos):
+                if r + 1 < h and cc + 1 < w:
+                    d[(r + 1) * w + cc + 1] = _unit(q[i] + 0.3 * rng.normal(size=dim))
+        cands.append((d, pos.copy()))
+    return q, pos, cands
+
+
+def test_scores_equal_exhaustive_reference():
+    rng = np.random.default_rng(3)
+    q, pos, cands = _synthetic_candidates(rng)
+    g = rng.uniform(0.3, 0.6, size=len(cands))
+    cfg = RerankConfig(ransac_iters=10_000, min_inliers=4)     # every triple is enumerated
+    got = rerank_arrays(q, pos, (5, 5), g, cands, (5, 5), cfg)
+    ms, sp, fused = reference_scores(q, pos, (5, 5), g, cands, cfg)
+    np.testing.assert_allclose(got.maxsim, ms, atol=1e-5)
+    np.testing.assert_allclose(got.spatial, sp, atol=1e-9)
+    np.testing.assert_allclose(got.fused, fused, atol=1e-5)
+    assert got.inliers[3] >= 9 and np.argmax(got.fused) == 3
+
+
+def test_mutual_nn_and_maxsim_small():
+    sim = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.7], [0.1, 0.3, 0.75]], np.float32)
+    m, s = mutual_nearest_neighbors(sim)
+    assert m.tolist() == [[0, 0], [2, 2]] and np.allclose(s, [0.9, 0.75])
+    assert maxsim_score(sim) == pytest.approx((0.9 + 0.8 + 0.75) / 3)
+    assert grid_coordinates(np.array([[0, 0], [1, 3]]), (2, 4)).tolist() == [[0.125, 0.25], [0.875, 0.75]]
+
+
+def test_verify_pair_detects_rotated_scaled_copy():
+    rng = np.random.default_rng(4)
+    grid = (12, 12)
+    pos = np.stack(np.meshgrid(np.arange(12), np.arange(12), indexing="ij"), -1).reshape(-1, 2)
+    cand = _unit(rng.normal(size=(144, 32)))
+    A = _affine(30, 0.6, 0.25, 0.1)                       # query = rotated, enlarged crop of the candidate
+    src = grid_coordinates(pos, grid)
+    dst = src @ A[:, :2].T + A[:, 2]
+    cells = np.clip(np.floor(dst[:, ::-1] * 12).astype(int), 0, 11)
+    q = _unit(cand[cells[:, 0] * 12 + cells[:, 1]] + 0.2 * rng.normal(size=(144, 32)))
+    res = verify_pair(q, pos, cand, pos, grid, grid)
+    other = verify_pair(q, pos, _unit(rng.normal(size=(144, 32))), pos, grid, grid)
+    assert res.inliers >= 40 and res.score == 1.0
+    assert other.score == 0.0 and other.inliers < 8
+    np.testing.assert_allclose(res.transform[:, :2], A[:, :2], atol=0.1)
+
+
+# -- real images: a buried crop/rotated copy rises ----------------------------------------------
+def _crop_rotate(img, frac, angle, cx, cy):
+    w, h = img.size
+    cw, ch = int(w * frac), int(h * frac)
+    x0, y0 = int((w - cw) * cx), int((h - ch) * cy)
+    return img.crop((x0, y0, x0 + cw, y0 + ch)).rotate(angle, resample=Image.BICUBIC, fillcolor=(255, 255, 255))
+
+
+def test_buried_copy_rises_to_top_after_verification(effnet, photos):
+    names = [n for n in ("astronaut", "coffee", "rocket", "camera", "horse", "page", "brick", "grass", "moon")
+             if n in photos]
+    db = [photos[n] for n in names]
+    G, T, grid = effnet.encode_images_and_local(db)
+    pos = np.stack(np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij"), -1).reshape(-1, 2)
+    query = _crop_rotate(photos["astronaut"], 0.55, 20, 0.2, 0.3)
+    qg, qt, _ = effnet.encode_images_and_local([query])
+    true = names.index("astronaut")
+    g = (G @ qg[0]).astype(np.float64)
+    # bury the copy: every distractor gets a global score above the copy's
+    g_buried = g.copy()
+    g_buried[true] = g.min() - 0.05 if true != np.argmin(g) else g[true]
+    order_before = np.argsort(-g_buried)
+    assert order_before[0] != true and order_before[-1] == true
+    res = rerank_arrays(qt[0], pos, grid, g_buried, [(T[i], pos) for i in range(len(db))], grid, RerankConfig())
+    assert int(np.argmax(res.fused)) == true
+    assert res.inliers[true] >= RerankConfig().min_inliers
+
+
+# -- αQE / DBA / text --------------------------------------------------------------------------
+def test_alpha_qe_and_dba():
+    q = _unit(np.array([1.0, 0.0, 0.0]))
+    v = _unit(np.array([[0.9, 0.1, 0.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.1]]))
+    e = alpha_query_expansion(q, v, alpha=1.0)
+    ref = q + (v @ q).clip(0) @ v
+    np.testing.assert_allclose(e, ref / np.linalg.norm(ref), atol=1e-6)
+    d = database_side_augmentation(v, k=1, alpha=1.0)
+    assert d.shape == v.shape and np.allclose(np.linalg.norm(d, axis=1), 1, atol=1e-5)
+    # row 0's nearest other vector is row 1 (cos 0.11) → pulled towards it
+    assert d[0, 1] > v[0, 1]
+
+
+def test_text_patch_scores_top_fraction():
+    t = np.array([1.0, 0.0], np.float32)
+    c1 = np.array([[1.0, 0.0]] + [[0.0, 1.0]] * 7, np.float32)    # one matching patch of 8
+    c2 = np.array([[0.6, 0.8]] * 8, np.float32)
+    s = text_patch_scores(t, [c1, c2], top_frac=0.125)
+    assert s[0] == pytest.approx(1.0) and s[1] == pytest.approx(0.6)
+
+
+# -- rerank_hits through a minimal engine --------------------------------------------------------
+@dataclass
+class _Hit:
+    id: str
+    score: float
+    shard: int
+    row: int
+
+
+@dataclass
+class _Ctx:
+    vector: np.ndarray
+    encoder: str
+    text: str | None = None
+    image: object = None
+    image_id: str | None = None
+    instruction: str | None = None
+
+
+class _Entry:
+    def __init__(self, grid):
+        self.local_features = {"dim": 16, "grid": list(grid), "per_image": 25, "dtype": "float16"}
+
+
+class _Manifest:
+    def __init__(self, grid):
+        self.encoders = {"fake": _Entry(grid)}
+
+
+class FakeEngine:
+    """What rerank_hits needs from retrieval.engine.Engine, over in-memory arrays."""
+
+    def __init__(self, tmp_path, vectors, locals_, ids, grid):
+        self.index_dir = tmp_path
+        self.manifest = _Manifest(grid)
+        self._v, self._l, self._ids = vectors, locals_, ids
+
+    def hit_for_id(self, encoder, image_id):
+        r = self._ids.index(image_id)
+        return _Hit(image_id, 1.0, 0, r)
+
+    def local_features(self, encoder, hits):
+        return [self._l[h.row] for h in hits]
+
+    def vectors(self, encoder, hits):
+        return self._v[[h.row for h in hits]]
+
+
+def test_rerank_hits_with_engine(tmp_path):
+    rng = np.random.default_rng(5)
+    q, pos, cands = _synthetic_candidates(rng, n=8, copy_at=5)
+    ids = ["q"] + [f"c{i}" for i in range(8)]
+    locals_ = [(q, pos)] + cands
+    vecs = _unit(rng.normal(size=(9, 8)))
+    eng = FakeEngine(tmp_path, vecs, locals_, ids, (5, 5))
+    hits = [_Hit(f"c{i}", 0.9 - 0.01 * i, 0, i + 1) for i in range(8)]
+    ctx = _Ctx(vector=vecs[0], encoder="fake", image_id="q")
+    out = rerank_hits(eng, ctx, hits, k=3)
+    assert [h.id for h in out][0] == "c5" and len(out) == 3
+    assert out[0].score > out[1].score >= out[2].score
+    ref = rerank_arrays(q, pos, (5, 5), np.array([h.score for h in hits]), cands, (5, 5))
+    assert out[0].score == pytest.approx(ref.fused[5])
+    # αQE re-scores the global term with the expanded query
+    out_qe = rerank_hits(eng, ctx, hits, k=8, config={"qe": True, "qe_k": 1})
+    assert {h.id for h in out_qe} == {h.id for h in hits}
+    # no local features in the index: global order, truncated to k
+    eng.manifest.encoders["fake"].local_features = None
+    assert [h.id for h in rerank_hits(eng, ctx, hits, k=4)] == ["c0", "c1", "c2", "c3"]
+    # text query with an encoder whose local features are not in text space: global order
+    assert [h.id for h in rerank_hits(eng, _Ctx(vector=vecs[0], encoder="fake", text="x"), hits, k=2)] == ["c0", "c1"]
