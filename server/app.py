@@ -1,0 +1,131 @@
+"""The Flask app factory.
+
+>>> app = create_app({"INDEX_DIR": "~/loupe-index"})        # opens the index (read-only)
+>>> app = create_app(engine=my_engine)                      # or share an Engine (tests, embedding)
+
+Config keys: ``INDEX_DIR``, ``DEVICE`` (auto|cpu|cuda), ``MAX_UPLOAD_BYTES`` (20 MB: one image),
+``THUMBNAIL_CACHE_BYTES`` (64 MB), ``PRELOAD_ENCODERS`` (load the default encoders at start-up).
+Blueprints come from ``server.routes_search`` (search, images, the web page) and, when present,
+``server.routes_attribution`` / ``server.routes_copy`` / ``server.routes_classify``; each adds
+its feature name to ``GET /healthz``'s ``features``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+
+from .common import EXT_KEY, MAX_UPLOAD_BYTES, register_error_handlers, state
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .thumbnails import ThumbnailCache
+
+log = logging.getLogger("loupe.server")
+
+# module -> feature name reported by /healthz
+BLUEPRINTS = {
+    "server.routes_search": "search",
+    "server.routes_attribution": "attribution",
+    "server.routes_copy": "duplicates",
+    "server.routes_classify": "classify",
+}
+
+DEFAULTS: dict[str, Any] = {
+    "INDEX_DIR": None,
+    "DEVICE": "auto",
+    "MAX_UPLOAD_BYTES": MAX_UPLOAD_BYTES,
+    "THUMBNAIL_CACHE_BYTES": 64 * 1024 * 1024,
+    "PRELOAD_ENCODERS": False,
+    "JSON_SORT_KEYS": False,
+}
+
+
+def _register_blueprints(app: Flask) -> list[str]:
+    features = []
+    for module_name, feature in BLUEPRINTS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue          # that feature is not in this build yet
+            raise
+        bp = getattr(module, "bp", None)
+        if bp is None:
+            log.warning("%s has no `bp` blueprint; skipped", module_name)
+            continue
+        app.register_blueprint(bp)
+        features.append(feature)
+    return features
+
+
+def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
+    """Build the app. ``engine`` (a ``retrieval.engine.Engine``) or ``config["INDEX_DIR"]`` gives the index."""
+    app = Flask(__name__, static_folder="static", static_url_path="/static")
+    app.config.update(DEFAULTS)
+    app.config.update(config or {})
+    limit = int(app.config["MAX_UPLOAD_BYTES"])
+    # a base64 image in JSON is 4/3 of its bytes, plus the other fields
+    app.config["MAX_CONTENT_LENGTH"] = limit * 4 // 3 + 1024 * 1024
+    app.json.sort_keys = False
+
+    if engine is None and app.config.get("INDEX_DIR"):
+        from retrieval.engine import Engine
+
+        engine = Engine(app.config["INDEX_DIR"], device=app.config.get("DEVICE", "auto"))
+    metrics = Metrics()
+    metrics.set_index(engine)
+    app.extensions[EXT_KEY] = {"engine": engine, "metrics": metrics, "features": [],
+                               "thumbnails": ThumbnailCache(app.config["THUMBNAIL_CACHE_BYTES"])}
+    register_error_handlers(app)
+    features = _register_blueprints(app)
+    if engine is not None:
+        if engine.text_encoder:
+            features.append("text")
+        try:
+            importlib.import_module("retrieval.rerank")
+            features.append("rerank")
+        except ImportError:
+            pass
+    state(app)["features"] = features
+    if engine is not None and app.config.get("PRELOAD_ENCODERS"):
+        for name in {engine.default_encoder, engine.text_encoder} - {None}:
+            engine.encoder(name)
+
+    @app.before_request
+    def _start_timer():
+        g.loupe_t0 = time.perf_counter()
+        metrics.in_flight.inc()
+
+    @app.after_request
+    def _record(resp: Response):
+        t0 = g.pop("loupe_t0", None)
+        endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        if t0 is not None:
+            metrics.in_flight.dec()
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        metrics.requests.labels(request.method, endpoint, str(resp.status_code)).inc()
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return resp
+
+    @app.get("/healthz")
+    def healthz():
+        eng = state().get("engine")
+        body: dict[str, Any] = {"status": "ok" if eng is not None else "no_index",
+                                "images": eng.count if eng is not None else 0,
+                                "features": state()["features"]}
+        if eng is not None:
+            body.update({"encoders": eng.encoder_names, "text_encoder": eng.text_encoder,
+                         "default_encoder": eng.default_encoder, "shards": len(eng.shard_names)})
+        return jsonify(body), (200 if eng is not None else 503)
+
+    @app.get("/metrics")
+    def metrics_view():
+        thumbs = state()["thumbnails"]
+        metrics.thumb_cache.set(thumbs.bytes)
+        return Response(metrics.render(), mimetype=CONTENT_TYPE_LATEST.split(";")[0],
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return app

@@ -1,0 +1,41 @@
+"""Prometheus metrics for one app (own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401 - re-exported
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("loupe_http_requests_total", "HTTP requests", ["method", "endpoint", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("loupe_http_request_duration_seconds", "HTTP request latency",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.search_stage = Histogram("loupe_search_stage_seconds", "time per search stage (embed, search, rerank)",
+                                      ["stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.in_flight = Gauge("loupe_http_requests_in_flight", "requests being served", registry=self.registry)
+        self.index_images = Gauge("loupe_index_images", "images in the served index", registry=self.registry)
+        self.index_shards = Gauge("loupe_index_shards", "shards in the served index", registry=self.registry)
+        self.index_bytes = Gauge("loupe_index_bytes", "bytes on disk of vectors and metadata", registry=self.registry)
+        self.thumb_cache = Gauge("loupe_thumbnail_cache_bytes", "bytes held by the thumbnail cache",
+                                 registry=self.registry)
+        self.started = time.time()
+
+    def set_index(self, engine) -> None:
+        if engine is None:
+            return
+        self.index_images.set(engine.count)
+        self.index_shards.set(len(engine.shard_names))
+        try:
+            self.index_bytes.set(engine.index_bytes())
+        except OSError:
+            pass
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
