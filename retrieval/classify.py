@@ -1,0 +1,221 @@
+"""Vocabulary-free image classification, after CaSED (Conti et al., "Vocabulary-free Image
+Classification", NeurIPS 2023).
+
+For each image:
+
+1. **Retrieve** the top-``K`` entries of a text database (:mod:`retrieval.vocab`) by image→text
+   similarity in the encoder's joint space.
+2. **Extract candidates**: the names the retrieved entries carry (ImageNet-21k lemmas, or the noun
+   phrases of captions), de-duplicated case-insensitively.
+3. **Score** every candidate ``c`` with two distributions over the image's candidate set::
+
+       p_img(c) = softmax_c( <f(x), g(c)> / T )          image → candidate name
+       p_txt(c) = softmax_c( <t̄, g(c)> / T )             retrieved texts → candidate name
+       score(c) = alpha * p_img(c) + (1 - alpha) * p_txt(c)
+
+   where ``f(x)`` is the unit image vector, ``g(c)`` the unit text vector of the candidate name
+   (mean over prompt templates), and ``t̄`` the normalised mean of the retrieved entries' vectors
+   (CaSED's "caption centroid": the text-to-text support a name gets from what was retrieved).
+   The scores sum to 1 over the candidates of one image.
+
+Defaults (see ``benchmarks/results/vocabfree.md``): ``K = 10`` entries, ``alpha = 0.7``,
+``T = 1/logit_scale`` for CLIP (0.01) and ``0.05`` for other encoders (ConSE similarities spread over a
+wider range); prompts: the encoder's own templates when it has them (ConSE), else
+``"a photo of a {}."``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .encoders.base import l2_normalize
+from .errors import InvalidQueryError
+from .images import load_image
+from .vocab import EmptyTextDatabaseError, TextDatabase, normalize_name
+
+DEFAULT_K_RETRIEVE = 10
+DEFAULT_ALPHA = 0.7
+DEFAULT_TOP = 5
+DEFAULT_PROMPTS = ("a photo of a {}.",)
+
+
+@dataclass
+class Label:
+    label: str
+    score: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "score": round(float(self.score), 6)}
+
+
+@dataclass
+class ClassifyConfig:
+    """How candidates are retrieved and scored (CaSED's K, alpha and the softmax temperature)."""
+
+    k_retrieve: int = DEFAULT_K_RETRIEVE
+    alpha: float = DEFAULT_ALPHA
+    temperature: float | None = None          # None: 1/encoder.logit_scale if it has one, else 0.05
+    prompts: Sequence[str] | None = None      # None: encoder.templates if it has them, else DEFAULT_PROMPTS
+    top: int = DEFAULT_TOP
+    batch_size: int = 32
+
+
+def softmax(x: np.ndarray, temperature: float) -> np.ndarray:
+    z = np.asarray(x, dtype=np.float64) / max(float(temperature), 1e-8)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def cased_scores(image_vec: np.ndarray, retrieved_vecs: np.ndarray, name_vecs: np.ndarray, *,
+                 alpha: float = DEFAULT_ALPHA, temperature: float = 0.05
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CaSED candidate scores for one image: ``(score, p_img, p_txt)``, each ``[n_candidates]``.
+
+    ``image_vec`` [d]; ``retrieved_vecs`` [k, d] vectors of the retrieved texts; ``name_vecs`` [m, d]
+    vectors of the candidate names. All are L2-normalised here.
+    """
+    names = l2_normalize(np.asarray(name_vecs, dtype=np.float32).reshape(len(name_vecs), -1))
+    if not len(names):
+        empty = np.zeros(0, np.float64)
+        return empty, empty, empty
+    img = l2_normalize(np.asarray(image_vec, dtype=np.float32).reshape(1, -1))[0]
+    retrieved = l2_normalize(np.asarray(retrieved_vecs, dtype=np.float32).reshape(-1, names.shape[1]))
+    centroid = l2_normalize(retrieved.mean(axis=0, keepdims=True))[0] if len(retrieved) else img
+    p_img = softmax(names @ img, temperature)
+    p_txt = softmax(names @ centroid, temperature)
+    a = float(alpha)
+    return a * p_img + (1.0 - a) * p_txt, p_img, p_txt
+
+
+def candidate_names(names_lists: Iterable[Sequence[str]]) -> list[str]:
+    """Candidates of the retrieved entries, in retrieval order, de-duplicated case-insensitively
+    (the first spelling is kept, e.g. "Egyptian cat")."""
+    seen: dict[str, str] = {}
+    for names in names_lists:
+        for name in names:
+            name = " ".join(str(name).split())
+            key = normalize_name(name)
+            if key and key not in seen:
+                seen[key] = name
+    return list(seen.values())
+
+
+class NameEmbedder:
+    """Text vectors of category names (mean over prompt templates), cached per name."""
+
+    def __init__(self, encoder, prompts: Sequence[str] | None = None):
+        self.encoder = encoder
+        self.prompts = tuple(prompts or getattr(encoder, "templates", None) or DEFAULT_PROMPTS)
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, names: Sequence[str]) -> np.ndarray:
+        missing = [n for n in dict.fromkeys(names) if n not in self._cache]
+        if missing:
+            texts = [p.format(n) for n in missing for p in self.prompts]
+            vecs = np.asarray(self.encoder.encode_texts(texts), np.float32)
+            vecs = l2_normalize(vecs.reshape(len(missing), len(self.prompts), -1).mean(axis=1))
+            self._cache.update(zip(missing, vecs))
+        if not names:
+            return np.zeros((0, self.encoder.dim), np.float32)
+        return np.stack([self._cache[n] for n in names])
+
+
+def default_temperature(encoder) -> float:
+    scale = getattr(encoder, "logit_scale", None)
+    return 1.0 / float(scale) if scale else 0.05
+
+
+class VocabularyFreeClassifier:
+    """Names what is in images using a text database (CaSED). Thread-safe for reads."""
+
+    def __init__(self, encoder, database: TextDatabase, config: ClassifyConfig | None = None):
+        if not len(database):
+            raise EmptyTextDatabaseError(f"text database {database.name!r} is empty")
+        if database.encoder_name != encoder.name:
+            raise InvalidQueryError(f"text database {database.name!r} was embedded with {database.encoder_name!r}, "
+                                    f"not {encoder.name!r}")
+        self.encoder = encoder
+        self.database = database
+        self.config = config or ClassifyConfig()
+        self.temperature = self.config.temperature or default_temperature(encoder)
+        self.names = NameEmbedder(encoder, self.config.prompts)
+
+    def candidates(self, image_vecs: np.ndarray, k: int | None = None) -> list[tuple[list[str], np.ndarray]]:
+        """Per image: (candidate names, vectors of the retrieved entries)."""
+        k = k or self.config.k_retrieve
+        _, rows = self.database.search(image_vecs, k)
+        out = []
+        for r in rows:
+            r = r[r >= 0]
+            out.append((candidate_names(self.database.names[i] for i in r), self.database.vectors[r]))
+        return out
+
+    def classify_vectors(self, image_vecs: np.ndarray, top: int | None = None) -> list[list[Label]]:
+        """Ranked labels for each image vector (rows of ``image_vecs`` [n, d])."""
+        top = top or self.config.top
+        image_vecs = l2_normalize(np.asarray(image_vecs, dtype=np.float32).reshape(-1, self.database.dim))
+        per_image = self.candidates(image_vecs)
+        self.names([n for names, _ in per_image for n in names])  # one batched embedding call
+        results = []
+        for vec, (names, retrieved) in zip(image_vecs, per_image):
+            if not names:
+                results.append([])
+                continue
+            score, _, _ = cased_scores(vec, retrieved, self.names(names), alpha=self.config.alpha,
+                                       temperature=self.temperature)
+            order = np.argsort(-score, kind="stable")[:top]
+            results.append([Label(names[i], float(score[i])) for i in order])
+        return results
+
+    def embed_images(self, images: Sequence[Any]) -> np.ndarray:
+        """Image vectors for PIL images / paths / bytes (each decoded with ``load_image``)."""
+        out = []
+        bs = max(1, self.config.batch_size)
+        for start in range(0, len(images), bs):
+            batch = [img if hasattr(img, "mode") else load_image(img) for img in images[start:start + bs]]
+            out.append(np.asarray(self.encoder.encode_images(batch), np.float32))
+        return np.concatenate(out) if out else np.zeros((0, self.encoder.dim), np.float32)
+
+    def classify(self, images: Sequence[Any], top: int | None = None) -> list[list[Label]]:
+        """Ranked labels for each image (PIL / path / bytes); batch mode."""
+        images = list(images)
+        if not images:
+            return []
+        return self.classify_vectors(self.embed_images(images), top=top)
+
+
+def zero_shot_classify(encoder, image_vecs: np.ndarray, classnames: Sequence[str], *, top: int = DEFAULT_TOP,
+                       prompts: Sequence[str] | None = None, temperature: float | None = None,
+                       name_vectors: np.ndarray | None = None) -> list[list[Label]]:
+    """Closed-vocabulary zero-shot baseline: softmax over the similarities to a fixed list of names."""
+    if name_vectors is None:
+        name_vectors = NameEmbedder(encoder, prompts)(list(classnames))
+    t = temperature or default_temperature(encoder)
+    probs = softmax(l2_normalize(np.asarray(image_vecs, np.float32)) @ name_vectors.T, t)
+    out = []
+    for p in probs:
+        order = np.argsort(-p, kind="stable")[:top]
+        out.append([Label(classnames[i], float(p[i])) for i in order])
+    return out
+
+
+@dataclass
+class Prediction:
+    image: str
+    labels: list[Label] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"image": self.image, "labels": [lab.to_json() for lab in self.labels]}
+
+
+def make_classifier(encoder, source, *, cache_dir=None, column: str | None = None,
+                    config: ClassifyConfig | None = None, progress=None) -> VocabularyFreeClassifier:
+    """A classifier over the text database ``source`` (see :func:`retrieval.vocab.open_vocabulary`)."""
+    from .vocab import open_vocabulary
+
+    db = open_vocabulary(source, encoder, cache_dir=cache_dir, column=column, progress=progress)
+    return VocabularyFreeClassifier(encoder, db, config)
