@@ -1,0 +1,215 @@
+// Loupe web page: instant text search, image search (pick / drop / paste), "more like this",
+// instruction field, optional attribution overlays. No build step, no dependencies.
+(() => {
+  "use strict";
+  const $ = (sel) => document.querySelector(sel);
+  const q = $("#q"), file = $("#file"), results = $("#results"), status = $("#status"), errorBox = $("#error");
+  const iq = $("#image-query"), iqThumb = $("#query-thumb"), iqLabel = $("#iq-label"), instruction = $("#instruction");
+  const attrToggle = $("#attr-toggle"), attr = $("#attr"), drop = $("#drop");
+  const K = 40;
+  let imageFile = null;      // uploaded / pasted / dropped image (File or Blob)
+  let imageId = null;        // "more like this" id
+  let controller = null;     // aborts stale requests
+  let debounce = null;
+  let features = [];
+  let lastQuery = null;
+  let seq = 0;
+
+  fetch("/healthz").then((r) => r.json()).then((h) => {
+    features = h.features || [];
+    if (features.includes("attribution")) attrToggle.hidden = false;
+    if (typeof h.images === "number") $("#hint").textContent =
+      `${h.images.toLocaleString()} images · type to search · drop, paste or pick an image · click a result for more like it`;
+  }).catch(() => {});
+
+  function queryForm(extra) {
+    const fd = new FormData();
+    const text = q.value.trim();
+    if (imageFile) fd.append("image", imageFile, imageFile.name || "query.png");
+    else if (imageId) fd.append("image_id", imageId);
+    if (imageFile || imageId) {
+      const instr = instruction.value.trim() || (text || "");
+      if (instr) fd.append("instruction", instr);
+    } else if (text) fd.append("text", text);
+    fd.append("k", String(K));
+    for (const [key, v] of Object.entries(extra || {})) fd.append(key, v);
+    return fd;
+  }
+
+  function hasQuery() { return !!(imageFile || imageId || q.value.trim()); }
+
+  async function search() {
+    if (!hasQuery()) { results.replaceChildren(); status.textContent = ""; errorBox.hidden = true; return; }
+    if (controller) controller.abort();
+    controller = new AbortController();
+    const mine = ++seq;
+    document.body.classList.add("loading");
+    try {
+      const resp = await fetch("/api/search", { method: "POST", body: queryForm(), signal: controller.signal });
+      const body = await resp.json();
+      if (mine !== seq) return;
+      if (!resp.ok) throw new Error((body.error && body.error.message) || `HTTP ${resp.status}`);
+      errorBox.hidden = true;
+      lastQuery = { imageFile, imageId, text: q.value.trim(), instruction: instruction.value.trim() };
+      render(body);
+    } catch (err) {
+      if (err.name === "AbortError") return;
+      errorBox.textContent = err.message;
+      errorBox.hidden = false;
+    } finally {
+      if (mine === seq) document.body.classList.remove("loading");
+    }
+  }
+
+  function render(body) {
+    const items = body.results || [];
+    status.textContent = `${items.length} result${items.length === 1 ? "" : "s"} · ${body.took_ms} ms · ${body.encoder}`;
+    const frag = document.createDocumentFragment();
+    items.forEach((r, i) => {
+      const li = document.createElement("li");
+      li.className = "result";
+      li.dataset.id = r.id;
+      const card = document.createElement("button");
+      card.type = "button";
+      card.className = "card";
+      card.title = `More like this${r.caption ? ": " + r.caption : ""}`;
+      card.setAttribute("aria-label", `Result ${i + 1}: ${r.caption || r.id}, score ${r.score.toFixed(3)}. More like this`);
+      const thumb = document.createElement("div");
+      thumb.className = "thumb";
+      const img = document.createElement("img");
+      img.loading = "lazy";
+      img.decoding = "async";
+      img.alt = r.caption || "";
+      img.src = r.thumbnail_url || `/api/images/${r.id}?size=256`;
+      thumb.append(img);
+      const meta = document.createElement("div");
+      meta.className = "meta";
+      const cap = document.createElement("div");
+      cap.className = "caption";
+      cap.textContent = r.caption || (r.path ? r.path.split("/").pop() : r.id);
+      const score = document.createElement("div");
+      score.className = "score";
+      const bar = document.createElement("span");
+      bar.className = "scorebar";
+      const fill = document.createElement("span");
+      fill.style.width = `${Math.max(0, Math.min(1, r.score)) * 100}%`;
+      bar.append(fill);
+      const num = document.createElement("span");
+      num.textContent = r.score.toFixed(3);
+      score.append(num, bar);
+      meta.append(cap, score);
+      card.append(thumb, meta);
+      card.addEventListener("click", () => moreLikeThis(r));
+      li.append(card);
+      frag.append(li);
+    });
+    results.replaceChildren(frag);
+    if (attr.checked) loadOverlays();
+  }
+
+  function moreLikeThis(r) {
+    imageFile = null;
+    imageId = r.id;
+    iqThumb.src = r.thumbnail_url || `/api/images/${r.id}?size=256`;
+    iqLabel.textContent = "More like this";
+    iq.hidden = false;
+    q.value = "";
+    window.scrollTo({ top: 0, behavior: "smooth" });
+    search();
+  }
+
+  function setImage(blob) {
+    if (!blob || !(blob.type || "").startsWith("image/")) {
+      errorBox.textContent = "That is not an image file.";
+      errorBox.hidden = false;
+      return;
+    }
+    imageFile = blob;
+    imageId = null;
+    if (iqThumb.dataset.url) URL.revokeObjectURL(iqThumb.dataset.url);
+    iqThumb.dataset.url = URL.createObjectURL(blob);
+    iqThumb.src = iqThumb.dataset.url;
+    iqLabel.textContent = "Searching with this image";
+    iq.hidden = false;
+    search();
+  }
+
+  function clearImage() {
+    imageFile = null;
+    imageId = null;
+    iq.hidden = true;
+    instruction.value = "";
+    file.value = "";
+    q.focus();
+    search();
+  }
+
+  async function loadOverlays() {
+    if (!lastQuery) return;
+    const mine = seq;
+    for (const li of results.querySelectorAll(".result")) {
+      if (mine !== seq || !attr.checked) return;
+      const thumb = li.querySelector(".thumb");
+      if (thumb.querySelector(".overlay")) continue;
+      try {
+        const resp = await fetch("/api/attribution", { method: "POST", body: queryForm({ result_id: li.dataset.id }) });
+        if (!resp.ok) continue;
+        const url = URL.createObjectURL(await resp.blob());
+        const ov = document.createElement("img");
+        ov.className = "overlay";
+        ov.alt = "";
+        ov.src = url;
+        thumb.append(ov);
+      } catch (_) { /* overlays are best effort */ }
+    }
+  }
+
+  attr.addEventListener("change", () => {
+    if (attr.checked) loadOverlays();
+    else results.querySelectorAll(".overlay").forEach((o) => o.remove());
+  });
+
+  q.addEventListener("input", () => {
+    clearTimeout(debounce);
+    debounce = setTimeout(search, 220);
+  });
+  $("#search-form").addEventListener("submit", (e) => { e.preventDefault(); clearTimeout(debounce); search(); });
+  instruction.addEventListener("input", () => { clearTimeout(debounce); debounce = setTimeout(search, 350); });
+  instruction.addEventListener("keydown", (e) => { if (e.key === "Enter") { clearTimeout(debounce); search(); } });
+  $("#pick").addEventListener("click", () => file.click());
+  file.addEventListener("change", () => { if (file.files && file.files[0]) setImage(file.files[0]); });
+  $("#clear-image").addEventListener("click", clearImage);
+
+  document.addEventListener("paste", (e) => {
+    const item = [...(e.clipboardData ? e.clipboardData.items : [])].find((it) => it.type.startsWith("image/"));
+    if (item) { e.preventDefault(); setImage(item.getAsFile()); }
+  });
+  let dragDepth = 0;
+  window.addEventListener("dragenter", (e) => { e.preventDefault(); dragDepth++; drop.hidden = false; });
+  window.addEventListener("dragover", (e) => e.preventDefault());
+  window.addEventListener("dragleave", () => { if (--dragDepth <= 0) { dragDepth = 0; drop.hidden = true; } });
+  window.addEventListener("drop", (e) => {
+    e.preventDefault();
+    dragDepth = 0;
+    drop.hidden = true;
+    const f = e.dataTransfer && e.dataTransfer.files && e.dataTransfer.files[0];
+    if (f) setImage(f);
+  });
+
+  document.addEventListener("keydown", (e) => {
+    const typing = ["INPUT", "TEXTAREA"].includes(document.activeElement.tagName);
+    if (e.key === "/" && !typing) { e.preventDefault(); q.focus(); q.select(); }
+    else if (e.key === "Escape") {
+      if (imageFile || imageId) clearImage();
+      else if (document.activeElement === q) { q.value = ""; search(); }
+    } else if (!typing && ["ArrowRight", "ArrowLeft", "ArrowDown", "ArrowUp"].includes(e.key)) {
+      const cards = [...results.querySelectorAll(".card")];
+      const i = cards.indexOf(document.activeElement);
+      if (!cards.length) return;
+      const cols = Math.max(1, Math.round(results.clientWidth / (cards[0].offsetWidth + 14)));
+      const step = { ArrowRight: 1, ArrowLeft: -1, ArrowDown: cols, ArrowUp: -cols }[e.key];
+      const next = cards[Math.max(0, Math.min(cards.length - 1, i < 0 ? 0 : i + step))];
+      if (next) { e.preventDefault(); next.focus(); }
+    }
+  });
+})();
