@@ -1,0 +1,83 @@
+"""`loupe index`: embed images into an index directory (resumable, incremental)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+DESCRIPTION = """Embed images into an index directory of FAISS shards + Parquet metadata.
+
+SOURCE is a folder (recursive), a manifest (.parquet/.csv/.jsonl with a `path` or `url` column,
+optional `caption`, other columns kept as metadata), a webdataset .tar, or an image file.
+Re-running the same command resumes an interrupted run and embeds only new images; --prune drops
+images whose source is gone. Bad files are skipped and listed in the summary. The last line on
+stdout is a JSON summary: {"indexed", "skipped", "failed", "shards", "seconds"}."""
+
+EPILOG = """examples:
+  loupe index ~/Pictures --out ~/loupe-index --encoder conse-effnet-lite0
+  loupe index photos.parquet --out idx --encoder clip-vit-b-32 --encoder dinov2-small --local-features
+  loupe index ~/Pictures --out ~/loupe-index --prune        # after deleting photos"""
+
+
+def add_arguments(p) -> None:
+    from indexer.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE
+
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="folder, manifest, webdataset .tar or image")
+    p.add_argument("--out", required=True, metavar="DIR", help="index directory (created or updated)")
+    p.add_argument("--encoder", action="append", dest="encoders", metavar="NAME", default=[],
+                   help="encoder to embed with (repeat for several; default clip-vit-b-32, or the "
+                        "existing index's encoders)")
+    p.add_argument("--index-type", choices=("auto", "flat", "ivfpq", "hnsw"), default="auto",
+                   help="FAISS index per shard (auto: flat for small corpora, HNSW/IVF-PQ for large ones)")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
+                   help=f"images per shard (default {DEFAULT_SHARD_SIZE:,}); a shard is the unit of commit")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="autocast precision on CUDA (auto: fp16); CPU always runs fp32")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="DataLoader decode processes (default: cores - 1, at most 8; 0 decodes in-process)")
+    p.add_argument("--local-features", action="store_true",
+                   help="also store PCA-reduced local descriptors (<=128-d fp16, <=256 per image) for re-ranking")
+    p.add_argument("--prune", action="store_true", help="remove images whose source file is gone")
+    p.add_argument("--allow-download", action="store_true", help="fetch `url` manifest rows (off by default)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget for the index (e.g. 4G); auto index type fits it")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="skip images larger than N pixels (decompression-bomb guard; default 100,000,000 "
+                        "or $LOUPE_MAX_PIXELS)")
+    p.add_argument("--wait", action="store_true", help="wait for another `loupe index` on DIR instead of failing")
+
+
+def run(args) -> int:
+    from indexer.index_types import parse_memory
+    from indexer.pipeline import IndexConfig, build_index
+    from retrieval.errors import LoupeError
+
+    if args.shard_size < 1 or args.batch_size < 1:
+        raise LoupeError("--shard-size and --batch-size must be at least 1")
+    cfg = IndexConfig(
+        sources=args.sources, out=args.out, encoders=args.encoders, index_type=args.index_type,
+        shard_size=args.shard_size, device=args.device, precision=args.precision, batch_size=args.batch_size,
+        workers=args.workers, local_features=args.local_features, prune=args.prune,
+        allow_download=args.allow_download, max_memory=parse_memory(args.max_memory),
+        max_pixels=args.max_pixels, wait=args.wait)
+    bar = None
+    progress = total = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        def total(n: int) -> None:
+            nonlocal bar
+            bar = tqdm(total=n, unit="img", desc="indexing", file=sys.stderr, dynamic_ncols=True)
+
+        def progress(done: int, indexed: int) -> None:
+            bar.update(done - bar.n)
+            bar.set_postfix(new=indexed, refresh=False)
+    try:
+        summary = build_index(cfg, progress=progress, progress_total=total)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(json.dumps(summary.to_json()), flush=True)
+    return 0

@@ -1,0 +1,10 @@
+"""Loupe's indexer: embed image corpora into FAISS shards (``loupe index``).
+
+Stages: ``sources`` (read) → ``pipeline`` (decode in DataLoader workers, encode in batches) →
+``writer`` (shards via ``retrieval.store``, in a background thread); ``index_types`` picks the FAISS
+index; ``lock`` keeps one writer per index directory.
+"""
+
+from .pipeline import IndexConfig, IndexSummary, build_index, stored_vectors
+
+__all__ = ["IndexConfig", "IndexSummary", "build_index", "stored_vectors"]

@@ -1,0 +1,360 @@
+"""The indexing run: read → decode (DataLoader workers) → encode (batches) → write (background thread).
+
+``build_index(IndexConfig(...))`` is the library entry point behind ``loupe index``:
+
+1. take the index lock, read the manifest (if any) and the ids/sources already indexed, delete files a
+   killed run left behind;
+2. enumerate the SOURCEs; unchanged sources already in the index are skipped without being read;
+   ``--prune`` (and changed files) drop the old rows first;
+3. DataLoader workers read each item's bytes, hash them (SHA-256 → stable id), skip content already
+   indexed (recorded as an alias), decode once with ``retrieval.images.load_image`` and apply every
+   encoder's ``preprocess`` (encoders with the same transform share it);
+4. the main thread embeds each batch with every encoder (global + local features in one forward pass);
+5. a background thread writes shards (``indexer.writer``) and commits the manifest after each one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from retrieval import store
+from retrieval.errors import LoupeError
+from retrieval.images import load_image
+
+from . import index_types
+from .lock import IndexLock
+from .sources import Failure, Item, ReadConfig, enumerate_sources, read_bytes
+from .writer import BackgroundWriter, IndexState, IndexWriter, clean_stray_files, load_state
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = 100_000
+DEFAULT_BATCH_SIZE = 64
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+@dataclass
+class IndexConfig:
+    sources: Sequence[str]
+    out: str | os.PathLike
+    encoders: Sequence[str] = ()            # empty: the existing index's encoders, else the default
+    index_type: str = "auto"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    workers: int | None = None              # None: default_workers()
+    local_features: bool = False
+    prune: bool = False
+    allow_download: bool = False
+    max_memory: int | None = None           # bytes, for the index-type choice
+    max_pixels: int | None = None           # None: retrieval.images.MAX_PIXELS
+    wait: bool = False                      # wait for another writer's lock instead of failing
+
+
+@dataclass
+class IndexSummary:
+    indexed: int = 0
+    skipped: int = 0
+    failed: list[Failure] = field(default_factory=list)
+    shards: int = 0
+    seconds: float = 0.0
+    pruned: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary line of ``loupe index`` (keys fixed by INTERFACE.md)."""
+        return {"indexed": self.indexed, "skipped": self.skipped, "failed": [f.to_json() for f in self.failed],
+                "shards": self.shards, "seconds": round(self.seconds, 3)}
+
+
+# -- decode stage (DataLoader workers) ---------------------------------------------------------
+@dataclass
+class Record:
+    index: int
+    id: str | None = None
+    sha256: str | None = None
+    size: int = 0
+    width: int = 0
+    height: int = 0
+    duplicate: bool = False     # content already in the index: not decoded
+    error: str | None = None
+    tensors: tuple | None = None
+
+
+class DecodeDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list[Item], transforms: list[Callable], known_ids: frozenset[str],
+                 read_cfg: ReadConfig, max_pixels: int | None):
+        self.items = items
+        self.transforms = transforms
+        self.known_ids = known_ids
+        self.read_cfg = read_cfg
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Record:
+        item = self.items[i]
+        rec = Record(index=i)
+        try:
+            data = read_bytes(item, self.read_cfg)
+            rec.sha256 = store.sha256_bytes(data)
+            rec.id = store.content_id(rec.sha256)
+            rec.size = len(data)
+            if rec.id in self.known_ids:
+                rec.duplicate = True
+                return rec
+            img = load_image(data, max_pixels=self.max_pixels)
+            rec.width, rec.height = img.size
+            rec.tensors = tuple(t(img) for t in self.transforms)
+        except LoupeError as exc:
+            rec.error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one bad input must never stop the run
+            rec.error = f"{type(exc).__name__}: {exc}"
+        return rec
+
+
+def collate(records: list[Record]) -> dict[str, Any]:
+    """Stack the decoded images per transform (in the worker); records travel without tensors."""
+    ok = [r for r in records if r.tensors is not None]
+    tensors = [torch.stack([r.tensors[g] for r in ok]) for g in range(len(ok[0].tensors))] if ok else []
+    for r in records:
+        r.tensors = None
+    return {"records": records, "ok": [r.index for r in ok], "tensors": tensors}
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _is_unchanged(item: Item, known: tuple[str, int, float | None]) -> bool:
+    _, size, mtime = known
+    if item.size < 0 or size is None or item.size != size:
+        return False
+    return mtime is None or item.mtime is None or abs(float(item.mtime) - float(mtime)) < 1e-6
+
+
+def _source_gone(source: str, seen: set[str], read_tars: set[str]) -> bool:
+    if source in seen:
+        return False
+    if source.startswith(("http://", "https://")):
+        return True                      # a URL no manifest of this run lists
+    if "#" in source:
+        tar = source.split("#", 1)[0]
+        if tar.lower().endswith(".tar") and (tar in read_tars or not os.path.exists(tar)):
+            return True                  # the tar is gone, or was read and no longer has the member
+    return not os.path.exists(source)
+
+
+def _resolve_encoders(cfg: IndexConfig, manifest: store.Manifest | None) -> list[str]:
+    from retrieval.encoders import DEFAULT_ENCODER
+
+    if manifest is None:
+        return list(dict.fromkeys(cfg.encoders)) or [DEFAULT_ENCODER]
+    existing = list(manifest.encoders)
+    if cfg.encoders and set(cfg.encoders) != set(existing):
+        raise LoupeError(f"{cfg.out} was built with encoders {', '.join(existing)}; "
+                         f"an index cannot change encoders (asked: {', '.join(cfg.encoders)}) — use a new --out")
+    return existing
+
+
+def _embed(enc, x: torch.Tensor, local: bool):
+    if enc.binary:
+        return enc.hash_bits(x), None
+    if local:
+        vecs, tokens, grid = enc.encode_images_and_local(x)
+        return vecs, (tokens, grid)
+    return enc.encode_images(x), None
+
+
+# -- the run ------------------------------------------------------------------------------------
+def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None = None,
+                progress_total: Callable[[int], None] | None = None) -> IndexSummary:
+    """Index ``cfg.sources`` into ``cfg.out`` (see module docstring). ``progress(done, indexed)`` is
+    called after every batch, ``progress_total(n)`` once with the number of items to read."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = IndexSummary()
+    with IndexLock(out, wait=cfg.wait):
+        manifest = store.read_manifest(out) if (out / store.MANIFEST).is_file() else None
+        names = _resolve_encoders(cfg, manifest)
+        clean_stray_files(out, manifest, names)
+        state = load_state(out, manifest) if manifest else IndexState()
+
+        # 1. enumerate; skip what is already indexed and unchanged
+        t = time.perf_counter()
+        listing = enumerate_sources(cfg.sources)
+        summary.failed.extend(listing.failures)
+        todo: list[Item] = []
+        changed: set[str] = set()
+        for item in listing.items:
+            known = state.sources.get(item.source)
+            if known is not None and _is_unchanged(item, known):
+                summary.skipped += 1
+                continue
+            if known is not None:
+                changed.add(item.source)
+            todo.append(item)
+        summary.timings["enumerate"] = time.perf_counter() - t
+
+        # 2. encoders and their manifest entries
+        from retrieval.encoders import create_encoder
+
+        encoders = {n: create_encoder(n, device=cfg.device, precision=cfg.precision) for n in names}
+        expected = len(state.ids) + len(todo)
+        if manifest is None:
+            entries = {}
+            for n, enc in encoders.items():
+                choice = index_types.choose_index_type(expected, enc.dim, requested=cfg.index_type,
+                                                       max_memory=cfg.max_memory, binary=enc.binary,
+                                                       shard_size=cfg.shard_size)
+                entries[n] = store.EncoderEntry(name=n, dim=enc.dim, index_type=choice.index_type,
+                                                factory=choice.factory, modalities=list(enc.modalities))
+            manifest = store.Manifest(encoders=entries)
+        elif cfg.index_type != "auto":
+            for entry in manifest.encoders.values():
+                if entry.index_type not in (cfg.index_type, "binary"):
+                    raise LoupeError(f"{out} holds {entry.index_type} shards for {entry.name}; --index-type "
+                                     f"{cfg.index_type} would need a new index (use a new --out)")
+        local = set()
+        if cfg.local_features:
+            if manifest.shards and all(e.local_features is None for e in manifest.encoders.values()):
+                raise LoupeError(f"{out} was built without --local-features; build a new index to add them")
+            if not manifest.shards:
+                for n, enc in encoders.items():
+                    if enc.has_local_features and not enc.binary:
+                        local.add(n)
+                    else:
+                        log.warning("encoder %s has no local features; indexing its global vectors only", n)
+        local |= {n for n, e in manifest.encoders.items() if e.local_features is not None}
+
+        dev = next(iter(encoders.values())).device
+        writer = IndexWriter(out, manifest, state, shard_size=cfg.shard_size, local=local,
+                             use_gpu=dev.is_cuda and _faiss_gpu())
+
+        # 3. drop sources that disappeared (--prune) or whose content changed
+        seen = {it.source for it in listing.items}
+        gone = set(changed)
+        if cfg.prune:
+            read_tars = {it.path for it in listing.items if it.kind == "tar"}
+            gone |= {s for s in state.sources if _source_gone(s, seen, read_tars)}
+        if gone:
+            summary.pruned = writer.drop_sources(gone)
+            log.info("removed %d images whose source is gone or changed", summary.pruned)
+
+        # 4. read/decode → encode → write
+        transforms, group_of = [], {}
+        for n, enc in encoders.items():
+            key = repr(enc.preprocess)
+            reprs = [repr(tr) for tr in transforms]
+            if key in reprs and "object at 0x" not in key:
+                group_of[n] = reprs.index(key)
+            else:
+                group_of[n] = len(transforms)
+                transforms.append(enc.preprocess)
+        workers = default_workers() if cfg.workers is None else max(0, int(cfg.workers))
+        dataset = DecodeDataset(todo, transforms, frozenset(state.ids), ReadConfig(allow_download=cfg.allow_download),
+                                cfg.max_pixels)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=max(1, cfg.batch_size), shuffle=False, num_workers=workers, collate_fn=collate,
+            pin_memory=dev.is_cuda, worker_init_fn=_worker_init if workers else None,
+            prefetch_factor=4 if workers else None)
+        if progress_total:
+            progress_total(len(todo))
+        seen_ids = set(state.ids)
+        t_read = t_encode = 0.0
+        done = 0
+        batches = iter(loader) if todo else iter(())
+        background = BackgroundWriter(writer)   # after the workers forked
+        finished = False
+        try:
+            while True:
+                t = time.perf_counter()
+                batch = next(batches, None)
+                t_read += time.perf_counter() - t
+                if batch is None:
+                    break
+                keep_pos, rows, aliases = [], [], []
+                ok_pos = {idx: pos for pos, idx in enumerate(batch["ok"])}
+                for rec in batch["records"]:
+                    item = todo[rec.index]
+                    if rec.error is not None:
+                        summary.failed.append(Failure(item.source, rec.error))
+                    elif rec.duplicate or rec.id in seen_ids:
+                        aliases.append((rec.id, item.source))   # sent after this batch's rows
+                        summary.skipped += 1
+                    else:
+                        seen_ids.add(rec.id)
+                        keep_pos.append(ok_pos[rec.index])
+                        rows.append({"id": rec.id, "source": item.source,
+                                     "path": item.path if item.kind == "file" else None,
+                                     "caption": item.caption, "width": rec.width, "height": rec.height,
+                                     "sha256": rec.sha256, "size": rec.size, "mtime": item.mtime,
+                                     "aliases": [], "extra": item.extra})
+                if rows:
+                    t = time.perf_counter()
+                    vectors, local_out = {}, {}
+                    for n, enc in encoders.items():
+                        x = batch["tensors"][group_of[n]]
+                        if len(keep_pos) != len(x):
+                            x = x[torch.as_tensor(keep_pos)]
+                        vectors[n], loc = _embed(enc, x, n in writer.local)
+                        if loc is not None:
+                            local_out[n] = loc
+                    t_encode += time.perf_counter() - t
+                    background.add(rows, vectors, local_out)
+                    summary.indexed += len(rows)
+                for image_id, source in aliases:
+                    background.add_alias(image_id, source)
+                done += len(batch["records"])
+                if progress:
+                    progress(done, summary.indexed)
+            t = time.perf_counter()
+            background.close()
+            finished = True
+            summary.timings["write_wait"] = time.perf_counter() - t
+        except KeyboardInterrupt:
+            background.close()   # commit what was embedded, then stop
+            finished = True
+            raise
+        finally:
+            if not finished:
+                background.close(finish=False)
+        summary.timings.update(read_wait=t_read, encode=t_encode)
+        summary.shards = len(manifest.shards)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _faiss_gpu() -> bool:
+    from retrieval.device import faiss_gpu_available
+
+    return faiss_gpu_available()
+
+
+def stored_vectors(index_dir, encoder: str) -> tuple[np.ndarray, list[str]]:
+    """All vectors of ``encoder`` and their ids, in shard order (tests, benchmarks, small tools)."""
+    manifest = store.read_manifest(index_dir)
+    entry = manifest.encoders[encoder]
+    vecs, ids = [], []
+    for shard in manifest.shards:
+        index = store.read_vectors(index_dir, encoder, shard.name, mmap=False, binary=entry.index_type == "binary")
+        vecs.append(index_types.all_codes(index))
+        ids.extend(store.read_metadata(index_dir, shard.name).column("id").to_pylist())
+    dim = entry.dim // 8 if entry.index_type == "binary" else entry.dim
+    return (np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32)), ids
+

@@ -1,0 +1,443 @@
+"""Stage 3 of the indexer — write: shards through ``retrieval.store``, committed so a crash loses nothing.
+
+Commit protocol for one shard ``shard-NNNNN`` (every file is written to a temporary name and renamed):
+
+1. ``<encoder>/shard-NNNNN.faiss`` for every encoder (+ local features, when asked);
+2. ``meta/shard-NNNNN.parquet``;
+3. metadata of older shards whose ``aliases`` grew (rewritten in place, same rows);
+4. ``manifest.json`` listing the new shard — last.
+
+Readers and the next run trust only shards the manifest lists; files of a shard killed before step 4
+are ignored and deleted by the next run (``clean_stray_files``), and its images are indexed again.
+Pruning writes the surviving rows of a shard under a *new* shard number, swaps it in the manifest,
+then deletes the old files, so no shard file is ever modified in place with a different row count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval import store
+from retrieval.errors import IndexFormatError
+
+from . import index_types
+
+log = logging.getLogger(__name__)
+
+LOCAL_MAX_TOKENS = 256          # local descriptors kept per image (evenly spaced over the grid if more)
+LOCAL_DIM = 128                 # PCA output dimension (at most)
+PCA_SAMPLE_IMAGES = 256         # images whose tokens fit the PCA (the first ones of the first run)
+TRAINED_NAME = "trained.faiss"  # per encoder: the trained empty IVF index new shards are cloned from
+_SHARD_RE = re.compile(r"^shard-\d{5}\b")
+
+
+# -- test hooks: deterministic crash points and a slow-write window ----------------------------
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """``LOUPE_TEST_CRASH=name:k`` SIGKILLs this process the k-th time ``name`` is reached;
+    ``LOUPE_TEST_SLOW_WRITE=s`` sleeps ``s`` seconds at every point (widens kill windows in tests)."""
+    slow = os.environ.get("LOUPE_TEST_SLOW_WRITE")
+    if slow:
+        time.sleep(float(slow))
+    want = os.environ.get("LOUPE_TEST_CRASH")
+    if not want:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    target, _, nth = want.partition(":")
+    if target == name and _crash_counts[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- reading the existing index ----------------------------------------------------------------
+@dataclass
+class IndexState:
+    """What a (possibly interrupted) index already holds."""
+
+    ids: dict[str, str] = field(default_factory=dict)                       # id -> shard name
+    sources: dict[str, tuple[str, int, float | None]] = field(default_factory=dict)  # source -> (id, size, mtime)
+
+
+def aliases_of(value: Any) -> list[str]:
+    if not value:
+        return []
+    try:
+        out = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError:
+        return []
+    return [str(s) for s in out] if isinstance(out, list) else []
+
+
+def load_state(index_dir: Path, manifest: store.Manifest | None) -> IndexState:
+    state = IndexState()
+    if manifest is None:
+        return state
+    for shard in manifest.shards:
+        table = store.read_metadata(index_dir, shard.name)
+        if table.num_rows != shard.count:
+            raise IndexFormatError(f"metadata of {shard.name} has {table.num_rows} rows but the manifest says "
+                                   f"{shard.count}; the index is damaged — rebuild it")
+        cols = table.select(["id", "source", "size", "mtime", "aliases"]).to_pydict()
+        for image_id, source, size, mtime, aliases in zip(cols["id"], cols["source"], cols["size"],
+                                                           cols["mtime"], cols["aliases"]):
+            state.ids[image_id] = shard.name
+            state.sources[source] = (image_id, size, mtime)
+            for alias in aliases_of(aliases):
+                state.sources.setdefault(alias, (image_id, size, None))
+    return state
+
+
+def next_shard_number(manifest: store.Manifest | None) -> int:
+    numbers = [int(s.name.split("-")[1]) for s in (manifest.shards if manifest else [])]
+    return max(numbers) + 1 if numbers else 0
+
+
+def clean_stray_files(index_dir: Path, manifest: store.Manifest | None, encoders: list[str]) -> int:
+    """Delete shard files the manifest does not list and temporary files (left by a killed run)."""
+    listed = {s.name for s in manifest.shards} if manifest else set()
+    removed = 0
+    for folder in [index_dir / store.META_DIR] + [index_dir / e for e in encoders]:
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            name = path.name
+            stray_tmp = name.startswith(".") and ".tmp" in name
+            stray_shard = bool(_SHARD_RE.match(name)) and name.split(".")[0] not in listed
+            if (stray_tmp or stray_shard) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed += 1
+    tmp_manifest = [p for p in index_dir.glob(f".{store.MANIFEST}.*") if p.is_file()]
+    for p in tmp_manifest:
+        p.unlink(missing_ok=True)
+    return removed + len(tmp_manifest)
+
+
+def shard_files(index_dir: Path, manifest: store.Manifest, shard: str) -> list[Path]:
+    files = [store.meta_path(index_dir, shard)]
+    for name in manifest.encoders:
+        files.append(store.vectors_path(index_dir, name, shard))
+        files.extend(store.local_paths(index_dir, name, shard))
+    return files
+
+
+# -- local features ----------------------------------------------------------------------------
+def select_tokens(n_tokens: int, cap: int = LOCAL_MAX_TOKENS) -> np.ndarray:
+    if n_tokens <= cap:
+        return np.arange(n_tokens)
+    return np.unique(np.linspace(0, n_tokens - 1, cap).round().astype(np.int64))
+
+
+class LocalFeatures:
+    """Per encoder: cap tokens per image, fit the PCA on the first images, reduce, keep fp16."""
+
+    def __init__(self, reducer: store.LocalReducer | None = None, grid: tuple[int, int] | None = None):
+        self.reducer = reducer
+        self.grid = grid
+        self.raw: list[np.ndarray] = []        # capped raw tokens waiting for the PCA fit
+        self.per_image = 0
+
+    def add(self, tokens: np.ndarray, grid: tuple[int, int]) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """tokens [n, p, C] -> reduced per image, or None while the PCA still collects its sample."""
+        self.grid = (int(grid[0]), int(grid[1]))
+        keep = select_tokens(tokens.shape[1])
+        self.per_image = len(keep)
+        tokens = np.asarray(tokens[:, keep], dtype=np.float32)
+        if self.reducer is None:
+            self.raw.extend(tokens)
+            return None
+        return self.reduce(tokens)
+
+    def positions(self) -> np.ndarray:
+        keep = select_tokens(self.grid[0] * self.grid[1])
+        return np.stack([keep // self.grid[1], keep % self.grid[1]], axis=1).astype(np.int16)
+
+    def reduce(self, tokens) -> list[tuple[np.ndarray, np.ndarray]]:
+        pos = self.positions()
+        return [(self.reducer.transform(t).astype(np.float16), pos) for t in tokens]
+
+    def ready_to_fit(self) -> bool:
+        return self.reducer is None and len(self.raw) >= PCA_SAMPLE_IMAGES
+
+    def fit(self, pca_file: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Fit on the buffered images, save the PCA, return their reduced features."""
+        sample = np.concatenate(self.raw) if self.raw else np.zeros((0, 1), np.float32)
+        self.reducer = store.LocalReducer.fit(sample, dim=LOCAL_DIM)
+        self.reducer.save(pca_file)
+        out = self.reduce(self.raw)
+        self.raw = []
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"dim": self.reducer.dim, "grid": list(self.grid), "per_image": self.per_image, "dtype": "float16"}
+
+
+# -- the writer --------------------------------------------------------------------------------
+class IndexWriter:
+    """Buffers rows + vectors of the current shard and commits shards (see module docstring).
+
+    Not thread-safe: one thread (the background writer) calls it at a time.
+    """
+
+    def __init__(self, index_dir: Path, manifest: store.Manifest, state: IndexState, *, shard_size: int,
+                 local: set[str] | frozenset[str] = frozenset(), use_gpu: bool = False):
+        self.dir = Path(index_dir)
+        self.manifest = manifest
+        self.state = state
+        self.shard_size = max(1, int(shard_size))
+        self.use_gpu = use_gpu
+        self.next_no = next_shard_number(manifest)
+        self.rows: list[dict[str, Any]] = []
+        self.vectors: dict[str, list[np.ndarray]] = {e: [] for e in manifest.encoders}
+        self.pending_local: dict[str, list] = {e: [] for e in manifest.encoders}
+        self.alias_updates: dict[str, dict[str, list[str]]] = {}   # shard -> id -> new alias sources
+        self.pending_pos: dict[str, int] = {}                       # id -> row in self.rows
+        self.local: dict[str, LocalFeatures] = {}
+        for name, entry in manifest.encoders.items():
+            if entry.local_features is not None or name in local:
+                self.local[name] = self._local_for(name, entry)
+        self.committed = 0
+
+    def _local_for(self, name: str, entry: store.EncoderEntry) -> LocalFeatures:
+        if entry.local_features is None:
+            return LocalFeatures()
+        pca = store.pca_path(self.dir, name)
+        if not pca.is_file():
+            raise IndexFormatError(f"{pca} is missing but the manifest lists local features for {name}; "
+                                   "rebuild the index")
+        grid = entry.local_features.get("grid") or [0, 0]
+        return LocalFeatures(store.LocalReducer.load(pca), (int(grid[0]), int(grid[1])))
+
+    # -- adding ----------------------------------------------------------------------------------
+    def add(self, rows: list[dict[str, Any]], vectors: dict[str, np.ndarray],
+            local: dict[str, tuple[np.ndarray, tuple[int, int]]] | None = None) -> None:
+        start = 0
+        while start < len(rows):
+            take = min(self.shard_size - len(self.rows), len(rows) - start)
+            sl = slice(start, start + take)
+            for row in rows[sl]:
+                row.setdefault("aliases", [])
+                self.pending_pos[row["id"]] = len(self.rows)
+                self.rows.append(row)
+            for name in self.manifest.encoders:
+                self.vectors[name].append(vectors[name][sl])
+            for name, feats in self.local.items():
+                tokens, grid = (local or {})[name]
+                reduced = feats.add(tokens[sl], grid)
+                if reduced is not None:
+                    self.pending_local[name].extend(reduced)
+                elif feats.ready_to_fit():
+                    self.pending_local[name].extend(feats.fit(store.pca_path(self.dir, name)))
+            start += take
+            if len(self.rows) >= self.shard_size:
+                self.commit()
+
+    def add_alias(self, image_id: str, source: str) -> None:
+        """``source`` has the same content as ``image_id``: record it, do not embed it again."""
+        if image_id in self.pending_pos:
+            self.rows[self.pending_pos[image_id]]["aliases"].append(source)
+            return
+        shard = self.state.ids.get(image_id)
+        if shard is None:
+            raise ValueError(f"alias for unknown id {image_id}")
+        self.alias_updates.setdefault(shard, {}).setdefault(image_id, []).append(source)
+
+    def finish(self) -> None:
+        if self.rows:
+            self.commit()
+        elif self.alias_updates:
+            self._commit_aliases()
+            store.write_manifest(self.dir, self.manifest)
+        else:
+            store.write_manifest(self.dir, self.manifest)
+
+    # -- committing ------------------------------------------------------------------------------
+    def _build_index(self, name: str, vectors: np.ndarray):
+        import faiss
+
+        entry = self.manifest.encoders[name]
+        if entry.index_type != "ivfpq":
+            return index_types.new_index(entry.factory, entry.dim)
+        trained = self.dir / name / TRAINED_NAME
+        if trained.is_file() and self.manifest.shards:
+            index = faiss.read_index(str(trained))
+            if index.is_trained and index.d == entry.dim:
+                return index
+        factory = index_types.fit_factory(entry.factory, len(vectors))
+        if len(vectors) < 2:
+            log.warning("%s: too few vectors (%d) to train IVF-PQ; using a flat index", name, len(vectors))
+            entry.index_type, entry.factory = "flat", "Flat"
+            return index_types.new_index("Flat", entry.dim)
+        index = index_types.new_index(factory, entry.dim)
+        index_types.train(index, vectors, use_gpu=self.use_gpu)
+        store.atomic_write_with(trained, lambda tmp: faiss.write_index(index, tmp))
+        entry.factory = factory
+        return index
+
+    def commit(self) -> None:
+        """Write the pending rows as one shard, then the manifest."""
+        shard = store.shard_name(self.next_no)
+        n = len(self.rows)
+        for name, feats in self.local.items():
+            if feats.reducer is None:
+                self.pending_local[name].extend(feats.fit(store.pca_path(self.dir, name)))
+        for name in self.manifest.encoders:
+            vecs = np.concatenate(self.vectors[name])
+            index = self._build_index(name, vecs)
+            index_types.add_vectors(index, vecs)
+            store.write_vectors(self.dir, name, shard, index)
+            crash_point("vectors")
+            if name in self.local:
+                store.write_local(self.dir, name, shard, self.pending_local[name])
+                self.manifest.encoders[name].local_features = self.local[name].describe()
+                crash_point("local")
+        store.write_metadata(self.dir, shard, self.rows)
+        crash_point("meta")
+        self._commit_aliases()
+        self.manifest.shards.append(store.ShardEntry(shard, n))
+        store.write_manifest(self.dir, self.manifest)
+        crash_point("manifest")
+        for row in self.rows:
+            self.state.ids[row["id"]] = shard
+        self.committed += n
+        self.next_no += 1
+        self.rows, self.pending_pos = [], {}
+        self.vectors = {e: [] for e in self.manifest.encoders}
+        self.pending_local = {e: [] for e in self.manifest.encoders}
+
+    def _commit_aliases(self) -> None:
+        for shard, updates in self.alias_updates.items():
+            rows = store.read_metadata(self.dir, shard).to_pylist()
+            for row in rows:
+                extra = updates.get(row["id"])
+                if extra:
+                    known = aliases_of(row["aliases"])
+                    row["aliases"] = known + [s for s in extra if s not in known and s != row["source"]]
+            store.write_metadata(self.dir, shard, rows)
+            crash_point("alias")
+        self.alias_updates = {}
+
+    # -- pruning ---------------------------------------------------------------------------------
+    def drop_sources(self, gone: set[str]) -> int:
+        """Remove ``gone`` sources; an image survives while one of its sources (or aliases) remains.
+
+        Returns the number of images removed. Must run before any ``add``.
+        """
+        removed = 0
+        for entry in list(self.manifest.shards):
+            rows = store.read_metadata(self.dir, entry.name).to_pylist()
+            if not any(r["source"] in gone or any(a in gone for a in aliases_of(r["aliases"])) for r in rows):
+                continue
+            keep, kept_rows = [], []
+            for i, row in enumerate(rows):
+                remaining = [s for s in [row["source"], *aliases_of(row["aliases"])] if s not in gone]
+                if not remaining:
+                    continue
+                if remaining[0] != row["source"]:
+                    row["source"] = remaining[0]
+                    row["path"] = remaining[0] if os.path.isfile(remaining[0]) else None
+                row["aliases"] = remaining[1:]
+                keep.append(i)
+                kept_rows.append(row)
+            keep_set = set(keep)
+            dropped = [r for i, r in enumerate(rows) if i not in keep_set]
+            for row in dropped:
+                self.state.ids.pop(row["id"], None)
+            for s in gone:
+                self.state.sources.pop(s, None)
+            if len(keep) == len(rows):  # only aliases changed: same rows, rewrite the metadata
+                store.write_metadata(self.dir, entry.name, kept_rows)
+                continue
+            removed += len(rows) - len(keep)
+            old_files = shard_files(self.dir, self.manifest, entry.name)
+            position = self.manifest.shards.index(entry)
+            if keep:
+                new = store.shard_name(self.next_no)
+                self.next_no += 1
+                self._write_subset(entry.name, new, keep, kept_rows)
+                self.manifest.shards[position] = store.ShardEntry(new, len(keep))
+                for row in kept_rows:
+                    self.state.ids[row["id"]] = new
+            else:
+                del self.manifest.shards[position]
+            store.write_manifest(self.dir, self.manifest)
+            crash_point("prune")
+            for path in old_files:
+                path.unlink(missing_ok=True)
+        return removed
+
+    def _write_subset(self, old: str, new: str, keep: list[int], rows: list[dict[str, Any]]) -> None:
+        import faiss
+
+        for name, entry in self.manifest.encoders.items():
+            binary = entry.index_type == "binary"
+            index = store.read_vectors(self.dir, name, old, mmap=False, binary=binary)
+            codes = index_types.all_codes(index)[keep]
+            if entry.index_type == "ivfpq":
+                fresh = faiss.clone_index(index)
+                fresh.reset()
+            else:
+                fresh = index_types.new_index(entry.factory, entry.dim)
+            index_types.add_vectors(fresh, codes)
+            store.write_vectors(self.dir, name, new, fresh)
+            if entry.local_features is not None:
+                shard = store.LocalShard(self.dir, name, old)
+                per_image = [shard.get(i) for i in keep]
+                store.write_local(self.dir, name, new, per_image)
+        store.write_metadata(self.dir, new, rows)
+
+
+# -- the background thread ---------------------------------------------------------------------
+class BackgroundWriter:
+    """Runs an ``IndexWriter`` in a thread fed by a bounded queue, so writing overlaps encoding."""
+
+    def __init__(self, writer: IndexWriter, maxsize: int = 4):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="loupe-index-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            op = self.queue.get()
+            if op is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                method, args = op
+                getattr(self.writer, method)(*args)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                self.error = exc
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def add(self, rows, vectors, local=None) -> None:
+        self._check()
+        self.queue.put(("add", (rows, vectors, local)))
+
+    def add_alias(self, image_id: str, source: str) -> None:
+        self._check()
+        self.queue.put(("add_alias", (image_id, source)))
+
+    def close(self, *, finish: bool = True) -> None:
+        if finish:
+            self.queue.put(("finish", ()))
+        self.queue.put(None)
+        self.thread.join()
+        self._check()
