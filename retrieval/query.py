@@ -99,7 +99,12 @@ def parse_term(term: str) -> tuple[float, str]:
 
 def parse_terms(text: str | Sequence[str]) -> list[tuple[float, str]]:
     """A text query (one string, or a list of weighted terms) → [(weight, text), ...]."""
-    items = [text] if isinstance(text, str) else list(text)
+    if isinstance(text, str):
+        items = [text]
+    elif isinstance(text, (list, tuple)):
+        items = list(text)
+    else:
+        raise InvalidQueryError("text must be a string or a list of strings")
     if not items:
         raise InvalidQueryError("empty text query")
     if len(items) > MAX_TERMS:
