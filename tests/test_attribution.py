@@ -1,0 +1,142 @@
+"""Attribution heatmaps and overlays: sizes, determinism, the planted object lights up."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retrieval import create_encoder
+from retrieval.attribution import (attribute, conse_vector_torch, crop_box, eigen_cam, match_maps, to_image_map,
+                                   token_contributions)
+from retrieval.errors import InvalidQueryError, UnsupportedModalityError
+from retrieval.overlay import blend, colormap_lut, heatmap_json, overlay_png
+
+BOX = (250, 120, 430, 270)   # where the object is pasted on the 480x360 canvas
+
+
+@pytest.fixture(scope="module")
+def composite(photos):
+    """The real cat photo, shrunk, pasted on a blank canvas (object, canvas, mask of the object)."""
+    obj = photos["chelsea"].resize((BOX[2] - BOX[0], BOX[3] - BOX[1]))
+    canvas = Image.new("RGB", (480, 360), (255, 255, 255))
+    canvas.paste(obj, BOX[:2])
+    mask = np.zeros((360, 480), bool)
+    mask[BOX[1]:BOX[3], BOX[0]:BOX[2]] = True
+    return obj, canvas, mask
+
+
+def _contrast(hm, mask):
+    return float(hm[mask].mean()), float(hm[~mask].mean())
+
+
+@pytest.mark.parametrize("method", ["gradcam", "cam", "eigencam"])
+def test_effnet_maps_highlight_planted_object(effnet, composite, method):
+    obj, canvas, mask = composite
+    q = effnet.encode_images([obj])[0]
+    hm = attribute(effnet, canvas, q, method)
+    assert hm.shape == (360, 480) and hm.dtype == np.float32
+    assert 0.0 <= hm.min() and hm.max() == pytest.approx(1.0)
+    inside, outside = _contrast(hm, mask)
+    assert inside > 4 * outside, (inside, outside)
+    np.testing.assert_array_equal(hm, attribute(effnet, canvas, q, method))   # deterministic
+
+
+@pytest.mark.parametrize("fixture", ["tiny_clip", "tiny_dino"])
+def test_vit_token_decomposition_highlights_planted_object(request, fixture, composite):
+    enc = create_encoder(request.getfixturevalue(fixture), device="cpu")
+    obj, canvas, mask = composite
+    q = enc.encode_images([obj])[0]
+    hm = attribute(enc, canvas, q, "tokens")
+    assert hm.shape == (360, 480)
+    inside, outside = _contrast(hm, mask)
+    assert inside > 3 * outside, (inside, outside)
+    np.testing.assert_array_equal(hm, attribute(enc, canvas, q))
+    eig = attribute(enc, canvas, None, "eigencam")
+    assert eig.shape == (360, 480) and eig.max() == pytest.approx(1.0)
+    with pytest.raises(InvalidQueryError):
+        attribute(enc, canvas, q, "gradcam")
+
+
+def test_conse_text_query_and_differentiable_combination(conse, composite):
+    obj, canvas, mask = composite
+    q = conse.encode_texts(["a photo of a cat"])[0]
+    hm = attribute(conse, canvas, q)                    # default for ConSE: class-activation decomposition
+    inside, outside = _contrast(hm, mask)
+    assert inside > 4 * outside, (inside, outside)
+    g = attribute(conse, canvas, q, "gradcam")          # Grad-CAM through the ConSE softmax runs
+    assert g.shape == (360, 480) and np.isfinite(g).all()
+    # the torch ConSE combination equals the encoder's (numpy) image vector
+    model = conse.image_model
+    with torch.no_grad():
+        pooled = model.forward_head(model.forward_features(conse.to_batch([canvas])), pre_logits=True)
+        v = conse_vector_torch(conse, model, pooled).numpy()
+    np.testing.assert_allclose(v, conse.encode_images([canvas]), atol=1e-5)
+
+
+def test_crop_box_and_upsampling(effnet, tiny_clip):
+    clip = create_encoder(tiny_clip, device="cpu")
+    assert crop_box(clip, (400, 200)) == (100.0, 0.0, 300.0, 200.0)          # CLIP: shorter side, centre
+    left, top, right, bottom = crop_box(effnet, (400, 200))                 # effnet: 0.875 of it
+    assert right - left == pytest.approx(175.0) and top == pytest.approx(12.5)
+    g = np.zeros((4, 4), np.float32)
+    g[0, 3] = 1.0                                                           # top-right cell
+    hm = to_image_map(g, (400, 200), crop_box(clip, (400, 200)))
+    assert hm.shape == (200, 400) and hm[:, :100].max() == 0 and hm[:, 300:].max() == 0
+    y, x = np.unravel_index(np.argmax(hm), hm.shape)
+    assert 250 <= x < 300 and y < 50
+
+
+def test_decomposition_and_eigencam_arrays():
+    t = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    np.testing.assert_allclose(token_contributions(t, [1.0, 0.0], 2.0), [0.5, 0.0, 0.5])
+    np.testing.assert_allclose(token_contributions(t, [1.0, 0.0], 1.0, surgery=True), [1 / 3, 0, 1 / 3], atol=1e-9)
+    a = np.outer([1.0, 2.0, 0.0], [3.0, 4.0])                               # rank one
+    cam = eigen_cam(a)
+    assert cam[1] > cam[0] > cam[2] == 0
+
+
+def test_match_maps_for_image_query(effnet, photos):
+    img = photos["astronaut"]
+    w, h = img.size
+    query = img.crop((int(w * 0.1), int(h * 0.1), int(w * 0.7), int(h * 0.7))).rotate(15, fillcolor=(255, 255, 255))
+    qmap, rmap, info = match_maps(effnet, query, img)
+    assert qmap.shape == rmap.shape == (7, 7) and info["verified"] and info["inliers"] >= 5
+    # matched regions sit in the cropped part (top-left 70%) of the result
+    assert rmap[:5, :5].sum() > 0.8 * rmap.sum()
+
+
+def test_unsupported_encoder():
+    from types import SimpleNamespace
+
+    from retrieval.attribution import default_method
+
+    fake = SimpleNamespace(spec=SimpleNamespace(family="pdq"), name="pdq")
+    with pytest.raises(UnsupportedModalityError):
+        default_method(fake)
+
+
+# -- overlay -------------------------------------------------------------------------------------
+def test_overlay_png_and_json(photos):
+    img = photos["coffee"]
+    hm = np.zeros((img.size[1], img.size[0]), np.float32)
+    hm[100:200, 100:300] = 1.0
+    png = overlay_png(img, hm)
+    out = Image.open(io.BytesIO(png))
+    assert out.format == "PNG" and out.size == img.size
+    arr = np.asarray(out)
+    assert not np.array_equal(arr[150, 150], np.asarray(img)[150, 150])     # hot area is tinted
+    assert overlay_png(img, hm) == png
+    small = overlay_png(img, np.ones((7, 7), np.float32))                  # grid maps are resized
+    assert Image.open(io.BytesIO(small)).size == img.size
+    j = heatmap_json(hm)
+    assert j["width"] == img.size[0] and j["height"] == img.size[1] and len(j["heatmap"]) == img.size[1]
+    assert len(j["heatmap"][0]) == img.size[0] and j["heatmap"][150][150] == 1.0
+    js = heatmap_json(hm, max_side=64)
+    assert max(js["width"], js["height"]) == 64 and js["image_width"] == img.size[0]
+    lut = colormap_lut("turbo")
+    assert lut.shape == (256, 3) and lut[50, 2] > lut[50, 0] and lut[230, 0] > lut[230, 2]   # blue → red
+    assert blend(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2)), alpha=0.0).max() == 0
