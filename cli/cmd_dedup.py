@@ -1,0 +1,83 @@
+"""`loupe dedup`: near-duplicate pairs and groups across a whole index."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+DESCRIPTION = """Find every pair of near-duplicate images in an index (score >= --threshold) and group them
+(connected components). Exact duplicates (identical bytes, indexed once with their other sources as
+aliases) are listed too. Uses exact FAISS range search over the shards in batches (or a bounded
+k-NN graph with --method knn): memory grows with the number of images, never with its square.
+
+Scores are cosines of the encoder's vectors; for pdq, 1 - 2*hamming/256 (0.95 = at most 6 of 256
+bits differ). Output: a summary on stderr, pairs and groups on stdout (--json) and/or in --out
+(.json, .parquet or .csv by suffix; tabular formats also write <stem>.groups.json)."""
+
+EPILOG = """examples:
+  loupe dedup ~/loupe-index --threshold 0.95 --out dupes.parquet
+  loupe dedup ~/loupe-index --encoder pdq --threshold 0.9 --json | jq '.groups | length'
+"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("dir", metavar="DIR", help="index directory (built by `loupe index`)")
+    p.add_argument("--threshold", type=float, default=None, metavar="X",
+                   help="keep pairs with similarity >= X (default 0.95)")
+    p.add_argument("--encoder", default=None, metavar="NAME",
+                   help="which of the index's encoders to compare with (default: the most copy-specific one)")
+    p.add_argument("--method", choices=("range", "knn"), default="range",
+                   help="range: every pair above the threshold (exact); knn: at most -k neighbours per image")
+    p.add_argument("-k", type=int, default=32, help="neighbours per image for --method knn (default 32)")
+    p.add_argument("--batch-size", type=int, default=4096, metavar="N", help="query rows per FAISS call")
+    p.add_argument("--out", default=None, metavar="FILE", help="write pairs/groups to FILE (.json/.parquet/.csv)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"pairs": [{"a", "b", "score"}...], "groups": [[id...]...]} on stdout')
+
+
+def run(args) -> int:
+    from retrieval.copydetect import choose_encoder
+    from retrieval.dedup import DEFAULT_THRESHOLD, DedupConfig, deduplicate, pack_signs, pair_work, write_result
+    from retrieval.engine import Engine
+
+    config = DedupConfig(threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
+                         method=args.method, k=args.k, batch_size=args.batch_size)
+    engine = Engine(args.dir, device="cpu")
+    name = choose_encoder(engine, args.encoder)
+    binary = engine.manifest.encoders[name].index_type == "binary" or name == "pdq"
+    blocks, ids = [], []
+    for _, vecs, vids in engine.all_vectors(name):
+        blocks.append(pack_signs(vecs) if binary else vecs)
+        ids.extend(vids)
+    rows = []
+    for table in engine.tables:
+        cols = [c for c in ("id", "sha256", "source", "path", "aliases") if c in table.column_names]
+        rows.extend(table.select(cols).to_pylist())
+
+    bar = None
+    progress = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=pair_work(blocks, config.method), unit="img", desc="dedup", file=sys.stderr,
+                   dynamic_ncols=True)
+        progress = bar.update
+    try:
+        result = deduplicate(blocks, ids, config, metadata_rows=rows, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    result.stats["encoder"] = name
+    if args.out:
+        write_result(result, args.out)
+    summary = result.summary()
+    print(f"loupe dedup: {summary['images']} images, {summary['pairs']} pairs >= {config.threshold} "
+          f"({name}), {summary['groups']} groups covering {summary['images_in_groups']} images, "
+          f"{summary['exact_duplicates']} exact duplicates, {summary['seconds']} s"
+          + (f"; written to {args.out}" if args.out else ""), file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    elif not args.out:
+        for group in result.to_json()["groups"]:
+            print(" ".join(group))
+    return 0
