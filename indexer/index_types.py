@@ -7,7 +7,7 @@
 * ``hnsw`` (``HNSW32,Flat``: exact vectors + a graph, ~10x faster search) when ``n <= HNSW_MAX_VECTORS``
   and ``n * (4 * dim + 288)`` bytes fit;
 * ``ivfpq`` (``IVF{nlist},PQ{m}x8``: ``m`` bytes per vector) otherwise, with ``m`` the largest of
-  64/32/16/8/4 (dividing ``dim``) whose codes fit the budget.
+  64/32/16/8/4 (dividing ``dim``, at least 4 dimensions per sub-quantizer) whose codes fit the budget.
 
 The budget is ``--max-memory`` or, by default, half the machine's RAM. Binary encoders (PDQ) always
 get a ``BFlat`` Hamming index (``index_type`` ``binary``). IVF-PQ is trained once, on the first
@@ -84,7 +84,7 @@ def ivf_nlist(n: int) -> int:
 
 
 def pq_subquantizers(dim: int, n: int, budget: int) -> int:
-    choices = [m for m in (64, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim]
+    choices = [m for m in (64, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= max(1, dim // 4)]
     for m in choices:
         if n * (m + 8) <= budget:
             return m

@@ -1,0 +1,568 @@
+"""The indexer, in-process: layout, manifest, self-retrieval, incremental/prune, bad inputs, formats,
+multi-encoder, local features, index types, sources (manifests, webdataset tar, URLs), the lock."""
+
+from __future__ import annotations
+
+import csv
+import http.server
+import io
+import json
+import os
+import shutil
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer import IndexConfig, build_index, stored_vectors
+from indexer import index_types
+from indexer.lock import IndexLock
+from retrieval import store
+from retrieval.errors import IndexLockedError, LoupeError
+
+
+def _index(sources, out, encoders, **kw):
+    kw.setdefault("workers", 0)
+    kw.setdefault("batch_size", 4)
+    return build_index(IndexConfig(sources=[str(s) for s in sources], out=str(out), encoders=encoders, **kw))
+
+
+def _all_rows(out) -> list[dict]:
+    m = store.read_manifest(out)
+    return [r for s in m.shards for r in store.read_metadata(out, s.name).to_pylist()]
+
+
+def _covered_sources(out) -> list[str]:
+    return [s for r in _all_rows(out) for s in [r["source"], *json.loads(r["aliases"] or "[]")]]
+
+
+def _files(folder) -> list[str]:
+    return sorted(str(p) for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".png"))
+
+
+def _cos(a, b) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# -- layout, manifest, self-retrieval ------------------------------------------------------------
+def test_layout_and_manifest(tmp_path, photo_dir, tiny_clip):
+    out = tmp_path / "idx"
+    s = _index([photo_dir], out, [tiny_clip], shard_size=4)
+    files = _files(photo_dir)
+    m = store.read_manifest(out)
+    raw = json.loads((out / "manifest.json").read_text())
+    assert raw["format"] == "loupe-index" and raw["version"] == store.FORMAT_VERSION
+    assert raw["count"] == m.count == s.indexed
+    # skimage's `cat` and `chelsea` are the same photo: one embedding, the other an alias
+    unique = {store.sha256_bytes(Path(f).read_bytes()) for f in files}
+    assert s.indexed == len(unique) and s.skipped == len(files) - len(unique) and s.failed == []
+    assert [sh.name for sh in m.shards] == [store.shard_name(i) for i in range(len(m.shards))]
+    assert [sh.count for sh in m.shards][:-1] == [4] * (len(m.shards) - 1)
+    entry = m.encoders[tiny_clip]
+    assert (entry.dim, entry.index_type, entry.factory, entry.metric) == (32, "flat", "Flat", "ip")
+    assert entry.modalities == ["image", "text"] and m.text_encoder == tiny_clip
+    for sh in m.shards:
+        meta = store.read_metadata(out, sh.name)
+        assert meta.column_names == list(store.METADATA_COLUMNS)
+        assert store.read_vectors(out, tiny_clip, sh.name).ntotal == meta.num_rows == sh.count
+    rows = _all_rows(out)
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids))
+    for r in rows:
+        data = Path(r["source"]).read_bytes()
+        assert r["id"] == store.content_id(store.sha256_bytes(data)) and r["sha256"] == store.sha256_bytes(data)
+        assert r["path"] == r["source"] and r["size"] == len(data)
+        w, h = Image.open(r["source"]).size
+        assert (r["width"], r["height"]) == (w, h)
+        assert r["mtime"] == pytest.approx(os.stat(r["source"]).st_mtime)
+    assert sorted(_covered_sources(out)) == files
+    assert sum(len(json.loads(r["aliases"])) for r in rows) == len(files) - len(unique)
+    assert not (out / ".lock").read_text().strip()  # released
+
+
+def test_each_image_is_its_own_top1(tmp_path, photo_dir, effnet):
+    out = tmp_path / "idx"
+    _index([photo_dir], out, ["effnet-lite0"], device="cpu", batch_size=8)
+    vecs, ids = stored_vectors(out, "effnet-lite0")
+    assert vecs.shape == (len(ids), 1280)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    by_source = {s: r["id"] for r in _all_rows(out) for s in [r["source"], *json.loads(r["aliases"])]}
+    files = _files(photo_dir)
+    queries = effnet.encode_images(files)
+    top = np.argmax(queries @ vecs.T, axis=1)
+    assert [ids[t] for t in top] == [by_source[f] for f in files]
+    # the stored vector is the encoder's output for that file (same preprocessing path)
+    for f, q in zip(files, queries):
+        assert _cos(q, vecs[ids.index(by_source[f])]) > 0.9999
+
+
+def test_summary_line_from_cli(tmp_path, photo_dir, tiny_clip, capsys):
+    from cli.main import main
+
+    out = tmp_path / "idx"
+    (photo_dir / "broken.jpg").write_bytes(b"not an image")
+    rc = main(["index", str(photo_dir), "--out", str(out), "--encoder", tiny_clip, "--workers", "0"])
+    cap = capsys.readouterr()
+    assert rc == 0
+    lines = cap.out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert list(summary) == ["indexed", "skipped", "failed", "shards", "seconds"]
+    assert summary["failed"] == [{"source": str(photo_dir / "broken.jpg"), "reason": "not a recognised image format"}]
+    assert summary["indexed"] == store.read_manifest(out).count and summary["shards"] == 1
+    assert "indexing" not in cap.err  # no progress bar when stderr is not a terminal
+    rc = main(["index", str(tmp_path / "missing"), "--out", str(out)])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+# -- incremental, prune, aliases, changed files -------------------------------------------------------
+def test_incremental_add_prune_and_alias_promotion(tmp_path, photos, tiny_clip):
+    src = tmp_path / "src"
+    src.mkdir()
+    names = [n for n in photos if n != "cat"][:6]  # skimage `cat` is `chelsea`
+    for n in names[:4]:
+        photos[n].save(src / f"{n}.png")
+    out = tmp_path / "idx"
+    s1 = _index([src], out, [tiny_clip], shard_size=3)
+    assert (s1.indexed, s1.skipped) == (4, 0)
+    s2 = _index([src], out, [tiny_clip], shard_size=3)
+    assert (s2.indexed, s2.skipped, s2.failed) == (0, 4, [])
+    for n in names[4:]:
+        photos[n].save(src / f"{n}.png")
+    shutil.copy(src / f"{names[0]}.png", src / "copy of first.png")
+    s3 = _index([src], out, [tiny_clip], shard_size=3)
+    assert (s3.indexed, s3.skipped) == (2, 5)  # 4 unchanged + 1 duplicate by content
+    rows = _all_rows(out)
+    assert len(rows) == 6 and len({r["id"] for r in rows}) == 6
+    first = next(r for r in rows if r["source"] == str(src / f"{names[0]}.png"))
+    assert json.loads(first["aliases"]) == [str(src / "copy of first.png")]
+
+    # delete two files: without --prune they stay, with --prune they go
+    gone_ids = {r["id"] for r in rows if r["source"] in (str(src / f"{names[1]}.png"), str(src / f"{names[4]}.png"))}
+    (src / f"{names[1]}.png").unlink()
+    (src / f"{names[4]}.png").unlink()
+    (src / f"{names[0]}.png").unlink()   # its alias survives: the row is kept, promoted
+    s4 = _index([src], out, [tiny_clip], shard_size=3)
+    assert s4.indexed == 0 and store.read_manifest(out).count == 6
+    s5 = _index([src], out, [tiny_clip], shard_size=3, prune=True)
+    assert s5.indexed == 0 and s5.pruned == 2
+    rows = _all_rows(out)
+    assert len(rows) == 4 and not gone_ids & {r["id"] for r in rows}
+    promoted = next(r for r in rows if r["id"] == first["id"])
+    assert promoted["source"] == promoted["path"] == str(src / "copy of first.png") and json.loads(promoted["aliases"]) == []
+    assert sorted(_covered_sources(out)) == _files(src)
+    m = store.read_manifest(out)
+    for sh in m.shards:   # rewritten shards are consistent, and no unlisted shard file is left
+        assert store.read_vectors(out, tiny_clip, sh.name).ntotal == store.read_metadata(out, sh.name).num_rows
+    listed = {sh.name for sh in m.shards}
+    on_disk = {p.name.split(".")[0] for p in (out / "meta").iterdir()} | {p.name.split(".")[0] for p in (out / tiny_clip).glob("shard-*")}
+    assert on_disk == listed
+    # vectors follow their rows through the rewrite
+    vecs, ids = stored_vectors(out, tiny_clip)
+    from retrieval import create_encoder
+
+    enc = create_encoder(tiny_clip, device="cpu")
+    for r in rows:
+        assert _cos(enc.encode_images([r["source"]])[0], vecs[ids.index(r["id"])]) > 0.9999
+
+
+def test_changed_file_replaces_its_old_content(tmp_path, photos, tiny_clip):
+    src = tmp_path / "src"
+    src.mkdir()
+    photos["astronaut"].save(src / "a.png")
+    photos["coffee"].save(src / "b.png")
+    out = tmp_path / "idx"
+    _index([src], out, [tiny_clip])
+    old = {r["source"]: r["id"] for r in _all_rows(out)}
+    photos["rocket"].save(src / "a.png")
+    os.utime(src / "a.png", (1, 1))
+    s = _index([src], out, [tiny_clip])
+    assert s.indexed == 1
+    new = {r["source"]: r["id"] for r in _all_rows(out)}
+    assert new[str(src / "b.png")] == old[str(src / "b.png")]
+    assert new[str(src / "a.png")] != old[str(src / "a.png")] and len(new) == 2
+    assert old[str(src / "a.png")] not in {r["id"] for r in _all_rows(out)}
+
+
+# -- bad inputs ----------------------------------------------------------------------------------
+def _bomb_png(path: Path) -> None:
+    Image.new("1", (10_001, 10_001)).save(path, optimize=False)  # 100,020,001 px, a few KB on disk
+
+
+def test_bad_inputs_are_skipped_with_reasons(tmp_path, photos, tiny_clip, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    photos["astronaut"].save(src / "good.jpg")
+    (src / "empty.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    photos["coffee"].save(buf, format="JPEG")
+    (src / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (src / "text.jpg").write_text("hello, I am not a JPEG\n")
+    _bomb_png(src / "bomb.png")
+    os.symlink(tmp_path / "nowhere.jpg", src / "broken-link.jpg")
+    photos["rocket"].save(src / "locked.png")
+    # tests run as root, where chmod 000 does not stop a read: simulate the refusal at open()
+    import indexer.sources as sources
+
+    real_open = open
+
+    def fake_open(path, *a, **kw):
+        if str(path).endswith("locked.png"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(sources, "open", fake_open, raising=False)
+    out = tmp_path / "idx"
+    s = _index([src], out, [tiny_clip])
+    reasons = {Path(f.source).name: f.reason for f in s.failed}
+    assert s.indexed == 1 and [r["source"] for r in _all_rows(out)] == [str(src / "good.jpg")]
+    assert reasons["empty.jpg"] == "empty file (0 bytes)"
+    assert "truncated" in reasons["truncated.jpg"]
+    assert reasons["text.jpg"] == "not a recognised image format"
+    assert "over the limit" in reasons["bomb.png"] and "100,020,001" in reasons["bomb.png"]
+    assert reasons["broken-link.jpg"].startswith("broken symlink")
+    assert reasons["locked.png"].startswith("permission denied")
+    assert len(s.failed) == 6
+    # failures are retried (not remembered): the next run reports them again and indexes nothing new
+    monkeypatch.undo()
+    s2 = _index([src], out, [tiny_clip])
+    assert s2.indexed == 1 and s2.skipped == 1 and len(s2.failed) == 5  # locked.png is readable now
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="running as root: chmod 000 does not stop root from reading "
+                    "(the simulated PermissionError case in test_bad_inputs_are_skipped_with_reasons covers it)")
+def test_unreadable_file_real_permissions(tmp_path, photos, tiny_clip):  # pragma: no cover - non-root only
+    src = tmp_path / "src"
+    src.mkdir()
+    photos["astronaut"].save(src / "locked.png")
+    os.chmod(src / "locked.png", 0)
+    s = _index([src], tmp_path / "idx", [tiny_clip])
+    assert s.indexed == 0 and s.failed[0].reason.startswith("permission denied")
+
+
+def test_bomb_limit_is_configurable(tmp_path, photos, tiny_clip):
+    src = tmp_path / "src"
+    src.mkdir()
+    photos["astronaut"].save(src / "big.png")  # 512x512
+    s = _index([src], tmp_path / "idx", [tiny_clip], max_pixels=100_000)
+    assert s.indexed == 0 and "over the limit of 100,000" in s.failed[0].reason
+
+
+# -- tricky but valid images -----------------------------------------------------------------------
+def test_tricky_images_are_decoded_correctly(tmp_path, photos, tiny_clip):
+    from retrieval import create_encoder
+
+    enc = create_encoder(tiny_clip, device="cpu")
+    src = tmp_path / "src"
+    src.mkdir()
+    base = photos["chelsea"].resize((96, 64))
+    # animated GIF: the first frame is what gets embedded
+    first, second = photos["coffee"].resize((64, 64)), photos["rocket"].resize((64, 64))
+    first.save(src / "anim.gif", save_all=True, append_images=[second], duration=100, loop=0)
+    gif_first = Image.open(src / "anim.gif").convert("RGB")
+    # 16-bit greyscale PNG
+    grey = np.asarray(photos["camera"].convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(grey.astype(np.uint16)).save(src / "grey16.png")
+    # CMYK JPEG
+    photos["astronaut"].convert("CMYK").save(src / "cmyk.jpg", quality=95)
+    # RGBA with a transparent half: composited on white
+    rgba = photos["rocket"].convert("RGBA")
+    alpha = np.full(rgba.size[::-1], 255, np.uint8)
+    alpha[:, : rgba.size[0] // 2] = 0
+    rgba.putalpha(Image.fromarray(alpha))
+    rgba.save(src / "alpha.png")
+    on_white = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    photos["coffee"].convert("P", palette=Image.Palette.ADAPTIVE).save(src / "palette.png")
+    # EXIF orientation 6 (rotate 90° clockwise to display)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    base.save(src / "rotated.jpg", exif=exif, quality=95)
+    # spaces and non-ASCII characters in the name
+    photos["horse"].save(src / "café au lait ☕ 写真.png") if "horse" in photos else photos["moon"].save(
+        src / "café au lait ☕ 写真.png")
+
+    out = tmp_path / "idx"
+    s = _index([src], out, [tiny_clip])
+    assert s.failed == [] and s.indexed == 7
+    rows = {Path(r["source"]).name: r for r in _all_rows(out)}
+    assert "café au lait ☕ 写真.png" in rows and rows["café au lait ☕ 写真.png"]["path"] == str(src / "café au lait ☕ 写真.png")
+    assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (64, 96)  # upright
+    assert (rows["grey16.png"]["width"], rows["grey16.png"]["height"]) == photos["camera"].size
+    vecs, ids = stored_vectors(out, tiny_clip)
+
+    def stored(name):
+        return vecs[ids.index(rows[name]["id"])]
+
+    expect = {
+        "anim.gif": gif_first,
+        "grey16.png": photos["camera"].convert("L").convert("RGB"),
+        "alpha.png": on_white,
+        "rotated.jpg": Image.open(src / "rotated.jpg").convert("RGB").transpose(Image.Transpose.ROTATE_270),
+        "cmyk.jpg": photos["astronaut"],
+    }
+    wrong = {"anim.gif": second, "alpha.png": photos["rocket"], "rotated.jpg": Image.open(src / "rotated.jpg").convert("RGB"),
+             "grey16.png": Image.fromarray((grey >> 8).astype(np.uint8) * 0 + 255).convert("RGB"),
+             "cmyk.jpg": Image.eval(photos["astronaut"], lambda v: 255 - v)}
+    for name, img in expect.items():
+        good = _cos(stored(name), enc.encode_images([img])[0])
+        bad = _cos(stored(name), enc.encode_images([wrong[name]])[0])
+        assert good > 0.98 and good > bad, (name, good, bad)
+
+
+# -- multi-encoder, local features ---------------------------------------------------------------
+def test_multi_encoder_shards_hold_the_same_images(tmp_path, photo_dir, tiny_clip, tiny_dino):
+    from retrieval import create_encoder
+
+    out = tmp_path / "idx"
+    s = _index([photo_dir], out, [tiny_clip, tiny_dino], shard_size=5, workers=1)
+    m = store.read_manifest(out)
+    assert list(m.encoders) == [tiny_clip, tiny_dino] and m.default_encoder == tiny_clip
+    assert len(m.shards) == -(-s.indexed // 5)
+    encs = {n: create_encoder(n, device="cpu") for n in m.encoders}
+    for sh in m.shards:
+        sources = store.read_metadata(out, sh.name).column("source").to_pylist()
+        for name, enc in encs.items():
+            index = store.read_vectors(out, name, sh.name, mmap=False)
+            assert index.ntotal == len(sources) and index.d == 32
+            stored = store.reconstruct_all(index)
+            fresh = enc.encode_images(sources)
+            np.testing.assert_allclose(np.sum(stored * fresh, axis=1), 1.0, atol=1e-4)
+
+
+def test_local_features(tmp_path, photo_dir, tiny_clip, effnet):
+    out = tmp_path / "idx"
+    s = _index([photo_dir], out, ["effnet-lite0", tiny_clip], shard_size=6, local_features=True, device="cpu")
+    m = store.read_manifest(out)
+    lf = m.encoders["effnet-lite0"].local_features
+    assert lf == {"dim": 128, "grid": [7, 7], "per_image": 49, "dtype": "float16"}
+    assert m.encoders[tiny_clip].local_features == {"dim": 32, "grid": [4, 4], "per_image": 16, "dtype": "float16"}
+    reducer = store.LocalReducer.load(store.pca_path(out, "effnet-lite0"))
+    assert reducer.components.shape == (128, 1280)
+    rows = _all_rows(out)
+    sh = m.shards[-1]
+    shard = store.LocalShard(out, "effnet-lite0", sh.name)
+    assert shard.desc.dtype == np.float16 and len(shard.off) == sh.count + 1
+    source = store.read_metadata(out, sh.name).column("source").to_pylist()[0]
+    desc, pos = shard.get(0)
+    assert desc.shape == (49, 128) and pos.shape == (49, 2)
+    assert pos.tolist() == [[r, c] for r in range(7) for c in range(7)]
+    _, tokens, grid = effnet.encode_images_and_local([source])
+    expected = reducer.transform(tokens[0])
+    np.testing.assert_allclose(desc, expected, atol=2e-3)
+    assert s.indexed == len(rows)
+    # resume keeps the same PCA and adds local features for the new shard
+    extra = tmp_path / "more"
+    extra.mkdir()
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(extra / "red.png")
+    _index([photo_dir, extra], out, [], shard_size=6)   # encoders and local features come from the manifest
+    m2 = store.read_manifest(out)
+    assert len(m2.shards) == len(m.shards) + 1
+    assert store.LocalShard(out, tiny_clip, m2.shards[-1].name).get(0)[0].shape == (16, 32)
+    np.testing.assert_array_equal(store.LocalReducer.load(store.pca_path(out, "effnet-lite0")).components,
+                                  reducer.components)
+
+
+def test_local_features_token_cap():
+    from indexer.writer import LOCAL_MAX_TOKENS, select_tokens
+
+    assert select_tokens(49).tolist() == list(range(49))
+    keep = select_tokens(37 * 37)
+    assert len(keep) == LOCAL_MAX_TOKENS and keep[0] == 0 and keep[-1] == 37 * 37 - 1
+    assert np.all(np.diff(keep) > 0)
+
+
+# -- index types ---------------------------------------------------------------------------------
+def test_index_type_chooser():
+    ch = index_types.choose_index_type
+    big = 64 * 2**30
+    assert ch(1_000, 512, max_memory=big).index_type == "flat"
+    assert ch(index_types.FLAT_MAX_VECTORS, 512, max_memory=big) == index_types.IndexChoice("flat", "Flat")
+    assert ch(index_types.FLAT_MAX_VECTORS + 1, 512, max_memory=big) == index_types.IndexChoice("hnsw", "HNSW32,Flat")
+    large = ch(50_000_000, 512, max_memory=big, shard_size=100_000)
+    assert large.index_type == "ivfpq" and large.factory == "IVF1024,PQ64x8"
+    # a memory budget turns a small corpus compressed too
+    small_budget = ch(100_000, 512, max_memory=20 * 2**20)
+    assert small_budget.index_type == "ivfpq"
+    m = int(small_budget.factory.split("PQ")[1].split("x")[0])
+    assert 100_000 * (m + 8) <= 20 * 2**20 and m == 64
+    assert ch(100_000, 512, max_memory=5 * 2**20).factory.endswith("PQ32x8")
+    assert ch(10, 256, binary=True) == index_types.IndexChoice("binary", "BFlat")
+    assert ch(10, 32, requested="hnsw").index_type == "hnsw"
+    with pytest.raises(LoupeError):
+        ch(10, 32, requested="lsh")
+    assert index_types.fit_factory("IVF1024,PQ64x8", 100) == "IVF2,PQ64x6"
+    assert index_types.fit_factory("IVF1024,PQ64x8", 1_000_000) == "IVF1024,PQ64x8"
+    assert index_types.parse_memory("4G") == 4 * 2**30 and index_types.parse_memory("512mb") == 512 * 2**20
+    with pytest.raises(LoupeError):
+        index_types.parse_memory("lots")
+
+
+def _noise_images(folder: Path, n: int, seed: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"n{i:03d}.png")
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_compressed_index_types(tmp_path, tiny_clip, kind):
+    import faiss
+
+    src = tmp_path / "src"
+    _noise_images(src, 120)
+    out = tmp_path / "idx"
+    s = _index([src], out, [tiny_clip], index_type=kind, shard_size=80, batch_size=40)
+    assert s.indexed == 120
+    m = store.read_manifest(out)
+    entry = m.encoders[tiny_clip]
+    assert entry.index_type == kind
+    rows = _all_rows(out)
+    assert len(rows) == 120
+    total = 0
+    for sh in m.shards:
+        index = store.read_vectors(out, tiny_clip, sh.name, mmap=False)
+        assert index.ntotal == sh.count
+        total += index.ntotal
+        if kind == "ivfpq":
+            ivf = faiss.extract_index_ivf(index)
+            assert entry.factory == f"IVF{ivf.nlist},PQ8x6" and ivf.nlist == 2  # capped to an 80-vector sample
+        else:
+            assert entry.factory == "HNSW32,Flat"
+            exact = store.reconstruct_all(index)
+            _, labels = index.search(exact, 1)
+            assert labels[:, 0].tolist() == list(range(index.ntotal))  # HNSW: label = row in the shard
+    assert total == 120
+    if kind == "ivfpq":
+        assert (out / tiny_clip / "trained.faiss").is_file()
+
+
+# -- sources -------------------------------------------------------------------------------------
+def test_manifest_sources(tmp_path, photos, tiny_clip):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    names = ["astronaut", "coffee", "rocket"]
+    for n in names:
+        photos[n].save(imgs / f"{n}.jpg")
+    with open(tmp_path / "list.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "caption", "label"])
+        w.writerow(["imgs/astronaut.jpg", "a woman in a space suit", "person"])
+        w.writerow([str(imgs / "coffee.jpg"), "", "drink"])
+    with open(tmp_path / "list.jsonl", "w") as fh:
+        fh.write(json.dumps({"path": "imgs/rocket.jpg", "caption": "a rocket", "year": 2020}) + "\n")
+        fh.write("{not json\n")
+        fh.write(json.dumps({"caption": "no path"}) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"path": [str(imgs / "astronaut.jpg")], "caption": ["dup"], "k": [1]}),
+                   tmp_path / "list.parquet")
+    out = tmp_path / "idx"
+    s = _index([tmp_path / "list.csv", tmp_path / "list.jsonl", tmp_path / "list.parquet"], out, [tiny_clip])
+    rows = {Path(r["source"]).name: r for r in _all_rows(out)}
+    assert s.indexed == 3 and set(rows) == {"astronaut.jpg", "coffee.jpg", "rocket.jpg"}
+    assert rows["astronaut.jpg"]["caption"] == "a woman in a space suit"
+    assert json.loads(rows["astronaut.jpg"]["extra"]) == {"label": "person"}
+    assert rows["coffee.jpg"]["caption"] is None and json.loads(rows["coffee.jpg"]["extra"]) == {"label": "drink"}
+    assert rows["rocket.jpg"]["caption"] == "a rocket" and json.loads(rows["rocket.jpg"]["extra"]) == {"year": 2020}
+    reasons = sorted(f.reason for f in s.failed)
+    assert len(reasons) == 2 and reasons[0].startswith("bad JSON line") and "neither" in reasons[1]
+    assert s.skipped == 0  # the parquet lists astronaut.jpg again: the same source, listed once
+
+
+def test_directory_captions_and_symlink_loops(tmp_path, photos, tiny_clip):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    photos["astronaut"].save(src / "sub" / "ASTRO.PNG")
+    (src / "sub" / "ASTRO.txt").write_text("An astronaut.\nmore text\n")
+    photos["coffee"].save(src / "coffee.webp")
+    (src / "notes.md").write_text("# not an image")
+    os.symlink(src, src / "sub" / "loop")         # a loop: must terminate
+    s = _index([src], tmp_path / "idx", [tiny_clip])
+    rows = {Path(r["source"]).name: r for r in _all_rows(tmp_path / "idx")}
+    assert set(rows) == {"ASTRO.PNG", "coffee.webp"} and s.failed == []
+    assert rows["ASTRO.PNG"]["caption"] == "An astronaut."
+
+
+def test_webdataset_tar(tmp_path, photos, tiny_clip):
+    tar_path = tmp_path / "shard-000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for i, n in enumerate(["astronaut", "coffee", "rocket"]):
+            for ext, data in ((".jpg", _jpeg(photos[n])), (".txt", f"caption {n}".encode()),
+                              (".json", json.dumps({"key": f"{i:09d}", "url": f"http://x/{n}"}).encode())):
+                info = tarfile.TarInfo(f"{i:09d}{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("000000003.jpg")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"12345"))
+    out = tmp_path / "idx"
+    s = _index([tar_path], out, [tiny_clip])
+    assert s.indexed == 3 and [f.source for f in s.failed] == [f"{tar_path}#000000003.jpg"]
+    rows = sorted(_all_rows(out), key=lambda r: r["source"])
+    assert [r["source"] for r in rows] == [f"{tar_path}#{i:09d}.jpg" for i in range(3)]
+    assert [r["caption"] for r in rows] == ["caption astronaut", "caption coffee", "caption rocket"]
+    assert json.loads(rows[1]["extra"]) == {"key": "000000001", "url": "http://x/coffee"}
+    assert rows[0]["path"] is None and rows[0]["id"] == store.content_id(store.sha256_bytes(_jpeg(photos["astronaut"])))
+    assert _index([tar_path], out, [tiny_clip]).indexed == 0
+
+
+def _jpeg(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_url_sources_need_allow_download(tmp_path, photo_dir, tiny_clip):
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(photo_dir), **kw)  # noqa: E731
+    http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/astronaut.jpg"
+        (tmp_path / "urls.jsonl").write_text(json.dumps({"url": url, "caption": "remote"}) + "\n")
+        s = _index([tmp_path / "urls.jsonl"], tmp_path / "idx", [tiny_clip])
+        assert s.indexed == 0 and s.failed[0].source == url and "--allow-download" in s.failed[0].reason
+        s = _index([tmp_path / "urls.jsonl"], tmp_path / "idx", [tiny_clip], allow_download=True)
+        assert s.indexed == 1
+        row = _all_rows(tmp_path / "idx")[0]
+        assert row["source"] == url and row["path"] is None and row["caption"] == "remote"
+        assert row["id"] == store.content_id(store.sha256_bytes((photo_dir / "astronaut.jpg").read_bytes()))
+    finally:
+        server.shutdown()
+
+
+# -- the lock and refusals -----------------------------------------------------------------------
+def test_second_writer_is_refused_or_waits(tmp_path, photo_dir, tiny_clip):
+    out = tmp_path / "idx"
+    with IndexLock(out):
+        with pytest.raises(IndexLockedError, match="another `loupe index`.*--wait"):
+            _index([photo_dir], out, [tiny_clip])
+        assert not (out / "manifest.json").exists()
+    lock = IndexLock(out)
+    lock.acquire()
+    timer = threading.Timer(0.5, lock.release)
+    timer.start()
+    s = _index([photo_dir], out, [tiny_clip], wait=True)
+    timer.join()
+    assert s.indexed > 0
+
+
+def test_existing_index_refuses_other_encoders(tmp_path, photo_dir, tiny_clip, tiny_dino):
+    out = tmp_path / "idx"
+    _index([photo_dir], out, [tiny_clip])
+    with pytest.raises(LoupeError, match="cannot change encoders"):
+        _index([photo_dir], out, [tiny_dino])
+    with pytest.raises(LoupeError, match="without --local-features"):
+        _index([photo_dir], out, [tiny_clip], local_features=True)
+    with pytest.raises(LoupeError, match="new index"):
+        _index([photo_dir], out, [tiny_clip], index_type="hnsw")
+
+
+def test_empty_source_gives_an_empty_index(tmp_path, tiny_clip):
+    (tmp_path / "empty").mkdir()
+    s = _index([tmp_path / "empty"], tmp_path / "idx", [tiny_clip])
+    assert (s.indexed, s.shards) == (0, 0)
+    assert store.read_manifest(tmp_path / "idx").count == 0
