@@ -68,6 +68,8 @@ class Explanation:
     encoder: str
     query: np.ndarray | None = None       # float32 [Hq, Wq] for image queries
     extra: dict[str, Any] = field(default_factory=dict)
+    result_image: Image.Image | None = None
+    query_image: Image.Image | None = None
 
 
 # -- geometry ----------------------------------------------------------------------------------
@@ -277,6 +279,7 @@ def explain(engine, ctx, result_id: str, *, method: str = "auto", rerank: bool =
     if method not in METHODS:
         raise InvalidQueryError(f"unknown attribution method {method!r}; use one of {', '.join(METHODS)}")
     enc = engine.encoder(ctx.encoder)
+    engine.hit_for_id(enc.name, result_id)          # unknown id → UnknownIdError (404) before any work
     image = result_image if result_image is not None else engine.load_image(result_id)
     query_image = getattr(ctx, "image", None)
     if query_image is None and getattr(ctx, "image_id", None):
@@ -288,11 +291,12 @@ def explain(engine, ctx, result_id: str, *, method: str = "auto", rerank: bool =
             raise InvalidQueryError("attribution method 'matches' needs an image query")
         qmap, rmap, info = match_maps(enc, query_image, image)
         return Explanation(to_image_map(rmap, image.size, crop_box(enc, image.size)), method, enc.name,
-                           to_image_map(qmap, query_image.size, crop_box(enc, query_image.size)), info)
+                           to_image_map(qmap, query_image.size, crop_box(enc, query_image.size)), info,
+                           image, query_image)
     result_map = attribute(enc, image, ctx.vector, method, config)
     query_map = None
     if query_image is not None:
         hit = engine.hit_for_id(enc.name, result_id)
         result_vec = engine.vectors(enc.name, [hit])[0]
         query_map = attribute(enc, query_image, result_vec, method, config)
-    return Explanation(result_map, method, enc.name, query_map)
+    return Explanation(result_map, method, enc.name, query_map, {}, image, query_image)

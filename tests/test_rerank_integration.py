@@ -1,0 +1,115 @@
+"""End to end: an index with local features (A's indexer), Engine.search(rerank=True),
+`loupe explain`, and POST /api/attribution through the Flask test client."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_clip, effnet):
+    from skimage import data  # noqa: F401  (photos come from conftest's helper)
+
+    from cli.main import main
+    from tests.conftest import skimage_photos
+
+    root = tmp_path_factory.mktemp("rerank-int")
+    src = root / "photos"
+    src.mkdir()
+    photos = skimage_photos()
+    for name in ("astronaut", "coffee", "rocket", "camera", "moon", "page", "brick"):
+        if name in photos:
+            photos[name].save(src / f"{name}.png")
+    # a rotated crop of the astronaut, not indexed, is the copy query
+    w, h = photos["astronaut"].size
+    crop = photos["astronaut"].crop((int(w * .15), int(h * .2), int(w * .75), int(h * .8))).rotate(
+        15, fillcolor=(255, 255, 255))
+    crop.save(root / "query.jpg")
+    out = root / "idx"
+    rc = main(["index", str(src), "--out", str(out), "--encoder", tiny_clip, "--encoder", "effnet-lite0",
+               "--local-features", "--device", "cpu"])
+    assert rc == 0
+    from retrieval.engine import Engine
+
+    return Engine(out, device="cpu"), root
+
+
+def _id_of(engine, name):
+    for shard in range(len(engine.shard_names)):
+        table = engine.tables[shard].to_pylist()
+        for rec in table:
+            if rec["path"] and rec["path"].endswith(f"/{name}.png"):
+                return rec["id"]
+    raise KeyError(name)
+
+
+def test_engine_rerank_image_and_text(built):
+    engine, root = built
+    query = (root / "query.jpg").read_bytes()
+    plain = engine.search(image=query, encoder="effnet-lite0", k=5)
+    rr = engine.search(image=query, encoder="effnet-lite0", k=5, rerank=True)
+    astro = _id_of(engine, "astronaut")
+    assert rr.hits[0].id == astro and "rerank_ms" in rr.timings
+    assert rr.hits[0].score > plain.hits[0].score          # fused score adds local evidence
+    by_id = engine.search(image_id=astro, encoder="effnet-lite0", k=3, rerank=True)
+    assert by_id.hits[0].id == astro
+    # text re-ranking: CLIP's patch tokens live in the text space
+    t = engine.search(text="a photo of a cat", k=4, rerank=True)
+    assert len(t.hits) == 4 and all(np.isfinite(h.score) for h in t.hits)
+
+
+def test_explain_cli(built, tmp_path, capsys):
+    from cli.main import main
+
+    engine, root = built
+    idx = engine.index_dir
+    astro = _id_of(engine, "astronaut")
+    out = tmp_path / "why.png"
+    qout = tmp_path / "q.png"
+    rc = main(["explain", str(idx), "--image", str(root / "query.jpg"), "--result", astro, "--out", str(out),
+               "--encoder", "effnet-lite0", "--query-out", str(qout), "--json", str(tmp_path / "h.json")])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["method"] == "gradcam"
+    assert Image.open(out).size == (512, 512) and Image.open(qout).size == Image.open(root / "query.jpg").size
+    heat = json.loads((tmp_path / "h.json").read_text())
+    assert heat["width"] == 512 and heat["height"] == 512 and len(heat["heatmap"]) == 512
+    rc = main(["explain", str(idx), "--text", "a cup of coffee", "--result", _id_of(engine, "coffee"), "--out", str(out)])
+    assert rc == 0 and Image.open(out).size == (600, 400)
+    assert main(["explain", str(idx), "--text", "a cat", "--result", "0" * 15, "--out", str(out)]) == 2
+
+
+def test_attribution_route(built):
+    from server.app import create_app
+
+    engine, root = built
+    app = create_app({"TESTING": True}, engine=engine)
+    client = app.test_client()
+    assert "attribution" in client.get("/healthz").get_json()["features"]
+    cat = _id_of(engine, "coffee")
+    r = client.post("/api/attribution", json={"text": "a cat", "result_id": cat})
+    assert r.status_code == 200 and r.mimetype == "image/png"
+    assert Image.open(io.BytesIO(r.data)).size == (600, 400)
+    r = client.post("/api/attribution", json={"text": "a cat", "result_id": cat, "format": "json"})
+    body = r.get_json()
+    assert r.status_code == 200 and body["width"] == 600 and body["height"] == 400
+    assert len(body["heatmap"]) == 400 and len(body["heatmap"][0]) == 600
+    # multipart upload, as the web page sends it, with the matched-regions method
+    astro = _id_of(engine, "astronaut")
+    data = {"image": (io.BytesIO((root / "query.jpg").read_bytes()), "q.jpg"), "result_id": astro,
+            "encoder": "effnet-lite0", "rerank": "true", "format": "json"}
+    r = client.post("/api/attribution", data=data, content_type="multipart/form-data")
+    body = r.get_json()
+    assert r.status_code == 200 and body["method"] == "matches" and body["details"]["verified"]
+    # errors are 4xx JSON
+    r = client.post("/api/attribution", json={"text": "a cat"})
+    assert r.status_code == 400 and r.get_json()["error"]["code"] == "invalid_query"
+    r = client.post("/api/attribution", json={"text": "a cat", "result_id": "f" * 15})
+    assert r.status_code == 404
+    r = client.post("/api/attribution", json={"text": "a cat", "result_id": cat, "format": "gif"})
+    assert r.status_code == 400
