@@ -28,7 +28,7 @@
     if (imageFile) fd.append("image", imageFile, imageFile.name || "query.png");
     else if (imageId) fd.append("image_id", imageId);
     if (imageFile || imageId) {
-      const instr = instruction.value.trim() || (text || "");
+      const instr = instruction.value.trim();
       if (instr) fd.append("instruction", instr);
     } else if (text) fd.append("text", text);
     fd.append("k", String(K));
@@ -131,6 +131,7 @@
     iqThumb.src = iqThumb.dataset.url;
     iqLabel.textContent = "Searching with this image";
     iq.hidden = false;
+    q.value = "";
     search();
   }
 
@@ -170,6 +171,9 @@
   });
 
   q.addEventListener("input", () => {
+    if ((imageFile || imageId) && q.value.trim()) {   // typing starts a new text search
+      imageFile = null; imageId = null; iq.hidden = true; instruction.value = ""; file.value = "";
+    }
     clearTimeout(debounce);
     debounce = setTimeout(search, 220);
   });
