@@ -247,17 +247,27 @@ class Engine:
                 return Path(cand)
         raise UnknownIdError(f"image {image_id} is indexed but its source file is gone ({rec.get('source')})")
 
+    def source_bytes(self, image_id: str) -> bytes:
+        """The indexed image's encoded bytes: from its file, or from a webdataset tar member
+        (source ``/abs/shard.tar#KEY.jpg``)."""
+        try:
+            return self.source_file(image_id).read_bytes()
+        except UnknownIdError:
+            rec = self.metadata(image_id)
+            for cand in (rec.get("source"), *(rec.get("aliases") or [])):
+                data = _read_tar_member(cand) if isinstance(cand, str) else None
+                if data is not None:
+                    return data
+            raise
+
     def load_image(self, image_id: str) -> Image.Image:
-        """The indexed image as RGB, decoded from its source file."""
+        """The indexed image as RGB, decoded from its source file (or tar member)."""
         from .images import load_image
 
         try:
             return load_image(self.source_file(image_id))
         except UnknownIdError:
-            loader = getattr(self, "_tar_loader", None)
-            if loader is None:
-                raise
-            return loader(image_id)
+            return load_image(self.source_bytes(image_id))
 
     # -- vectors ------------------------------------------------------------------------------------
     def _reconstruct(self, encoder: str, shard: int, row: int) -> np.ndarray:
@@ -563,6 +573,20 @@ class Engine:
         self.indexes.clear()
         self._encoders.clear()
         self._local.clear()
+
+
+def _read_tar_member(source: str) -> bytes | None:
+    import tarfile
+
+    tar_path, sep, member = source.partition("#")
+    if not sep or not tar_path.lower().endswith(".tar") or not os.path.isfile(tar_path):
+        return None
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            fh = tar.extractfile(member)
+            return fh.read() if fh is not None else None
+    except (tarfile.TarError, OSError, KeyError):
+        return None
 
 
 def _check_k(k: Any, limit: int = MAX_K) -> int:

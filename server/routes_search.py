@@ -62,8 +62,11 @@ def api_image(image_id: str):
     engine = get_engine()
     size_arg = request.args.get("size")
     if size_arg is None:
-        path = engine.source_file(image_id)
-        mime = WEB_TYPES.get(path.suffix.lower())
+        try:
+            path = engine.source_file(image_id)
+        except UnknownIdError:
+            path = None           # not a plain file (e.g. a tar member): serve a JPEG rendition
+        mime = WEB_TYPES.get(path.suffix.lower()) if path is not None else None
         if mime is not None:
             resp = send_file(path, mimetype=mime, conditional=True, max_age=86400)
             resp.headers["Cache-Control"] = CACHE

@@ -336,3 +336,28 @@ def test_routing_text_needs_text_encoder(tmp_path, tiny_clip, tiny_dino, photo_d
         engine.search(text="a cat", encoder=tiny_dino)
     meta = engine.metadata(r.hits[0].id)
     assert engine.load_image(r.hits[0].id).size == (meta["width"], meta["height"])
+
+
+def test_images_from_webdataset_tar_members(tmp_path, photos):
+    import tarfile
+
+    data = png_bytes(photos["coffee"].resize((40, 30)))
+    tar_path = tmp_path / "shard-0.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        info = tarfile.TarInfo("000001.png")
+        info.size = len(data)
+        import io
+
+        tar.addfile(info, io.BytesIO(data))
+    sha = store.sha256_bytes(data)
+    rows = [{"id": store.content_id(sha), "source": f"{tar_path}#000001.png", "path": None, "sha256": sha}]
+    out = build_index(tmp_path / "idx", {"e": unit(np.ones((1, 4)))}, rows=rows)
+    engine = Engine(out)
+    assert engine.source_bytes(rows[0]["id"]) == data
+    assert engine.load_image(rows[0]["id"]).size == (40, 30)
+    from server.app import create_app
+
+    client = create_app(engine=engine).test_client()
+    resp = client.get(f"/api/images/{rows[0]['id']}")
+    assert resp.status_code == 200 and resp.mimetype == "image/jpeg"
+    assert client.get(f"/api/images/{rows[0]['id']}?size=20").status_code == 200
