@@ -219,3 +219,28 @@ def make_classifier(encoder, source, *, cache_dir=None, column: str | None = Non
 
     db = open_vocabulary(source, encoder, cache_dir=cache_dir, column=column, progress=progress)
     return VocabularyFreeClassifier(encoder, db, config)
+
+
+_DEFAULT_CLASSIFIERS: dict[tuple[str, str], VocabularyFreeClassifier] = {}
+MIN_INDEX_CAPTIONS = 50
+
+
+def default_classifier(encoder, index_dir=None, *, cache_dir=None) -> VocabularyFreeClassifier:
+    """The classifier the caption route of composed queries uses to name a query image: the index's
+    own captions when it has at least ``MIN_INDEX_CAPTIONS`` of them, else the built-in
+    ``imagenet21k`` vocabulary (embedded once per encoder, cached on disk). Cached per process."""
+    source = "imagenet21k"
+    if index_dir is not None:
+        from .vocab import caption_entries
+
+        try:
+            if len(caption_entries(index_dir).deduplicated()) >= MIN_INDEX_CAPTIONS:
+                source = str(index_dir)
+        except Exception:  # noqa: BLE001 - an unreadable index falls back to the vocabulary
+            source = "imagenet21k"
+    key = (encoder.name, source)
+    clf = _DEFAULT_CLASSIFIERS.get(key)
+    if clf is None:
+        clf = make_classifier(encoder, source, cache_dir=cache_dir)
+        _DEFAULT_CLASSIFIERS[key] = clf
+    return clf

@@ -198,14 +198,16 @@ def compose_caption(image_vec, rewritten_vec, removed_vec=None, *, weight: float
 
 def compose_query(image_vec: np.ndarray, text_vec: np.ndarray, *, weight: float = DEFAULT_INSTRUCTION_WEIGHT,
                   method: str = "sum", encoder=None, instruction: str | None = None, classifier=None,
-                  label: str | None = None, **_: object) -> np.ndarray:
+                  label: str | None = None, index_dir=None, **_: object) -> np.ndarray:
     """A unit query vector from an image vector and an instruction.
 
     ``method="sum"`` (the default of this function, kept for callers that pass only vectors):
     ``normalise((1 - w) * image + w * text)``. With ``encoder`` and ``instruction`` given, every
     method of :data:`METHODS` (and ``"auto"`` = :data:`DEFAULT_METHOD`) is available through
     :func:`compose_instruction`; without them, ``arithmetic`` uses ``text_vec`` as the target vector
-    and ``caption``/``fused`` fall back to ``sum`` (they need to embed new text).
+    and ``caption``/``fused`` fall back to ``sum`` (they need to embed new text). The query image is
+    named by ``classifier``, else ``label``, else :func:`retrieval.classify.default_classifier`
+    (the captions of ``index_dir`` when it has enough, else the imagenet21k vocabulary).
     """
     method = (method or "sum").lower()
     if method not in METHODS + ("auto",):
@@ -213,11 +215,25 @@ def compose_query(image_vec: np.ndarray, text_vec: np.ndarray, *, weight: float 
     if method == "sum":
         return compose_sum(image_vec, text_vec, weight)
     if encoder is not None and instruction:
+        if classifier is None and label is None:
+            classifier = _LazyClassifier(encoder, index_dir)
         return compose_instruction(encoder, image_vec, instruction, method=method, classifier=classifier,
                                    label=label).vector
     if method == "arithmetic":
         return compose_arithmetic(image_vec, text_vec, weight=ARITHMETIC_WEIGHT)
     return compose_sum(image_vec, text_vec, weight)
+
+
+class _LazyClassifier:
+    """The default classifier, built only if the query image must be named."""
+
+    def __init__(self, encoder, index_dir):
+        self.encoder, self.index_dir = encoder, index_dir
+
+    def classify_vectors(self, vecs, top=None):
+        from .classify import default_classifier
+
+        return default_classifier(self.encoder, self.index_dir).classify_vectors(vecs, top=top)
 
 
 @dataclass
