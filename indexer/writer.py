@@ -347,7 +347,9 @@ class IndexWriter:
                     continue
                 if remaining[0] != row["source"]:
                     row["source"] = remaining[0]
-                    row["path"] = remaining[0] if os.path.isfile(remaining[0]) else None
+                    is_file = os.path.isfile(remaining[0])
+                    row["path"] = remaining[0] if is_file else None
+                    row["mtime"] = os.stat(remaining[0]).st_mtime if is_file else None
                 row["aliases"] = remaining[1:]
                 keep.append(i)
                 kept_rows.append(row)

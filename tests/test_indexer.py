@@ -153,6 +153,8 @@ def test_incremental_add_prune_and_alias_promotion(tmp_path, photos, tiny_clip):
     promoted = next(r for r in rows if r["id"] == first["id"])
     assert promoted["source"] == promoted["path"] == str(src / "copy of first.png") and json.loads(promoted["aliases"]) == []
     assert sorted(_covered_sources(out)) == _files(src)
+    again = _index([src], out, [tiny_clip], shard_size=3, prune=True)   # the promoted alias counts as unchanged
+    assert (again.indexed, again.skipped, again.pruned) == (0, 5, 0)
     m = store.read_manifest(out)
     for sh in m.shards:   # rewritten shards are consistent, and no unlisted shard file is left
         assert store.read_vectors(out, tiny_clip, sh.name).ntotal == store.read_metadata(out, sh.name).num_rows
