@@ -1,0 +1,241 @@
+"""Indexer throughput: the full pipeline versus the bare encoder, and a Fashion-MNIST indexing run.
+
+1. **pipeline vs bare forward** (same process, same encoder, same images): ``--photos N`` JPEG photos
+   (scikit-image's bundled photos, randomly cropped/resized to ~400-600 px so every file is unique)
+   are indexed with ``indexer.build_index`` (read + decode + preprocess in DataLoader workers, encode,
+   write shards), and the same images, decoded and preprocessed beforehand, go through
+   ``encoder.encode_images`` alone. Reported: images/s of each and their ratio (goal >= 0.8 on CPU).
+2. **Fashion-MNIST** (Debian ``dataset-fashion-mnist``, IDX gz): the first ``--fmnist N`` images (all
+   70,000 by default with ``--fmnist 70000``) written out as PNGs, indexed in a fresh subprocess:
+   wall time, images/s, peak RSS of the indexer and of its workers. ``--fmnist-sizes a,b`` runs several
+   sizes to show peak memory does not grow with the corpus.
+
+Examples::
+
+    python benchmarks/bench_index.py                                  # effnet-lite0, CPU, small sizes
+    python benchmarks/bench_index.py --photos 512 --fmnist-sizes 5000,70000
+    python benchmarks/bench_index.py --encoder clip-vit-b-32 --random-weights --device cuda \\
+        --photos 4096 --batch-size 256 --workers 8 --fmnist 0           # GPU speed, fp16, JPEG decode included
+
+``--random-weights`` builds the encoder's architecture without pretrained weights (speed only; open_clip
+encoders), so it runs on machines without the model hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def register_random(name: str) -> str:
+    """Register ``NAME-random``: the same architecture, randomly initialised (no download)."""
+    from retrieval.encoders import get_spec, register_encoder
+
+    spec = get_spec(name)
+    if spec.family != "clip":
+        raise SystemExit(f"--random-weights supports open_clip encoders only, not {spec.family}")
+    row = dict(spec.options, family=spec.family, dim=spec.dim, modalities=list(spec.modalities),
+               image_size=spec.image_size, local=spec.local, offline=True, random_init=True)
+    register_encoder(f"{name}-random", row, replace=True)
+    return f"{name}-random"
+
+
+def make_photos(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    from skimage import data
+
+    sources = []
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry", "motorcycle_left",
+                 "hubble_deep_field", "page", "horse"):
+        try:
+            arr = getattr(data, name)()
+        except Exception:  # noqa: BLE001 - some skimage images are downloaded, not bundled
+            continue
+        arr = np.asarray(arr[0] if isinstance(arr, tuple) else arr)
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8) * 255
+        if arr.dtype != np.uint8:
+            arr = (255 * (arr - arr.min()) / max(1e-9, float(arr.max() - arr.min()))).astype(np.uint8)
+        from PIL import Image
+
+        sources.append(Image.fromarray(arr).convert("RGB"))
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        img = sources[i % len(sources)]
+        w, h = img.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        side = int(rng.integers(400, 600))
+        crop = img.crop((x, y, x + cw, y + ch)).resize((side, int(side * ch / cw)))
+        p = folder / f"photo-{i:06d}.jpg"
+        crop.save(p, quality=90)
+        paths.append(p)
+    return paths
+
+
+def read_idx_images(path: Path, limit: int) -> np.ndarray:
+    with gzip.open(path, "rb") as fh:
+        header = np.frombuffer(fh.read(16), dtype=">i4")
+        n, rows, cols = int(header[1]), int(header[2]), int(header[3])
+        n = min(n, limit)
+        return np.frombuffer(fh.read(n * rows * cols), dtype=np.uint8).reshape(n, rows, cols)
+
+
+def write_fmnist(folder: Path, n: int) -> int:
+    from PIL import Image
+
+    train = read_idx_images(FMNIST_DIR / "train-images-idx3-ubyte.gz", n)
+    images = train
+    if len(images) < n:
+        images = np.concatenate([train, read_idx_images(FMNIST_DIR / "t10k-images-idx3-ubyte.gz", n - len(train))])
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, arr in enumerate(images):
+        sub = folder / f"{i // 1000:03d}"
+        sub.mkdir(exist_ok=True)
+        Image.fromarray(arr, mode="L").save(sub / f"{i:05d}.png")
+    return len(images)
+
+
+def peak_rss_mb() -> tuple[float, float]:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return own, children
+
+
+def bench_pipeline(args, encoder_name: str, tmp: Path) -> dict:
+    import torch
+
+    from indexer import IndexConfig, build_index
+    from retrieval import create_encoder
+    from retrieval.images import load_image
+
+    paths = make_photos(tmp / "photos", args.photos)
+    enc = create_encoder(encoder_name, device=args.device)
+    warm = torch.stack([enc.preprocess(load_image(paths[0]))] * min(args.batch_size, 8))
+    enc.encode_images(warm)  # warm-up (kernels, allocator)
+
+    # pipeline: read + decode + preprocess in workers, encode, write shards
+    t = time.perf_counter()
+    s = build_index(IndexConfig(sources=[str(tmp / "photos")], out=str(tmp / "idx"), encoders=[encoder_name],
+                                device=args.device, batch_size=args.batch_size, workers=args.workers))
+    pipe_s = time.perf_counter() - t
+    assert s.indexed == len(paths), s.to_json()
+
+    # bare forward on pre-decoded, pre-processed tensors (decode not timed)
+    tensors = torch.stack([enc.preprocess(load_image(p)) for p in paths])
+    if enc.device.is_cuda:
+        tensors = tensors.pin_memory()
+    t = time.perf_counter()
+    for i in range(0, len(tensors), args.batch_size):
+        enc.encode_images(tensors[i:i + args.batch_size])
+    bare_s = time.perf_counter() - t
+    return {"images": len(paths), "pipeline_s": pipe_s, "pipeline_ips": len(paths) / pipe_s,
+            "bare_s": bare_s, "bare_ips": len(paths) / bare_s, "ratio": (len(paths) / pipe_s) / (len(paths) / bare_s),
+            "timings": {k: round(v, 2) for k, v in s.timings.items()}}
+
+
+def bench_fmnist_child(args) -> None:
+    """Runs in a fresh process so its peak RSS is its own."""
+    from indexer import IndexConfig, build_index
+
+    tmp = Path(args.child_dir)
+    n = write_fmnist(tmp / "fmnist", args.child_n)
+    t = time.perf_counter()
+    s = build_index(IndexConfig(sources=[str(tmp / "fmnist")], out=str(tmp / "idx"), encoders=[args.encoder_name],
+                                device=args.device, batch_size=args.batch_size, workers=args.workers,
+                                shard_size=args.shard_size))
+    wall = time.perf_counter() - t
+    own, children = peak_rss_mb()
+    print(json.dumps({"images": n, "indexed": s.indexed, "failed": len(s.failed), "shards": s.shards,
+                      "wall_s": wall, "ips": s.indexed / wall, "peak_rss_mb": own, "workers_peak_rss_mb": children,
+                      "timings": {k: round(v, 2) for k, v in s.timings.items()}}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--encoder", default="effnet-lite0")
+    p.add_argument("--random-weights", action="store_true", help="random init of the architecture (speed only)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--photos", type=int, default=128, help="JPEG photos for pipeline vs bare (0: skip)")
+    p.add_argument("--fmnist", type=int, default=1000, help="Fashion-MNIST images to index (0: skip; 70000: all)")
+    p.add_argument("--fmnist-sizes", default=None, help="comma-separated sizes (overrides --fmnist)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--shard-size", type=int, default=10_000)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--child-n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--child-dir", help=argparse.SUPPRESS)
+    p.add_argument("--encoder-name", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.threads:
+        os.environ["LOUPE_THREADS"] = str(args.threads)
+    name = register_random(args.encoder) if args.random_weights else args.encoder
+    if args.child_n is not None:
+        args.encoder_name = name
+        bench_fmnist_child(args)
+        return
+    from indexer.pipeline import default_workers
+    from retrieval.device import resolve_device
+
+    import torch
+
+    dev = resolve_device(args.device)
+    workers = default_workers() if args.workers is None else args.workers
+    print(f"# bench_index: encoder={name} device={dev.device} precision={dev.precision} "
+          f"batch={args.batch_size} workers={workers} torch_threads={torch.get_num_threads()}")
+    print(f"# machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, load avg "
+          f"{os.getloadavg()[0]:.1f}, python {platform.python_version()}, torch {torch.__version__}")
+    with tempfile.TemporaryDirectory(prefix="loupe-bench-index-") as tmp_s:
+        tmp = Path(tmp_s)
+        if args.photos:
+            r = bench_pipeline(args, name, tmp)
+            print("\n| images | pipeline s | pipeline img/s | bare forward s | bare img/s | ratio |")
+            print("|---:|---:|---:|---:|---:|---:|")
+            print(f"| {r['images']} | {r['pipeline_s']:.1f} | {r['pipeline_ips']:.1f} | {r['bare_s']:.1f} | "
+                  f"{r['bare_ips']:.1f} | {r['ratio']:.2f} |")
+            print(f"pipeline stage timings (s): {r['timings']}")
+        sizes = [int(x) for x in args.fmnist_sizes.split(",")] if args.fmnist_sizes else (
+            [args.fmnist] if args.fmnist else [])
+        if sizes and not FMNIST_DIR.is_dir():
+            print(f"\n{FMNIST_DIR} is missing: apt-get install -y dataset-fashion-mnist")
+            sizes = []
+        rows = []
+        for n in sizes:
+            child_dir = tmp / f"fmnist-{n}"
+            cmd = [sys.executable, __file__, "--child-n", str(n), "--child-dir", str(child_dir),
+                   "--encoder", args.encoder, "--device", args.device, "--batch-size", str(args.batch_size),
+                   "--shard-size", str(args.shard_size)] + (["--random-weights"] if args.random_weights else []) + (
+                   ["--workers", str(args.workers)] if args.workers is not None else []) + (
+                   ["--threads", str(args.threads)] if args.threads else [])
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            shutil.rmtree(child_dir, ignore_errors=True)
+        if rows:
+            print("\n| Fashion-MNIST images | indexed | shards | wall s | img/s | peak RSS MB (indexer) | peak RSS MB (workers) |")
+            print("|---:|---:|---:|---:|---:|---:|---:|")
+            for r in rows:
+                print(f"| {r['images']} | {r['indexed']} | {r['shards']} | {r['wall_s']:.1f} | {r['ips']:.1f} | "
+                      f"{r['peak_rss_mb']:.0f} | {r['workers_peak_rss_mb']:.0f} |")
+            print(f"stage timings (s), last run: {rows[-1]['timings']}")
+
+
+if __name__ == "__main__":
+    main()
