@@ -24,6 +24,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -34,7 +35,7 @@ from . import store
 from .errors import InvalidQueryError, LoupeError, UnknownEncoderError, UnknownIdError, UnsupportedModalityError
 from .filters import filter_key, filter_mask, parse_filter
 from .query import Hit, QueryContext, SearchResponse, as_query_vector, combine, parse_terms
-from .search import SearchConfig, make_params, merge_topk, search_index
+from .search import SearchConfig, index_kind, make_params, merge_topk, search_index
 
 __all__ = ["Engine", "Hit", "QueryContext", "SearchResponse", "RerankUnavailableError"]
 
@@ -42,6 +43,7 @@ log = logging.getLogger("loupe.engine")
 
 MAX_K = 1000
 DEFAULT_DEDUP_THRESHOLD = 0.98
+PARALLEL_MIN_VECTORS = 200_000   # below this, searching shards one after another is faster
 RERANK_CANDIDATES = 100       # global candidates handed to the re-ranker (at least 4k)
 TEXT_CACHE_SIZE = 2048
 
@@ -49,6 +51,18 @@ TEXT_CACHE_SIZE = 2048
 class RerankUnavailableError(LoupeError):
     code = "rerank_unavailable"
     http_status = 400
+
+
+_FAISS = None
+
+
+def _faiss():
+    global _FAISS
+    if _FAISS is None:
+        import faiss
+
+        _FAISS = faiss
+    return _FAISS
 
 
 def _rss_mb() -> float:
@@ -124,6 +138,9 @@ class Engine:
                         "rerun `loupe index` to repair the index")
                 shards.append(index)
             self.indexes[name] = shards
+        self._kinds = {name: [index_kind(ix) for ix in shards] for name, shards in self.indexes.items()}
+        workers = min(len(self.shard_names), os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="loupe-shard") if workers > 1 else None
         self.open_seconds = time.perf_counter() - t0
         self.open_rss_mb = _rss_mb() - rss0
         log.info("opened %s: %d images in %d shards, encoders %s, in %.2f s (+%.0f MB resident, %.0f MB total)",
@@ -453,48 +470,56 @@ class Engine:
     def search_vector(self, encoder: str, vector: Any, k: int, *, params: Any = None,
                       filter: Any = None) -> list[Hit]:
         """Global top-``k`` hits of a query vector over every shard of ``encoder``."""
-        import faiss
-
         entry = self._entry(encoder)
         k = _check_k(k, MAX_K * 4)
-        q = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        q = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(1, -1))
         if q.shape[1] != entry.dim:
             raise InvalidQueryError(f"query vector has {q.shape[1]} dimensions; {entry.name} needs {entry.dim}")
         config = SearchConfig.from_any(params)
-        config = SearchConfig(nprobe=config.nprobe or self.search_defaults.nprobe,
-                              ef_search=config.ef_search or self.search_defaults.ef_search)
-        masks = self._masks(filter)
-        parts, offsets = [], []
-        for i, index in enumerate(self.indexes[entry.name]):
-            if index.ntotal == 0:
+        if config.nprobe is None or config.ef_search is None:
+            config = SearchConfig(nprobe=config.nprobe or self.search_defaults.nprobe,
+                                  ef_search=config.ef_search or self.search_defaults.ef_search)
+        masks = self._masks(filter) if filter else None
+        indexes = self.indexes[entry.name]
+        kinds = self._kinds[entry.name]
+        jobs = []
+        for i, index in enumerate(indexes):
+            if index.ntotal == 0 or (masks is not None and not masks[i].any()):
                 continue
-            sel = bitmap = None
-            if masks is not None:
-                mask = masks[i]
-                if not mask.any():
-                    continue
-                if not mask.all():
-                    bitmap = np.packbits(mask, bitorder="little")
-                    sel = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap))
-            p = make_params(index, config, sel, k)
+            jobs.append(i)
+
+        def run(i: int):
+            index, sel, bitmap = indexes[i], None, None
+            if masks is not None and not masks[i].all():
+                bitmap = np.packbits(masks[i], bitorder="little")
+                sel = _faiss().IDSelectorBitmap(len(masks[i]), _faiss().swig_ptr(bitmap))
+            p = make_params(index, config, sel, k, kind=kinds[i])
             scores, rows = search_index(index, q, k, p)
             if masks is not None and rows.size:   # defence in depth: selectors are exact, check anyway
                 valid = rows >= 0
                 valid[valid] = masks[i][rows[valid]]
                 rows = np.where(valid, rows, -1)
-            parts.append((scores, rows))
-            offsets.append(self.offsets[i])
             del bitmap, sel
-        if not parts:
+            return scores, rows
+
+        if not jobs:
             return []
-        scores, labels = merge_topk(parts, offsets, 1, k)
-        hits = []
-        for s, g in zip(scores[0], labels[0]):
-            if g < 0 or not np.isfinite(s):
-                continue
-            shard, row = self._split(int(g))
-            hits.append(Hit(self.shard_ids[shard][row], float(s), shard, row))
-        return hits
+        if len(jobs) > 1 and self._pool is not None and sum(indexes[i].ntotal for i in jobs) >= PARALLEL_MIN_VECTORS:
+            parts = list(self._pool.map(run, jobs))     # FAISS releases the GIL: shards in parallel
+        else:
+            parts = [run(i) for i in jobs]
+        if len(parts) == 1:
+            scores, labels = parts[0][0][0], parts[0][1][0] + self.offsets[jobs[0]]
+            labels = np.where(parts[0][1][0] >= 0, labels, -1)
+        else:
+            d, lab = merge_topk(parts, [self.offsets[i] for i in jobs], 1, k)
+            scores, labels = d[0], lab[0]
+        keep = (labels >= 0) & np.isfinite(scores)
+        scores, labels = scores[keep], labels[keep]
+        shards = np.searchsorted(self.offsets, labels, side="right") - 1
+        rows = labels - self.offsets[shards]
+        ids = self.shard_ids
+        return [Hit(ids[sh][r], s, sh, r) for s, sh, r in zip(scores.tolist(), shards.tolist(), rows.tolist())]
 
     def dedup_hits(self, encoder: str, hits: list[Hit], threshold: float = DEFAULT_DEDUP_THRESHOLD) -> list[Hit]:
         """Drop hits whose stored vector is within ``threshold`` cosine of a better-ranked kept hit."""
@@ -570,6 +595,8 @@ class Engine:
         return SearchResponse(hits=hits, query=ctx, encoder=ctx.encoder, took_ms=took, timings=timings)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
         self.indexes.clear()
         self._encoders.clear()
         self._local.clear()

@@ -40,37 +40,47 @@ def is_binary(index) -> bool:
     return isinstance(index, faiss.IndexBinary)
 
 
-def make_params(index, config: SearchConfig | None = None, sel=None, k: int = 10):
+def index_kind(index) -> str:
+    """``binary``, ``ivf``, ``hnsw``, ``pretransform`` or ``flat`` (what parameters a search takes)."""
+    import faiss
+
+    if isinstance(index, faiss.IndexBinary):
+        return "binary"
+    if isinstance(index, faiss.IndexPreTransform):
+        return "pretransform"
+    if faiss.try_extract_index_ivf(index) is not None:
+        return "ivf"
+    if isinstance(index, faiss.IndexHNSW):
+        return "hnsw"
+    return "flat"
+
+
+def make_params(index, config: SearchConfig | None = None, sel=None, k: int = 10, *, kind: str | None = None):
     """A ``faiss.SearchParameters`` for ``index`` (or None when nothing is to be set)."""
     import faiss
 
+    kind = kind or index_kind(index)
     config = config or SearchConfig()
-    if is_binary(index):
+    if kind in ("binary", "flat"):
         return faiss.SearchParameters(sel=sel) if sel is not None else None
-    inner = index
-    pre = None
-    if isinstance(index, faiss.IndexPreTransform):
-        pre = index
+    if kind == "pretransform":
         inner = faiss.downcast_index(index.index)
-    ivf = faiss.try_extract_index_ivf(inner)
-    params = None
-    if ivf is not None:
-        nprobe = int(config.nprobe or DEFAULT_NPROBE)
-        params = faiss.SearchParametersIVF(nprobe=max(1, min(nprobe, ivf.nlist)))
-        if sel is not None:
-            params.sel = sel
-    elif isinstance(inner, faiss.IndexHNSW):
-        params = faiss.SearchParametersHNSW(efSearch=int(config.ef_search or max(DEFAULT_EF_SEARCH, 2 * k)))
-        if sel is not None:
-            params.sel = sel
-    elif sel is not None:
-        params = faiss.SearchParameters(sel=sel)
-    if pre is not None and params is not None:
+        params = make_params(inner, config, sel, k)
+        if params is None:
+            return None
         wrapped = faiss.SearchParametersPreTransform(index_params=params)
         if sel is not None:
             wrapped.sel = sel
         wrapped._keep = params  # keep the inner object alive
         return wrapped
+    if kind == "ivf":
+        ivf = faiss.try_extract_index_ivf(index)
+        nprobe = int(config.nprobe or DEFAULT_NPROBE)
+        params = faiss.SearchParametersIVF(nprobe=max(1, min(nprobe, ivf.nlist)))
+    else:
+        params = faiss.SearchParametersHNSW(efSearch=int(config.ef_search or max(DEFAULT_EF_SEARCH, 2 * k)))
+    if sel is not None:
+        params.sel = sel
     return params
 
 
