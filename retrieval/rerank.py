@@ -64,13 +64,15 @@ class RerankConfig:
     spatial: bool = True           # RANSAC spatial verification
     qe: bool = False               # α-query expansion over the re-ranked shortlist
     dba: bool = False              # database-side augmentation within the shortlist
-    w_local: float = 0.5
-    w_spatial: float = 0.5
+    w_local: float = 1.0
+    w_spatial: float = 0.1
     w_text: float = 0.5
-    min_match_sim: float = 0.0     # mutual-NN matches below this similarity are dropped
+    matching: str = "mutual"       # "mutual": mutual nearest neighbours; "nn": every query token's nearest
+    min_match_sim: float = 0.0     # matches below this similarity are dropped
+    local_norm_pct: float | None = 80.0   # per-token background percentile over the shortlist (None: off)
     min_inliers: int = 5
     min_inlier_ratio: float = 0.2  # ... and at least this fraction of the mutual-NN matches
-    inlier_cap: int = 15
+    inlier_cap: int = 10
     ransac_iters: int = 512
     ransac_threshold: float = 1.0  # residual threshold, in cells of the candidate's grid
     max_scale: float = 4.0
@@ -139,7 +141,18 @@ def mutual_nearest_neighbors(sim: np.ndarray, min_sim: float = -np.inf) -> tuple
     i = i[keep]
     j = nn_q[keep]
     s = sim[i, j]
-    ok = s >= min_sim
+    ok = (s >= min_sim) & np.isfinite(s)
+    return np.stack([i[ok], j[ok]], axis=1).astype(np.int64), s[ok].astype(np.float32)
+
+
+def nearest_neighbors(sim: np.ndarray, min_sim: float = -np.inf) -> tuple[np.ndarray, np.ndarray]:
+    """Every query token with its nearest candidate token; returns (matches int [m, 2], sims [m])."""
+    if sim.size == 0:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
+    i = np.arange(sim.shape[0])
+    j = sim.argmax(axis=1)
+    s = sim[i, j]
+    ok = (s >= min_sim) & np.isfinite(s)
     return np.stack([i[ok], j[ok]], axis=1).astype(np.int64), s[ok].astype(np.float32)
 
 
@@ -233,7 +246,10 @@ def verify_pair(q_desc: np.ndarray, q_pos: np.ndarray, c_desc: np.ndarray, c_pos
     c_grid = q_grid if c_grid is None else c_grid
     if sim is None:
         sim = similarity(q_desc, c_desc)
-    matches, sims = mutual_nearest_neighbors(sim, config.min_match_sim)
+    if config.matching == "nn":
+        matches, sims = nearest_neighbors(sim, config.min_match_sim)
+    else:
+        matches, sims = mutual_nearest_neighbors(sim, config.min_match_sim)
     empty = VerificationResult(0, 0.0, matches, np.zeros(len(matches), bool), None, sims)
     if len(matches) < 3:
         return empty
@@ -300,18 +316,39 @@ def text_patch_scores(text_vec: np.ndarray, candidates: Sequence[np.ndarray], to
 def rerank_arrays(q_desc: np.ndarray, q_pos: np.ndarray, q_grid: Sequence[int], global_scores: np.ndarray,
                   candidates: Sequence[tuple[np.ndarray, np.ndarray]], c_grid: Sequence[int] | None = None,
                   config: RerankConfig = DEFAULT_CONFIG) -> LocalScores:
-    """Local + spatial evidence and fused scores for one image query against its candidates."""
+    """Local + spatial evidence and fused scores for one image query against its candidates.
+
+    With ``config.local_norm_pct`` set (default 80), each query token's best similarity to a
+    candidate is measured against that token's ``local_norm_pct``-th percentile over the whole
+    shortlist (its *background*): tokens that match every candidate equally well (a white
+    background, sky, texture) stop counting, and only tokens above their background take part in
+    the matching that spatial verification sees. ``maxsim`` is then ``mean_i max(M_ci - b_i, 0)``.
+    """
     n = len(candidates)
     maxsim = np.zeros(n)
     inliers = np.zeros(n, np.int64)
     spatial = np.zeros(n)
     verifications: list[VerificationResult | None] = [None] * n
     q_desc = np.asarray(q_desc, np.float32)
+    sims: list[np.ndarray | None] = [None] * n
+    best = np.full((n, len(q_desc)), np.nan)
+    for idx, (c_desc, _) in enumerate(candidates):
+        if len(c_desc) and len(q_desc):
+            sims[idx] = similarity(q_desc, c_desc)
+            best[idx] = sims[idx].max(axis=1)
+    normalise = config.local_norm_pct is not None and np.isfinite(best).any(axis=1).sum() >= 2
+    if normalise:
+        base = np.nanpercentile(best, config.local_norm_pct, axis=0)
     for idx, (c_desc, c_pos) in enumerate(candidates):
-        if len(c_desc) == 0 or len(q_desc) == 0:
+        sim = sims[idx]
+        if sim is None:
             continue
-        sim = similarity(q_desc, c_desc)
-        maxsim[idx] = maxsim_score(sim)
+        if normalise:
+            margin = best[idx] - base
+            maxsim[idx] = float(np.maximum(margin, 0.0).mean())
+            sim = np.where((margin > 0)[:, None], sim, -np.inf)
+        else:
+            maxsim[idx] = maxsim_score(sim)
         if config.spatial:
             res = verify_pair(q_desc, q_pos, c_desc, c_pos, q_grid, c_grid, config, sim=sim)
             verifications[idx] = res
@@ -366,9 +403,16 @@ def reduce_tokens(engine, encoder: str, tokens: np.ndarray) -> np.ndarray:
 
 
 def query_local_features(engine, ctx, encoder_name: str | None = None) -> tuple[np.ndarray, np.ndarray, tuple[int, int]] | None:
-    """The query's local descriptors in the index's space: ``(desc [p, c], pos [p, 2], grid)`` or None."""
+    """The query's local descriptors in the index's space: ``(desc [p, c], pos [p, 2], grid)`` or None.
+
+    Uses ``ctx.local = (tokens, grid)`` when the embedding step kept them (one forward pass), else runs
+    the encoder's ``encode_images_and_local`` on ``ctx.image``, else reads an indexed ``ctx.image_id``'s."""
     name = encoder_name or ctx.encoder
     info = _local_info(engine, name) or {}
+    local = getattr(ctx, "local", None)
+    if local is not None:      # (tokens [p, C], grid) from the embedding pass (encode_images_and_local)
+        tokens, grid = local
+        return reduce_tokens(engine, name, np.asarray(tokens)), _grid_positions(grid), (int(grid[0]), int(grid[1]))
     if getattr(ctx, "image", None) is not None:
         enc = engine.encoder(name)
         _, tokens, grid = enc.encode_images_and_local([ctx.image])
@@ -407,7 +451,7 @@ def rerank_hits(engine, ctx, hits: list, k: int, config: RerankConfig | dict | N
     if isinstance(config, dict):
         config = replace(DEFAULT_CONFIG, **config)
     config = config or DEFAULT_CONFIG
-    hits = list(hits)[: config.n_candidates]
+    hits = list(hits)[: max(config.n_candidates, int(k))]
     if not hits:
         return []
     name = ctx.encoder

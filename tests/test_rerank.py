@@ -67,14 +67,21 @@ def reference_scores(q_desc, q_pos, q_grid, g, candidates, cfg: RerankConfig):
     """Loops over every token pair and every match triple: the scores rerank_arrays must give."""
     hq, wq = q_grid
     out = []
-    for c_desc, c_pos in candidates:
-        P, Qn = len(q_desc), len(c_desc)
-        sim = [[float(np.dot(q_desc[i].astype(np.float64), c_desc[j].astype(np.float64))) for j in range(Qn)]
-               for i in range(P)]
-        maxsim = sum(max(row) for row in sim) / P
+    P = len(q_desc)
+    allsims = [[[float(np.dot(q_desc[i].astype(np.float64), c[j].astype(np.float64))) for j in range(len(c))]
+                for i in range(P)] for c, _ in candidates]
+    best = [[max(row) for row in sim] for sim in allsims]                 # [candidate][query token]
+    base = [float(np.percentile([best[c][i] for c in range(len(candidates))], cfg.local_norm_pct))
+            for i in range(P)]
+    for (c_desc, c_pos), sim, bst in zip(candidates, allsims, best):
+        Qn = len(c_desc)
+        maxsim = sum(max(bst[i] - base[i], 0.0) for i in range(P)) / P
+        # only query tokens above their background take part in matching
+        sim = [row if bst[i] - base[i] > 0 else [-np.inf] * Qn for i, row in enumerate(sim)]
         best_c = [max(range(Qn), key=lambda j: (sim[i][j], -j)) for i in range(P)]
         best_q = [max(range(P), key=lambda i: (sim[i][j], -i)) for j in range(Qn)]
-        matches = [(i, best_c[i]) for i in range(P) if best_q[best_c[i]] == i and sim[i][best_c[i]] >= cfg.min_match_sim]
+        matches = [(i, best_c[i]) for i in range(P) if best_q[best_c[i]] == i and sim[i][best_c[i]] >= cfg.min_match_sim
+                   and np.isfinite(sim[i][best_c[i]])]
         pts = [(((q_pos[i][1] + .5) / wq, (q_pos[i][0] + .5) / hq), ((c_pos[j][1] + .5) / wq, (c_pos[j][0] + .5) / hq))
                for i, j in matches]
         thr = cfg.ransac_threshold / max(q_grid)
