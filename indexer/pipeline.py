@@ -126,6 +126,48 @@ class DecodeDataset(torch.utils.data.Dataset):
         return rec
 
 
+class Uint8Head:
+    """The PIL part of a ``Compose([..., ToTensor, Normalize])`` preprocess, returning uint8 CHW.
+
+    Workers send uint8 tensors (4x less inter-process traffic than float32) and the float conversion
+    and normalisation run batched in the main process, on the encoder's device (``normalize``): the
+    same arithmetic as ``ToTensor`` + ``Normalize``.
+    """
+
+    def __init__(self, steps: list):
+        self.steps = steps
+
+    def __call__(self, img):
+        for step in self.steps:
+            img = step(img)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+    def __repr__(self) -> str:
+        return f"Uint8Head({self.steps!r})"
+
+
+def split_transform(preprocess) -> tuple[Callable, tuple[torch.Tensor, torch.Tensor] | None]:
+    """``(worker part, (mean, std) or None)``: split ``[..., ToTensor, Normalize]`` composes; others whole."""
+    steps = list(getattr(preprocess, "transforms", None) or [])
+    if len(steps) >= 2 and type(steps[-2]).__name__ in ("ToTensor", "MaybeToTensor") \
+            and type(steps[-1]).__name__ == "Normalize" and not getattr(steps[-1], "inplace", False):
+        mean = torch.as_tensor(steps[-1].mean, dtype=torch.float32).reshape(-1, 1, 1)
+        std = torch.as_tensor(steps[-1].std, dtype=torch.float32).reshape(-1, 1, 1)
+        return Uint8Head(steps[:-2]), (mean, std)
+    return preprocess, None
+
+
+def normalize(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device) -> torch.Tensor:
+    """uint8 batch -> normalised float32 on ``device`` (``ToTensor`` + ``Normalize`` arithmetic)."""
+    x = x.to(device, non_blocking=x.is_pinned())
+    if stats is None:
+        return x
+    mean, std = stats
+    return x.float().div_(255).sub_(mean.to(device)).div_(std.to(device))
+
+
 def collate(records: list[Record]) -> dict[str, Any]:
     """Stack the decoded images per transform (in the worker); records travel without tensors."""
     ok = [r for r in records if r.tensors is not None]
@@ -214,7 +256,8 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
         # 2. encoders and their manifest entries
         from retrieval.encoders import create_encoder
 
-        encoders = {n: create_encoder(n, device=cfg.device, precision=cfg.precision) for n in names}
+        need_models = manifest is None or bool(todo)   # a run with nothing new loads no model
+        encoders = {n: create_encoder(n, device=cfg.device, precision=cfg.precision) for n in names} if need_models else {}
         expected = len(state.ids) + len(todo)
         if manifest is None:
             entries = {}
@@ -242,7 +285,12 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
                         log.warning("encoder %s has no local features; indexing its global vectors only", n)
         local |= {n for n, e in manifest.encoders.items() if e.local_features is not None}
 
-        dev = next(iter(encoders.values())).device
+        if encoders:
+            dev = next(iter(encoders.values())).device
+        else:
+            from retrieval.device import resolve_device
+
+            dev = resolve_device(cfg.device, cfg.precision)
         writer = IndexWriter(out, manifest, state, shard_size=cfg.shard_size, local=local,
                              use_gpu=dev.is_cuda and _faiss_gpu())
 
@@ -257,15 +305,17 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
             log.info("removed %d images whose source is gone or changed", summary.pruned)
 
         # 4. read/decode → encode → write
-        transforms, group_of = [], {}
-        for n, enc in encoders.items():
-            key = repr(enc.preprocess)
-            reprs = [repr(tr) for tr in transforms]
-            if key in reprs and "object at 0x" not in key:
-                group_of[n] = reprs.index(key)
+        transforms, stats, group_of, keys = [], [], {}, []
+        for n, enc in encoders.items():   # encoders with the same preprocessing share one decode+transform
+            head, norm = split_transform(enc.preprocess) if not enc.binary else (enc.preprocess, None)
+            key = repr(head) + repr(None if norm is None else (norm[0].flatten().tolist(), norm[1].flatten().tolist()))
+            if key in keys and "object at 0x" not in key:
+                group_of[n] = keys.index(key)
             else:
                 group_of[n] = len(transforms)
-                transforms.append(enc.preprocess)
+                keys.append(key)
+                transforms.append(head)
+                stats.append(norm)
         workers = default_workers() if cfg.workers is None else max(0, int(cfg.workers))
         dataset = DecodeDataset(todo, transforms, frozenset(state.ids), ReadConfig(allow_download=cfg.allow_download),
                                 cfg.max_pixels)
@@ -309,9 +359,11 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
                     t = time.perf_counter()
                     vectors, local_out = {}, {}
                     for n, enc in encoders.items():
-                        x = batch["tensors"][group_of[n]]
+                        g = group_of[n]
+                        x = batch["tensors"][g]
                         if len(keep_pos) != len(x):
                             x = x[torch.as_tensor(keep_pos)]
+                        x = normalize(x, stats[g], enc.device.device)
                         vectors[n], loc = _embed(enc, x, n in writer.local)
                         if loc is not None:
                             local_out[n] = loc

@@ -154,7 +154,7 @@ def test_incremental_add_prune_and_alias_promotion(tmp_path, photos, tiny_clip):
     assert promoted["source"] == promoted["path"] == str(src / "copy of first.png") and json.loads(promoted["aliases"]) == []
     assert sorted(_covered_sources(out)) == _files(src)
     again = _index([src], out, [tiny_clip], shard_size=3, prune=True)   # the promoted alias counts as unchanged
-    assert (again.indexed, again.skipped, again.pruned) == (0, 5, 0)
+    assert (again.indexed, again.skipped, again.pruned) == (0, 4, 0)
     m = store.read_manifest(out)
     for sh in m.shards:   # rewritten shards are consistent, and no unlisted shard file is left
         assert store.read_vectors(out, tiny_clip, sh.name).ntotal == store.read_metadata(out, sh.name).num_rows
@@ -568,3 +568,20 @@ def test_empty_source_gives_an_empty_index(tmp_path, tiny_clip):
     s = _index([tmp_path / "empty"], tmp_path / "idx", [tiny_clip])
     assert (s.indexed, s.shards) == (0, 0)
     assert store.read_manifest(tmp_path / "idx").count == 0
+
+
+def test_uint8_transfer_matches_the_encoders_preprocess(photos, tiny_clip, effnet, tiny_dino):
+    import torch
+
+    from indexer.pipeline import normalize, split_transform
+    from retrieval import create_encoder
+
+    img = photos["coffee"]
+    for enc in (create_encoder(tiny_clip, device="cpu"), effnet):
+        head, stats = split_transform(enc.preprocess)
+        assert stats is not None
+        small = head(img)
+        assert small.dtype == torch.uint8 and small.shape[0] == 3
+        assert torch.equal(normalize(small[None], stats, torch.device("cpu"))[0], enc.preprocess(img))
+    dino = create_encoder(tiny_dino, device="cpu")
+    assert split_transform(dino.preprocess) == (dino.preprocess, None)   # not a ToTensor+Normalize compose
