@@ -78,10 +78,10 @@ def cased_scores(image_vec: np.ndarray, retrieved_vecs: np.ndarray, name_vecs: n
     ``image_vec`` [d]; ``retrieved_vecs`` [k, d] vectors of the retrieved texts; ``name_vecs`` [m, d]
     vectors of the candidate names. All are L2-normalised here.
     """
-    names = l2_normalize(np.asarray(name_vecs, dtype=np.float32).reshape(len(name_vecs), -1))
-    if not len(names):
+    if not len(name_vecs):
         empty = np.zeros(0, np.float64)
         return empty, empty, empty
+    names = l2_normalize(np.asarray(name_vecs, dtype=np.float32).reshape(len(name_vecs), -1))
     img = l2_normalize(np.asarray(image_vec, dtype=np.float32).reshape(1, -1))[0]
     retrieved = l2_normalize(np.asarray(retrieved_vecs, dtype=np.float32).reshape(-1, names.shape[1]))
     centroid = l2_normalize(retrieved.mean(axis=0, keepdims=True))[0] if len(retrieved) else img

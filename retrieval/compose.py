@@ -103,6 +103,9 @@ def parse_instruction(text: str) -> Instruction:
     t = _clean(raw)
     if not t:
         raise InvalidQueryError("empty instruction")
+    # "this shoe as a boot": drop the subject the user names the query image with
+    t = re.sub(r"^(?:this|that|the|my)\s+[a-z-]+(?:\s+[a-z-]+)?\s+(?=(?:as|into|but|in|with|without|instead|not|"
+               r"made|now)\b)", "", t)
     t = re.sub(r"^(the same|same|similar|like this|this|it)\s*(,\s*)?(but\s+)?", lambda m: "but " if m.group(3)
                else "", t).strip() or t
     t = re.sub(r"^(but|and|only|just|please)\s+", "", t).strip()

@@ -1,0 +1,73 @@
+"""``POST /api/classify``: vocabulary-free labels for an uploaded (or indexed) image.
+
+Request: ``image`` (multipart upload or base64 JSON) or ``image_id``; optional ``k`` (labels, default
+5), ``vocabulary`` (``captions`` = the served index's captions, ``imagenet21k``; default: the
+captions when the index has at least 50, else imagenet21k), ``encoder``.
+Response: ``{"labels": [{"label", "score"}...], "vocabulary", "encoder"}``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from flask import Blueprint, jsonify, request
+
+from retrieval.errors import InvalidQueryError
+
+from .common import get_engine, parse_query
+
+bp = Blueprint("classify", __name__)
+
+DEFAULT_LABELS = 5
+_LOCK = threading.Lock()
+_CLASSIFIERS: dict = {}
+
+
+def _classifier(engine, encoder_name: str, vocabulary: str | None):
+    from retrieval.classify import MIN_INDEX_CAPTIONS, make_classifier
+    from retrieval.vocab import caption_entries
+
+    if vocabulary in (None, "", "auto"):
+        try:
+            n = len(caption_entries(engine.index_dir).deduplicated())
+        except Exception:  # noqa: BLE001
+            n = 0
+        vocabulary = "captions" if n >= MIN_INDEX_CAPTIONS else "imagenet21k"
+    if vocabulary not in ("captions", "imagenet21k"):
+        raise InvalidQueryError("vocabulary must be 'captions' or 'imagenet21k'")
+    key = (str(engine.index_dir), encoder_name, vocabulary)
+    with _LOCK:   # one build per database, even under concurrent first requests
+        clf = _CLASSIFIERS.get(key)
+        if clf is None:
+            source = str(engine.index_dir) if vocabulary == "captions" else vocabulary
+            clf = make_classifier(engine.encoder(encoder_name), source)
+            _CLASSIFIERS[key] = clf
+    return clf, vocabulary
+
+
+@bp.post("/api/classify")
+def api_classify():
+    q = parse_query(request, require_query=False, require_image=True)
+    k = q.k if "k" in (request.get_json(silent=True) or request.form or {}) else DEFAULT_LABELS
+    vocabulary = q.extra.get("vocabulary")
+    if vocabulary is not None and not isinstance(vocabulary, str):
+        raise InvalidQueryError("vocabulary must be a string")
+    engine = get_engine()
+    encoder_name = q.encoder or engine.text_encoder
+    if encoder_name is None:
+        raise InvalidQueryError("this index has no text-capable encoder to classify with "
+                                "(index with conse-effnet-lite0 or clip-vit-b-32)")
+    if vocabulary not in (None, "", "auto", "captions", "imagenet21k"):
+        raise InvalidQueryError("vocabulary must be 'captions' or 'imagenet21k'")
+    import numpy as np
+
+    if q.image is not None:   # decode (and reject bad images) before any database is opened
+        from retrieval.images import load_image
+
+        vec = engine.encoder(encoder_name).encode_images([load_image(q.image)])
+    else:
+        vec = engine.vectors(encoder_name, [engine.hit_for_id(encoder_name, q.image_id)])
+    clf, vocabulary = _classifier(engine, encoder_name, vocabulary)
+    labels = clf.classify_vectors(np.asarray(vec, np.float32), top=k)[0]
+    return jsonify({"labels": [lab.to_json() for lab in labels], "vocabulary": vocabulary,
+                    "encoder": encoder_name})

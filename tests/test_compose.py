@@ -1,0 +1,153 @@
+"""Instruction-conditioned queries: parsing, rewriting, composition arithmetic, real-encoder sanity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.compose import (METHODS, ComposedQuery, compose_arithmetic, compose_caption, compose_instruction,
+                               compose_query, compose_sum, parse_instruction, rewrite_name)
+from retrieval.errors import InvalidQueryError
+
+
+def unit(v):
+    v = np.asarray(v, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+@pytest.mark.parametrize("text, kind, target, old, remove", [
+    ("as a boot", "replace", "boot", None, None),
+    ("this shoe as a boot", "replace", "boot", None, None),
+    ("make it red", "attribute", "red", None, None),
+    ("make it a boot", "replace", "boot", None, None),
+    ("the same but in red", "attribute", "red", None, None),
+    ("boot instead of sandal", "replace", "boot", "sandal", None),
+    ("red instead of blue", "attribute", "red", "blue", None),
+    ("replace the sandal with a boot", "replace", "boot", "sandal", None),
+    ("without straps", "remove", None, None, "straps"),
+    ("not striped", "remove", None, None, "striped"),
+    ("but red", "attribute", "red", None, None),
+    ("in leather", "attribute", "leather", None, None),
+    ("Sneaker.", "replace", "sneaker", None, None),
+])
+def test_parse_instruction(text, kind, target, old, remove):
+    ins = parse_instruction(text)
+    assert (ins.kind, ins.target, ins.old, ins.remove) == (kind, target, old, remove)
+
+
+def test_parse_instruction_rejects_empty():
+    with pytest.raises(InvalidQueryError):
+        parse_instruction("   ")
+
+
+@pytest.mark.parametrize("name, instruction, expected", [
+    ("sandal", "as a boot", "boot"),
+    ("sandal", "in red", "red sandal"),
+    ("blue sandal", "make it red", "red sandal"),
+    ("sandal", "with a strap", "sandal with strap"),
+    ("sandal", "without straps", "sandal"),
+    ("sandal", "boot instead of sandal", "boot"),
+    ("", "in red", "red"),
+])
+def test_rewrite_name(name, instruction, expected):
+    assert rewrite_name(name, instruction) == expected
+
+
+# -- arithmetic --------------------------------------------------------------------------------------
+def test_compose_query_keeps_the_original_signature_and_sum():
+    img, txt = np.array([3.0, 0.0, 0.0]), np.array([0.0, 0.0, 2.0])
+    out = compose_query(img, txt)                       # defaults: weight=0.5, method="sum"
+    np.testing.assert_allclose(out, unit([0.5, 0, 0.5]), rtol=1e-6)
+    out = compose_query(img, txt, weight=0.25, method="sum")
+    np.testing.assert_allclose(out, unit([0.75, 0, 0.25]), rtol=1e-6)
+    assert out.dtype == np.float32 and np.linalg.norm(out) == pytest.approx(1.0)
+    # arithmetic without an encoder: image + w * text (text_vec is the target)
+    np.testing.assert_allclose(compose_query(img, txt, method="arithmetic"), unit([1, 0, 1]), rtol=1e-6)
+    with pytest.raises(InvalidQueryError):
+        compose_query(img, txt, method="nonsense")
+
+
+def test_arithmetic_and_caption_formulas():
+    img, tgt, old = np.array([1.0, 0, 0]), np.array([0, 2.0, 0]), np.array([0, 0, 1.0])
+    np.testing.assert_allclose(compose_arithmetic(img, tgt, old, weight=1.0, old_weight=0.5),
+                               unit([1, 1, -0.5]), rtol=1e-6)
+    np.testing.assert_allclose(compose_arithmetic(img, tgt), unit([1, 1, -0.0]), rtol=1e-6)
+    np.testing.assert_allclose(compose_caption(img, tgt, old, weight=0.7, old_weight=0.5),
+                               unit([0.3, 0.7, -0.5]), rtol=1e-6)
+    np.testing.assert_allclose(compose_sum(img, tgt, 0.5), unit([1, 1, 0]), rtol=1e-6)
+
+
+class WordEncoder:
+    """Each known word is an axis; a text is the normalised sum of its words (prompt words ignored)."""
+
+    name = "words"
+    WORDS = ("sandal", "boot", "red", "blue", "strap", "straps", "shoe")
+    dim = len(WORDS)
+
+    def encode_texts(self, texts):
+        out = np.full((len(texts), self.dim), 1e-6, np.float32)
+        for i, t in enumerate(texts):
+            for w in t.lower().replace(".", " ").split():
+                if w in self.WORDS:
+                    out[i, self.WORDS.index(w)] += 1
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def axis(word):
+    return WordEncoder().encode_texts([word])[0]
+
+
+def test_compose_instruction_methods_with_a_label():
+    enc = WordEncoder()
+    img = unit(axis("sandal") + 0.2 * axis("blue"))
+    w = {"arithmetic": 1.0, "old": 0.5, "caption": 0.7}
+    arith = compose_instruction(enc, img, "as a boot", method="arithmetic", label="sandal", weights=w)
+    np.testing.assert_allclose(arith.vector, unit(img + axis("boot") - 0.5 * axis("sandal")), atol=1e-5)
+    cap = compose_instruction(enc, img, "as a boot", method="caption", label="sandal", weights=w)
+    assert cap.rewritten == "boot" and cap.label == "sandal"
+    np.testing.assert_allclose(cap.vector, unit(0.3 * img + 0.7 * axis("boot")), atol=1e-5)
+    fused = compose_instruction(enc, img, "as a boot", method="fused", label="sandal", weights=w)
+    np.testing.assert_allclose(fused.vector, unit(arith.vector + cap.vector), atol=1e-5)
+    # every method moves the query toward "boot" and away from "sandal"
+    for m in METHODS:
+        v = compose_instruction(enc, img, "as a boot", method=m, label="sandal").vector
+        assert v @ axis("boot") > img @ axis("boot")
+        assert v @ axis("sandal") < img @ axis("sandal")
+    # "without straps": the removed part is subtracted
+    rem = compose_instruction(enc, unit(axis("sandal") + axis("straps")), "without straps", method="caption",
+                              label="sandal")
+    assert rem.vector @ axis("straps") < 0.1
+    # attribute: "in red" -> "red sandal"
+    red = compose_instruction(enc, img, "in red", method="caption", label="blue sandal")
+    assert red.rewritten == "red sandal" and red.vector @ axis("red") > 0.3
+
+
+def test_compose_instruction_names_the_image_with_a_classifier():
+    from retrieval.classify import Label
+
+    class FakeClassifier:
+        def __init__(self):
+            self.calls = 0
+
+        def classify_vectors(self, vecs, top=None):
+            self.calls += 1
+            return [[Label("sandal", 0.9)] for _ in vecs]
+
+    clf = FakeClassifier()
+    enc = WordEncoder()
+    out = compose_query(axis("sandal"), axis("boot"), method="caption", encoder=enc, instruction="as a boot",
+                        classifier=clf)
+    assert clf.calls == 1
+    np.testing.assert_allclose(out, compose_instruction(enc, axis("sandal"), "as a boot", method="caption",
+                                                        label="sandal").vector, atol=1e-6)
+    q = compose_instruction(enc, axis("sandal"), "boot instead of sandal", method="arithmetic", classifier=clf)
+    assert isinstance(q, ComposedQuery) and clf.calls == 1   # the instruction named the old object itself
+    assert set(q.to_json()) == {"method", "instruction", "label", "rewritten"}
+
+
+def test_real_encoder_moves_toward_the_instruction(conse, photos):
+    img = conse.encode_images([photos["chelsea"]])[0]
+    dog = conse.encode_texts(["a photo of a dog."])[0]
+    for method in METHODS:
+        v = compose_instruction(conse, img, "as a dog", method=method, label="cat").vector
+        assert float(v @ dog) > float(img @ dog) + 0.05, method
