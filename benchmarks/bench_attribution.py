@@ -58,7 +58,8 @@ def masks(heat: np.ndarray, box, rng: np.random.Generator, fraction: float = FRA
     rnd = np.zeros((h, w), bool)
     left, upper, right, lower = (int(round(v)) for v in box)
     block = 16
-    cells = [(y, x) for y in range(max(0, upper), min(h, lower), block) for x in range(max(0, left), min(w, right), block)]
+    cells = [(y, x) for y in range(max(0, upper), min(h, lower), block)
+             for x in range(max(0, left), min(w, right), block)]
     for k in rng.permutation(len(cells)):
         if rnd.sum() >= n:
             break
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
                          top_d / max(cen_d, 1e-9), wins))
 
     per_ms = {}
-    for enc_name, m, dt, size in timings:
+    for enc_name, m, dt, _size in timings:
         per_ms.setdefault((enc_name, m), []).append(dt)
     lines = [
         "<!-- bench_attribution -->",

@@ -131,8 +131,8 @@ def transform(img: Image.Image, kind: str, rng: np.random.Generator, backgrounds
 def build_index(out: Path, enc, images: list[Image.Image], keys: list[str], batch: int = 32) -> None:
     import faiss
 
-    from retrieval import store
     from indexer.writer import LOCAL_DIM  # the dimension `loupe index --local-features` uses
+    from retrieval import store
 
     vecs, toks = [], []
     grid = None

@@ -89,7 +89,8 @@ def crop_box(encoder, size: tuple[int, int]) -> tuple[float, float, float, float
     return left, top, left + side, top + side
 
 
-def to_image_map(grid_map: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+def to_image_map(grid_map: np.ndarray, size: tuple[int, int],
+                 box: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """Bilinearly upsample a grid map into ``box`` of an image of ``size`` (W, H); zero outside; max 1."""
     w, h = int(size[0]), int(size[1])
     g = np.asarray(grid_map, np.float32)

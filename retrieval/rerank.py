@@ -402,7 +402,8 @@ def reduce_tokens(engine, encoder: str, tokens: np.ndarray) -> np.ndarray:
     return l2_normalize(tokens) if red is None else red.transform(tokens)
 
 
-def query_local_features(engine, ctx, encoder_name: str | None = None) -> tuple[np.ndarray, np.ndarray, tuple[int, int]] | None:
+def query_local_features(engine, ctx, encoder_name: str | None = None
+                         ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]] | None:
     """The query's local descriptors in the index's space: ``(desc [p, c], pos [p, 2], grid)`` or None.
 
     Uses ``ctx.local = (tokens, grid)`` when the embedding step kept them (one forward pass), else runs

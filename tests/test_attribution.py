@@ -10,8 +10,15 @@ import torch
 from PIL import Image
 
 from retrieval import create_encoder
-from retrieval.attribution import (attribute, conse_vector_torch, crop_box, eigen_cam, match_maps, to_image_map,
-                                   token_contributions)
+from retrieval.attribution import (
+    attribute,
+    conse_vector_torch,
+    crop_box,
+    eigen_cam,
+    match_maps,
+    to_image_map,
+    token_contributions,
+)
 from retrieval.errors import InvalidQueryError, UnsupportedModalityError
 from retrieval.overlay import blend, colormap_lut, heatmap_json, overlay_png
 

@@ -10,9 +10,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.rerank import (RerankConfig, alpha_query_expansion, database_side_augmentation, grid_coordinates,
-                              maxsim_score, mutual_nearest_neighbors, ransac_affine, rerank_arrays, rerank_hits,
-                              text_patch_scores, verify_pair)
+from retrieval.rerank import (
+    RerankConfig,
+    alpha_query_expansion,
+    database_side_augmentation,
+    grid_coordinates,
+    maxsim_score,
+    mutual_nearest_neighbors,
+    ransac_affine,
+    rerank_arrays,
+    rerank_hits,
+    text_patch_scores,
+    verify_pair,
+)
 
 
 def _unit(x):

@@ -79,7 +79,8 @@ def test_explain_cli(built, tmp_path, capsys):
     assert Image.open(out).size == (512, 512) and Image.open(qout).size == Image.open(root / "query.jpg").size
     heat = json.loads((tmp_path / "h.json").read_text())
     assert heat["width"] == 512 and heat["height"] == 512 and len(heat["heatmap"]) == 512
-    rc = main(["explain", str(idx), "--text", "a cup of coffee", "--result", _id_of(engine, "coffee"), "--out", str(out)])
+    coffee = _id_of(engine, "coffee")
+    rc = main(["explain", str(idx), "--text", "a cup of coffee", "--result", coffee, "--out", str(out)])
     assert rc == 0 and Image.open(out).size == (600, 400)
     assert main(["explain", str(idx), "--text", "a cat", "--result", "0" * 15, "--out", str(out)]) == 2
 
