@@ -23,7 +23,7 @@ EPILOG = """examples:
 def add_arguments(p) -> None:
     p.add_argument("dir", metavar="DIR", help="index directory (built by `loupe index`)")
     p.add_argument("--threshold", type=float, default=None, metavar="X",
-                   help="keep pairs with similarity >= X (default 0.95)")
+                   help="keep pairs with similarity >= X (default: per encoder, see README; 0.95 otherwise)")
     p.add_argument("--encoder", default=None, metavar="NAME",
                    help="which of the index's encoders to compare with (default: the most copy-specific one)")
     p.add_argument("--method", choices=("range", "knn"), default="range",
@@ -37,13 +37,13 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from retrieval.copydetect import choose_encoder
-    from retrieval.dedup import DEFAULT_THRESHOLD, DedupConfig, deduplicate, pack_signs, pair_work, write_result
+    from retrieval.dedup import DedupConfig, deduplicate, default_dedup_threshold, pack_signs, pair_work, write_result
     from retrieval.engine import Engine
 
-    config = DedupConfig(threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
-                         method=args.method, k=args.k, batch_size=args.batch_size)
     engine = Engine(args.dir, device="cpu")
     name = choose_encoder(engine, args.encoder)
+    config = DedupConfig(threshold=default_dedup_threshold(name) if args.threshold is None else args.threshold,
+                         method=args.method, k=args.k, batch_size=args.batch_size)
     binary = engine.manifest.encoders[name].index_type == "binary" or name == "pdq"
     blocks, ids = [], []
     for _, vecs, vids in engine.all_vectors(name):

@@ -44,14 +44,19 @@ from .errors import InvalidQueryError
 BACKGROUND_FILE = "background.npy"
 BACKGROUND_IDS_FILE = "background-ids.npy"
 
-# Calibrated on benchmarks/bench_copydetect.py (see benchmarks/results/copydetect.md); keys are
-# (normalised?, verified?). Scores are similarities (raw) or similarity margins (normalised).
-DEFAULT_THRESHOLDS = {
-    (False, False): 0.80,
-    (True, False): 0.20,
-    (True, True): 0.30,
-    (False, True): 0.90,
+# Calibrated on benchmarks/bench_copydetect.py (see benchmarks/results/copydetect.md) for about 90 %
+# precision, with the default index-sample background; keys are (normalised?, verified?). Raw scores
+# are similarities; normalised ones are similarity margins over the background neighbour.
+DEFAULT_THRESHOLDS: dict[str, dict[tuple[bool, bool], float]] = {
+    "*": {(False, False): 0.80, (True, False): 0.20, (True, True): 0.30, (False, True): 0.90},
 }
+
+
+def default_threshold(encoder: str | None, normalized: bool, verified: bool) -> float:
+    table = DEFAULT_THRESHOLDS.get(encoder or "*", DEFAULT_THRESHOLDS["*"])
+    return table.get((bool(normalized), bool(verified)), DEFAULT_THRESHOLDS["*"][(bool(normalized), bool(verified))])
+
+
 # Encoders preferred for copy detection when the index has several (most copy-specific first).
 PREFERRED_ENCODERS = ("sscd", "dinov2-base", "dinov2-small", "effnet-lite0", "clip-vit-l-14", "clip-vit-b-32")
 
@@ -73,10 +78,10 @@ class MatchConfig:
         if self.k < 1 or self.bg_k < 1 or self.n_verify < 0 or self.background_size < 1:
             raise InvalidQueryError("match k, bg_k and background_size must be positive")
 
-    def resolved_threshold(self, verified: bool) -> float:
+    def resolved_threshold(self, verified: bool, encoder: str | None = None) -> float:
         if self.threshold is not None:
             return float(self.threshold)
-        return DEFAULT_THRESHOLDS[(bool(self.normalize), bool(verified))]
+        return default_threshold(encoder, self.normalize, verified)
 
 
 @dataclass
@@ -420,6 +425,13 @@ def _verify_available(engine, name: str) -> bool:
     return bool(entry.local_features)
 
 
+def verification_enabled(engine, name: str, config: MatchConfig) -> bool:
+    """Whether ``match_images`` verifies locally: asked for (or auto) and the index has local features."""
+    if config.verify is False or _is_binary_encoder(engine, name):
+        return False
+    return _verify_available(engine, name)
+
+
 def match_images(engine, images: Sequence[Any], config: MatchConfig | None = None, *,
                  encoder: str | None = None) -> list[list[Match]]:
     """For each query image (bytes / PIL / path), the indexed images it is a copy of, best first.
@@ -460,9 +472,8 @@ def match_images(engine, images: Sequence[Any], config: MatchConfig | None = Non
         if bg.shape[1] < sims.shape[1]:
             bg = np.pad(bg, ((0, 0), (0, sims.shape[1] - bg.shape[1])))
     # 3. local verification
-    verify = config.verify if config.verify is not None else _verify_available(engine, name)
     ver = None
-    if verify and not binary and _verify_available(engine, name):
+    if verification_enabled(engine, name, config):
         ver = _verify_candidates(engine, name, ctxs, hits_per_query, config, sims.shape)
     # collect with per-query ids
     out = []
@@ -471,8 +482,7 @@ def match_images(engine, images: Sequence[Any], config: MatchConfig | None = Non
         q_rows = np.array([[i if i < len(q_ids) else -1 for i in range(sims.shape[1])]])
         res = _collect(sims[qi:qi + 1], q_rows, q_ids, config,
                        None if bg is None else bg[qi:qi + 1],
-                       None if ver is None else ver[qi:qi + 1], config.threshold if config.threshold is not None
-                       else config.resolved_threshold(ver is not None))
+                       None if ver is None else ver[qi:qi + 1], config.resolved_threshold(ver is not None, name))
         for m in res[0]:
             m.query = qi
         out.append(res[0])
@@ -504,4 +514,5 @@ def _verify_candidates(engine, name, ctxs, hits_per_query, config: MatchConfig, 
 __all__ = ["MatchConfig", "Match", "Background", "knn", "background_similarity", "normalize_scores",
            "final_scores", "match_arrays", "micro_average_precision", "recall_at_precision",
            "precision_recall_curve", "threshold_for_precision", "build_background", "background_path",
-           "load_background", "sample_background", "choose_encoder", "match_images", "DEFAULT_THRESHOLDS"]
+           "load_background", "sample_background", "choose_encoder", "match_images", "DEFAULT_THRESHOLDS",
+           "default_threshold", "verification_enabled"]

@@ -30,6 +30,13 @@ from .errors import InvalidQueryError
 Progress = Callable[[int], None]  # called with the number of query rows just processed
 
 DEFAULT_THRESHOLD = 0.95           # cosine; for PDQ 0.95 <=> Hamming distance <= 6 of 256 bits
+# Per-encoder defaults for `loupe dedup` (raw similarity at which a top match was a true copy about
+# 90 % of the time on benchmarks/bench_copydetect.py; see benchmarks/results/copydetect.md).
+DEDUP_THRESHOLDS: dict[str, float] = {}
+
+
+def default_dedup_threshold(encoder: str | None) -> float:
+    return DEDUP_THRESHOLDS.get(encoder or "", DEFAULT_THRESHOLD)
 
 
 @dataclass

@@ -39,7 +39,7 @@ def _flag(name, value) -> bool:
 
 @bp.post("/api/duplicates")
 def api_duplicates():
-    from retrieval.copydetect import MatchConfig, match_images
+    from retrieval.copydetect import MatchConfig, choose_encoder, match_images, verification_enabled
 
     t0 = time.perf_counter()
     q = parse_query(request, require_image=True)
@@ -55,14 +55,12 @@ def api_duplicates():
     engine = get_engine()
     image = q.image if q.image is not None else engine.load_image(q.image_id)
     config = MatchConfig(k=min(k, 100), threshold=threshold, normalize=normalize, verify=verify)
-    from retrieval.copydetect import choose_encoder
-
     name = choose_encoder(engine, q.encoder)
     found = match_images(engine, [image], config, encoder=name)[0]
-    verified = any(m.verify is not None for m in found)
+    verified = verification_enabled(engine, name, config)
     return jsonify({
         "matches": [m.to_json() for m in found],
         "encoder": name,
-        "threshold": config.resolved_threshold(verified) if threshold is None else threshold,
+        "threshold": config.resolved_threshold(verified, name),
         "took_ms": round((time.perf_counter() - t0) * 1e3, 2),
     })

@@ -79,7 +79,7 @@ def test_planted_copies_match_and_unrelated_do_not(engine, photos):
 
     queries, expected = [], []
     for name in ("chelsea", "astronaut"):
-        for fam, img in copies_of(photos[name]).items():
+        for img in copies_of(photos[name]).values():
             queries.append(img)
             expected.append(name)
     for name in HELD_OUT:
@@ -115,7 +115,7 @@ def test_match_cli_json(copy_index, photos, tmp_path, capsys):
 
 
 def test_build_background_is_used(copy_index, photos, tmp_path, capsys):
-    from retrieval.copydetect import background_path, load_background, MatchConfig
+    from retrieval.copydetect import MatchConfig, background_path, load_background
     from retrieval.engine import Engine
 
     folder = tmp_path / "unrelated"

@@ -6,9 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.copydetect import (Background, MatchConfig, background_similarity, final_scores, knn, match_arrays,
-                                  micro_average_precision, normalize_scores, recall_at_precision,
-                                  sample_background, threshold_for_precision)
+from retrieval.copydetect import (
+    Background,
+    MatchConfig,
+    background_similarity,
+    final_scores,
+    knn,
+    match_arrays,
+    micro_average_precision,
+    normalize_scores,
+    recall_at_precision,
+    sample_background,
+    threshold_for_precision,
+)
 from retrieval.errors import InvalidQueryError
 
 

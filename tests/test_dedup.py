@@ -8,9 +8,20 @@ import json
 import numpy as np
 import pytest
 
-from retrieval.dedup import (DedupConfig, Pairs, brute_force_pairs, connected_groups, deduplicate,
-                             exact_duplicates, find_pairs, hamming_to_score, pack_signs, pair_work,
-                             score_to_max_hamming, write_result)
+from retrieval.dedup import (
+    DedupConfig,
+    Pairs,
+    brute_force_pairs,
+    connected_groups,
+    deduplicate,
+    exact_duplicates,
+    find_pairs,
+    hamming_to_score,
+    pack_signs,
+    pair_work,
+    score_to_max_hamming,
+    write_result,
+)
 from retrieval.errors import InvalidQueryError
 
 
