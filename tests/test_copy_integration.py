@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
 import shutil
@@ -170,3 +171,28 @@ def test_api_duplicates(engine, photos):
     assert client.post("/api/duplicates", json={"text": "a cat"}).status_code == 400
     assert client.post("/api/duplicates", json={"image": img, "threshold": "high"}).status_code == 400
     assert client.post("/api/duplicates", json={}).status_code == 400
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pdqhash") is None, reason="optional extra 'pdq' not installed")
+def test_pdq_binary_index_match_and_dedup(tmp_path, photos, capsys):
+    """PDQ: the index stores binary codes; match and dedup search them by Hamming distance."""
+    from retrieval.copydetect import MatchConfig, match_images
+    from retrieval.engine import Engine
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in INDEXED:
+        photos[name].save(src / f"{name}.png")
+    jpeg(photos["chelsea"], 30).save(src / "chelsea-reencoded.jpg")
+    out = tmp_path / "idx"
+    assert loupe(["index", str(src), "--out", str(out), "--encoder", "pdq", "--device", "cpu", "--workers", "0"]) == 0
+    capsys.readouterr()
+    engine = Engine(out, device="cpu")
+    assert engine.manifest.encoders["pdq"].index_type == "binary"
+    res = match_images(engine, [jpeg(photos["astronaut"], 20), photos["brick"]], MatchConfig(normalize=False,
+                                                                                             threshold=0.8))
+    assert [stem(engine, m.id) for m in res[0]][:1] == ["astronaut"]
+    assert res[0][0].similarity > 0.8 and res[1] == []
+    assert loupe(["dedup", str(out), "--threshold", "0.8", "--json"]) == 0
+    groups = [sorted(stem(engine, i) for i in g) for g in json.loads(capsys.readouterr().out)["groups"]]
+    assert groups == [["chelsea", "chelsea-reencoded"]]

