@@ -15,7 +15,7 @@ Examples::
     python benchmarks/bench_index.py                                  # effnet-lite0, CPU, small sizes
     python benchmarks/bench_index.py --photos 512 --fmnist-sizes 5000,70000
     python benchmarks/bench_index.py --encoder clip-vit-b-32 --random-weights --device cuda \\
-        --photos 4096 --batch-size 256 --workers 8 --fmnist 0           # GPU speed, fp16, JPEG decode included
+        --photos 16384 --batch-size 256 --workers 15 --fmnist 0 [--decode gpu]   # GPU speed, fp16, JPEG decode included
 
 ``--random-weights`` builds the encoder's architecture without pretrained weights (speed only; open_clip
 encoders), so it runs on machines without the model hub.
@@ -152,7 +152,8 @@ def bench_pipeline(args, encoder_name: str, tmp: Path) -> dict:
     # pipeline: read + decode + preprocess in workers, encode, write shards
     t = time.perf_counter()
     s = build_index(IndexConfig(sources=[str(tmp / "photos")], out=str(tmp / "idx"), encoders=[encoder_name],
-                                device=args.device, batch_size=args.batch_size, workers=args.workers))
+                                device=args.device, batch_size=args.batch_size, workers=args.workers,
+                                decode=args.decode))
     pipe_s = time.perf_counter() - t
     assert s.indexed == len(paths), s.to_json()
 
@@ -201,6 +202,7 @@ def main() -> None:
     p.add_argument("--fmnist", type=int, default=1000, help="Fashion-MNIST images to index (0: skip; 70000: all)")
     p.add_argument("--fmnist-sizes", default=None, help="comma-separated sizes (overrides --fmnist)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--decode", choices=("cpu", "gpu"), default="cpu", help="gpu: batched JPEG decode on the device")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--shard-size", type=int, default=10_000)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
@@ -223,7 +225,7 @@ def main() -> None:
     dev = resolve_device(args.device)
     workers = default_workers() if args.workers is None else args.workers
     print(f"# bench_index: encoder={name} device={dev.device} precision={dev.precision} "
-          f"batch={args.batch_size} workers={workers} torch_threads={torch.get_num_threads()}")
+          f"batch={args.batch_size} workers={workers} decode={args.decode} torch_threads={torch.get_num_threads()}")
     print(f"# machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, load avg "
           f"{os.getloadavg()[0]:.1f}, python {platform.python_version()}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory(prefix="loupe-bench-index-") as tmp_s:

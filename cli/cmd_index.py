@@ -46,6 +46,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
                    help="skip images larger than N pixels (decompression-bomb guard; default 100,000,000 "
                         "or $LOUPE_MAX_PIXELS)")
+    p.add_argument("--decode", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: decode and resize JPEGs in batches on the encoder's device (nvJPEG on CUDA); "
+                        "vectors are close to, not identical with, CPU decoding — use one per index")
     p.add_argument("--wait", action="store_true", help="wait for another `loupe index` on DIR instead of failing")
 
 
@@ -61,7 +64,7 @@ def run(args) -> int:
         shard_size=args.shard_size, device=args.device, precision=args.precision, batch_size=args.batch_size,
         workers=args.workers, local_features=args.local_features, prune=args.prune,
         allow_download=args.allow_download, max_memory=parse_memory(args.max_memory),
-        max_pixels=args.max_pixels, wait=args.wait)
+        max_pixels=args.max_pixels, wait=args.wait, decode=args.decode)
     bar = None
     progress = total = None
     if sys.stderr.isatty():

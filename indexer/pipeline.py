@@ -61,6 +61,7 @@ class IndexConfig:
     max_memory: int | None = None           # bytes, for the index-type choice
     max_pixels: int | None = None           # None: retrieval.images.MAX_PIXELS
     wait: bool = False                      # wait for another writer's lock instead of failing
+    decode: str = "cpu"                     # "gpu": JPEGs decoded on the encoder's device (indexer.gpu_batch)
 
 
 @dataclass
@@ -91,12 +92,14 @@ class Record:
     duplicate: bool = False     # content already in the index: not decoded
     error: str | None = None
     tensors: tuple | None = None
+    raw: bytes | None = None    # --decode gpu: JPEG bytes decoded in the main process on the device
 
 
 class DecodeDataset(torch.utils.data.Dataset):
     def __init__(self, items: list[Item], transforms: list[Callable], known_ids: frozenset[str],
-                 read_cfg: ReadConfig, max_pixels: int | None):
+                 read_cfg: ReadConfig, max_pixels: int | None, gpu_jpeg: bool = False):
         self.items = items
+        self.gpu_jpeg = gpu_jpeg
         self.transforms = transforms
         self.known_ids = known_ids
         self.read_cfg = read_cfg
@@ -116,6 +119,14 @@ class DecodeDataset(torch.utils.data.Dataset):
             if rec.id in self.known_ids:
                 rec.duplicate = True
                 return rec
+            if self.gpu_jpeg:
+                from .gpu_batch import gpu_decodable
+
+                size = gpu_decodable(data, self.max_pixels)
+                if size is not None:
+                    rec.width, rec.height = size
+                    rec.raw = data
+                    return rec
             img = load_image(data, max_pixels=self.max_pixels)
             rec.width, rec.height = img.size
             rec.tensors = tuple(t(img) for t in self.transforms)
@@ -166,6 +177,35 @@ def normalize(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None, 
         return x
     mean, std = stats
     return x.float().div_(255).sub_(mean.to(device)).div_(std.to(device))
+
+
+def assemble(batch: dict[str, Any], kept: list[int], decoded: dict, fallback: dict, g: int,
+             stats: list, enc) -> torch.Tensor:
+    """The encoder's input for the kept records, in order, on its device: rows decoded by the workers
+    (normalised here), rows decoded on the GPU (``--decode gpu``) and JPEGs the GPU refused."""
+    device = enc.device.device
+    parts, where = [], {}
+    if batch["ok"]:
+        parts.append(normalize(batch["tensors"][g], stats[g], device))
+        where.update({idx: pos for pos, idx in enumerate(batch["ok"])})
+    if decoded:
+        from retrieval.gpu_decode import GpuTransformConfig
+
+        tensor, rows = decoded[GpuTransformConfig.from_spec(enc.spec)]
+        offset = sum(len(p) for p in parts)
+        if tensor is not None:
+            parts.append(tensor.to(device))
+            where.update({idx: offset + row for idx, row in rows.items() if idx not in fallback})
+    fb = [idx for idx in kept if idx in fallback]
+    if fb:
+        offset = sum(len(p) for p in parts)
+        parts.append(normalize(torch.stack([fallback[idx][g] for idx in fb]), stats[g], device))
+        where.update({idx: offset + i for i, idx in enumerate(fb)})
+    x = parts[0] if len(parts) == 1 else torch.cat(parts)
+    order = [where[idx] for idx in kept]
+    if order != list(range(len(x))):
+        x = x[torch.as_tensor(order, device=x.device)]
+    return x
 
 
 def collate(records: list[Record]) -> dict[str, Any]:
@@ -316,9 +356,17 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
                 keys.append(key)
                 transforms.append(head)
                 stats.append(norm)
+        gpu_decode = cfg.decode == "gpu" and bool(encoders)
+        if cfg.decode not in ("cpu", "gpu"):
+            raise LoupeError(f"unknown --decode {cfg.decode!r}: use cpu or gpu")
+        if gpu_decode and any(e.binary for e in encoders.values()):
+            log.warning("--decode gpu does not apply to binary encoders (PDQ); decoding on the CPU")
+            gpu_decode = False
+        if gpu_decode:
+            from .gpu_batch import decode_raw
         workers = default_workers() if cfg.workers is None else max(0, int(cfg.workers))
         dataset = DecodeDataset(todo, transforms, frozenset(state.ids), ReadConfig(allow_download=cfg.allow_download),
-                                cfg.max_pixels)
+                                cfg.max_pixels, gpu_jpeg=gpu_decode)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=max(1, cfg.batch_size), shuffle=False, num_workers=workers, collate_fn=collate,
             pin_memory=dev.is_cuda, worker_init_fn=_worker_init if workers else None,
@@ -338,8 +386,11 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
                 t_read += time.perf_counter() - t
                 if batch is None:
                     break
-                keep_pos, rows, aliases = [], [], []
-                ok_pos = {idx: pos for pos, idx in enumerate(batch["ok"])}
+                kept, rows, aliases = [], [], []
+                decoded, fallback = {}, {}
+                if gpu_decode:
+                    decoded, fallback = decode_raw(batch["records"], encoders, transforms, cfg.max_pixels,
+                                                   dev.device)
                 for rec in batch["records"]:
                     item = todo[rec.index]
                     if rec.error is not None:
@@ -349,7 +400,7 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
                         summary.skipped += 1
                     else:
                         seen_ids.add(rec.id)
-                        keep_pos.append(ok_pos[rec.index])
+                        kept.append(rec.index)
                         rows.append({"id": rec.id, "source": item.source,
                                      "path": item.path if item.kind == "file" else None,
                                      "caption": item.caption, "width": rec.width, "height": rec.height,
@@ -359,11 +410,7 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
                     t = time.perf_counter()
                     vectors, local_out = {}, {}
                     for n, enc in encoders.items():
-                        g = group_of[n]
-                        x = batch["tensors"][g]
-                        if len(keep_pos) != len(x):
-                            x = x[torch.as_tensor(keep_pos)]
-                        x = normalize(x, stats[g], enc.device.device)
+                        x = assemble(batch, kept, decoded, fallback, group_of[n], stats, enc)
                         vectors[n], loc = _embed(enc, x, n in writer.local)
                         if loc is not None:
                             local_out[n] = loc

@@ -585,3 +585,51 @@ def test_uint8_transfer_matches_the_encoders_preprocess(photos, tiny_clip, effne
         assert torch.equal(normalize(small[None], stats, torch.device("cpu"))[0], enc.preprocess(img))
     dino = create_encoder(tiny_dino, device="cpu")
     assert split_transform(dino.preprocess) == (dino.preprocess, None)   # not a ToTensor+Normalize compose
+
+
+def test_gpu_decode_path_matches_cpu_path(tmp_path, photos, tiny_clip, monkeypatch):
+    """``--decode gpu`` runs here with torchvision's CPU JPEG decoder: same images, same ids, close vectors;
+    EXIF-rotated, truncated, PNG and CMYK files take the CPU path and come out as on it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in ("astronaut", "coffee", "rocket", "chelsea"):
+        photos[n].save(src / f"{n}.jpg", quality=92)
+    photos["camera"].save(src / "camera.png")
+    photos["astronaut"].convert("CMYK").save(src / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photos["coffee"].resize((96, 64)).save(src / "rotated.jpg", exif=exif)
+    data = (src / "rocket.jpg").read_bytes()
+    (src / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    import retrieval.gpu_decode as gd
+
+    blobs_seen = []
+    real = gd.decode_batch
+    monkeypatch.setattr(gd, "decode_batch", lambda blobs, *a, **kw: blobs_seen.extend(blobs) or real(blobs, *a, **kw))
+    cpu = _index([src], tmp_path / "cpu", [tiny_clip], batch_size=3)
+    assert blobs_seen == []
+    gpu = _index([src], tmp_path / "gpu", [tiny_clip], batch_size=3, decode="gpu")
+    # only the four plain JPEGs went to the batched decoder
+    assert sorted(blobs_seen) == sorted((src / f"{n}.jpg").read_bytes() for n in ("astronaut", "coffee", "rocket", "chelsea"))
+    assert (gpu.indexed, [f.source for f in gpu.failed]) == (cpu.indexed, [f.source for f in cpu.failed]) == (
+        7, [str(src / "truncated.jpg")])
+    rows_cpu = {r["id"]: r for r in _all_rows(tmp_path / "cpu")}
+    rows_gpu = {r["id"]: r for r in _all_rows(tmp_path / "gpu")}
+    assert rows_cpu.keys() == rows_gpu.keys()
+    for i in rows_cpu:
+        assert (rows_cpu[i]["width"], rows_cpu[i]["height"]) == (rows_gpu[i]["width"], rows_gpu[i]["height"])
+    vc, ic = stored_vectors(tmp_path / "cpu", tiny_clip)
+    vg, ig = stored_vectors(tmp_path / "gpu", tiny_clip)
+    vg = vg[[ig.index(i) for i in ic]]
+    cos = np.sum(vc * vg, axis=1)
+    assert np.all(cos > 0.97), cos
+    cpu_path = {i for i, r in rows_cpu.items() if Path(r["source"]).name in ("camera.png", "cmyk.jpg", "rotated.jpg")}
+    for k, i in enumerate(ic):   # files that take the CPU path give identical vectors
+        if i in cpu_path:
+            assert cos[k] > 0.99999
+    # a JPEG the GPU decoder refuses is decoded on the CPU in the main process: same vectors as the CPU path
+    monkeypatch.setattr(gd, "decode_batch", lambda blobs, *a, **kw: (None, [], list(range(len(blobs)))))
+    fb = _index([src], tmp_path / "fallback", [tiny_clip], batch_size=3, decode="gpu")
+    assert fb.indexed == 7 and [f.source for f in fb.failed] == [str(src / "truncated.jpg")]
+    vf, i_f = stored_vectors(tmp_path / "fallback", tiny_clip)
+    np.testing.assert_allclose(vf[[i_f.index(i) for i in ic]], vc, atol=1e-6)
