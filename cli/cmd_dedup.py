@@ -36,8 +36,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from retrieval.copydetect import choose_encoder
-    from retrieval.dedup import DedupConfig, deduplicate, default_dedup_threshold, pack_signs, pair_work, write_result
+    from retrieval.copydetect import binary_blocks, choose_encoder
+    from retrieval.dedup import DedupConfig, deduplicate, default_dedup_threshold, pair_work, write_result
     from retrieval.engine import Engine
 
     engine = Engine(args.dir, device="cpu")
@@ -46,8 +46,8 @@ def run(args) -> int:
                          method=args.method, k=args.k, batch_size=args.batch_size)
     binary = engine.manifest.encoders[name].index_type == "binary" or name == "pdq"
     blocks, ids = [], []
-    for _, vecs, vids in engine.all_vectors(name):
-        blocks.append(pack_signs(vecs) if binary else vecs)
+    for _, vecs, vids in (binary_blocks(engine, name) if binary else engine.all_vectors(name)):
+        blocks.append(vecs)
         ids.extend(vids)
     rows = []
     for table in engine.tables:

@@ -366,13 +366,27 @@ def _is_binary_encoder(engine, name: str) -> bool:
     return entry.index_type == "binary" or name == "pdq"
 
 
+def binary_blocks(engine, name: str):
+    """``(shard, packed uint8 codes [n, nbits/8], ids)`` per shard of a binary (PDQ) encoder: read
+    straight from the binary shards when the engine exposes them, else packed from ``all_vectors``."""
+    indexes = getattr(engine, "indexes", {}).get(name)
+    shard_ids = getattr(engine, "shard_ids", None)
+    if indexes is not None and shard_ids is not None and all(hasattr(ix, "code_size") for ix in indexes):
+        for i, ix in enumerate(indexes):
+            codes = ix.reconstruct_n(0, ix.ntotal) if ix.ntotal else np.zeros((0, ix.code_size), np.uint8)
+            yield i, np.asarray(codes, np.uint8), list(shard_ids[i])
+        return
+    for i, vecs, vids in engine.all_vectors(name):
+        yield i, pack_signs(vecs), vids
+
+
 def _all_codes(engine, name: str) -> tuple[np.ndarray, list[str]]:
     cache = _cache(engine)
     with cache.lock:
         if name not in cache.binary:
             codes, ids = [], []
-            for _, vecs, vids in engine.all_vectors(name):
-                codes.append(pack_signs(vecs))
+            for _, block, vids in binary_blocks(engine, name):
+                codes.append(block)
                 ids.extend(vids)
             cache.binary[name] = (np.concatenate(codes) if codes else np.zeros((0, 32), np.uint8), ids)
         return cache.binary[name]
@@ -391,7 +405,8 @@ def load_background(engine, name: str, config: MatchConfig) -> Background:
         vecs = np.load(path)
         bg = Background(pack_signs(vecs) if binary else vecs.astype(np.float32), None, "file")
     else:
-        bg = sample_background(engine.all_vectors(name), config.background_size, seed=config.seed, binary=binary)
+        blocks = binary_blocks(engine, name) if binary else engine.all_vectors(name)
+        bg = sample_background(blocks, config.background_size, seed=config.seed, binary=binary)
     with cache.lock:
         cache.background[key] = bg
     return bg
@@ -515,4 +530,4 @@ __all__ = ["MatchConfig", "Match", "Background", "knn", "background_similarity",
            "final_scores", "match_arrays", "micro_average_precision", "recall_at_precision",
            "precision_recall_curve", "threshold_for_precision", "build_background", "background_path",
            "load_background", "sample_background", "choose_encoder", "match_images", "DEFAULT_THRESHOLDS",
-           "default_threshold", "verification_enabled"]
+           "default_threshold", "verification_enabled", "binary_blocks"]
