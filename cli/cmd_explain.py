@@ -58,7 +58,8 @@ def run(args) -> int:
     engine.locate(args.result)
     ctx = engine.embed(text=args.text, image=image, image_id=args.id, instruction=args.instruction,
                        encoder=args.encoder)
-    ex = explain(engine, ctx, args.result, method=args.method, rerank=args.rerank)
+    ex = explain(engine, ctx, args.result, method=args.method, rerank=args.rerank,
+                 query_side=bool(args.query_out))
     atomic_write_bytes(args.out, overlay_png(ex.result_image, ex.result, alpha=args.alpha))
     summary = {"out": args.out, "result": args.result, "method": ex.method, "encoder": ex.encoder,
                "width": int(ex.result.shape[1]), "height": int(ex.result.shape[0]), **ex.extra}

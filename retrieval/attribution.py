@@ -271,8 +271,11 @@ def match_maps(encoder, query_image: Image.Image, result_image: Image.Image, rer
 
 # -- engine-level ------------------------------------------------------------------------------
 def explain(engine, ctx, result_id: str, *, method: str = "auto", rerank: bool = False,
-            result_image: Image.Image | None = None, config: AttributionConfig = AttributionConfig()) -> Explanation:
+            result_image: Image.Image | None = None, config: AttributionConfig = AttributionConfig(),
+            query_side: bool = True) -> Explanation:
     """Heatmaps for the query ``ctx`` (a ``QueryContext``) and the indexed image ``result_id``.
+
+    ``query_side=False`` skips the query image's map (one attribution pass instead of two).
 
     ``method="auto"``: the matched local regions for re-ranked image queries (``rerank=True``), else
     token decomposition (ViT), Grad-CAM (effnet-lite0) or the ConSE class-activation decomposition.
@@ -296,7 +299,7 @@ def explain(engine, ctx, result_id: str, *, method: str = "auto", rerank: bool =
                            image, query_image)
     result_map = attribute(enc, image, ctx.vector, method, config)
     query_map = None
-    if query_image is not None:
+    if query_image is not None and query_side:
         hit = engine.hit_for_id(enc.name, result_id)
         result_vec = engine.vectors(enc.name, [hit])[0]
         query_map = attribute(enc, query_image, result_vec, method, config)

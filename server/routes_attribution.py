@@ -65,7 +65,7 @@ def api_attribution():
     engine = get_engine()
     engine.locate(result_id)                       # 404 before embedding anything
     ctx = engine.embed(**q.query_kwargs())
-    ex = explain(engine, ctx, result_id, method=method, rerank=q.rerank)
+    ex = explain(engine, ctx, result_id, method=method, rerank=q.rerank, query_side=(side == "query"))
     if side == "query":
         if ex.query is None:
             raise InvalidQueryError("side=query needs an image query (image or image_id)")

@@ -107,6 +107,12 @@ def test_attribution_route(built):
     r = client.post("/api/attribution", data=data, content_type="multipart/form-data")
     body = r.get_json()
     assert r.status_code == 200 and body["method"] == "matches" and body["details"]["verified"]
+    data = {"image": (io.BytesIO((root / "query.jpg").read_bytes()), "q.jpg"), "result_id": astro,
+            "encoder": "effnet-lite0", "side": "query", "format": "json", "max_side": "64"}
+    body = client.post("/api/attribution", data=data, content_type="multipart/form-data").get_json()
+    qsize = Image.open(root / "query.jpg").size
+    assert body["side"] == "query" and body["method"] == "gradcam" and max(body["width"], body["height"]) == 64
+    assert (body["image_width"], body["image_height"]) == qsize
     # errors are 4xx JSON
     r = client.post("/api/attribution", json={"text": "a cat"})
     assert r.status_code == 400 and r.get_json()["error"]["code"] == "invalid_query"
