@@ -167,6 +167,10 @@ def test_api_duplicates(engine, photos):
     other = photos["brick"]
     r = client.post("/api/duplicates", json={"image": base64.b64encode(_png(other)).decode()})
     assert r.get_json()["matches"] == []
+    # an indexed image by id: it matches itself first
+    own = body["matches"][0]["id"]
+    r = client.post("/api/duplicates", json={"image_id": own, "verify": False})
+    assert r.status_code == 200 and r.get_json()["matches"][0]["id"] == own
     # errors are 4xx JSON
     assert client.post("/api/duplicates", json={"text": "a cat"}).status_code == 400
     assert client.post("/api/duplicates", json={"image": img, "threshold": "high"}).status_code == 400
