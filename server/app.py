@@ -51,7 +51,11 @@ def _register_blueprints(app: Flask) -> list[str]:
         except ModuleNotFoundError as exc:
             if exc.name == module_name:
                 continue          # that feature is not in this build yet
-            raise
+            log.error("feature %r disabled: %s (missing dependency)", feature, exc)
+            continue
+        except Exception:  # noqa: BLE001 - one broken feature must not take the whole server down
+            log.exception("feature %r disabled: %s failed to import", feature, module_name)
+            continue
         bp = getattr(module, "bp", None)
         if bp is None:
             log.warning("%s has no `bp` blueprint; skipped", module_name)
