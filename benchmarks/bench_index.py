@@ -217,10 +217,10 @@ def main() -> None:
         args.encoder_name = name
         bench_fmnist_child(args)
         return
+    import torch
+
     from indexer.pipeline import default_workers
     from retrieval.device import resolve_device
-
-    import torch
 
     dev = resolve_device(args.device)
     workers = default_workers() if args.workers is None else args.workers
@@ -254,7 +254,8 @@ def main() -> None:
             rows.append(json.loads(out.strip().splitlines()[-1]))
             shutil.rmtree(child_dir, ignore_errors=True)
         if rows:
-            print("\n| Fashion-MNIST images | indexed | shards | wall s | img/s | peak RSS MB (indexer) | peak RSS MB (workers) |")
+            print("\n| Fashion-MNIST images | indexed | shards | wall s | img/s | peak RSS MB (indexer) "
+                  "| peak RSS MB (workers) |")
             print("|---:|---:|---:|---:|---:|---:|---:|")
             for r in rows:
                 print(f"| {r['images']} | {r['indexed']} | {r['shards']} | {r['wall_s']:.1f} | {r['ips']:.1f} | "

@@ -297,7 +297,8 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
         from retrieval.encoders import create_encoder
 
         need_models = manifest is None or bool(todo)   # a run with nothing new loads no model
-        encoders = {n: create_encoder(n, device=cfg.device, precision=cfg.precision) for n in names} if need_models else {}
+        encoders = ({n: create_encoder(n, device=cfg.device, precision=cfg.precision) for n in names}
+                    if need_models else {})
         expected = len(state.ids) + len(todo)
         if manifest is None:
             entries = {}

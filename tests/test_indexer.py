@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer import IndexConfig, build_index, stored_vectors
-from indexer import index_types
+from indexer import IndexConfig, build_index, index_types, stored_vectors
 from indexer.lock import IndexLock
 from retrieval import store
 from retrieval.errors import IndexLockedError, LoupeError
@@ -151,7 +150,8 @@ def test_incremental_add_prune_and_alias_promotion(tmp_path, photos, tiny_clip):
     rows = _all_rows(out)
     assert len(rows) == 4 and not gone_ids & {r["id"] for r in rows}
     promoted = next(r for r in rows if r["id"] == first["id"])
-    assert promoted["source"] == promoted["path"] == str(src / "copy of first.png") and json.loads(promoted["aliases"]) == []
+    assert promoted["source"] == promoted["path"] == str(src / "copy of first.png")
+    assert json.loads(promoted["aliases"]) == []
     assert sorted(_covered_sources(out)) == _files(src)
     again = _index([src], out, [tiny_clip], shard_size=3, prune=True)   # the promoted alias counts as unchanged
     assert (again.indexed, again.skipped, again.pruned) == (0, 4, 0)
@@ -159,7 +159,8 @@ def test_incremental_add_prune_and_alias_promotion(tmp_path, photos, tiny_clip):
     for sh in m.shards:   # rewritten shards are consistent, and no unlisted shard file is left
         assert store.read_vectors(out, tiny_clip, sh.name).ntotal == store.read_metadata(out, sh.name).num_rows
     listed = {sh.name for sh in m.shards}
-    on_disk = {p.name.split(".")[0] for p in (out / "meta").iterdir()} | {p.name.split(".")[0] for p in (out / tiny_clip).glob("shard-*")}
+    on_disk = {p.name.split(".")[0] for p in (out / "meta").iterdir()}
+    on_disk |= {p.name.split(".")[0] for p in (out / tiny_clip).glob("shard-*")}
     assert on_disk == listed
     # vectors follow their rows through the rewrite
     vecs, ids = stored_vectors(out, tiny_clip)
@@ -289,7 +290,8 @@ def test_tricky_images_are_decoded_correctly(tmp_path, photos, tiny_clip):
     s = _index([src], out, [tiny_clip])
     assert s.failed == [] and s.indexed == 7
     rows = {Path(r["source"]).name: r for r in _all_rows(out)}
-    assert "café au lait ☕ 写真.png" in rows and rows["café au lait ☕ 写真.png"]["path"] == str(src / "café au lait ☕ 写真.png")
+    odd = "café au lait ☕ 写真.png"
+    assert odd in rows and rows[odd]["path"] == str(src / odd)
     assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (64, 96)  # upright
     assert (rows["grey16.png"]["width"], rows["grey16.png"]["height"]) == photos["camera"].size
     vecs, ids = stored_vectors(out, tiny_clip)
@@ -304,7 +306,8 @@ def test_tricky_images_are_decoded_correctly(tmp_path, photos, tiny_clip):
         "rotated.jpg": Image.open(src / "rotated.jpg").convert("RGB").transpose(Image.Transpose.ROTATE_270),
         "cmyk.jpg": photos["astronaut"],
     }
-    wrong = {"anim.gif": second, "alpha.png": photos["rocket"], "rotated.jpg": Image.open(src / "rotated.jpg").convert("RGB"),
+    wrong = {"anim.gif": second, "alpha.png": photos["rocket"],
+             "rotated.jpg": Image.open(src / "rotated.jpg").convert("RGB"),
              "grey16.png": Image.fromarray((grey >> 8).astype(np.uint8) * 0 + 255).convert("RGB"),
              "cmyk.jpg": Image.eval(photos["astronaut"], lambda v: 255 - v)}
     for name, img in expect.items():
@@ -610,7 +613,8 @@ def test_gpu_decode_path_matches_cpu_path(tmp_path, photos, tiny_clip, monkeypat
     assert blobs_seen == []
     gpu = _index([src], tmp_path / "gpu", [tiny_clip], batch_size=3, decode="gpu")
     # only the four plain JPEGs went to the batched decoder
-    assert sorted(blobs_seen) == sorted((src / f"{n}.jpg").read_bytes() for n in ("astronaut", "coffee", "rocket", "chelsea"))
+    plain = ("astronaut", "coffee", "rocket", "chelsea")
+    assert sorted(blobs_seen) == sorted((src / f"{n}.jpg").read_bytes() for n in plain)
     assert (gpu.indexed, [f.source for f in gpu.failed]) == (cpu.indexed, [f.source for f in cpu.failed]) == (
         7, [str(src / "truncated.jpg")])
     rows_cpu = {r["id"]: r for r in _all_rows(tmp_path / "cpu")}

@@ -94,7 +94,8 @@ def check_complete(out, source) -> list[dict]:
     m = store.read_manifest(out)
     listed = {sh.name for sh in m.shards}
     for folder in [Path(out) / "meta", *(Path(out) / e for e in m.encoders)]:
-        leftovers = {p.name for p in folder.iterdir() if p.name.startswith("shard-") and p.name.split(".")[0] not in listed}
+        leftovers = {p.name for p in folder.iterdir()
+                     if p.name.startswith("shard-") and p.name.split(".")[0] not in listed}
         assert not leftovers and not [p for p in folder.iterdir() if p.name.startswith(".")]
     return rows
 
