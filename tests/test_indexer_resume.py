@@ -25,6 +25,7 @@ import pytest
 from retrieval import store
 
 HELPER = Path(__file__).with_name("_indexer_helpers.py")
+pytestmark = pytest.mark.slow   # subprocesses: each run imports torch afresh
 
 
 @pytest.fixture(scope="module")
