@@ -441,6 +441,24 @@ def test_compressed_index_types(tmp_path, tiny_clip, kind):
     assert total == 120
     if kind == "ivfpq":
         assert (out / tiny_clip / "trained.faiss").is_file()
+    # prune rebuilds the affected shards with the same index type (IVF-PQ keeps its training)
+    before = {r["source"]: r["id"] for r in rows}
+    vecs_before, ids_before = stored_vectors(out, tiny_clip)
+    for i in range(0, 120, 3):
+        (src / f"n{i:03d}.png").unlink()
+    s2 = _index([src], out, [tiny_clip], shard_size=80, batch_size=40, prune=True)
+    assert (s2.indexed, s2.pruned) == (0, 40)
+    m2 = store.read_manifest(out)
+    assert m2.count == 80 and m2.encoders[tiny_clip].factory == entry.factory
+    vecs_after, ids_after = stored_vectors(out, tiny_clip)
+    assert sorted(ids_after) == sorted(before[str(p)] for p in src.iterdir())
+    for k, i in enumerate(ids_after):   # surviving vectors unchanged (HNSW exact; IVF-PQ codes re-encoded)
+        assert _cos(vecs_after[k], vecs_before[ids_before.index(i)]) > (0.9999 if kind == "hnsw" else 0.95)
+    for sh in m2.shards:
+        index = store.read_vectors(out, tiny_clip, sh.name, mmap=False)
+        assert index.ntotal == sh.count
+        if kind == "ivfpq":
+            assert faiss.extract_index_ivf(index).nlist == 2
 
 
 # -- sources -------------------------------------------------------------------------------------
