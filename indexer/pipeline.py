@@ -262,6 +262,64 @@ def _embed(enc, x: torch.Tensor, local: bool):
     return enc.encode_images(x), None
 
 
+def _plan_manifest(cfg: IndexConfig, manifest: store.Manifest | None, encoders: dict, expected: int
+                   ) -> store.Manifest:
+    """A new index: choose each encoder's index type. An existing one: refuse another index type."""
+    if manifest is None:
+        entries = {}
+        for n, enc in encoders.items():
+            choice = index_types.choose_index_type(expected, enc.dim, requested=cfg.index_type,
+                                                   max_memory=cfg.max_memory, binary=enc.binary,
+                                                   shard_size=cfg.shard_size)
+            entries[n] = store.EncoderEntry(name=n, dim=enc.dim, index_type=choice.index_type,
+                                            factory=choice.factory, modalities=list(enc.modalities))
+        return store.Manifest(encoders=entries)
+    if cfg.index_type != "auto":
+        for entry in manifest.encoders.values():
+            if entry.index_type not in (cfg.index_type, "binary"):
+                raise LoupeError(f"{cfg.out} holds {entry.index_type} shards for {entry.name}; --index-type "
+                                 f"{cfg.index_type} would need a new index (use a new --out)")
+    return manifest
+
+
+def _local_encoders(cfg: IndexConfig, manifest: store.Manifest, encoders: dict) -> set[str]:
+    """Encoders that store local features: asked for on a new index, or already in the manifest."""
+    local = set()
+    if cfg.local_features:
+        if manifest.shards and all(e.local_features is None for e in manifest.encoders.values()):
+            raise LoupeError(f"{cfg.out} was built without --local-features; build a new index to add them")
+        if not manifest.shards:
+            for n, enc in encoders.items():
+                if enc.has_local_features and not enc.binary:
+                    local.add(n)
+                else:
+                    log.warning("encoder %s has no local features; indexing its global vectors only", n)
+    return local | {n for n, e in manifest.encoders.items() if e.local_features is not None}
+
+
+def _transform_groups(encoders: dict) -> tuple[list, list, dict[str, int]]:
+    """Worker transforms, their normalisation stats, and each encoder's group: encoders with the same
+    preprocessing share one decode + transform."""
+    transforms, stats, group_of, keys = [], [], {}, []
+    for n, enc in encoders.items():
+        head, norm = split_transform(enc.preprocess) if not enc.binary else (enc.preprocess, None)
+        key = repr(head) + repr(None if norm is None else (norm[0].flatten().tolist(), norm[1].flatten().tolist()))
+        if key in keys and "object at 0x" not in key:
+            group_of[n] = keys.index(key)
+        else:
+            group_of[n] = len(transforms)
+            keys.append(key)
+            transforms.append(head)
+            stats.append(norm)
+    return transforms, stats, group_of
+
+
+def _row(rec: Record, item: Item) -> dict[str, Any]:
+    return {"id": rec.id, "source": item.source, "path": item.path if item.kind == "file" else None,
+            "caption": item.caption, "width": rec.width, "height": rec.height, "sha256": rec.sha256,
+            "size": rec.size, "mtime": item.mtime, "aliases": [], "extra": item.extra}
+
+
 # -- the run ------------------------------------------------------------------------------------
 def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None = None,
                 progress_total: Callable[[int], None] | None = None) -> IndexSummary:
@@ -299,32 +357,8 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
         need_models = manifest is None or bool(todo)   # a run with nothing new loads no model
         encoders = ({n: create_encoder(n, device=cfg.device, precision=cfg.precision) for n in names}
                     if need_models else {})
-        expected = len(state.ids) + len(todo)
-        if manifest is None:
-            entries = {}
-            for n, enc in encoders.items():
-                choice = index_types.choose_index_type(expected, enc.dim, requested=cfg.index_type,
-                                                       max_memory=cfg.max_memory, binary=enc.binary,
-                                                       shard_size=cfg.shard_size)
-                entries[n] = store.EncoderEntry(name=n, dim=enc.dim, index_type=choice.index_type,
-                                                factory=choice.factory, modalities=list(enc.modalities))
-            manifest = store.Manifest(encoders=entries)
-        elif cfg.index_type != "auto":
-            for entry in manifest.encoders.values():
-                if entry.index_type not in (cfg.index_type, "binary"):
-                    raise LoupeError(f"{out} holds {entry.index_type} shards for {entry.name}; --index-type "
-                                     f"{cfg.index_type} would need a new index (use a new --out)")
-        local = set()
-        if cfg.local_features:
-            if manifest.shards and all(e.local_features is None for e in manifest.encoders.values()):
-                raise LoupeError(f"{out} was built without --local-features; build a new index to add them")
-            if not manifest.shards:
-                for n, enc in encoders.items():
-                    if enc.has_local_features and not enc.binary:
-                        local.add(n)
-                    else:
-                        log.warning("encoder %s has no local features; indexing its global vectors only", n)
-        local |= {n for n, e in manifest.encoders.items() if e.local_features is not None}
+        manifest = _plan_manifest(cfg, manifest, encoders, expected=len(state.ids) + len(todo))
+        local = _local_encoders(cfg, manifest, encoders)
 
         if encoders:
             dev = next(iter(encoders.values())).device
@@ -346,17 +380,7 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
             log.info("removed %d images whose source is gone or changed", summary.pruned)
 
         # 4. read/decode → encode → write
-        transforms, stats, group_of, keys = [], [], {}, []
-        for n, enc in encoders.items():   # encoders with the same preprocessing share one decode+transform
-            head, norm = split_transform(enc.preprocess) if not enc.binary else (enc.preprocess, None)
-            key = repr(head) + repr(None if norm is None else (norm[0].flatten().tolist(), norm[1].flatten().tolist()))
-            if key in keys and "object at 0x" not in key:
-                group_of[n] = keys.index(key)
-            else:
-                group_of[n] = len(transforms)
-                keys.append(key)
-                transforms.append(head)
-                stats.append(norm)
+        transforms, stats, group_of = _transform_groups(encoders)
         gpu_decode = cfg.decode == "gpu" and bool(encoders)
         if cfg.decode not in ("cpu", "gpu"):
             raise LoupeError(f"unknown --decode {cfg.decode!r}: use cpu or gpu")
@@ -402,11 +426,7 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
                     else:
                         seen_ids.add(rec.id)
                         kept.append(rec.index)
-                        rows.append({"id": rec.id, "source": item.source,
-                                     "path": item.path if item.kind == "file" else None,
-                                     "caption": item.caption, "width": rec.width, "height": rec.height,
-                                     "sha256": rec.sha256, "size": rec.size, "mtime": item.mtime,
-                                     "aliases": [], "extra": item.extra})
+                        rows.append(_row(rec, item))
                 if rows:
                     t = time.perf_counter()
                     vectors, local_out = {}, {}
