@@ -23,7 +23,6 @@ Figures are printed as a table and written to ``--out`` (benchmarks/results/serv
 from __future__ import annotations
 
 import argparse
-import base64
 import http.client
 import io
 import json
@@ -31,7 +30,6 @@ import os
 import platform
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,8 +74,8 @@ def machine() -> str:
 
 # -- index building --------------------------------------------------------------------------------
 def sample_photos():
-    from skimage import data
     from PIL import Image
+    from skimage import data
 
     out = {}
     for name in ("astronaut", "chelsea", "coffee", "rocket", "camera", "motorcycle_left", "horse", "moon"):
@@ -235,7 +233,7 @@ def run_load(port: int, seconds: float, clients: int, uploads: dict[str, bytes],
     for t in threads:
         t.join()
     wall = time.time() - t0
-    by_kind = {k: [l for l, kk in zip(lat, kinds) if kk == k] for k in ("text", "image")}
+    by_kind = {k: [t for t, kk in zip(lat, kinds) if kk == k] for k in ("text", "image")}
     return {"requests": len(lat), "seconds": wall, "qps": len(lat) / wall, "p50_ms": pct(lat, 50) * 1e3,
             "p99_ms": pct(lat, 99) * 1e3, "non_2xx": sum(1 for s in statuses if not 200 <= s < 300),
             "text_p50_ms": pct(by_kind["text"], 50) * 1e3, "image_p50_ms": pct(by_kind["image"], 50) * 1e3,
@@ -378,13 +376,14 @@ def run_scale(n: int, dim: int, work: Path, nq: int = 500, shard_size: int = 1_0
 
 # -- report ----------------------------------------------------------------------------------------
 def report(args, load, seq, ovh, scale) -> str:
-    lines = [f"# Server and engine benchmark (`benchmarks/bench_server.py`)", "",
+    lines = ["# Server and engine benchmark (`benchmarks/bench_server.py`)", "",
              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
              f"- machine: {machine()}",
              f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`", ""]
     if load:
         lines += [f"## Load: {args.clients} clients × {load['seconds']:.0f} s, mixed text/image, "
-                  f"{args.n:,}-image index ({args.encoder}, {args.load_shards} flat shard(s)), waitress {args.threads} threads", "",
+                  f"{args.n:,}-image index ({args.encoder}, {args.load_shards} flat shard(s)), "
+                  f"waitress {args.threads} threads", "",
                   "| requests | QPS | p50 ms | p99 ms | non-2xx | text p50 ms | image p50 ms | encoder p50 ms |",
                   "|---|---|---|---|---|---|---|---|",
                   f"| {load['requests']} ({load['n_text']} text, {load['n_image']} image) | {load['qps']:.1f} | "
@@ -396,19 +395,23 @@ def report(args, load, seq, ovh, scale) -> str:
                   f"p99 {seq['http_minus_encoder_p99_ms']:.2f} ms",
                   f"- raw-vector query over HTTP (no encoder): p50 {seq['vector_http_p50_ms']:.2f} ms", ""]
     if ovh:
-        lines += ["## Engine vs raw FAISS (same vectors, same queries, 1 query per call, k=20, single thread; QPS = 1 / median latency, raw and engine interleaved query by query)", "",
-                  f"- {ovh['n']:,} vectors: raw IndexFlatIP {ovh['raw_qps']:.0f} QPS (p50 {ovh['raw_p50_ms']:.3f} ms), Engine.search_vector ({args.load_shards} "
-                  f"mmap shard(s), ResultHeap merge) {ovh['engine_qps']:.0f} QPS (p50 {ovh['engine_p50_ms']:.3f} ms) → ratio **{ovh['ratio']:.2f}**; identical top-20: "
-                  f"{ovh['identical_top20_first50']}", ""]
+        lines += ["## Engine vs raw FAISS (same vectors, same queries, 1 query per call, k=20, single thread; "
+                  "QPS = 1 / median latency, raw and engine interleaved query by query)", "",
+                  f"- {ovh['n']:,} vectors: raw IndexFlatIP {ovh['raw_qps']:.0f} QPS (p50 {ovh['raw_p50_ms']:.3f} ms), "
+                  f"Engine.search_vector ({args.load_shards} mmap shard(s), ResultHeap merge) "
+                  f"{ovh['engine_qps']:.0f} QPS (p50 {ovh['engine_p50_ms']:.3f} ms) → ratio **{ovh['ratio']:.2f}**; "
+                  f"identical top-20: {ovh['identical_top20_first50']}", ""]
     if scale:
-        lines += [f"## Scale: {scale['n']:,} synthetic {scale['dim']}-d vectors (intrinsic dim 64 + noise), {args.scale_index_type} → "
-                  f"`{scale['factory']}` ({scale['index_type']}), {scale['shards']} shard(s)", "",
+        lines += [f"## Scale: {scale['n']:,} synthetic {scale['dim']}-d vectors (intrinsic dim 64 + noise), "
+                  f"{args.scale_index_type} → `{scale['factory']}` ({scale['index_type']}), "
+                  f"{scale['shards']} shard(s)", "",
                   f"- build {scale['build_s']:.0f} s; open {scale['open_s']:.2f} s; disk "
                   f"{scale['disk_bytes_per_vector']:.0f} B/vector; resident after open "
                   f"{scale['ram_bytes_per_vector']:.0f} B/vector ({scale['rss_mb_after_open']:.0f} MB)", "",
                   "| params | p50 ms | p99 ms | recall@10 |", "|---|---|---|---|"]
         for r in scale["sweep"]:
-            lines.append(f"| {json.dumps(r['params'])} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['recall@10']:.3f} |")
+            lines.append(f"| {json.dumps(r['params'])} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                         f"{r['recall@10']:.3f} |")
         lines.append("")
     return "\n".join(lines)
 

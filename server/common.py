@@ -19,7 +19,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import current_app, jsonify, request as flask_request
+from flask import current_app, jsonify
+from flask import request as flask_request
 from werkzeug.exceptions import HTTPException
 
 from retrieval.errors import ImageTooLargeError, InvalidImageError, InvalidQueryError, LoupeError

@@ -11,7 +11,6 @@ import os
 import threading
 
 import pytest
-
 from _engine_helpers import build_photo_index
 
 CHROMIUM = "/usr/bin/chromium"

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from _engine_helpers import build_index, build_photo_index, png_bytes, unit
 
 from retrieval import store
 from retrieval.engine import Engine, Hit, RerankUnavailableError
@@ -13,8 +14,6 @@ from retrieval.errors import InvalidQueryError, UnknownEncoderError, UnknownIdEr
 from retrieval.filters import filter_mask, parse_filter
 from retrieval.query import parse_term, parse_terms
 from retrieval.search import exact_search
-
-from _engine_helpers import build_index, build_photo_index, png_bytes, unit
 
 D = 24
 

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _engine_helpers import build_index, build_photo_index, unit
 
 from cli.main import main as loupe_main
-
-from _engine_helpers import build_index, build_photo_index, unit
 
 ROOT = Path(__file__).resolve().parents[1]
 

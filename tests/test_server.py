@@ -10,12 +10,11 @@ import threading
 
 import numpy as np
 import pytest
+from _engine_helpers import build_photo_index, png_bytes
 from PIL import Image
 
 from retrieval.engine import Engine
 from server.app import create_app
-
-from _engine_helpers import build_photo_index, png_bytes
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +233,8 @@ def test_non_image_and_oversized_uploads(engine):
     resp = client.post("/api/search", data={"image": (io.BytesIO(b"just some text, not an image"), "x.txt")},
                        content_type="multipart/form-data")
     _assert_error(resp, 400, "invalid_image")
-    resp = client.post("/api/search", data={"image": (io.BytesIO(b""), "empty.png")}, content_type="multipart/form-data")
+    resp = client.post("/api/search", data={"image": (io.BytesIO(b""), "empty.png")},
+                       content_type="multipart/form-data")
     _assert_error(resp, 400, "invalid_image")
     big = b"\x89PNG" + bytes(5000)
     resp = client.post("/api/search", data={"image": (io.BytesIO(big), "big.png")}, content_type="multipart/form-data")

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _engine_helpers import build_index, unit
 
 ROOT = Path(__file__).resolve().parents[1]
