@@ -49,11 +49,7 @@ def run(args) -> int:
     for _, vecs, vids in (binary_blocks(engine, name) if binary else engine.all_vectors(name)):
         blocks.append(vecs)
         ids.extend(vids)
-    rows = []
-    for table in engine.tables:
-        cols = [c for c in ("id", "sha256", "source", "path", "aliases") if c in table.column_names]
-        rows.extend(table.select(cols).to_pylist())
-
+    rows = _exact_candidate_rows(engine.tables)
     bar = None
     progress = None
     if sys.stderr.isatty():
@@ -81,3 +77,33 @@ def run(args) -> int:
         for group in result.to_json()["groups"]:
             print(" ".join(group))
     return 0
+
+
+def _exact_candidate_rows(tables) -> list[dict]:
+    """Metadata rows that can be exact duplicates: rows with aliases, or whose SHA-256 occurs more
+    than once. Filtered column-wise, so a large index does not become a list of Python dicts."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    cols_all = [[c for c in ("id", "sha256", "source", "path", "aliases") if c in t.column_names] for t in tables]
+    shas = [t.column("sha256").to_numpy(zero_copy_only=False) if "sha256" in t.column_names else None
+            for t in tables]
+    known = [s for s in shas if s is not None]
+    repeated: set = set()
+    if known:
+        values, counts = np.unique(np.concatenate(known).astype(str), return_counts=True)
+        repeated = set(values[counts > 1].tolist())
+    rows = []
+    for table, cols, sha in zip(tables, cols_all, shas):
+        mask = np.zeros(table.num_rows, bool)
+        if "aliases" in table.column_names:
+            aliases = table.column("aliases")
+            has = pc.and_(pc.is_valid(aliases), pc.invert(pc.is_in(aliases, value_set=pa.array(["", "[]"]))))
+            mask |= np.asarray(has.to_numpy(zero_copy_only=False), bool) & ~np.asarray(
+                pc.is_null(aliases).to_numpy(zero_copy_only=False), bool)
+        if sha is not None and repeated:
+            mask |= np.isin(sha.astype(str), list(repeated))
+        if mask.any():
+            rows.extend(table.select(cols).filter(pa.array(mask)).to_pylist())
+    return rows
