@@ -92,6 +92,8 @@ class Engine:
         t0 = time.perf_counter()
         rss0 = _rss_mb()
         self.index_dir = Path(index_dir).expanduser()
+        self._mmap = mmap
+        self.manifest_mtime = _mtime(self.index_dir / store.MANIFEST)
         self.device = device
         self.manifest: store.Manifest = store.read_manifest(self.index_dir)
         if not self.manifest.encoders:
@@ -594,12 +596,33 @@ class Engine:
         took = (time.perf_counter() - t0) * 1e3
         return SearchResponse(hits=hits, query=ctx, encoder=ctx.encoder, took_ms=took, timings=timings)
 
+    def changed_on_disk(self) -> bool:
+        """True when ``manifest.json`` was replaced since this engine opened it (a new indexing run)."""
+        return _mtime(self.index_dir / store.MANIFEST) != self.manifest_mtime
+
+    def reopen(self) -> "Engine":
+        """A fresh engine over the current state of the index, sharing the loaded encoders and the
+        text-embedding cache (this engine stays valid for requests still using it)."""
+        new = Engine(self.index_dir, device=self.device, mmap=self._mmap)
+        for name, enc in self._encoders.items():
+            if name in new.manifest.encoders and new.manifest.encoders[name].dim == enc.dim:
+                new._encoders[name] = enc
+        new._text_cache = self._text_cache
+        return new
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
         self.indexes.clear()
         self._encoders.clear()
         self._local.clear()
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def _read_tar_member(source: str) -> bytes | None:

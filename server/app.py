@@ -4,7 +4,10 @@
 >>> app = create_app(engine=my_engine)                      # or share an Engine (tests, embedding)
 
 Config keys: ``INDEX_DIR``, ``DEVICE`` (auto|cpu|cuda), ``MAX_UPLOAD_BYTES`` (20 MB: one image),
-``THUMBNAIL_CACHE_BYTES`` (64 MB), ``PRELOAD_ENCODERS`` (load the default encoders at start-up).
+``THUMBNAIL_CACHE_BYTES`` (64 MB), ``PRELOAD_ENCODERS`` (load the default encoders at start-up),
+``RELOAD_INTERVAL`` (5 s: a request at most this often checks whether ``loupe index`` replaced the
+manifest, and then the index is reopened — loaded models are kept — so serving and indexing can run
+side by side).
 Blueprints come from ``server.routes_search`` (search, images, the web page) and, when present,
 ``server.routes_attribution`` / ``server.routes_copy`` / ``server.routes_classify``; each adds
 its feature name to ``GET /healthz``'s ``features``.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 import time
 from typing import Any
 
@@ -39,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_UPLOAD_BYTES": MAX_UPLOAD_BYTES,
     "THUMBNAIL_CACHE_BYTES": 64 * 1024 * 1024,
     "PRELOAD_ENCODERS": False,
+    "RELOAD_INTERVAL": 5.0,      # seconds between checks for a re-indexed DIR (0: never reload)
     "JSON_SORT_KEYS": False,
 }
 
@@ -98,10 +103,37 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
         for name in {engine.default_encoder, engine.text_encoder} - {None}:
             engine.encoder(name)
 
+    reload_state = {"next": time.monotonic() + float(app.config.get("RELOAD_INTERVAL") or 0), "lock": threading.Lock()}
+
+    def _maybe_reload() -> None:
+        """Pick up a new indexing run: reopen the index when its manifest was replaced."""
+        interval = float(app.config.get("RELOAD_INTERVAL") or 0)
+        if interval <= 0 or time.monotonic() < reload_state["next"]:
+            return
+        if not reload_state["lock"].acquire(blocking=False):
+            return                      # another request is checking / reloading
+        try:
+            reload_state["next"] = time.monotonic() + interval
+            eng = state(app).get("engine")
+            if eng is None or not hasattr(eng, "changed_on_disk") or not eng.changed_on_disk():
+                return
+            try:
+                new = eng.reopen()
+            except Exception:  # noqa: BLE001 - keep serving the old view if the new one is unreadable
+                log.exception("index %s changed but could not be reopened; still serving the previous state",
+                              eng.index_dir)
+                return
+            state(app)["engine"] = new
+            metrics.set_index(new)
+            log.info("reloaded %s: %d images", new.index_dir, new.count)
+        finally:
+            reload_state["lock"].release()
+
     @app.before_request
     def _start_timer():
         g.loupe_t0 = time.perf_counter()
         metrics.in_flight.inc()
+        _maybe_reload()
 
     @app.after_request
     def _record(resp: Response):

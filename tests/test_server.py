@@ -326,3 +326,35 @@ def test_no_index_is_503_json():
     client = create_app().test_client()
     assert client.get("/healthz").status_code == 503
     _assert_error(client.post("/api/search", json={"text": "x"}), 503, "no_index")
+
+
+def test_server_picks_up_a_reindexed_directory(tmp_path):
+    import time as _time
+
+    from _engine_helpers import build_index, unit
+
+    from retrieval import store
+
+    vecs = unit(np.random.default_rng(0).standard_normal((20, 8)))
+    out = build_index(tmp_path / "idx", {"e": vecs[:10]})
+    app = create_app({"RELOAD_INTERVAL": 0.01}, engine=Engine(out))
+    client = app.test_client()
+    assert client.get("/healthz").get_json()["images"] == 10
+    # a second indexing run adds a shard and replaces the manifest
+    rows = [{"id": store.int_to_id(1000 + i), "source": f"new{i}"} for i in range(10)]
+    import faiss
+
+    ix = faiss.IndexFlatIP(8)
+    ix.add(vecs[10:])
+    store.write_metadata(out, store.shard_name(1), rows)
+    store.write_vectors(out, "e", store.shard_name(1), ix)
+    m = store.read_manifest(out)
+    m.shards.append(store.ShardEntry(store.shard_name(1), 10))
+    _time.sleep(0.05)
+    store.write_manifest(out, m)
+    _time.sleep(0.05)
+    client.get("/healthz")             # triggers the check
+    assert client.get("/healthz").get_json()["images"] == 20
+    body = client.post("/api/search", json={"vector": vecs[15].tolist(), "k": 1}).get_json()
+    assert body["results"][0]["id"] == store.int_to_id(1005)
+    assert "loupe_index_images 20.0" in client.get("/metrics").get_data(as_text=True)
