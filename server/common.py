@@ -348,10 +348,24 @@ def _looks_number(value: str) -> bool:
         return False
 
 
-def result_json(engine, hit) -> dict[str, Any]:
-    """One search result as the API returns it (adds ``image_url``, ``thumbnail_url``, ``attribution_url``)."""
+def result_json(engine, hit, query: QueryPayload | None = None) -> dict[str, Any]:
+    """One search result as the API returns it (adds ``image_url``, ``thumbnail_url``, ``attribution_url``).
+
+    ``attribution_url`` (when the attribution feature is installed) is a GET URL that carries the
+    query for text / image_id queries; for uploaded images, POST the same query + ``result_id`` to it."""
+    from urllib.parse import urlencode
+
     out = engine.describe_hit(hit)
     out["image_url"] = f"/api/images/{hit.id}"
     out["thumbnail_url"] = f"/api/images/{hit.id}?size=256"
-    out["attribution_url"] = f"/api/attribution?result_id={hit.id}" if "attribution" in features() else None
+    if "attribution" in features():
+        args: dict[str, Any] = {"result_id": hit.id}
+        if query is not None and query.image is None:
+            for key in ("text", "image_id", "instruction", "encoder"):
+                value = getattr(query, key)
+                if isinstance(value, str):
+                    args[key] = value
+        out["attribution_url"] = "/api/attribution?" + urlencode(args)
+    else:
+        out["attribution_url"] = None
     return out

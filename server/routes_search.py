@@ -41,7 +41,7 @@ def api_search():
     for stage, ms in resp.timings.items():
         metrics.search_stage.labels(stage.removesuffix("_ms")).observe(ms / 1e3)
     return jsonify({
-        "results": [result_json(engine, h) for h in resp.hits],
+        "results": [result_json(engine, h, q) for h in resp.hits],
         "took_ms": round(resp.took_ms, 2),
         "encoder": resp.encoder,
         "timings": {k: round(v, 2) for k, v in resp.timings.items()},

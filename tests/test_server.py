@@ -358,3 +358,13 @@ def test_server_picks_up_a_reindexed_directory(tmp_path):
     body = client.post("/api/search", json={"vector": vecs[15].tolist(), "k": 1}).get_json()
     assert body["results"][0]["id"] == store.int_to_id(1005)
     assert "loupe_index_images 20.0" in client.get("/metrics").get_data(as_text=True)
+
+
+def test_attribution_url_when_feature_present(client, app):
+    body = client.post("/api/search", json={"text": "a cat", "k": 1}).get_json()
+    url = body["results"][0]["attribution_url"]
+    if "attribution" not in app.extensions["loupe"]["features"]:
+        assert url is None
+        return
+    assert url.startswith("/api/attribution?") and f"result_id={body['results'][0]['id']}" in url
+    assert "text=a+cat" in url
