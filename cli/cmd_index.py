@@ -20,7 +20,7 @@ EPILOG = """examples:
 
 
 def add_arguments(p) -> None:
-    from indexer.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE
+    from indexer.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_COMMIT_SECONDS, DEFAULT_SHARD_SIZE
 
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="folder, manifest, webdataset .tar or image")
     p.add_argument("--out", required=True, metavar="DIR", help="index directory (created or updated)")
@@ -31,6 +31,9 @@ def add_arguments(p) -> None:
                    help="FAISS index per shard (auto: flat for small corpora, HNSW/IVF-PQ for large ones)")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
                    help=f"images per shard (default {DEFAULT_SHARD_SIZE:,}); a shard is the unit of commit")
+    p.add_argument("--commit-every", type=float, default=DEFAULT_COMMIT_SECONDS, metavar="SECONDS",
+                   help=f"also commit a (smaller) shard every SECONDS (default {DEFAULT_COMMIT_SECONDS:.0f}), so a "
+                        "crash loses at most that much work")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="autocast precision on CUDA (auto: fp16); CPU always runs fp32")
@@ -64,7 +67,7 @@ def run(args) -> int:
         shard_size=args.shard_size, device=args.device, precision=args.precision, batch_size=args.batch_size,
         workers=args.workers, local_features=args.local_features, prune=args.prune,
         allow_download=args.allow_download, max_memory=parse_memory(args.max_memory),
-        max_pixels=args.max_pixels, wait=args.wait, decode=args.decode)
+        max_pixels=args.max_pixels, wait=args.wait, decode=args.decode, commit_seconds=args.commit_every)
     bar = None
     progress = total = None
     if sys.stderr.isatty():

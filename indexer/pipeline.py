@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 100_000
 DEFAULT_BATCH_SIZE = 64
+DEFAULT_COMMIT_SECONDS = 300.0
 
 
 def default_workers() -> int:
@@ -62,6 +63,7 @@ class IndexConfig:
     max_pixels: int | None = None           # None: retrieval.images.MAX_PIXELS
     wait: bool = False                      # wait for another writer's lock instead of failing
     decode: str = "cpu"                     # "gpu": JPEGs decoded on the encoder's device (indexer.gpu_batch)
+    commit_seconds: float | None = DEFAULT_COMMIT_SECONDS   # also commit a (smaller) shard this often
 
 
 @dataclass
@@ -367,7 +369,7 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
 
             dev = resolve_device(cfg.device, cfg.precision)
         writer = IndexWriter(out, manifest, state, shard_size=cfg.shard_size, local=local,
-                             use_gpu=dev.is_cuda and _faiss_gpu())
+                             use_gpu=dev.is_cuda and _faiss_gpu(), commit_seconds=cfg.commit_seconds)
 
         # 3. drop sources that disappeared (--prune) or whose content changed
         seen = {it.source for it in listing.items}

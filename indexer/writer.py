@@ -192,7 +192,8 @@ class IndexWriter:
     """
 
     def __init__(self, index_dir: Path, manifest: store.Manifest, state: IndexState, *, shard_size: int,
-                 local: set[str] | frozenset[str] = frozenset(), use_gpu: bool = False):
+                 local: set[str] | frozenset[str] = frozenset(), use_gpu: bool = False,
+                 commit_seconds: float | None = None):
         self.dir = Path(index_dir)
         self.manifest = manifest
         self.state = state
@@ -209,6 +210,8 @@ class IndexWriter:
             if entry.local_features is not None or name in local:
                 self.local[name] = self._local_for(name, entry)
         self.committed = 0
+        self.commit_seconds = commit_seconds
+        self.last_commit = time.monotonic()
 
     def _local_for(self, name: str, entry: store.EncoderEntry) -> LocalFeatures:
         if entry.local_features is None:
@@ -241,8 +244,16 @@ class IndexWriter:
                 elif feats.ready_to_fit():
                     self.pending_local[name].extend(feats.fit(store.pca_path(self.dir, name)))
             start += take
-            if len(self.rows) >= self.shard_size:
+            if len(self.rows) >= self.shard_size or self._commit_due():
                 self.commit()
+
+    def _commit_due(self) -> bool:
+        """Time-based commit (slow machines lose at most ``commit_seconds`` of work to a crash); not
+        before an IVF-PQ index has been trained on a full first shard."""
+        if self.commit_seconds is None or not self.rows:
+            return False
+        untrained = not self.manifest.shards and any(e.index_type == "ivfpq" for e in self.manifest.encoders.values())
+        return not untrained and time.monotonic() - self.last_commit >= self.commit_seconds
 
     def add_alias(self, image_id: str, source: str) -> None:
         """``source`` has the same content as ``image_id``: record it, do not embed it again."""
@@ -313,6 +324,7 @@ class IndexWriter:
             self.state.ids[row["id"]] = shard
         self.committed += n
         self.next_no += 1
+        self.last_commit = time.monotonic()
         self.rows, self.pending_pos = [], {}
         self.vectors = {e: [] for e in self.manifest.encoders}
         self.pending_local = {e: [] for e in self.manifest.encoders}
@@ -432,6 +444,14 @@ class BackgroundWriter:
     def add(self, rows, vectors, local=None) -> None:
         self._check()
         self.queue.put(("add", (rows, vectors, local)))
+
+    def _commit_due(self) -> bool:
+        """Time-based commit (slow machines lose at most ``commit_seconds`` of work to a crash); not
+        before an IVF-PQ index has been trained on a full first shard."""
+        if self.commit_seconds is None or not self.rows:
+            return False
+        untrained = not self.manifest.shards and any(e.index_type == "ivfpq" for e in self.manifest.encoders.values())
+        return not untrained and time.monotonic() - self.last_commit >= self.commit_seconds
 
     def add_alias(self, image_id: str, source: str) -> None:
         self._check()

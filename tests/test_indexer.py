@@ -655,3 +655,12 @@ def test_gpu_decode_path_matches_cpu_path(tmp_path, photos, tiny_clip, monkeypat
     assert fb.indexed == 7 and [f.source for f in fb.failed] == [str(src / "truncated.jpg")]
     vf, i_f = stored_vectors(tmp_path / "fallback", tiny_clip)
     np.testing.assert_allclose(vf[[i_f.index(i) for i in ic]], vc, atol=1e-6)
+
+
+def test_time_based_commits(tmp_path, photo_dir, tiny_clip):
+    out = tmp_path / "idx"
+    s = _index([photo_dir], out, [tiny_clip], batch_size=4, shard_size=1000, commit_seconds=0)
+    m = store.read_manifest(out)
+    assert len(m.shards) == s.shards >= 3 and m.count == s.indexed   # every batch committed on its own
+    s2 = _index([photo_dir], tmp_path / "idx2", [tiny_clip], batch_size=4, shard_size=1000)
+    assert s2.shards == 1                                             # default: 300 s, one shard here
