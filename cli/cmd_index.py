@@ -39,7 +39,7 @@ def add_arguments(p) -> None:
                    help="autocast precision on CUDA (auto: fp16); CPU always runs fp32")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N")
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="DataLoader decode processes (default: cores - 1, at most 8; 0 decodes in-process)")
+                   help="DataLoader decode processes (default: cores - 1, at most 32; 0 decodes in-process)")
     p.add_argument("--local-features", action="store_true",
                    help="also store PCA-reduced local descriptors (<=128-d fp16, <=256 per image) for re-ranking")
     p.add_argument("--prune", action="store_true", help="remove images whose source file is gone")

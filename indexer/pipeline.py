@@ -42,7 +42,7 @@ DEFAULT_COMMIT_SECONDS = 300.0
 
 
 def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    return max(1, min(32, (os.cpu_count() or 2) - 1))
 
 
 @dataclass
