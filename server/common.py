@@ -223,6 +223,9 @@ def read_fields(request=None) -> tuple[dict[str, Any], bytes | None, bool]:
     mimetype = (request.mimetype or "").lower()
     if mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         fields: dict[str, Any] = {k: v for k, v in request.form.items()}
+        texts = [t for t in request.form.getlist("text") if t.strip()]
+        if len(texts) > 1:
+            fields["text"] = texts          # repeated text fields = weighted terms
         upload = None
         files = request.files.getlist("image")
         if len(files) > 1:

@@ -81,9 +81,12 @@ def test_search_text_json(client, engine):
     assert [x["id"] for x in body["results"]] == ref.ids
 
 
-def test_search_weighted_terms_filter_and_dedup(client):
-    body = client.post("/api/search", json={"text": ["+a cat", "-a dog", "0.5:snow"], "k": 3}).get_json()
-    assert len(body["results"]) == 3
+def test_search_weighted_terms_filter_and_dedup(client, engine):
+    terms = ["+a cat", "-a dog", "0.5:snow"]
+    body = client.post("/api/search", json={"text": terms, "k": 3}).get_json()
+    assert [r["id"] for r in body["results"]] == engine.search(text=terms, k=3).ids
+    form = client.post("/api/search", data={"text": terms, "k": "3"}, content_type="multipart/form-data").get_json()
+    assert [r["id"] for r in form["results"]] == [r["id"] for r in body["results"]]
     body = client.post("/api/search", json={"text": "a photo", "filter": {"caption": {"contains": "co"}},
                                             "dedup": True}).get_json()
     assert body["results"] and all("co" in r["caption"] for r in body["results"])
