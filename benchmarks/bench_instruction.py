@@ -38,8 +38,14 @@ from bench_vocabfree import FMNIST, FMNIST_NAMES, read_idx  # noqa: E402
 
 from retrieval import create_encoder  # noqa: E402
 from retrieval.classify import ClassifyConfig, VocabularyFreeClassifier  # noqa: E402
-from retrieval.compose import (ARITHMETIC_WEIGHT, CAPTION_WEIGHT, DEFAULT_INSTRUCTION_WEIGHT, OLD_WEIGHT,  # noqa: E402
-                               _TextVectors, compose_instruction)
+from retrieval.compose import (  # noqa: E402
+    ARITHMETIC_WEIGHT,
+    CAPTION_WEIGHT,
+    DEFAULT_INSTRUCTION_WEIGHT,
+    OLD_WEIGHT,
+    _TextVectors,
+    compose_instruction,
+)
 from retrieval.vocab import open_vocabulary  # noqa: E402
 
 COLOURS = {"red": (210, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 210), "yellow": (230, 200, 20)}
@@ -162,7 +168,7 @@ def main(argv=None) -> int:
             rows.append((tname, len(test_q), m, r, rt, (time.time() - t2) / len(test_q) * 1e3))
     acc = np.mean([FMNIST_NAMES[cls[i]].split()[-1] in (names[i] or "").lower() for i in used])
     lines = ["| task | queries | method | R@1 | R@10 | R@1 (tuned) | R@10 (tuned) |", "|---|---|---|---|---|---|---|"]
-    for tname, n, m, r, rt, ms in rows:
+    for tname, n, m, r, rt, _ms in rows:
         t_cols = f"{rt[1]:.3f} | {rt[10]:.3f}" if rt else "– | –"
         lines.append(f"| {tname} | {n} | {m} | {r[1]:.3f} | {r[10]:.3f} | {t_cols} |")
     header = (f"\n### bench_instruction — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"

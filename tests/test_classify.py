@@ -9,12 +9,29 @@ import numpy as np
 import pytest
 
 from retrieval import store
-from retrieval.classify import (ClassifyConfig, VocabularyFreeClassifier, candidate_names, cased_scores,
-                                make_classifier, zero_shot_classify)
+from retrieval.classify import (
+    ClassifyConfig,
+    VocabularyFreeClassifier,
+    candidate_names,
+    cased_scores,
+    make_classifier,
+    zero_shot_classify,
+)
 from retrieval.errors import InvalidImageError, LoupeError
-from retrieval.vocab import (EmptyTextDatabaseError, TextDatabase, UnknownVocabularyError, build_text_database,
-                             caption_entries, ensure_text_database, entry_names, extract_noun_phrases,
-                             from_texts, imagenet21k_entries, open_vocabulary, subset_entries)
+from retrieval.vocab import (
+    EmptyTextDatabaseError,
+    TextDatabase,
+    UnknownVocabularyError,
+    build_text_database,
+    caption_entries,
+    ensure_text_database,
+    entry_names,
+    extract_noun_phrases,
+    from_texts,
+    imagenet21k_entries,
+    open_vocabulary,
+    subset_entries,
+)
 
 CAT_WORDS = ("cat", "tabby", "kitten", "feline", "kitty", "tom", "mouser")
 

@@ -5,8 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.compose import (METHODS, ComposedQuery, compose_arithmetic, compose_caption, compose_instruction,
-                               compose_query, compose_sum, parse_instruction, rewrite_name)
+from retrieval.compose import (
+    METHODS,
+    ComposedQuery,
+    compose_arithmetic,
+    compose_caption,
+    compose_instruction,
+    compose_query,
+    compose_sum,
+    parse_instruction,
+    rewrite_name,
+)
 from retrieval.errors import InvalidQueryError
 
 
@@ -151,3 +160,16 @@ def test_real_encoder_moves_toward_the_instruction(conse, photos):
     for method in METHODS:
         v = compose_instruction(conse, img, "as a dog", method=method, label="cat").vector
         assert float(v @ dog) > float(img @ dog) + 0.05, method
+
+
+@pytest.mark.slow
+def test_caption_route_names_the_image_with_the_default_vocabulary(conse, photos):
+    """compose_query with an encoder and no classifier names the image from imagenet21k (cached on disk)."""
+    img = conse.encode_images([photos["chelsea"]])[0]
+    txt = conse.encode_texts(["as a dog"])[0]
+    from retrieval.classify import default_classifier
+
+    q = compose_instruction(conse, img, "as a dog", method="caption", classifier=default_classifier(conse))
+    assert "cat" in (q.label or "").lower() and q.rewritten == "dog"
+    out = compose_query(img, txt, method="caption", encoder=conse, instruction="as a dog")
+    np.testing.assert_allclose(out, q.vector, atol=1e-5)
