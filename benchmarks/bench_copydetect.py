@@ -45,10 +45,37 @@ sys.path.insert(0, str(ROOT))
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-FAMILIES = ("crop", "rotate", "flip", "jpeg", "blur", "color", "grey", "overlay", "border", "canvas",
-            "combo_crop_jpeg_color", "combo_overlay_flip_blur")
-PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat", "immunohistochemistry",
-               "hubble_deep_field", "motorcycle_left", "page", "text", "moon", "horse", "brick", "grass")
+FAMILIES = (
+    "crop",
+    "rotate",
+    "flip",
+    "jpeg",
+    "blur",
+    "color",
+    "grey",
+    "overlay",
+    "border",
+    "canvas",
+    "combo_crop_jpeg_color",
+    "combo_overlay_flip_blur",
+)
+PHOTO_NAMES = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "camera",
+    "cat",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "motorcycle_left",
+    "page",
+    "text",
+    "moon",
+    "horse",
+    "brick",
+    "grass",
+)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -64,7 +91,7 @@ def load_fmnist() -> np.ndarray:
 
 
 def fmnist_image(arr: np.ndarray) -> Image.Image:
-    return Image.fromarray(255 - arr).convert("RGB")   # dark object on white, like the stamps
+    return Image.fromarray(255 - arr).convert("RGB")  # dark object on white, like the stamps
 
 
 def load_stamp(path: Path) -> Image.Image:
@@ -117,8 +144,10 @@ def split_stamps(seed: int = 0) -> dict[str, list[Path]]:
 
 # -- transformations ----------------------------------------------------------------------------------
 def _font(size: int):
-    for path in ("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
-                 "/usr/share/fonts/truetype/liberation/LiberationSans-Bold.ttf"):
+    for path in (
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
+        "/usr/share/fonts/truetype/liberation/LiberationSans-Bold.ttf",
+    ):
         if os.path.isfile(path):
             return ImageFont.truetype(path, size)
     return ImageFont.load_default()
@@ -133,8 +162,12 @@ def t_crop(img, rng):
 
 
 def t_rotate(img, rng):
-    return img.rotate(rng.choice([-1, 1]) * rng.uniform(10, 30), expand=True, fillcolor=(255, 255, 255),
-                      resample=Image.Resampling.BILINEAR)
+    return img.rotate(
+        rng.choice([-1, 1]) * rng.uniform(10, 30),
+        expand=True,
+        fillcolor=(255, 255, 255),
+        resample=Image.Resampling.BILINEAR,
+    )
 
 
 def t_flip(img, rng):
@@ -171,9 +204,15 @@ def t_overlay(img, rng):
     words = rng.choice(["LOL", "so true", "when you see it", "#repost", "mood", "© 2026", "ha ha"])
     font = _font(max(12, int(h * rng.uniform(0.1, 0.18))))
     y = rng.choice([int(h * 0.02), int(h * 0.8)])
-    d.text((int(w * 0.05), y), words, fill=rng.choice([(255, 0, 0), (0, 0, 0), (255, 255, 0)]), font=font,
-           stroke_width=2, stroke_fill=(255, 255, 255))
-    for _ in range(rng.randint(1, 3)):   # emoji-like stickers: yellow faces
+    d.text(
+        (int(w * 0.05), y),
+        words,
+        fill=rng.choice([(255, 0, 0), (0, 0, 0), (255, 255, 0)]),
+        font=font,
+        stroke_width=2,
+        stroke_fill=(255, 255, 255),
+    )
+    for _ in range(rng.randint(1, 3)):  # emoji-like stickers: yellow faces
         r = int(min(w, h) * rng.uniform(0.06, 0.12))
         cx, cy = rng.randint(r, w - r), rng.randint(r, h - r)
         d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(255, 210, 0), outline=(0, 0, 0))
@@ -210,8 +249,18 @@ def t_canvas(img, rng):
 
 
 def apply_family(img, family: str, rng: random.Random) -> Image.Image:
-    fns = {"crop": t_crop, "rotate": t_rotate, "flip": t_flip, "jpeg": t_jpeg, "blur": t_blur, "color": t_color,
-           "grey": t_grey, "overlay": t_overlay, "border": t_border, "canvas": t_canvas}
+    fns = {
+        "crop": t_crop,
+        "rotate": t_rotate,
+        "flip": t_flip,
+        "jpeg": t_jpeg,
+        "blur": t_blur,
+        "color": t_color,
+        "grey": t_grey,
+        "overlay": t_overlay,
+        "border": t_border,
+        "canvas": t_canvas,
+    }
     if family == "combo_crop_jpeg_color":
         return t_jpeg(t_color(t_crop(img, rng), rng), rng)
     if family == "combo_overlay_flip_blur":
@@ -311,8 +360,10 @@ class Embedder:
             vecs.append(v)
             self.cache.mkdir(parents=True, exist_ok=True)
             np.savez(path, **payload)
-            print(f"  {self.name} {key} {start}-{stop}: {(stop - start) / (time.perf_counter() - t0):.1f} img/s",
-                  flush=True)
+            print(
+                f"  {self.name} {key} {start}-{stop}: {(stop - start) / (time.perf_counter() - t0):.1f} img/s",
+                flush=True,
+            )
         v = np.concatenate(vecs) if vecs else np.zeros((0, self.enc.dim))
         return v, (np.concatenate(locs) if self.local and locs else None)
 
@@ -348,10 +399,29 @@ def embed_all(data: CopySet, name: str, cache: Path):
 
 
 # -- evaluation -------------------------------------------------------------------------------------
-def evaluate(data: CopySet, db, bg, q, *, normalize: str, verify_local=None, k: int = 10, n_verify: int = 5,
-             bg_k: int = 1, beta: float = 1.0):
-    from retrieval.copydetect import (Background, MatchConfig, background_similarity, final_scores, knn,
-                                      micro_average_precision, recall_at_precision, threshold_for_precision)
+def evaluate(
+    data: CopySet,
+    db,
+    bg,
+    q,
+    *,
+    normalize: str,
+    verify_local=None,
+    k: int = 10,
+    n_verify: int = 5,
+    bg_k: int = 1,
+    beta: float = 1.0,
+):
+    from retrieval.copydetect import (
+        Background,
+        MatchConfig,
+        background_similarity,
+        final_scores,
+        knn,
+        micro_average_precision,
+        recall_at_precision,
+        threshold_for_precision,
+    )
 
     cfg = MatchConfig(k=k, normalize=normalize != "none", bg_k=bg_k, beta=beta, n_verify=n_verify)
     sims, rows = knn(q, db, k)
@@ -362,8 +432,12 @@ def evaluate(data: CopySet, db, bg, q, *, normalize: str, verify_local=None, k: 
         rng = np.random.default_rng(0)
         sample = rng.choice(len(db), size=min(2000, len(db)), replace=False)
         ids = [str(r) for r in range(len(db))]
-        bgs = background_similarity(q, Background(db[sample], np.asarray([ids[i] for i in sample], dtype=object),
-                                                  "index-sample"), bg_k, [[str(r) for r in row] for row in rows])
+        bgs = background_similarity(
+            q,
+            Background(db[sample], np.asarray([ids[i] for i in sample], dtype=object), "index-sample"),
+            bg_k,
+            [[str(r) for r in row] for row in rows],
+        )
     ver = None
     if verify_local is not None:
         ver = np.full(sims.shape, np.nan, np.float32)
@@ -379,9 +453,14 @@ def evaluate(data: CopySet, db, bg, q, *, normalize: str, verify_local=None, k: 
     for fam in FAMILIES:
         m = np.array([f == fam for f in data.family]) & (data.gt >= 0)
         per_family[fam] = float(correct[m, 0].mean()) if m.any() else float("nan")
-    return {"uAP": micro_average_precision(s, c, n_gt), "R@P90": recall_at_precision(s, c, n_gt, 0.9),
-            "thr@P90": threshold_for_precision(s, c, n_gt, 0.9), "top1_acc": float(correct[data.gt >= 0, 0].mean()),
-            "per_family_top1": per_family, "top1_scores": top1}
+    return {
+        "uAP": micro_average_precision(s, c, n_gt),
+        "R@P90": recall_at_precision(s, c, n_gt, 0.9),
+        "thr@P90": threshold_for_precision(s, c, n_gt, 0.9),
+        "top1_acc": float(correct[data.gt >= 0, 0].mean()),
+        "per_family_top1": per_family,
+        "top1_scores": top1,
+    }
 
 
 class LocalVerifier:
@@ -424,8 +503,10 @@ def scale_worker(kind: str, n: int, threshold: float) -> dict:
 
         enc = create_encoder("pdq", device="cpu")
         parts = []
-        for s in range(0, n, 2000):   # 64x64 input: PDQ's own working size (the index path uses 512)
-            batch = np.stack([np.asarray(Image.fromarray(255 - a).convert("RGB").resize((64, 64))) for a in fm[s:s + 2000]])
+        for s in range(0, n, 2000):  # 64x64 input: PDQ's own working size (the index path uses 512)
+            batch = np.stack(
+                [np.asarray(Image.fromarray(255 - a).convert("RGB").resize((64, 64))) for a in fm[s : s + 2000]]
+            )
             parts.append(enc.hash_bits(torch.from_numpy(batch)))
         vecs = np.concatenate(parts)
     else:
@@ -433,15 +514,119 @@ def scale_worker(kind: str, n: int, threshold: float) -> dict:
         vecs -= vecs.mean(axis=1, keepdims=True)
         vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-9)
     t_embed = time.perf_counter() - t0
-    blocks = [vecs[s:s + 10000] for s in range(0, n, 10000)]   # shards of 10,000, like an index
+    blocks = [vecs[s : s + 10000] for s in range(0, n, 10000)]  # shards of 10,000, like an index
     ids = [f"{i:015x}" for i in range(n)]
+    del fm
+    rss_before = _status_mb("VmRSS")
+    try:  # reset the peak-RSS counter so the peak below is the dedup's own
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
     t0 = time.perf_counter()
     res = deduplicate(blocks, ids, DedupConfig(threshold=threshold, batch_size=4096))
     t_dedup = time.perf_counter() - t0
-    return {"kind": kind, "n": n, "dim": int(vecs.shape[1]) * (8 if kind == "pdq" else 1), "threshold": threshold,
-            "embed_s": round(t_embed, 1), "dedup_s": round(t_dedup, 1), "pairs": len(res.pairs),
-            "groups": len(res.groups), "images_in_groups": res.summary()["images_in_groups"],
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return {
+        "kind": kind,
+        "n": n,
+        "dim": int(vecs.shape[1]) * (8 if kind == "pdq" else 1),
+        "threshold": threshold,
+        "embed_s": round(t_embed, 1),
+        "dedup_s": round(t_dedup, 1),
+        "pairs": len(res.pairs),
+        "groups": len(res.groups),
+        "images_in_groups": res.summary()["images_in_groups"],
+        "rss_before_mb": rss_before,
+        "peak_rss_mb": _status_mb("VmHWM"),
+        "vectors_mb": round(vecs.nbytes / 2**20, 1),
+    }
+
+
+def _status_mb(key: str) -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def build_pdq_index(n: int, out: Path) -> float:
+    """A Loupe index of N Fashion-MNIST images with the pdq encoder (binary shards of 10,000), written
+    with retrieval.store (as `loupe index` would, without decoding 70,000 files). Returns seconds."""
+    import faiss
+    import torch
+
+    from retrieval import create_encoder, store
+
+    t0 = time.perf_counter()
+    fm = load_fmnist()[:n]
+    enc = create_encoder("pdq", device="cpu")
+    shards = []
+    for s_no, start in enumerate(range(0, n, 10000)):
+        part = fm[start : start + 10000]
+        batch = np.stack([np.asarray(Image.fromarray(255 - a).convert("RGB").resize((64, 64))) for a in part])
+        codes = enc.hash_bits(torch.from_numpy(batch))
+        index = faiss.IndexBinaryFlat(256)
+        index.add(codes)
+        name = store.shard_name(s_no)
+        rows = []
+        for i, a in enumerate(part):
+            sha = store.sha256_bytes(a.tobytes())
+            rows.append(
+                {
+                    "id": store.content_id(sha),
+                    "source": f"fashion-mnist:{start + i}",
+                    "path": None,
+                    "caption": None,
+                    "width": 28,
+                    "height": 28,
+                    "sha256": sha,
+                    "size": 784,
+                    "mtime": 0.0,
+                    "aliases": [],
+                    "extra": {},
+                }
+            )
+        store.write_metadata(out, name, rows)
+        store.write_vectors(out, "pdq", name, index)
+        shards.append(store.ShardEntry(name=name, count=len(part)))
+    entry = store.EncoderEntry(name="pdq", dim=256, index_type="binary", factory="BFlat")
+    store.write_manifest(out, store.Manifest(encoders={"pdq": entry}, shards=shards))
+    return time.perf_counter() - t0
+
+
+def run_scale_cli(n: int, threshold: float = 0.9) -> dict:
+    """`loupe dedup` on an index of N Fashion-MNIST images: wall time and peak RSS of the CLI process."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="loupe-dedup-bench-") as tmp:
+        idx = Path(tmp) / "idx"
+        build_s = build_pdq_index(n, idx)
+        out = Path(tmp) / "pairs.parquet"
+        cmd = [sys.executable, "-m", "cli.main", "dedup", str(idx), "--threshold", str(threshold), "--out", str(out)]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        stdout, stderr = proc.communicate()
+        wall = time.perf_counter() - t0
+        peak = _child_peak_mb(proc)
+        proc.stderr = stderr
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr)
+        return {
+            "n": n,
+            "build_s": round(build_s, 1),
+            "wall_s": round(wall, 1),
+            "peak_rss_mb": peak,
+            "summary": proc.stderr.strip().splitlines()[-1],
+            "command": " ".join(cmd[1:]),
+        }
+
+
+def _child_peak_mb(proc) -> float:
+    """Peak RSS of a finished child. RUSAGE_CHILDREN is the max over all waited-for children, so the
+    scale-cli rows run smallest first and each row's figure is the largest child so far."""
+    return round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
 
 
 def run_scale(sizes, kinds, thresholds) -> list[dict]:
@@ -479,6 +664,12 @@ def main(argv=None) -> int:
     ap.add_argument("--n-verify", type=int, default=5)
     ap.add_argument("--scale", type=int, default=0, help="dedup scale run over N Fashion-MNIST images (0: skip)")
     ap.add_argument("--scale-only", action="store_true")
+    ap.add_argument(
+        "--scale-cli",
+        type=int,
+        default=0,
+        help="`loupe dedup` (the CLI, pdq) over an index of N Fashion-MNIST images (0: skip)",
+    )
     ap.add_argument("--cache", default=str(ROOT / "benchmarks/out/copydetect"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/copydetect.md"))
     ap.add_argument("--seed", type=int, default=0)
@@ -494,28 +685,37 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    lines = [f"# Copy detection and dedup benchmark", "", f"- date: {started}", f"- machine: {machine()}",
-             f"- command: `.venv/bin/python benchmarks/bench_copydetect.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-             ""]
+    lines = [
+        "# Copy detection and dedup benchmark",
+        "",
+        f"- date: {started}",
+        f"- machine: {machine()}",
+        f"- command: `.venv/bin/python benchmarks/bench_copydetect.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+        "",
+    ]
     results = {}
     if not args.scale_only:
         t0 = time.perf_counter()
         data = CopySet(args.copies, args.distractors, args.seed)
         n_copy = int((data.gt >= 0).sum())
-        lines += [f"- references: {data.n_refs} ({data.n_refs - len([n for n in data.ref_names if n.startswith('skimage')])} "
-                  f"Tux Paint stamps + {len([n for n in data.ref_names if n.startswith('skimage')])} scikit-image photos); "
-                  f"distractors: {args.distractors} Fashion-MNIST; database {data.n_refs + args.distractors} images",
-                  f"- queries: {len(data.queries)} = {n_copy} copies + {len(data.queries) - n_copy} non-copies "
-                  f"(held-out stamps), {len(FAMILIES)} transformation families: {', '.join(FAMILIES)}",
-                  f"- background (normalisation): {len(data.bg_images)} images (held-out stamp folders + 500 "
-                  f"Fashion-MNIST test images); k={args.k} candidates per query; bg_k=1, beta=1",
-                  "", "| encoder | normalisation | local verification | µAP | recall @ 90% precision | threshold @ 90% P | top-1 acc (copies) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"- references: {data.n_refs} ({data.n_refs - len([n for n in data.ref_names if n.startswith('skimage')])} "
+            f"Tux Paint stamps + {len([n for n in data.ref_names if n.startswith('skimage')])} scikit-image photos); "
+            f"distractors: {args.distractors} Fashion-MNIST; database {data.n_refs + args.distractors} images",
+            f"- queries: {len(data.queries)} = {n_copy} copies + {len(data.queries) - n_copy} non-copies "
+            f"(held-out stamps), {len(FAMILIES)} transformation families: {', '.join(FAMILIES)}",
+            f"- background (normalisation): {len(data.bg_images)} images (held-out stamp folders + 500 "
+            f"Fashion-MNIST test images); k={args.k} candidates per query; bg_k=1, beta=1",
+            "",
+            "| encoder | normalisation | local verification | µAP | recall @ 90% precision | threshold @ 90% P "
+            "| top-1 acc (copies) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         print(f"data set built in {time.perf_counter() - t0:.0f}s", flush=True)
         cache = Path(args.cache)
         eff_local = None
         encs = [e.strip() for e in args.encoders.split(",") if e.strip()]
-        if "effnet-lite0" in encs:   # local features come from effnet; embed it first
+        if "effnet-lite0" in encs:  # local features come from effnet; embed it first
             encs.remove("effnet-lite0")
             encs.insert(0, "effnet-lite0")
         for name in encs:
@@ -530,39 +730,81 @@ def main(argv=None) -> int:
             if db_l is not None:
                 eff_local = LocalVerifier(db_l, q_l)
             for norm in ("none", "file", "index"):
-                for verify in ((False, True) if eff_local is not None else (False,)):
+                for verify in (False, True) if eff_local is not None else (False,):
                     t0 = time.perf_counter()
-                    r = evaluate(data, db, bg, q, normalize=norm, verify_local=eff_local if verify else None,
-                                 k=args.k, n_verify=args.n_verify)
+                    r = evaluate(
+                        data,
+                        db,
+                        bg,
+                        q,
+                        normalize=norm,
+                        verify_local=eff_local if verify else None,
+                        k=args.k,
+                        n_verify=args.n_verify,
+                    )
                     key = f"{name}|{norm}|{'verify' if verify else '-'}"
                     results[key] = r
                     thr = "—" if r["thr@P90"] is None else f"{r['thr@P90']:.3f}"
                     norm_txt = {"none": "no", "file": "background file", "index": "index sample"}[norm]
                     ver_txt = "effnet-lite0 local + RANSAC" if verify else "no"
-                    lines.append(f"| {name} | {norm_txt} | {ver_txt} | {r['uAP']:.3f} | {r['R@P90']:.3f} | {thr} | "
-                                 f"{r['top1_acc']:.3f} |")
-                    print(f"  {key}: uAP={r['uAP']:.3f} R@P90={r['R@P90']:.3f} thr={thr} "
-                          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+                    lines.append(
+                        f"| {name} | {norm_txt} | {ver_txt} | {r['uAP']:.3f} | {r['R@P90']:.3f} | {thr} | "
+                        f"{r['top1_acc']:.3f} |"
+                    )
+                    print(
+                        f"  {key}: uAP={r['uAP']:.3f} R@P90={r['R@P90']:.3f} thr={thr} "
+                        f"({time.perf_counter() - t0:.0f}s)",
+                        flush=True,
+                    )
         # per-family top-1 for the best configuration
         if results:
             best = max(results, key=lambda k: results[k]["uAP"])
-            lines += ["", f"Best configuration: `{best}` (µAP {results[best]['uAP']:.3f}). Top-1 accuracy of copy "
-                      "queries per transformation family:", "",
-                      "| " + " | ".join(FAMILIES) + " |", "|" + "---|" * len(FAMILIES),
-                      "| " + " | ".join(f"{results[best]['per_family_top1'][f]:.2f}" for f in FAMILIES) + " |"]
+            lines += [
+                "",
+                f"Best configuration: `{best}` (µAP {results[best]['uAP']:.3f}). Top-1 accuracy of copy "
+                "queries per transformation family:",
+                "",
+                "| " + " | ".join(FAMILIES) + " |",
+                "|" + "---|" * len(FAMILIES),
+                "| " + " | ".join(f"{results[best]['per_family_top1'][f]:.2f}" for f in FAMILIES) + " |",
+            ]
     if args.scale:
         sizes = sorted({max(1000, args.scale // 4), max(1000, args.scale // 2), args.scale})
         rows = run_scale(sizes, ["pdq", "pixels"], {"pdq": 0.9, "pixels": 0.98})
-        lines += ["", "## Dedup at scale (Fashion-MNIST)", "",
-                  "Each row is a fresh process: load Fashion-MNIST, embed, `retrieval.dedup.deduplicate` over "
-                  "shards of 10,000 (exact range search, batches of 4,096 queries). PDQ: 256-bit codes from 64x64 "
-                  "inputs, Hamming range search (threshold 0.9 = Hamming <= 12). pixels: 784-d centred, "
-                  "L2-normalised pixel vectors, cosine range search (threshold 0.98).", "",
-                  "| vectors | N | embed s | dedup s | pairs | groups | images in groups | peak RSS MB |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Dedup at scale (Fashion-MNIST)",
+            "",
+            "Each row is a fresh process: load Fashion-MNIST, embed, `retrieval.dedup.deduplicate` over "
+            "shards of 10,000 (exact range search, batches of 4,096 queries). PDQ: 256-bit codes from 64x64 "
+            "inputs, Hamming range search (threshold 0.9 = Hamming <= 12). pixels: 784-d centred, "
+            "L2-normalised pixel vectors, cosine range search (threshold 0.98).",
+            "",
+            "| vectors | N | vectors MB | embed s | dedup s | pairs | groups | images in groups | RSS before dedup MB "
+            "| peak RSS during dedup MB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
-            lines.append(f"| {r['kind']} ({r['dim']}-d) | {r['n']} | {r['embed_s']} | {r['dedup_s']} | {r['pairs']} | "
-                         f"{r['groups']} | {r['images_in_groups']} | {r['peak_rss_mb']} |")
+            lines.append(
+                f"| {r['kind']} ({r['dim']}-d) | {r['n']} | {r['vectors_mb']} | {r['embed_s']} | {r['dedup_s']} | "
+                f"{r['pairs']} | {r['groups']} | {r['images_in_groups']} | {r['rss_before_mb']} | {r['peak_rss_mb']} |"
+            )
+    if args.scale_cli:
+        lines += [
+            "",
+            "## `loupe dedup` end to end (Fashion-MNIST, pdq index)",
+            "",
+            "Index written with `retrieval.store` (pdq codes of 64x64 inputs in binary shards of 10,000), then "
+            "`loupe dedup IDX --threshold 0.9 --out pairs.parquet` as a subprocess (fresh process per row, so "
+            "its peak RSS includes Python, torch and every CLI import; the 1,000-image row is that baseline).",
+            "",
+            "| N | build index s | `loupe dedup` wall s | peak RSS MB | summary |",
+            "|---|---|---|---|---|",
+        ]
+        for n in sorted({1000, args.scale_cli}):
+            r = run_scale_cli(n)
+            print("  scale-cli", r, flush=True)
+            lines.append(f"| {r['n']} | {r['build_s']} | {r['wall_s']} | {r['peak_rss_mb']} | {r['summary']} |")
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out)
