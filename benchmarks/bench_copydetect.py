@@ -690,7 +690,8 @@ def main(argv=None) -> int:
         "",
         f"- date: {started}",
         f"- machine: {machine()}",
-        f"- command: `.venv/bin/python benchmarks/bench_copydetect.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+        "- command: `.venv/bin/python benchmarks/bench_copydetect.py "
+        + " ".join(sys.argv[1:] if argv is None else argv) + "`",
         "",
     ]
     results = {}
