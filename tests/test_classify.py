@@ -333,3 +333,25 @@ def test_api_classify(tmp_path, caption_index, photos, conse, monkeypatch):
     resp = client.post("/api/classify", json={"image": base64.b64encode(buf.getvalue()).decode(),
                                               "vocabulary": "klingon"})
     assert resp.status_code == 400
+
+
+def test_clip_family_encoder_runs_end_to_end(tiny_clip, photos, tmp_path):
+    """The CLIP path (open_clip tokenizer, logit-scale temperature) with the tiny random CLIP."""
+    from retrieval import create_encoder
+    from retrieval.classify import default_temperature
+
+    enc = create_encoder(tiny_clip, device="cpu")
+    assert default_temperature(enc) == pytest.approx(1.0 / enc.logit_scale)
+    db = open_vocabulary(_write(tmp_path / "v.txt", "cat\ndog\na red rocket in the sky\ncoffee cup\n"), enc,
+                         cache_dir=tmp_path / "cache")
+    assert db.encoder_name == tiny_clip and db.dim == enc.dim
+    labels = VocabularyFreeClassifier(enc, db, ClassifyConfig(k_retrieve=3)).classify(
+        [photos["chelsea"], photos["rocket"]], top=2)
+    assert [len(row) for row in labels] == [2, 2]
+    names = {"cat", "dog", "rocket", "sky", "coffee cup"}
+    assert all(lab.label in names and 0.0 <= lab.score <= 1.0 for row in labels for lab in row)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
