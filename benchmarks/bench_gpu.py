@@ -107,6 +107,10 @@ def main() -> None:
     ap.add_argument("--search-n", type=int, default=1_000_000)
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
+    ap.add_argument("--skip-forward", action="store_true")
+    ap.add_argument("--skip-search", action="store_true")
+    ap.add_argument("--runs", default="cpu,gpu,gpu-half",
+                    help="pipeline runs: cpu (CPU decode, all workers), gpu (GPU decode), gpu-half (half the workers)")
     args = ap.parse_args()
 
     from indexer.pipeline import IndexConfig, build_index
@@ -121,24 +125,28 @@ def main() -> None:
     register_encoder("clip-vit-b-32-random", {"family": "clip", "dim": 512, "modalities": ["image", "text"],
                                               "image_size": 224, "local": "patch_tokens", **row}, replace=True)
     enc = create_encoder("clip-vit-b-32-random", device=dev)
-    result["forward_fp16_images_per_s"] = {b: bench_forward(enc, b, 20 if dev == "cuda" else 2)
-                                          for b in ((64, 256, 1024) if dev == "cuda" else (8,))}
+    if not args.skip_forward:
+        result["forward_fp16_images_per_s"] = {b: bench_forward(enc, b, 20 if dev == "cuda" else 2)
+                                              for b in ((64, 256, 1024) if dev == "cuda" else (8,))}
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "jpegs"
         folder.mkdir()
         result["jpeg_generation_s"] = make_jpegs(folder, args.images, os.cpu_count() or 2)
-        for workers in sorted({args.workers, max(1, args.workers // 2)}):
-            out = Path(tmp) / f"index-{workers}"
+        table = {"cpu": (args.workers, "cpu"), "gpu": (args.workers, "gpu"),
+                 "gpu-half": (max(1, args.workers // 2), "gpu")}
+        for workers, decode in [table[r] for r in args.runs.split(",")]:
+            out = Path(tmp) / f"index-{workers}-{decode}"
             t = time.perf_counter()
             summary = build_index(IndexConfig(sources=[str(folder)], out=str(out), encoders=["clip-vit-b-32-random"],
                                               device=dev, batch_size=args.batch_size, workers=workers,
-                                              index_type="flat"))
+                                              index_type="flat", decode=decode))
             wall = time.perf_counter() - t
-            result[f"pipeline_workers_{workers}"] = {
+            result[f"pipeline_workers_{workers}_decode_{decode}"] = {
                 "indexed": summary.indexed, "failed": len(summary.failed), "wall_s": wall,
                 "images_per_s": summary.indexed / wall, "timings": summary.timings}
-    result["search"] = bench_search(args.search_n, 512, 1000, 10, dev)
+    if not args.skip_search:
+        result["search"] = bench_search(args.search_n, 512, 1000, 10, dev)
     text = json.dumps(result, indent=2, default=str)
     print(text)
     if args.out:
