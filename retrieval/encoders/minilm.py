@@ -39,7 +39,9 @@ class MiniLMTextEncoder:
 
     def __init__(self, device: DeviceConfig, max_length: int = 256):
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar on every CLI call
         path = minilm_path()
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(path)
