@@ -15,8 +15,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +227,72 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+WORKER_CRASH = "the decoder crashed on this file (its worker process died); skipped"
+
+
+def _worker_died(exc: BaseException) -> bool:
+    text = str(exc)
+    return "DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text)
+
+
+def iter_batches(dataset: DecodeDataset, *, batch_size: int, workers: int, pin: bool):
+    """Collated batches over ``dataset`` in order, surviving worker crashes.
+
+    A file that kills its worker process (a segfault in a C decoder, say) must not stop the run, nor
+    every later run: after a crash, the window of items that were in flight is re-read one item at a
+    time in a single worker; the item that kills that worker is reported as failed and skipped.
+    """
+    n = len(dataset)
+    start, isolate_until = 0, 0
+    window = batch_size * max(1, workers) * 4 + batch_size
+    while start < n:
+        isolating = start < isolate_until
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, range(start, n)), batch_size=1 if isolating else batch_size,
+            shuffle=False, num_workers=1 if isolating else workers, collate_fn=collate, pin_memory=pin,
+            worker_init_fn=_worker_init if workers else None,
+            prefetch_factor=(1 if isolating else 4) if workers else None)   # 1: blame is exact
+        it = iter(loader)
+        try:
+            for batch in it:
+                yield batch
+                start += len(batch["records"])
+                if isolating and start >= isolate_until:
+                    break                       # past the suspects: back to full batches
+            else:
+                return
+        except RuntimeError as exc:
+            if not workers or not _worker_died(exc):
+                raise
+            if isolating:                       # one item at a time: the crash was this item
+                log.warning("%s: %s", dataset.items[start].source, WORKER_CRASH)
+                yield {"records": [Record(index=start, error=WORKER_CRASH)], "ok": [], "tensors": []}
+                start += 1
+            else:
+                isolate_until = min(n, start + window)
+        finally:
+            del it
+
+
+@contextlib.contextmanager
+def worker_errors_in_iteration():
+    """Make a dead DataLoader worker surface inside the batch iteration (where ``iter_batches`` handles
+    it) instead of torch's SIGCHLD handler raising at a random point of the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from torch.utils.data._utils import signal_handling
+
+    flag, previous = signal_handling._SIGCHLD_handler_set, signal.getsignal(signal.SIGCHLD)
+    signal_handling._SIGCHLD_handler_set = True       # loaders created now do not install it
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous if previous is not None else signal.SIG_DFL)
+        signal_handling._SIGCHLD_handler_set = flag
+
+
 # -- helpers ------------------------------------------------------------------------------------
 def _is_unchanged(item: Item, known: tuple[str, int, float | None]) -> bool:
     _, size, mtime = known
@@ -331,7 +401,7 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = IndexSummary()
-    with IndexLock(out, wait=cfg.wait):
+    with IndexLock(out, wait=cfg.wait), worker_errors_in_iteration():
         manifest = store.read_manifest(out) if (out / store.MANIFEST).is_file() else None
         names = _resolve_encoders(cfg, manifest)
         clean_stray_files(out, manifest, names)
@@ -394,17 +464,15 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
         workers = default_workers() if cfg.workers is None else max(0, int(cfg.workers))
         dataset = DecodeDataset(todo, transforms, frozenset(state.ids), ReadConfig(allow_download=cfg.allow_download),
                                 cfg.max_pixels, gpu_jpeg=gpu_decode)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=max(1, cfg.batch_size), shuffle=False, num_workers=workers, collate_fn=collate,
-            pin_memory=dev.is_cuda, worker_init_fn=_worker_init if workers else None,
-            prefetch_factor=4 if workers else None)
         if progress_total:
             progress_total(len(todo))
         seen_ids = set(state.ids)
         t_read = t_encode = 0.0
         done = 0
-        batches = iter(loader) if todo else iter(())
-        background = BackgroundWriter(writer)   # after the workers forked
+        batches = iter_batches(dataset, batch_size=max(1, cfg.batch_size), workers=workers, pin=dev.is_cuda)
+        first = next(batches, None)             # the first workers fork before the writer thread starts
+        batches = itertools.chain([first] if first is not None else [], batches)
+        background = BackgroundWriter(writer)
         finished = False
         try:
             while True:

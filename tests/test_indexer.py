@@ -664,3 +664,30 @@ def test_time_based_commits(tmp_path, photo_dir, tiny_clip):
     assert len(m.shards) == s.shards >= 3 and m.count == s.indexed   # every batch committed on its own
     s2 = _index([photo_dir], tmp_path / "idx2", [tiny_clip], batch_size=4, shard_size=1000)
     assert s2.shards == 1                                             # default: 300 s, one shard here
+
+
+def test_a_file_that_kills_its_worker_is_skipped(tmp_path, photos, tiny_clip, monkeypatch):
+    """A decoder crash (simulated: SIGKILL inside the worker for one file) costs that file only."""
+    import signal
+
+    import indexer.pipeline as pipeline
+
+    src = tmp_path / "src"
+    src.mkdir()
+    names = [n for n in photos if n != "cat"][:7]
+    for n in names:
+        photos[n].resize((48, 48)).save(src / f"{n}.png")
+    victim = (src / f"{names[3]}.png").read_bytes()
+    real = pipeline.load_image
+
+    def crashing_load(data, **kw):
+        if bytes(data) == victim:
+            os.kill(os.getpid(), signal.SIGKILL)   # runs in the DataLoader worker
+        return real(data, **kw)
+
+    monkeypatch.setattr(pipeline, "load_image", crashing_load)
+    s = _index([src], tmp_path / "idx", [tiny_clip], workers=1, batch_size=2)
+    assert [(Path(f.source).name, f.reason) for f in s.failed] == [(f"{names[3]}.png", pipeline.WORKER_CRASH)]
+    assert s.indexed == 6
+    assert sorted(Path(r["source"]).name for r in _all_rows(tmp_path / "idx")) == sorted(
+        f"{n}.png" for n in names if n != names[3])
