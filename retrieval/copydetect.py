@@ -47,8 +47,12 @@ BACKGROUND_IDS_FILE = "background-ids.npy"
 # Calibrated on benchmarks/bench_copydetect.py (see benchmarks/results/copydetect.md) for about 90 %
 # precision, with the default index-sample background; keys are (normalised?, verified?). Raw scores
 # are similarities; normalised ones are similarity margins over the background neighbour.
+# Verified scores use effnet-lite0 local features (PCA-128, 7x7) + RANSAC, weight 0.5.
 DEFAULT_THRESHOLDS: dict[str, dict[tuple[bool, bool], float]] = {
-    "*": {(False, False): 0.80, (True, False): 0.20, (True, True): 0.30, (False, True): 0.90},
+    "effnet-lite0": {(False, False): 0.94, (True, False): 0.12, (True, True): 0.52, (False, True): 1.44},
+    "sscd": {(False, False): 0.82, (True, False): 0.14, (True, True): 0.51, (False, True): 1.28},
+    "pdq": {(False, False): 0.64, (True, False): 0.44, (True, True): 0.64, (False, True): 1.14},
+    "*": {(False, False): 0.90, (True, False): 0.15, (True, True): 0.52, (False, True): 1.40},
 }
 
 
@@ -440,11 +444,21 @@ def _verify_available(engine, name: str) -> bool:
     return bool(entry.local_features)
 
 
+def local_encoder(engine, name: str) -> str | None:
+    """The encoder whose stored local features verify ``name``'s candidates: ``name`` itself if it has
+    them, else the first encoder of the index that has (every encoder of an index holds the same
+    images in the same shards and rows, so e.g. sscd candidates are verified with effnet-lite0's
+    feature map)."""
+    if _verify_available(engine, name):
+        return name
+    return next((n for n in engine.manifest.encoders if _verify_available(engine, n)), None)
+
+
 def verification_enabled(engine, name: str, config: MatchConfig) -> bool:
     """Whether ``match_images`` verifies locally: asked for (or auto) and the index has local features."""
-    if config.verify is False or _is_binary_encoder(engine, name):
+    if config.verify is False:
         return False
-    return _verify_available(engine, name)
+    return local_encoder(engine, name) is not None
 
 
 def match_images(engine, images: Sequence[Any], config: MatchConfig | None = None, *,
@@ -489,7 +503,7 @@ def match_images(engine, images: Sequence[Any], config: MatchConfig | None = Non
     # 3. local verification
     ver = None
     if verification_enabled(engine, name, config):
-        ver = _verify_candidates(engine, name, ctxs, hits_per_query, config, sims.shape)
+        ver = _verify_candidates(engine, local_encoder(engine, name), ctxs, cand_ids, config, sims.shape)
     # collect with per-query ids
     out = []
     for qi in range(len(qvecs)):
@@ -504,22 +518,25 @@ def match_images(engine, images: Sequence[Any], config: MatchConfig | None = Non
     return out
 
 
-def _verify_candidates(engine, name, ctxs, hits_per_query, config: MatchConfig, shape) -> np.ndarray | None:
+def _verify_candidates(engine, vname, ctxs, cand_ids, config: MatchConfig, shape) -> np.ndarray | None:
+    """Local verification scores [q, k] (NaN where not verified) with ``vname``'s local features."""
     try:
         from .rerank import DEFAULT_CONFIG, query_local_features, verify_pair
     except ImportError:
         return None
-    info = engine.manifest.encoders[name].local_features or {}
+    info = engine.manifest.encoders[vname].local_features or {}
     ver = np.full(shape, np.nan, np.float32)
     rcfg = replace(DEFAULT_CONFIG, allow_reflection=True)   # flips are a common copy edit
-    for qi, (ctx, hits) in enumerate(zip(ctxs, hits_per_query)):
-        q = query_local_features(engine, ctx, name)
-        if q is None or not hits:
+    for qi, (ctx, ids) in enumerate(zip(ctxs, cand_ids)):
+        todo = list(ids[:config.n_verify])
+        if not todo:
+            continue
+        q = query_local_features(engine, ctx, vname)
+        if q is None:
             continue
         q_desc, q_pos, q_grid = q
-        todo = hits[:config.n_verify]
-        locals_ = engine.local_features(name, todo)
-        for ci, (c_desc, c_pos) in enumerate(locals_):
+        hits = [engine.hit_for_id(vname, cid) for cid in todo]
+        for ci, (c_desc, c_pos) in enumerate(engine.local_features(vname, hits)):
             c_grid = tuple(info.get("grid") or (int(np.max(c_pos[:, 0])) + 1, int(np.max(c_pos[:, 1])) + 1))
             ver[qi, ci] = verify_pair(q_desc, q_pos, np.asarray(c_desc, np.float32), c_pos, q_grid, c_grid,
                                       rcfg).score
@@ -530,4 +547,4 @@ __all__ = ["MatchConfig", "Match", "Background", "knn", "background_similarity",
            "final_scores", "match_arrays", "micro_average_precision", "recall_at_precision",
            "precision_recall_curve", "threshold_for_precision", "build_background", "background_path",
            "load_background", "sample_background", "choose_encoder", "match_images", "DEFAULT_THRESHOLDS",
-           "default_threshold", "verification_enabled", "binary_blocks"]
+           "default_threshold", "verification_enabled", "binary_blocks", "local_encoder"]

@@ -189,14 +189,19 @@ def test_pdq_binary_index_match_and_dedup(tmp_path, photos, capsys):
         photos[name].save(src / f"{name}.png")
     jpeg(photos["chelsea"], 30).save(src / "chelsea-reencoded.jpg")
     out = tmp_path / "idx"
-    assert loupe(["index", str(src), "--out", str(out), "--encoder", "pdq", "--device", "cpu", "--workers", "0"]) == 0
+    assert loupe(["index", str(src), "--out", str(out), "--encoder", "pdq", "--encoder", "effnet-lite0",
+                  "--local-features", "--device", "cpu", "--workers", "0"]) == 0
     capsys.readouterr()
     engine = Engine(out, device="cpu")
     assert engine.manifest.encoders["pdq"].index_type == "binary"
-    res = match_images(engine, [jpeg(photos["astronaut"], 20), photos["brick"]], MatchConfig(normalize=False,
-                                                                                             threshold=0.8))
+    queries = [jpeg(photos["astronaut"], 20), photos["brick"]]
+    res = match_images(engine, queries, MatchConfig(normalize=False, threshold=0.8, verify=False), encoder="pdq")
     assert [stem(engine, m.id) for m in res[0]][:1] == ["astronaut"]
-    assert res[0][0].similarity > 0.8 and res[1] == []
-    assert loupe(["dedup", str(out), "--threshold", "0.8", "--json"]) == 0
+    assert res[0][0].similarity > 0.8 and res[1] == [] and res[0][0].verify is None
+    # pdq candidates verified with effnet-lite0's stored local features (same shards and rows)
+    res = match_images(engine, queries[:1], MatchConfig(normalize=False, threshold=0.8), encoder="pdq")
+    best = res[0][0]
+    assert best.verify is not None and best.score == pytest.approx(best.similarity + 0.5 * best.verify)
+    assert loupe(["dedup", str(out), "--encoder", "pdq", "--threshold", "0.8", "--json"]) == 0
     groups = [sorted(stem(engine, i) for i in g) for g in json.loads(capsys.readouterr().out)["groups"]]
     assert groups == [["chelsea", "chelsea-reencoded"]]
