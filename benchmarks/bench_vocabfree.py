@@ -134,6 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fmnist-per-class", type=int, default=20, help="Fashion-MNIST images per class (0 = skip)")
     ap.add_argument("--no-invert", action="store_true")
     ap.add_argument("--k-retrieve", type=int, default=10)
+    ap.add_argument("--extra-k", default="", help="more K values to compare (comma-separated), alpha = first")
     ap.add_argument("--alphas", default="0.7,1.0,0.5", help="CaSED alpha values; the first is reported as cased")
     ap.add_argument("--prompts", choices=("encoder", "single"), default="encoder")
     ap.add_argument("--out", help="append the markdown table to this file")
@@ -183,6 +184,12 @@ def main(argv=None) -> int:
             if a == 1.0:
                 label = "cased-img (alpha=1)"
             results[label] = ([p[0].label if p else "" for p in preds], time.time() - t2)
+        for k in [int(x) for x in args.extra_k.split(",") if x.strip()]:
+            clf.config.alpha, clf.config.k_retrieve = alphas[0], k
+            t2 = time.time()
+            preds = clf.classify_vectors(vecs, top=1)
+            results[f"cased (K={k})"] = ([p[0].label if p else "" for p in preds], time.time() - t2)
+        clf.config.k_retrieve = args.k_retrieve
         t2 = time.time()
         zs = zero_shot_classify(enc, vecs, classnames, top=1, name_vectors=class_vecs)
         results["zeroshot-1k"] = ([p[0].label for p in zs], time.time() - t2)

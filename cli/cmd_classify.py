@@ -34,7 +34,7 @@ def add_arguments(p) -> None:
     p.add_argument("--column", help="text column of a table --vocabulary (default caption/text/label/name)")
     p.add_argument("-k", type=int, default=5, help="labels per image (default 5)")
     p.add_argument("--retrieve", type=int, default=None, metavar="K",
-                   help="texts retrieved per image (CaSED's K, default 10)")
+                   help="texts retrieved per image (CaSED's K, default 20)")
     p.add_argument("--alpha", type=float, default=None,
                    help="weight of image→name vs retrieved-text→name scores (default 0.7)")
     p.add_argument("--encoder", help="text-capable encoder (default: the index's text encoder; with "

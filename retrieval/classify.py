@@ -18,7 +18,7 @@ For each image:
    (CaSED's "caption centroid": the text-to-text support a name gets from what was retrieved).
    The scores sum to 1 over the candidates of one image.
 
-Defaults (see ``benchmarks/results/vocabfree.md``): ``K = 10`` entries, ``alpha = 0.7``,
+Defaults (see ``benchmarks/results/vocabfree.md``): ``K = 20`` entries (best of 3/5/10/20/40/80), ``alpha = 0.7``,
 ``T = 1/logit_scale`` for CLIP (0.01) and ``0.05`` for other encoders (ConSE similarities spread over a
 wider range); prompts: the encoder's own templates when it has them (ConSE), else
 ``"a photo of a {}."``.
@@ -36,7 +36,7 @@ from .errors import InvalidQueryError
 from .images import load_image
 from .vocab import EmptyTextDatabaseError, TextDatabase, normalize_name
 
-DEFAULT_K_RETRIEVE = 10
+DEFAULT_K_RETRIEVE = 20
 DEFAULT_ALPHA = 0.7
 DEFAULT_TOP = 5
 DEFAULT_PROMPTS = ("a photo of a {}.",)
