@@ -53,6 +53,11 @@ def add_arguments(p) -> None:
                    help="gpu: decode and resize JPEGs in batches on the encoder's device (nvJPEG on CUDA); "
                         "vectors are close to, not identical with, CPU decoding — use one per index")
     p.add_argument("--wait", action="store_true", help="wait for another `loupe index` on DIR instead of failing")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="decode + embed on a Ray cluster (ADDRESS, e.g. ray://head:10001; alone: a local Ray); "
+                        "this process still writes the index. Needs the 'distributed' extra")
+    p.add_argument("--ray-actors", type=int, default=1, metavar="N",
+                   help="encoder actors on Ray (one GPU each with --device cuda; default 1)")
 
 
 def run(args) -> int:
@@ -67,7 +72,8 @@ def run(args) -> int:
         shard_size=args.shard_size, device=args.device, precision=args.precision, batch_size=args.batch_size,
         workers=args.workers, local_features=args.local_features, prune=args.prune,
         allow_download=args.allow_download, max_memory=parse_memory(args.max_memory),
-        max_pixels=args.max_pixels, wait=args.wait, decode=args.decode, commit_seconds=args.commit_every)
+        max_pixels=args.max_pixels, wait=args.wait, decode=args.decode, commit_seconds=args.commit_every,
+        ray=args.ray, ray_actors=max(1, args.ray_actors))
     bar = None
     progress = total = None
     if sys.stderr.isatty():

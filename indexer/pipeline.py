@@ -68,6 +68,8 @@ class IndexConfig:
     wait: bool = False                      # wait for another writer's lock instead of failing
     decode: str = "cpu"                     # "gpu": JPEGs decoded on the encoder's device (indexer.gpu_batch)
     commit_seconds: float | None = DEFAULT_COMMIT_SECONDS   # also commit a (smaller) shard this often
+    ray: str | None = None                  # "local" or a Ray cluster address: decode + embed on Ray actors
+    ray_actors: int = 1                     # encoder actors (one GPU each with device cuda)
 
 
 @dataclass
@@ -386,6 +388,34 @@ def _transform_groups(encoders: dict) -> tuple[list, list, dict[str, int]]:
     return transforms, stats, group_of
 
 
+def _triage(records: list[Record], todo: list[Item], seen_ids: set[str], summary: IndexSummary
+            ) -> tuple[list[int], list[dict[str, Any]], list[tuple[str, str]]]:
+    """Split a batch's records into (kept record indices, their metadata rows, aliases): failures go
+    to the summary; content already indexed (or seen earlier in this run) becomes an alias."""
+    kept, rows, aliases = [], [], []
+    for rec in records:
+        item = todo[rec.index]
+        if rec.error is not None:
+            summary.failed.append(Failure(item.source, rec.error))
+        elif rec.duplicate or rec.id in seen_ids:
+            aliases.append((rec.id, item.source))   # sent after this batch's rows
+            summary.skipped += 1
+        else:
+            seen_ids.add(rec.id)
+            kept.append(rec.index)
+            rows.append(_row(rec, item))
+    return kept, rows, aliases
+
+
+def _select_embedded(batch: dict[str, Any], kept: list[int]) -> tuple[dict, dict]:
+    """Rows of remotely embedded vectors (one per record in ``batch["ok"]``) for the kept records."""
+    position = {idx: i for i, idx in enumerate(batch["ok"])}
+    sel = np.asarray([position[idx] for idx in kept], dtype=np.int64)
+    vectors = {n: v[sel] for n, v in batch["vectors"].items()}
+    local = {n: (tokens[sel], grid) for n, (tokens, grid) in batch["local"].items()}
+    return vectors, local
+
+
 def _row(rec: Record, item: Item) -> dict[str, Any]:
     return {"id": rec.id, "source": item.source, "path": item.path if item.kind == "file" else None,
             "caption": item.caption, "width": rec.width, "height": rec.height, "sha256": rec.sha256,
@@ -469,9 +499,16 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
         seen_ids = set(state.ids)
         t_read = t_encode = 0.0
         done = 0
-        batches = iter_batches(dataset, batch_size=max(1, cfg.batch_size), workers=workers, pin=dev.is_cuda)
-        first = next(batches, None)             # the first workers fork before the writer thread starts
-        batches = itertools.chain([first] if first is not None else [], batches)
+        if cfg.ray:
+            from .distributed import ray_batches
+
+            batches = ray_batches(dataset, encoders, writer.local, batch_size=max(1, cfg.batch_size),
+                                  address=cfg.ray, actors=cfg.ray_actors, device=cfg.device,
+                                  precision=cfg.precision, threads=max(1, workers))
+        else:
+            batches = iter_batches(dataset, batch_size=max(1, cfg.batch_size), workers=workers, pin=dev.is_cuda)
+            first = next(batches, None)         # the first workers fork before the writer thread starts
+            batches = itertools.chain([first] if first is not None else [], batches)
         background = BackgroundWriter(writer)
         finished = False
         try:
@@ -481,30 +518,23 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
                 t_read += time.perf_counter() - t
                 if batch is None:
                     break
-                kept, rows, aliases = [], [], []
+                embedded = "vectors" in batch     # embedded remotely (--ray)
                 decoded, fallback = {}, {}
-                if gpu_decode:
+                if gpu_decode and not embedded:
                     decoded, fallback = decode_raw(batch["records"], encoders, transforms, cfg.max_pixels,
                                                    dev.device)
-                for rec in batch["records"]:
-                    item = todo[rec.index]
-                    if rec.error is not None:
-                        summary.failed.append(Failure(item.source, rec.error))
-                    elif rec.duplicate or rec.id in seen_ids:
-                        aliases.append((rec.id, item.source))   # sent after this batch's rows
-                        summary.skipped += 1
-                    else:
-                        seen_ids.add(rec.id)
-                        kept.append(rec.index)
-                        rows.append(_row(rec, item))
+                kept, rows, aliases = _triage(batch["records"], todo, seen_ids, summary)
                 if rows:
                     t = time.perf_counter()
-                    vectors, local_out = {}, {}
-                    for n, enc in encoders.items():
-                        x = assemble(batch, kept, decoded, fallback, group_of[n], stats, enc)
-                        vectors[n], loc = _embed(enc, x, n in writer.local)
-                        if loc is not None:
-                            local_out[n] = loc
+                    if embedded:
+                        vectors, local_out = _select_embedded(batch, kept)
+                    else:
+                        vectors, local_out = {}, {}
+                        for n, enc in encoders.items():
+                            x = assemble(batch, kept, decoded, fallback, group_of[n], stats, enc)
+                            vectors[n], loc = _embed(enc, x, n in writer.local)
+                            if loc is not None:
+                                local_out[n] = loc
                     t_encode += time.perf_counter() - t
                     background.add(rows, vectors, local_out)
                     summary.indexed += len(rows)

@@ -1,0 +1,115 @@
+"""Scale-out indexing on Ray (``loupe index ... --ray [ADDRESS]``), with Ray Data.
+
+When one machine's cores cannot decode fast enough for its GPU, or one GPU is not enough, the read →
+decode → encode stages run on a Ray cluster: Ray Data splits the work into batches and feeds them
+to a pool of actors (``--ray-actors``, one GPU each with ``--device cuda``). Each actor builds the
+encoders once, reads and decodes its batch with a thread pool, embeds it, and sends back only the
+records and vectors. The driver keeps everything that makes an index trustworthy: it alone writes
+shards and commits the manifest (same writer, same on-disk format, same resume and lock semantics
+as a local run), so a killed driver resumes exactly like a local run.
+
+Files must be readable at the same paths from every Ray node (a shared filesystem or object-store
+mount), as with any Ray Data job.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator
+
+import numpy as np
+
+from retrieval.errors import MissingExtraError
+
+log = logging.getLogger(__name__)
+
+
+def _require_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError("--ray needs the optional extra 'distributed': pip install 'loupe-search[distributed]'"
+                                ) from exc
+    return ray
+
+
+class EmbedActor:
+    """A Ray Data actor: decode + embed whole batches, return pickled records and vectors."""
+
+    def __init__(self, items_ref, known_ids_ref, specs: dict, names: list[str], local: list[str], device: str,
+                 precision: str, batch_size: int, read_cfg, max_pixels: int | None, threads: int):
+        import ray
+
+        from retrieval.encoders import create_encoder, register_encoder
+
+        from .pipeline import DecodeDataset, _transform_groups
+
+        for name, spec in specs.items():           # encoders registered in the driver (custom ones too)
+            register_encoder(name, spec, replace=True)
+        items = ray.get(items_ref) if isinstance(items_ref, ray.ObjectRef) else items_ref
+        known = ray.get(known_ids_ref) if isinstance(known_ids_ref, ray.ObjectRef) else known_ids_ref
+        self.encoders = {n: create_encoder(n, device=device, precision=precision) for n in names}
+        self.transforms, self.stats, self.group_of = _transform_groups(self.encoders)
+        self.dataset = DecodeDataset(items, self.transforms, frozenset(known), read_cfg, max_pixels)
+        self.local = set(local)
+        self.batch_size = batch_size
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads))
+
+    def embed_batch(self, number: int) -> dict[str, Any]:
+        from .pipeline import _embed, assemble, collate
+
+        n = len(self.dataset)
+        indices = range(number * self.batch_size, min(n, (number + 1) * self.batch_size))
+        records = list(self.pool.map(self.dataset.__getitem__, indices))
+        batch = collate(records)
+        vectors, local = {}, {}
+        if batch["ok"]:
+            for name, enc in self.encoders.items():
+                x = assemble(batch, batch["ok"], {}, {}, self.group_of[name], self.stats, enc)
+                vectors[name], loc = _embed(enc, x, name in self.local)
+                if loc is not None:
+                    local[name] = loc
+        return {"records": batch["records"], "ok": batch["ok"], "vectors": vectors, "local": local}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = [pickle.dumps(self.embed_batch(int(b)), protocol=pickle.HIGHEST_PROTOCOL) for b in batch["id"]]
+        return {"payload": np.array(out, dtype=object)}
+
+
+def ray_batches(dataset, encoders: dict, local: set[str], *, batch_size: int, address: str | None,
+                actors: int, device: str, precision: str, threads: int) -> Iterator[dict[str, Any]]:
+    """Embedded batches computed on a Ray cluster, in order: ``{"records", "ok", "vectors", "local"}``.
+
+    ``vectors[name]`` / ``local[name]`` hold one row per record index in ``ok`` (decoded without error).
+    """
+    ray = _require_ray()
+    from retrieval.device import resolve_device
+    from retrieval.encoders import get_spec
+
+    n = len(dataset)
+    if n == 0:
+        return
+    if not ray.is_initialized():
+        kwargs = {"address": address} if address and address != "local" else {}
+        ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    uses_gpu = resolve_device(device, precision).is_cuda
+    specs = {name: get_spec(name) for name in encoders}
+    n_batches = (n + batch_size - 1) // batch_size
+    ds = ray.data.range(n_batches, override_num_blocks=min(n_batches, max(1, actors) * 4))
+    ds = ds.map_batches(
+        EmbedActor, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=max(1, actors)),
+        num_gpus=1 if uses_gpu else 0, num_cpus=max(1, threads),
+        fn_constructor_kwargs=dict(
+            items_ref=ray.put(list(dataset.items)), known_ids_ref=ray.put(sorted(dataset.known_ids)),
+            specs=specs, names=list(encoders), local=sorted(local), device=device, precision=precision,
+            batch_size=batch_size, read_cfg=dataset.read_cfg, max_pixels=dataset.max_pixels, threads=threads))
+    log.info("ray: %d batches of %d on %d actor(s)%s", n_batches, batch_size, actors, " with GPUs" if uses_gpu else "")
+    for out in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2):
+        for payload in out["payload"]:
+            yield pickle.loads(payload)
