@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 DEFAULT_NPROBE = 32
-DEFAULT_EF_SEARCH = 128
+DEFAULT_EF_SEARCH = 256  # 1M random 512-d, efConstruction 80: recall@10 0.834 at 256 vs 0.673 at 128
 
 
 @dataclass(frozen=True)
