@@ -27,7 +27,7 @@ cut it into chunks at punctuation, stop words (articles, pronouns, prepositions,
 auxiliary verbs), numbers and ``-ing``/``-ed`` verb forms; drop leading adjectives from a small list
 (colours, sizes, ages, qualities) from each chunk; keep the chunk (at most 3 words) and its last word
 (the head noun) as candidates. "A red fire truck driving on the road." → ``fire truck``, ``truck``,
-``road``. nltk is used instead when it is installed with its tagger data (not required).
+``road``. (nltk is not used: it is not a dependency and its tagger data cannot be fetched offline.)
 """
 
 from __future__ import annotations
