@@ -26,6 +26,8 @@ def add_arguments(p) -> None:
     q.add_argument("--image", metavar="PATH", help="image file to search with")
     q.add_argument("--id", metavar="ID", help="id of an indexed image (more like this)")
     p.add_argument("--instruction", metavar="T", help="text instruction applied to the image query")
+    p.add_argument("--method", default="sum", choices=["sum", "arithmetic", "caption", "fused", "auto"],
+                   help="how --instruction is composed with the image (default sum; see README)")
     p.add_argument("-k", type=int, default=10, help="number of results (1..1000, default 10)")
     p.add_argument("--rerank", action="store_true", help="re-rank the top candidates (local features)")
     p.add_argument("--encoder", help="encoder of the index to use for image queries")
@@ -55,7 +57,8 @@ def run(args) -> int:
     text = args.text[0] if args.text and len(args.text) == 1 else args.text
     engine = Engine(args.dir, device=args.device)
     resp = engine.search(text=text, image=image, image_id=args.id, instruction=args.instruction,
-                         encoder=args.encoder, k=args.k, rerank=args.rerank, filter=filt, dedup=args.dedup)
+                         encoder=args.encoder, k=args.k, rerank=args.rerank, filter=filt, dedup=args.dedup,
+                         method=args.method)
     results = [engine.describe_hit(h) for h in resp.hits]
     if args.json:
         print(json.dumps({"results": results, "encoder": resp.encoder, "took_ms": round(resp.took_ms, 2)}))

@@ -441,6 +441,8 @@ class Engine:
             ctx.terms = parse_terms(instruction) if instruction.lstrip()[:1] in "+-" else [(1.0, instruction.strip())]
             txt = combine(self.embed_texts(entry.name, [t for _, t in ctx.terms]), [w for w, _ in ctx.terms])
             kwargs: dict[str, Any] = {"method": method}
+            if method and method != "sum":   # arithmetic / caption / fused need the encoder and the words
+                kwargs.update(encoder=self.encoder(entry.name), instruction=instruction, index_dir=self.index_dir)
             if weight is not None:
                 if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0.0 <= weight <= 1.0:
                     raise InvalidQueryError("weight must be a number in [0, 1]")
