@@ -9,10 +9,10 @@ Pairs (real images, ``/usr/share/tuxpaint/stamps``):
 
 For each pair and method, the result image's similarity to the query is measured before and after
 masking (filling with the image's mean colour) 20 % of the image area: the top-20 % attributed
-pixels, 20 % in random 16-px blocks inside the region the encoder sees, or a centred disc of the
-same area. Reported: mean similarity drop for each mask, and the ratio of the attribution drop to
-the random drop (goal ≥ 2) and to the centre-blob drop. Also: milliseconds per overlay (heatmap +
-PNG render) on CPU.
+pixels, 20 % in random 16-px blocks inside the region the encoder sees, a disc of the same area at
+a random place in that region, or a centred disc. Reported: mean similarity drop for each mask, and
+the ratio of the attribution drop to the random drops (goal ≥ 2) and to the centre-blob drop.
+Also: milliseconds per overlay (heatmap + PNG render) on CPU.
 
     .venv/bin/python benchmarks/bench_attribution.py --pairs 200
 """
@@ -51,12 +51,15 @@ def masks(heat: np.ndarray, box, rng: np.random.Generator, fraction: float = FRA
     """(top-attributed, random blocks within the crop box, centred disc) boolean masks."""
     h, w = heat.shape
     n = int(round(fraction * h * w))
+    left, upper, right, lower = (int(round(v)) for v in box)
+    inside = np.zeros((h, w), bool)
+    inside[max(0, upper):lower, max(0, left):right] = True
+    # ties (zero heat) are broken at random, inside the region the encoder sees first (as for random)
+    key = heat + 1e-6 * rng.random((h, w)) + np.where(inside, 0.0, -1.0)
     top = np.zeros(h * w, bool)
-    order = np.argsort(-(heat.ravel() + 1e-9 * rng.random(h * w)), kind="stable")   # random tie-break
-    top[order[:n]] = True
+    top[np.argsort(-key.ravel(), kind="stable")[:n]] = True
     top = top.reshape(h, w)
     rnd = np.zeros((h, w), bool)
-    left, upper, right, lower = (int(round(v)) for v in box)
     block = 16
     cells = [(y, x) for y in range(max(0, upper), min(h, lower), block)
              for x in range(max(0, left), min(w, right), block)]
@@ -68,7 +71,10 @@ def masks(heat: np.ndarray, box, rng: np.random.Generator, fraction: float = FRA
     yy, xx = np.mgrid[0:h, 0:w]
     radius = np.sqrt(n / np.pi)
     centre = (yy - h / 2 + 0.5) ** 2 + (xx - w / 2 + 0.5) ** 2 <= radius ** 2
-    return top, rnd, centre
+    cy = rng.uniform(max(0, upper) + radius, max(max(0, upper) + radius, min(h, lower) - radius))
+    cx = rng.uniform(max(0, left) + radius, max(max(0, left) + radius, min(w, right) - radius))
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+    return top, rnd, centre, disc
 
 
 def apply_mask(img: Image.Image, mask: np.ndarray) -> Image.Image:
@@ -134,22 +140,22 @@ def main(argv=None) -> int:
                 heat = attribute(enc, result, qv, m)
                 png = overlay_png(result, heat)
                 timings.append((enc_name, m, time.perf_counter() - t1, len(png)))
-                top, rnd, centre = masks(heat, box, rng)
-                batch = [result, apply_mask(result, top), apply_mask(result, rnd), apply_mask(result, centre)]
+                top, rnd, centre, disc = masks(heat, box, rng)
+                batch = [result, *(apply_mask(result, m_) for m_ in (top, rnd, centre, disc))]
                 if base is not None:
                     batch = batch[1:]
                 v = enc.encode_images(batch) @ qv
                 if base is None:
                     base, v = float(v[0]), v[1:]
-                drops[m].append((base - v[0], base - v[1], base - v[2]))
+                drops[m].append((base - v[0], base - v[1], base - v[2], base - v[3]))
             if (n + 1) % 25 == 0:
                 print(f"  {enc_name}: {n + 1}/{len(pairs)} pairs ({time.perf_counter() - t0:.0f}s)", flush=True)
         for m in methods:
             d = np.array(drops[m])
-            top_d, rnd_d, cen_d = d.mean(axis=0)
-            wins = float((d[:, 0] > d[:, 1]).mean() * 100)
-            rows.append((enc_name, kind, m, len(d), top_d, rnd_d, cen_d, top_d / max(rnd_d, 1e-9),
-                         top_d / max(cen_d, 1e-9), wins))
+            top_d, rnd_d, cen_d, disc_d = d.mean(axis=0)
+            wins = float((d[:, 0] > d[:, 3]).mean() * 100)
+            rows.append((enc_name, kind, m, len(d), top_d, rnd_d, disc_d, cen_d, top_d / max(rnd_d, 1e-9),
+                         top_d / max(disc_d, 1e-9), top_d / max(cen_d, 1e-9), wins))
 
     per_ms = {}
     for enc_name, m, dt, _size in timings:
@@ -165,11 +171,11 @@ def main(argv=None) -> int:
         f"{len(txt_pairs)} text→image (the stamp's caption → the stamp, conse-effnet-lite0); masks cover "
         f"{int(FRACTION * 100)} % of the image, filled with its mean colour",
         "",
-        "| encoder | pairs | method | n | drop top-20 % | drop random 20 % | drop centre disc | top/random | "
-        "top/centre | top > random (% pairs) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
-        *[f"| {e} | {k} | {m} | {n} | {a:.4f} | {b:.4f} | {c:.4f} | {r:.2f} | {rc:.2f} | {w:.0f} |"
-          for e, k, m, n, a, b, c, r, rc, w in rows],
+        "| encoder | pairs | method | n | drop top-20 % | drop random blocks | drop random disc | "
+        "drop centre disc | top/random blocks | top/random disc | top/centre | top > random disc (% pairs) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *[f"| {e} | {k} | {m} | {n} | {a:.4f} | {b:.4f} | {dd:.4f} | {c:.4f} | {r:.2f} | {rd:.2f} | {rc:.2f} "
+          f"| {w:.0f} |" for e, k, m, n, a, b, dd, c, r, rd, rc, w in rows],
         "",
         "Milliseconds per overlay (heatmap at the original size + PNG), median, CPU: "
         + "; ".join(f"{e} {m} {1000 * float(np.median(v)):.0f} ms" for (e, m), v in per_ms.items()) + ".",
