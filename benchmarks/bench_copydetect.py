@@ -25,7 +25,6 @@ benchmarks/results/copydetect.md.
 from __future__ import annotations
 
 import argparse
-import gzip
 import io
 import json
 import os
@@ -42,6 +41,10 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from retrieval.images import load_image  # noqa: E402
+from retrieval.samples import fashion_mnist  # noqa: E402
+from retrieval.samples import skimage_photos as sample_photos  # noqa: E402
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -81,13 +84,7 @@ PHOTO_NAMES = (
 # -- data ------------------------------------------------------------------------------------------
 def load_fmnist() -> np.ndarray:
     """All 70,000 Fashion-MNIST images, uint8 [70000, 28, 28] (train then test)."""
-    out = []
-    for name in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
-        with gzip.open(FMNIST / name) as fh:
-            data = fh.read()
-        n = int.from_bytes(data[4:8], "big")
-        out.append(np.frombuffer(data, np.uint8, offset=16).reshape(n, 28, 28))
-    return np.concatenate(out)
+    return fashion_mnist("all", FMNIST)[0]
 
 
 def fmnist_image(arr: np.ndarray) -> Image.Image:
@@ -95,35 +92,13 @@ def fmnist_image(arr: np.ndarray) -> Image.Image:
 
 
 def load_stamp(path: Path) -> Image.Image:
-    img = Image.open(path)
-    img.load()
-    if img.mode in ("RGBA", "LA", "P"):
-        img = img.convert("RGBA")
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, img)
-    img = img.convert("RGB")
+    img = load_image(path)  # transparency composited on white
     img.thumbnail((512, 512))
     return img
 
 
 def skimage_photos() -> dict[str, Image.Image]:
-    from skimage import data
-
-    out = {}
-    for name in PHOTO_NAMES:
-        try:
-            arr = getattr(data, name)()
-        except Exception:  # noqa: BLE001 - some are fetched, not bundled
-            continue
-        arr = np.asarray(arr[0] if isinstance(arr, tuple) else arr)
-        if arr.dtype == bool:
-            arr = arr.astype(np.uint8) * 255
-        if arr.dtype != np.uint8:
-            arr = (255 * (arr - arr.min()) / max(1e-9, float(arr.max() - arr.min()))).astype(np.uint8)
-        img = Image.fromarray(arr).convert("RGB")
-        img.thumbnail((512, 512))
-        out[name] = img
-    return out
+    return sample_photos(PHOTO_NAMES, max_side=512)
 
 
 def split_stamps(seed: int = 0) -> dict[str, list[Path]]:

@@ -24,7 +24,6 @@ encoders), so it runs on machines without the model hub.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -109,11 +108,9 @@ def make_photos(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 def read_idx_images(path: Path, limit: int) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        header = np.frombuffer(fh.read(16), dtype=">i4")
-        n, rows, cols = int(header[1]), int(header[2]), int(header[3])
-        n = min(n, limit)
-        return np.frombuffer(fh.read(n * rows * cols), dtype=np.uint8).reshape(n, rows, cols)
+    from retrieval.samples import read_idx
+
+    return read_idx(path, limit)
 
 
 def write_fmnist(folder: Path, n: int) -> int:

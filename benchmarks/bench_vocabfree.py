@@ -24,7 +24,6 @@ Run: ``.venv/bin/python benchmarks/bench_vocabfree.py --tux 200 --fmnist-per-cla
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import platform
 import random
@@ -40,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval import create_encoder  # noqa: E402
 from retrieval.classify import ClassifyConfig, NameEmbedder, VocabularyFreeClassifier, zero_shot_classify  # noqa: E402
+from retrieval.images import load_image  # noqa: E402
 from retrieval.vocab import extract_noun_phrases, imagenet21k_entries, normalize_name, open_vocabulary  # noqa: E402
 
 TUX = Path("/usr/share/tuxpaint/stamps")
@@ -63,22 +63,14 @@ def tux_samples(limit: int, seed: int = 0) -> list[tuple[Image.Image, str, str]]
     random.Random(seed).shuffle(items)
     out = []
     for png, gt in items[:limit]:
-        img = Image.open(png)
-        img.load()
-        if img.mode in ("RGBA", "LA", "P"):
-            img = img.convert("RGBA")
-            bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(bg, img)
-        out.append((img.convert("RGB"), gt, str(png.relative_to(TUX))))
+        out.append((load_image(png), gt, str(png.relative_to(TUX))))  # alpha composited on white
     return out
 
 
 def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        data = fh.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    from retrieval.samples import read_idx as _read_idx
+
+    return _read_idx(path)
 
 
 def fmnist_samples(per_class: int, *, invert: bool = True, seed: int = 0):

@@ -48,24 +48,17 @@ log = logging.getLogger("loupe.demo")
 def write_skimage_photos(folder: Path) -> list[tuple[Path, str]]:
     """The scikit-image bundled photos as JPEG/PNG files, with captions."""
     from PIL import Image
-    from skimage import data
+
+    from retrieval.samples import skimage_photo_array
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for name, caption in SKIMAGE_PHOTOS.items():
         path = folder / f"{name}.png"
         if not path.exists():
-            try:
-                arr = getattr(data, name)()
-            except Exception:  # noqa: BLE001 - some are downloaded by pooch, not bundled: skip offline
+            arr = skimage_photo_array(name)
+            if arr is None:
                 continue
-            if isinstance(arr, tuple):
-                arr = arr[0]
-            arr = np.asarray(arr)
-            if arr.dtype == bool:
-                arr = arr.astype(np.uint8) * 255
-            if arr.dtype != np.uint8:
-                arr = (255 * (arr - arr.min()) / max(1e-9, float(arr.max() - arr.min()))).astype(np.uint8)
             Image.fromarray(arr).save(path)
         out.append((path, caption))
     return out
@@ -73,19 +66,11 @@ def write_skimage_photos(folder: Path) -> list[tuple[Path, str]]:
 
 def tuxpaint_stamps(limit: int) -> list[tuple[Path, str]]:
     """Up to ``limit`` Tux Paint stamps (PNG + first line of NAME.txt), spread over all topics."""
+    from retrieval.samples import tuxpaint_stamps as sample_stamps
+
     if not STAMPS.is_dir() or limit <= 0:
         return []
-    items = []
-    for png in sorted(STAMPS.rglob("*.png")):
-        txt = png.with_suffix(".txt")
-        caption = ""
-        if txt.is_file():
-            try:
-                caption = txt.read_text(encoding="utf-8", errors="replace").splitlines()[0].strip()
-            except (OSError, IndexError):
-                caption = ""
-        if caption:
-            items.append((png, caption))
+    items = [(png, caption) for png, caption in sample_stamps(STAMPS) if caption]
     if len(items) > limit:
         pick = np.linspace(0, len(items) - 1, limit).round().astype(int)
         items = [items[i] for i in sorted(set(pick.tolist()))]

@@ -12,7 +12,6 @@ import ipaddress
 import os
 import socket
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -142,28 +141,10 @@ def tiny_dino_weights(tiny_dino) -> str:
 
 
 # -- images ----------------------------------------------------------------------------------
-PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat", "immunohistochemistry",
-               "hubble_deep_field", "motorcycle_left", "page", "text", "moon", "horse", "brick", "grass")
-
-
 def skimage_photos() -> dict[str, Image.Image]:
-    from skimage import data
+    from retrieval.samples import skimage_photos as photos
 
-    out = {}
-    for name in PHOTO_NAMES:
-        try:
-            arr = getattr(data, name)()
-        except Exception:  # noqa: BLE001 - some skimage images are fetched, not bundled
-            continue
-        if isinstance(arr, tuple):
-            arr = arr[0]
-        arr = np.asarray(arr)
-        if arr.dtype == bool:
-            arr = arr.astype(np.uint8) * 255
-        if arr.dtype != np.uint8:
-            arr = (255 * (arr - arr.min()) / max(1e-9, float(arr.max() - arr.min()))).astype(np.uint8)
-        out[name] = Image.fromarray(arr).convert("RGB")
-    return out
+    return photos()
 
 
 @pytest.fixture(scope="session")
