@@ -129,3 +129,20 @@ def test_missing_and_broken_symlink(tmp_path):
     link.symlink_to(tmp_path / "gone.jpg")
     with pytest.raises(InvalidImageError, match="not found"):
         load_image(link)
+
+
+def test_atomic_writes_get_normal_file_permissions(tmp_path):
+    """Index files and overlays must be readable by other users (a server account), not 0600."""
+    import os
+    import stat
+
+    from retrieval import store
+
+    old = os.umask(0o022)
+    try:
+        store.atomic_write_bytes(tmp_path / "a.bin", b"x")
+        store.atomic_write_with(tmp_path / "b.bin", lambda tmp: open(tmp, "wb").write(b"y"))
+    finally:
+        os.umask(old)
+    for name in ("a.bin", "b.bin"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
