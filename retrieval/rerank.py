@@ -64,7 +64,7 @@ class RerankConfig:
     spatial: bool = True           # RANSAC spatial verification
     qe: bool = False               # α-query expansion over the re-ranked shortlist
     dba: bool = False              # database-side augmentation within the shortlist
-    w_local: float = 1.0
+    w_local: float = 2.0
     w_spatial: float = 0.1
     w_text: float = 0.5
     matching: str = "mutual"       # "mutual": mutual nearest neighbours; "nn": every query token's nearest
