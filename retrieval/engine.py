@@ -375,7 +375,7 @@ class Engine:
     def embed(self, *, text: str | Sequence[str] | None = None, image: bytes | Image.Image | None = None,
               image_id: str | None = None, vector: Any = None, instruction: str | None = None,
               encoder: str | None = None, weight: float | None = None, method: str = "sum",
-              **opts: Any) -> QueryContext:
+              keep_local: bool = False, **opts: Any) -> QueryContext:
         """Embed a query into one unit vector (see ``search`` for the meaning of each field)."""
         from .images import load_image
 
@@ -430,7 +430,13 @@ class Engine:
         if image is not None:
             pil = load_image(image)
             ctx.image = pil
-            img_vec = self.encoder(entry.name).encode_images([pil])[0]
+            enc = self.encoder(entry.name)
+            if keep_local and enc.has_local_features and not enc.binary:
+                # one forward pass gives the global vector and the tokens re-ranking needs
+                vecs, tokens, grid = enc.encode_images_and_local([pil])
+                img_vec, ctx.local = vecs[0], (tokens[0], grid)
+            else:
+                img_vec = enc.encode_images([pil])[0]
         else:
             shard, row = self.locate(image_id)
             img_vec = self._reconstruct(entry.name, shard, row)
@@ -567,7 +573,7 @@ class Engine:
             threshold = float(dedup)
         parse_filter(filter)  # validate before the (slower) embedding
         ctx = self.embed(text=text, image=image, image_id=image_id, vector=vector, instruction=instruction,
-                         encoder=encoder, weight=weight, method=method)
+                         encoder=encoder, weight=weight, method=method, keep_local=bool(rerank))
         t1 = time.perf_counter()
         fetch = k
         if rerank:

@@ -43,6 +43,7 @@ class QueryContext:
     image_id: str | None = None
     instruction: str | None = None
     terms: list[tuple[float, str]] = field(default_factory=list)
+    local: tuple[np.ndarray, tuple[int, int]] | None = None   # (raw tokens [p, C], grid) from the same pass
     _image_loader: Callable[[], Image.Image] | None = field(default=None, repr=False, compare=False)
 
     def get_image(self) -> Image.Image | None:

@@ -23,3 +23,18 @@ def test_engine_uses_requested_composition(tmp_path, photo_dir, photos, tiny_cli
     plain = engine.embed(image=query, instruction=instruction).vector          # default: sum
     np.testing.assert_allclose(plain, compose_sum(img_vec, enc.encode_texts([instruction])[0], 0.5), atol=1e-5)
     assert float(np.abs(arith - plain).max()) > 1e-3
+
+
+def test_embed_keeps_query_tokens_from_the_same_pass(tmp_path, photo_dir, photos, tiny_clip):
+    """Re-ranking's query tokens come from the embedding forward pass (no second pass), unchanged."""
+    out = build_photo_index(tmp_path / "idx", sorted(photo_dir.iterdir()), [tiny_clip])
+    engine = Engine(out, device="cpu")
+    enc = create_encoder(tiny_clip, device="cpu")
+    query = png_bytes(photos["coffee"])
+    plain = engine.embed(image=query)
+    kept = engine.embed(image=query, keep_local=True)
+    assert plain.local is None and kept.local is not None
+    np.testing.assert_allclose(kept.vector, plain.vector, atol=1e-6)
+    tokens, grid = enc.local_features([photos["coffee"]])
+    assert kept.local[1] == grid
+    np.testing.assert_allclose(kept.local[0], tokens[0], atol=1e-5)
