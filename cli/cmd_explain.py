@@ -39,21 +39,16 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from cli.common import read_image_file
     from retrieval.attribution import explain
     from retrieval.engine import Engine
-    from retrieval.errors import InvalidImageError, InvalidQueryError
+    from retrieval.errors import InvalidQueryError
     from retrieval.overlay import heatmap_json, overlay_png
     from retrieval.store import atomic_write_bytes
 
     if not 0.0 <= args.alpha <= 1.0:
         raise InvalidQueryError("--alpha must be in 0..1")
-    image = None
-    if args.image:
-        try:
-            with open(args.image, "rb") as fh:
-                image = fh.read()
-        except OSError as exc:
-            raise InvalidImageError(f"cannot read {args.image}: {exc.strerror}") from None
+    image = read_image_file(args.image) if args.image else None
     engine = Engine(args.dir, device=args.device)
     engine.locate(args.result)
     ctx = engine.embed(text=args.text, image=image, image_id=args.id, instruction=args.instruction,

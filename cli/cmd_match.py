@@ -35,6 +35,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from cli.common import read_image_file
     from retrieval.copydetect import MatchConfig, background_path, build_background, choose_encoder, match_images
     from retrieval.engine import Engine
     from retrieval.errors import InvalidQueryError
@@ -56,12 +57,7 @@ def run(args) -> int:
         raise InvalidQueryError("give one or more IMAGE files to match (or --build-background FOLDER)")
     config = MatchConfig(k=args.k, threshold=args.threshold, normalize=not args.no_normalize,
                          verify=False if args.no_verify else None)
-    images = []
-    for p in args.images:
-        try:
-            images.append(Path(p).read_bytes())
-        except OSError as exc:
-            raise InvalidQueryError(f"cannot read {p}: {exc.strerror or exc}") from exc
+    images = [read_image_file(p) for p in args.images]
     results = match_images(engine, images, config, encoder=name)
     matches = [{"query": q, "id": m.id, "score": round(m.score, 6)} | {k: v for k, v in m.to_json().items()
                                                                          if k not in ("id", "score")}

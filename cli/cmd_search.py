@@ -38,8 +38,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from cli.common import read_image_file
     from retrieval.engine import Engine
-    from retrieval.errors import InvalidImageError, InvalidQueryError
+    from retrieval.errors import InvalidQueryError
 
     filt = None
     if args.filter:
@@ -47,13 +48,7 @@ def run(args) -> int:
             filt = json.loads(args.filter)
         except ValueError as exc:
             raise InvalidQueryError(f"--filter is not valid JSON: {exc}") from None
-    image = None
-    if args.image:
-        try:
-            with open(args.image, "rb") as fh:
-                image = fh.read()
-        except OSError as exc:
-            raise InvalidImageError(f"cannot read {args.image}: {exc.strerror}") from None
+    image = read_image_file(args.image) if args.image else None
     text = args.text[0] if args.text and len(args.text) == 1 else args.text
     engine = Engine(args.dir, device=args.device)
     resp = engine.search(text=text, image=image, image_id=args.id, instruction=args.instruction,
