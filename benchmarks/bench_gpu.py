@@ -118,7 +118,8 @@ def main() -> None:
     from retrieval.encoders import get_spec, register_encoder
 
     dev = args.device
-    result: dict = {"gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "none", "torch": torch.__version__, "cpus": os.cpu_count(),
+    result: dict = {"gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "none",
+                    "torch": torch.__version__, "cpus": os.cpu_count(),
                     "python": platform.python_version()}
     row = dict(get_spec("clip-vit-b-32").options)
     row.update(random_init=True)
