@@ -233,6 +233,9 @@ WORKER_CRASH = "the decoder crashed on this file (its worker process died); skip
 
 
 def _worker_died(exc: BaseException) -> bool:
+    if isinstance(exc, (ConnectionError, EOFError)):
+        # the worker died while the main process was fetching a tensor it shared by file descriptor
+        return True
     text = str(exc)
     return "DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text)
 
@@ -263,7 +266,7 @@ def iter_batches(dataset: DecodeDataset, *, batch_size: int, workers: int, pin: 
                     break                       # past the suspects: back to full batches
             else:
                 return
-        except RuntimeError as exc:
+        except (RuntimeError, ConnectionError, EOFError) as exc:
             if not workers or not _worker_died(exc):
                 raise
             if isolating:                       # one item at a time: the crash was this item

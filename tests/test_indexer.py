@@ -691,3 +691,13 @@ def test_a_file_that_kills_its_worker_is_skipped(tmp_path, photos, tiny_clip, mo
     assert s.indexed == 6
     assert sorted(Path(r["source"]).name for r in _all_rows(tmp_path / "idx")) == sorted(
         f"{n}.png" for n in names if n != names[3])
+
+
+def test_worker_death_is_recognised_in_every_form():
+    """A worker killed mid-transfer surfaces as a reset connection, not only as DataLoader's RuntimeError."""
+    from indexer.pipeline import _worker_died
+
+    assert _worker_died(RuntimeError("DataLoader worker (pid 12) is killed by signal: Killed."))
+    assert _worker_died(ConnectionResetError(104, "Connection reset by peer"))
+    assert _worker_died(EOFError())
+    assert not _worker_died(RuntimeError("CUDA out of memory"))
