@@ -445,14 +445,6 @@ class BackgroundWriter:
         self._check()
         self.queue.put(("add", (rows, vectors, local)))
 
-    def _commit_due(self) -> bool:
-        """Time-based commit (slow machines lose at most ``commit_seconds`` of work to a crash); not
-        before an IVF-PQ index has been trained on a full first shard."""
-        if self.commit_seconds is None or not self.rows:
-            return False
-        untrained = not self.manifest.shards and any(e.index_type == "ivfpq" for e in self.manifest.encoders.values())
-        return not untrained and time.monotonic() - self.last_commit >= self.commit_seconds
-
     def add_alias(self, image_id: str, source: str) -> None:
         self._check()
         self.queue.put(("add_alias", (image_id, source)))
