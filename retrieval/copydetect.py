@@ -69,20 +69,24 @@ PREFERRED_ENCODERS = ("sscd", "dinov2-base", "dinov2-small", "effnet-lite0", "cl
 
 @dataclass(frozen=True)
 class MatchConfig:
-    k: int = 10                       # global candidates per query
+    k: int = 10                       # global candidates per query (per query view, then merged)
     threshold: float | None = None    # report matches with final score >= threshold (None: default)
     normalize: bool = True            # subtract beta * similarity to the bg_k-th background neighbour
     bg_k: int = 1
     beta: float = 1.0
-    background_size: int = 2000       # vectors sampled from the index when no background file exists
+    background_size: int = 20000      # vectors sampled from the index when no background file exists
+    twin_threshold: float | None = 0.9   # background rows this similar to a candidate are its copies: skipped
     verify: bool | None = None        # local verification; None = when the index has local features
     w_verify: float = 0.5
     n_verify: int = 10                # verify at most this many top candidates per query
+    regions: bool = True              # also embed query regions (content boxes, trimmed borders)
+    max_regions: int = 4              # views per query, the whole image included
+    region_penalty: float = 0.0       # subtracted from the scores of region views (not the whole image)
     seed: int = 0
 
     def __post_init__(self):
-        if self.k < 1 or self.bg_k < 1 or self.n_verify < 0 or self.background_size < 1:
-            raise InvalidQueryError("match k, bg_k and background_size must be positive")
+        if self.k < 1 or self.bg_k < 1 or self.n_verify < 0 or self.background_size < 1 or self.max_regions < 1:
+            raise InvalidQueryError("match k, bg_k, max_regions and background_size must be positive")
 
     def resolved_threshold(self, verified: bool, encoder: str | None = None) -> float:
         if self.threshold is not None:
@@ -98,6 +102,8 @@ class Match:
     similarity: float   # raw global similarity
     background: float | None = None   # similarity to the bg_k-th background neighbour
     verify: float | None = None       # local verification score in [0, 1]
+    region: tuple[int, int, int, int] | None = None   # query box (left, top, right, bottom) that matched;
+                                                      # None = the whole query image
 
     def to_json(self) -> dict[str, Any]:
         out = {"id": self.id, "score": round(float(self.score), 6), "similarity": round(float(self.similarity), 6)}
@@ -105,6 +111,8 @@ class Match:
             out["background"] = round(float(self.background), 6)
         if self.verify is not None:
             out["verify"] = round(float(self.verify), 6)
+        if self.region is not None:
+            out["region"] = [int(v) for v in self.region]
         return out
 
 
@@ -149,17 +157,33 @@ class Background:
         return len(self.vectors)
 
 
+def pair_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Similarity of matching rows of ``a`` and ``b``: inner product of float rows, or ``1 - 2h/nbits``
+    of packed binary codes (the scale ``knn`` reports)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype == np.uint8:
+        h = np.unpackbits(np.bitwise_xor(a, b), axis=-1).sum(axis=-1)
+        return hamming_to_score(h, a.shape[-1] * 8).astype(np.float32)
+    return np.einsum("...d,...d->...", a.astype(np.float32), b.astype(np.float32))
+
+
 def background_similarity(queries: np.ndarray, background: Background, k: int,
-                          candidate_ids: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+                          candidate_ids: Sequence[Sequence[str]] | None = None, *,
+                          candidate_vectors: Sequence[np.ndarray] | None = None,
+                          twin_threshold: float | None = None, spare: int = 16) -> np.ndarray:
     """Similarity of each query to its ``k``-th nearest background vector.
 
     Without ``candidate_ids``: ``[q]``. With ``candidate_ids`` (per query, the ids being scored) and
     a background carrying ids: ``[q, c]``, where for candidate ``c`` background rows whose id equals
     ``c`` are skipped before taking the ``k``-th (never normalise a copy away by its own original).
+    With ``candidate_vectors`` (per query, the candidates' vectors) and ``twin_threshold``, background
+    rows whose similarity to the candidate is ``>= twin_threshold`` are skipped too: they are copies of
+    the candidate (a collection that holds a picture twice), not unrelated images.
     """
     if len(background) == 0:
         raise InvalidQueryError("the background set is empty")
-    if candidate_ids is None or background.ids is None:
+    twins = twin_threshold is not None and candidate_vectors is not None and candidate_ids is not None
+    if candidate_ids is None or (background.ids is None and not twins):
         scores, _ = knn(queries, background.vectors, k)
         kth = scores[:, k - 1]
         kth = np.where(np.isfinite(kth), kth, scores[:, :1].min(axis=1) if scores.size else 0.0)
@@ -167,13 +191,27 @@ def background_similarity(queries: np.ndarray, background: Background, k: int,
             return kth.astype(np.float32)
         return np.repeat(kth[:, None], max((len(c) for c in candidate_ids), default=0), axis=1).astype(np.float32)
     width = max((len(c) for c in candidate_ids), default=0)
-    scores, rows = knn(queries, background.vectors, k + 1)   # one spare: a candidate may be among them
+    # spare neighbours: the candidate itself (and its copies) may be among them
+    scores, rows = knn(queries, background.vectors, k + (spare if twins else 1))
     out = np.zeros((len(queries), width), np.float32)
     for qi, cands in enumerate(candidate_ids):
-        bg_ids = [background.ids[r] if r >= 0 else None for r in rows[qi]]
+        valid = rows[qi] >= 0
+        q_scores, q_rows = scores[qi][valid], rows[qi][valid]
+        bg_ids = None if background.ids is None else [background.ids[r] for r in q_rows]
+        twin = None
+        if twins and len(cands):
+            cv = np.asarray(candidate_vectors[qi])
+            bv = background.vectors[q_rows]
+            twin = pair_similarity(cv[:, None, :], bv[None, :, :]) >= twin_threshold   # [c, neighbours]
         for ci, cid in enumerate(cands):
-            vals = [s for s, b in zip(scores[qi], bg_ids) if b is not None and b != cid]
-            out[qi, ci] = vals[k - 1] if len(vals) >= k else (vals[-1] if vals else 0.0)
+            keep = np.ones(len(q_rows), bool)
+            if bg_ids is not None:
+                keep &= np.array([b != cid for b in bg_ids], bool)
+            if twin is not None:
+                keep &= ~twin[ci]
+            vals = q_scores[keep]
+            out[qi, ci] = vals[k - 1] if len(vals) >= k else (vals[-1] if len(vals) else q_scores[-1] if len(q_scores)
+                                                              else 0.0)
     return out
 
 
@@ -199,43 +237,126 @@ def final_scores(similarities: np.ndarray, config: MatchConfig, *, background_kt
     return out.astype(np.float32)
 
 
+def merge_views(owner: np.ndarray, scores: np.ndarray, rows: np.ndarray, n_queries: int,
+                k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query, the best ``k`` distinct rows over all of its views, each with its best score.
+
+    ``owner[v]`` is the query of view ``v``; ``scores``/``rows`` are ``[views, c]`` (rows -1 = none).
+    Returns ``(scores [n, k] desc, rows [n, k], view [n, k])``, padded with -inf / -1 / -1; ties keep the
+    earlier view (the whole image comes first)."""
+    owner = np.asarray(owner, np.int64)
+    out_s = np.full((n_queries, k), -np.inf, np.float32)
+    out_r = np.full((n_queries, k), -1, np.int64)
+    out_v = np.full((n_queries, k), -1, np.int64)
+    for qi in range(n_queries):
+        best: dict[int, tuple[float, int]] = {}
+        for v in np.nonzero(owner == qi)[0]:
+            for sc, r in zip(scores[v], rows[v]):
+                r = int(r)
+                if r < 0 or not np.isfinite(sc):
+                    continue
+                if r not in best or sc > best[r][0]:
+                    best[r] = (float(sc), int(v))
+        top = sorted(best.items(), key=lambda t: (-t[1][0], t[1][1]))[:k]
+        for ci, (r, (sc, v)) in enumerate(top):
+            out_s[qi, ci], out_r[qi, ci], out_v[qi, ci] = sc, r, v
+    return out_s, out_r, out_v
+
+
+def view_penalties(owner: np.ndarray, penalty: float) -> np.ndarray:
+    """``penalty`` for every view but the first of its query (the whole image), ``[views]``."""
+    owner = np.asarray(owner, np.int64)
+    first = np.r_[True, owner[1:] != owner[:-1]] if len(owner) else np.zeros(0, bool)
+    return np.where(first, 0.0, float(penalty)).astype(np.float32)
+
+
+@dataclass
+class ScoredViews:
+    """Candidates of every view of every query, scored and merged per query (see ``score_views``)."""
+
+    scores: np.ndarray       # [n, k] final scores without verification
+    rows: np.ndarray         # [n, k] candidate keys (-1 = none)
+    views: np.ndarray        # [n, k] the view that gave each candidate its score
+    sims: np.ndarray         # [n, k] raw similarity of that view
+    background: np.ndarray | None   # [n, k] background similarity of that view
+
+
+def score_views(sims: np.ndarray, rows: np.ndarray, owner: np.ndarray, n_queries: int, config: MatchConfig,
+                background_kth: np.ndarray | None = None) -> ScoredViews:
+    """Normalised (``sim - beta * bg``) and penalised (region views) scores of each view's candidates,
+    merged to the best ``config.k`` distinct candidates per query (max over views)."""
+    sims = np.asarray(sims, np.float32)
+    view_final = final_scores(sims, config, background_kth=background_kth)
+    view_final = view_final - view_penalties(owner, config.region_penalty)[:, None]
+    merged, mrows, mviews = merge_views(owner, view_final, rows, n_queries, config.k)
+    msims = np.full(merged.shape, np.nan, np.float32)
+    mbg = None if background_kth is None else np.full(merged.shape, np.nan, np.float32)
+    bgk = None if background_kth is None else np.asarray(background_kth, np.float32)
+    for qi, ci in zip(*np.nonzero(mrows >= 0)):
+        v = mviews[qi, ci]
+        col = int(np.nonzero(rows[v] == mrows[qi, ci])[0][0])
+        msims[qi, ci] = sims[v, col]
+        if mbg is not None:
+            mbg[qi, ci] = bgk[v] if bgk.ndim == 1 else bgk[v, col]
+    return ScoredViews(merged, mrows, mviews, msims, mbg)
+
+
 def match_arrays(queries: np.ndarray, database: np.ndarray, ids: Sequence[str], config: MatchConfig, *,
-                 background: Background | None = None, verify_fn=None,
-                 threshold: float | None = None) -> list[list[Match]]:
+                 background: Background | None = None, verify_fn=None, threshold: float | None = None,
+                 owner: Sequence[int] | None = None, boxes: Sequence[Any] | None = None) -> list[list[Match]]:
     """Copy matches of ``queries`` against ``database`` (pure arrays; the Engine path does the same
-    through the index). ``verify_fn(query_no, row) -> float in [0, 1]`` adds local verification."""
+    through the index). ``verify_fn(view_no, row) -> float in [0, 1]`` adds local verification.
+
+    With ``owner`` the rows of ``queries`` are *views* (``owner[v]`` = the query image of view ``v``,
+    views of one query contiguous, its whole image first; ``boxes[v]`` its region or None): a
+    candidate's score is its best score over the query's views."""
+    n_views = len(queries)
+    owner = np.arange(n_views) if owner is None else np.asarray(owner, np.int64)
+    n_queries = int(owner.max()) + 1 if n_views else 0
     sims, rows = knn(queries, database, config.k)
-    cand_ids = [[ids[r] for r in row if r >= 0] for row in rows]
     bg = None
     if config.normalize:
         if background is None:
             raise InvalidQueryError("score normalisation needs a background set")
-        bg = background_similarity(queries, background, config.bg_k, cand_ids)
+        cand_ids = [[ids[r] for r in row if r >= 0] for row in rows]
+        cand_vecs = [np.asarray(database)[row[row >= 0]] for row in rows]
+        bg = background_similarity(queries, background, config.bg_k, cand_ids, candidate_vectors=cand_vecs,
+                                   twin_threshold=config.twin_threshold)
+        bg = _pad_columns(bg, rows.shape[1])
+    scored = score_views(sims, rows, owner, n_queries, config, bg)
     ver = None
     if verify_fn is not None:
-        ver = np.full(sims.shape, np.nan, np.float32)
-        for qi in range(len(rows)):
-            for ci in range(min(config.n_verify, len(rows[qi]))):
-                if rows[qi, ci] >= 0:
-                    ver[qi, ci] = float(verify_fn(qi, int(rows[qi, ci])))
-    return _collect(sims, rows, ids, config, bg, ver, threshold)
-
-
-def _collect(sims, rows, ids, config, bg, ver, threshold) -> list[list[Match]]:
-    final = final_scores(sims, config, background_kth=bg if config.normalize else None, verify=ver)
+        ver = np.full(scored.rows.shape, np.nan, np.float32)
+        for qi, ci in zip(*np.nonzero(scored.rows[:, :config.n_verify] >= 0)):
+            ver[qi, ci] = float(verify_fn(int(scored.views[qi, ci]), int(scored.rows[qi, ci])))
     thr = config.resolved_threshold(ver is not None) if threshold is None else threshold
+    return collect_matches(scored, [list(ids)] * n_queries, config, ver, thr, boxes)
+
+
+def _pad_columns(a: np.ndarray, width: int) -> np.ndarray:
+    return np.pad(a, ((0, 0), (0, width - a.shape[1]))) if a.shape[1] < width else a
+
+
+def collect_matches(scored: ScoredViews, ids: Sequence[Sequence[str]], config: MatchConfig, ver: np.ndarray | None,
+                    threshold: float, boxes: Sequence[Any] | None = None) -> list[list[Match]]:
+    """``Match`` lists (best first) of the candidates whose final score (``scored.scores`` plus
+    ``w_verify * verify``) reaches ``threshold``; ``ids[q][row]`` names a candidate of query ``q``."""
+    final = scored.scores.copy()
+    if ver is not None:
+        final = final + np.float32(config.w_verify) * np.nan_to_num(ver)
     out: list[list[Match]] = []
-    for qi in range(len(rows)):
+    for qi in range(len(final)):
         found = []
-        for ci, r in enumerate(rows[qi]):
-            if r < 0 or not np.isfinite(sims[qi, ci]):
+        for ci, r in enumerate(scored.rows[qi]):
+            if r < 0 or not np.isfinite(final[qi, ci]) or final[qi, ci] < threshold:
                 continue
-            if final[qi, ci] >= thr:
-                found.append(Match(
-                    query=qi, id=ids[r], score=float(final[qi, ci]),
-                    similarity=float(sims[qi, ci]),
-                    background=None if bg is None else float(np.asarray(bg)[qi, ci] if np.ndim(bg) == 2 else bg[qi]),
-                    verify=None if ver is None or np.isnan(ver[qi, ci]) else float(ver[qi, ci])))
+            v = int(scored.views[qi, ci])
+            box = None if boxes is None else boxes[v]
+            found.append(Match(
+                query=qi, id=ids[qi][r], score=float(final[qi, ci]), similarity=float(scored.sims[qi, ci]),
+                background=None if scored.background is None else float(scored.background[qi, ci]),
+                verify=None if ver is None or np.isnan(ver[qi, ci]) else float(ver[qi, ci]),
+                region=None if box is None else tuple(int(x) for x in box)))
         found.sort(key=lambda m: -m.score)
         out.append(found)
     return out
@@ -463,6 +584,47 @@ def verification_enabled(engine, name: str, config: MatchConfig) -> bool:
     return local_encoder(engine, name) is not None
 
 
+@dataclass
+class QueryViews:
+    """The views of a batch of query images: vectors ``[views, d]``, the query of each view, its box in
+    the query image (None = the whole image) and its PIL crop (for local verification)."""
+
+    vectors: np.ndarray
+    owner: np.ndarray
+    boxes: list[Any]
+    images: list[Any]
+
+
+def embed_query_views(engine, name: str, images: Sequence[Any], config: MatchConfig) -> QueryViews:
+    """Embed every query image whole, plus (``config.regions``) the regions :func:`query_regions`
+    proposes (content boxes, trimmed borders), all crops in one encoder batch."""
+    from .copy_regions import RegionConfig, query_regions
+
+    ctxs = [engine.embed(image=img, encoder=name) for img in images]
+    vectors = [np.asarray(c.vector, np.float32) for c in ctxs]
+    owner, boxes, crops = list(range(len(ctxs))), [None] * len(ctxs), [c.image for c in ctxs]
+    extra_owner, extra_boxes, extra_crops = [], [], []
+    if config.regions and config.max_regions > 1:
+        rcfg = RegionConfig(max_regions=config.max_regions)
+        for qi, ctx in enumerate(ctxs):
+            if ctx.image is None:
+                continue
+            for box in query_regions(ctx.image, rcfg)[1:]:
+                extra_owner.append(qi)
+                extra_boxes.append(box)
+                extra_crops.append(ctx.image.crop(box))
+    if extra_crops:
+        enc = engine.encoder(name)
+        vecs = np.asarray(enc.encode_images(extra_crops), np.float32)
+        vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        vectors.extend(vecs)
+    # views of one query contiguous, its whole image first
+    order = sorted(range(len(owner) + len(extra_owner)), key=lambda i: ((owner + extra_owner)[i], i))
+    all_owner, all_boxes, all_crops = owner + extra_owner, boxes + extra_boxes, crops + extra_crops
+    return QueryViews(np.stack([vectors[i] for i in order]), np.asarray([all_owner[i] for i in order], np.int64),
+                      [all_boxes[i] for i in order], [all_crops[i] for i in order])
+
+
 def match_images(engine, images: Sequence[Any], config: MatchConfig | None = None, *,
                  encoder: str | None = None) -> list[list[Match]]:
     """For each query image (bytes / PIL / path), the indexed images it is a copy of, best first.
@@ -472,80 +634,87 @@ def match_images(engine, images: Sequence[Any], config: MatchConfig | None = Non
     config = config or MatchConfig()
     name = choose_encoder(engine, encoder)
     binary = _is_binary_encoder(engine, name)
-    ctxs = [engine.embed(image=img, encoder=name) for img in images]
-    if not ctxs:
+    if not images:
         return []
-    qvecs = np.stack([np.asarray(c.vector, np.float32) for c in ctxs])
-    # 1. candidates
+    qv = embed_query_views(engine, name, images, config)
+    n_queries = len(images)
+    # 1. candidates of every view; candidate keys index one id list shared by the request
+    keys: dict[str, int] = {}
+    key_ids: list[str] = []
+    view_ids: list[list[str]] = []
     if binary:
         codes, ids = _all_codes(engine, name)
-        sims, rows = knn(pack_signs(qvecs), codes, config.k)
-        cand_ids = [[ids[r] for r in row if r >= 0] for row in rows]
-        hits_per_query = None
+        qb = pack_signs(qv.vectors)
+        sims, rows = knn(qb, codes, config.k)
+        view_ids = [[ids[r] for r in row if r >= 0] for row in rows]
+        cand_vecs = [codes[row[row >= 0]] for row in rows]
     else:
-        hits_per_query = [engine.search_vector(name, q, config.k) for q in qvecs]
-        width = config.k
-        sims = np.full((len(qvecs), width), -np.inf, np.float32)
-        rows = np.full((len(qvecs), width), -1, np.int64)
-        cand_ids = []
-        for qi, hits in enumerate(hits_per_query):
-            cand_ids.append([h.id for h in hits])
-            for ci, h in enumerate(hits[:width]):
-                sims[qi, ci] = h.score
-                rows[qi, ci] = ci
-        ids = None
+        qb = qv.vectors
+        sims = np.full((len(qb), config.k), -np.inf, np.float32)
+        cand_vecs = []
+        for vi, vec in enumerate(qb):
+            hits = engine.search_vector(name, vec, config.k)
+            view_ids.append([h.id for h in hits])
+            sims[vi, :len(hits)] = [h.score for h in hits[:config.k]]
+            cand_vecs.append(engine.vectors(name, hits[:config.k]) if config.normalize and
+                             config.twin_threshold is not None else None)
+    krows = np.full(sims.shape, -1, np.int64)
+    for vi, vids in enumerate(view_ids):
+        for ci, cid in enumerate(vids[:config.k]):
+            if cid not in keys:
+                keys[cid] = len(key_ids)
+                key_ids.append(cid)
+            krows[vi, ci] = keys[cid]
     # 2. background
     bg = None
     if config.normalize:
         background = load_background(engine, name, config)
-        qb = pack_signs(qvecs) if binary else qvecs
-        bg = background_similarity(qb, background, config.bg_k, cand_ids)
-        if bg.shape[1] < sims.shape[1]:
-            bg = np.pad(bg, ((0, 0), (0, sims.shape[1] - bg.shape[1])))
-    # 3. local verification
+        twin_ok = all(v is not None for v in cand_vecs)
+        bg = background_similarity(qb, background, config.bg_k, view_ids,
+                                   candidate_vectors=cand_vecs if twin_ok else None,
+                                   twin_threshold=config.twin_threshold)
+        bg = _pad_columns(bg, sims.shape[1])
+    scored = score_views(sims, krows, qv.owner, n_queries, config, bg)
+    # 3. local verification, with the view that gave each candidate its score
     ver = None
     if verification_enabled(engine, name, config):
-        ver = _verify_candidates(engine, local_encoder(engine, name), ctxs, cand_ids, config, sims.shape)
-    # collect with per-query ids
-    out = []
-    for qi in range(len(qvecs)):
-        q_ids = cand_ids[qi]
-        q_rows = np.array([[i if i < len(q_ids) else -1 for i in range(sims.shape[1])]])
-        res = _collect(sims[qi:qi + 1], q_rows, q_ids, config,
-                       None if bg is None else bg[qi:qi + 1],
-                       None if ver is None else ver[qi:qi + 1], config.resolved_threshold(ver is not None, name))
-        for m in res[0]:
-            m.query = qi
-        out.append(res[0])
-    return out
+        ver = _verify_candidates(engine, local_encoder(engine, name), qv, scored, key_ids, config)
+    threshold = config.resolved_threshold(ver is not None, name)
+    return collect_matches(scored, [key_ids] * n_queries, config, ver, threshold, qv.boxes)
 
 
-def _verify_candidates(engine, vname, ctxs, cand_ids, config: MatchConfig, shape) -> np.ndarray | None:
+def _verify_candidates(engine, vname, qv: QueryViews, scored: ScoredViews, key_ids, config: MatchConfig
+                       ) -> np.ndarray | None:
     """Local verification scores [q, k] (NaN where not verified) with ``vname``'s local features."""
     try:
+        from .query import QueryContext
         from .rerank import DEFAULT_CONFIG, query_local_features, verify_pair
     except ImportError:
         return None
     info = engine.manifest.encoders[vname].local_features or {}
-    ver = np.full(shape, np.nan, np.float32)
+    ver = np.full(scored.rows.shape, np.nan, np.float32)
     rcfg = replace(DEFAULT_CONFIG, allow_reflection=True)   # flips are a common copy edit
-    for qi, (ctx, ids) in enumerate(zip(ctxs, cand_ids)):
-        todo = list(ids[:config.n_verify])
-        if not todo:
-            continue
-        q = query_local_features(engine, ctx, vname)
+    view_local: dict[int, Any] = {}
+    for qi, ci in zip(*np.nonzero(scored.rows[:, :config.n_verify] >= 0)):
+        v = int(scored.views[qi, ci])
+        if v not in view_local:
+            img = qv.images[v]
+            ctx = QueryContext(vector=qv.vectors[v], encoder=vname, image=img)
+            view_local[v] = None if img is None else query_local_features(engine, ctx, vname)
+        q = view_local[v]
         if q is None:
             continue
         q_desc, q_pos, q_grid = q
-        hits = [engine.hit_for_id(vname, cid) for cid in todo]
-        for ci, (c_desc, c_pos) in enumerate(engine.local_features(vname, hits)):
-            c_grid = tuple(info.get("grid") or (int(np.max(c_pos[:, 0])) + 1, int(np.max(c_pos[:, 1])) + 1))
-            ver[qi, ci] = verify_pair(q_desc, q_pos, np.asarray(c_desc, np.float32), c_pos, q_grid, c_grid,
-                                      rcfg).score
+        hit = engine.hit_for_id(vname, key_ids[int(scored.rows[qi, ci])])
+        c_desc, c_pos = engine.local_features(vname, [hit])[0]
+        c_grid = tuple(info.get("grid") or (int(np.max(c_pos[:, 0])) + 1, int(np.max(c_pos[:, 1])) + 1))
+        ver[qi, ci] = verify_pair(q_desc, q_pos, np.asarray(c_desc, np.float32), c_pos, q_grid, c_grid, rcfg).score
     return ver
 
 
 __all__ = ["MatchConfig", "Match", "Background", "knn", "background_similarity", "normalize_scores",
+           "pair_similarity", "merge_views", "view_penalties", "score_views", "ScoredViews", "collect_matches",
+           "QueryViews", "embed_query_views",
            "final_scores", "match_arrays", "micro_average_precision", "recall_at_precision",
            "precision_recall_curve", "threshold_for_precision", "build_background", "background_path",
            "load_background", "sample_background", "choose_encoder", "match_images", "DEFAULT_THRESHOLDS",
