@@ -43,7 +43,7 @@ import os
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -84,6 +84,12 @@ class RerankConfig:
     dba_k: int = 2
     dba_alpha: float = 3.0
     text_top_frac: float = 0.125
+    spatial_top: int | None = None  # RANSAC only for this many candidates (by the score without it); None: all
+    regions: bool = False          # multi-region query descriptors (see region_vectors)
+    w_region: float = 0.0
+    region_sizes: tuple[int, ...] = (3, 4, 5)   # window sides, in grid cells
+    region_stride: int = 1
+    region_expand: int = 0         # each region also fetches its own top-k candidates (0: rescore only)
 
 
 DEFAULT_CONFIG = RerankConfig()
@@ -267,6 +273,42 @@ def verify_pair(q_desc: np.ndarray, q_pos: np.ndarray, c_desc: np.ndarray, c_pos
     return VerificationResult(n, float(score), matches, mask, transform, sims)
 
 
+# -- multi-region query descriptors --------------------------------------------------------------
+def region_windows(grid: Sequence[int], sizes: Sequence[int] = (3, 4, 5), stride: int = 1) -> np.ndarray:
+    """Square windows on an ``(h, w)`` grid: int [R, 4] rows of (row0, col0, row1, col1), end exclusive.
+
+    For each side ``s`` in ``sizes`` (clipped to the grid), every window position on a ``stride`` lattice,
+    plus the last position in each direction so that the windows cover the grid's far edges."""
+    h, w = int(grid[0]), int(grid[1])
+    out: list[tuple[int, int, int, int]] = []
+    for size in sizes:
+        sh, sw = min(int(size), h), min(int(size), w)
+        rows = sorted(set(range(0, h - sh + 1, max(1, stride))) | {h - sh})
+        cols = sorted(set(range(0, w - sw + 1, max(1, stride))) | {w - sw})
+        out += [(r, c, r + sh, c + sw) for r in rows for c in cols]
+    return np.array(sorted(set(out)), np.int64).reshape(-1, 4)
+
+
+def region_vectors(tokens: np.ndarray, grid: Sequence[int], windows: np.ndarray) -> np.ndarray:
+    """Unit regional descriptors [R, C]: the mean of the (row-major) grid tokens inside each window,
+    L2-normalised — the encoder's own global pooling applied to a sub-window of the query."""
+    h, w = int(grid[0]), int(grid[1])
+    t = np.asarray(tokens, np.float32).reshape(h, w, -1)
+    integral = np.zeros((h + 1, w + 1, t.shape[2]), np.float64)
+    integral[1:, 1:] = t.cumsum(0).cumsum(1)
+    r0, c0, r1, c1 = (np.asarray(windows)[:, i] for i in range(4))
+    sums = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
+    return l2_normalize((sums / ((r1 - r0) * (c1 - c0))[:, None]).astype(np.float32))
+
+
+def region_scores(regions: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Per candidate vector: its best cosine over the query's regional descriptors (max-pooled)."""
+    v = np.asarray(vectors, np.float32)
+    if len(regions) == 0 or len(v) == 0:
+        return np.zeros(len(v), np.float64)
+    return np.matmul(v[None], np.asarray(regions, np.float32).T[None])[0].max(axis=1).astype(np.float64)
+
+
 # -- query expansion / DBA ---------------------------------------------------------------------
 def alpha_query_expansion(query: np.ndarray, neighbours: np.ndarray, alpha: float = 3.0) -> np.ndarray:
     """αQE (Radenović et al.): ``norm(q + Σ_i max(q·v_i, 0)^α v_i)`` over the given neighbour vectors."""
@@ -290,9 +332,12 @@ def database_side_augmentation(vectors: np.ndarray, k: int = 2, alpha: float = 3
 
 # -- fusion ------------------------------------------------------------------------------------
 def fuse_scores(global_scores: np.ndarray, maxsim: np.ndarray, spatial: np.ndarray,
-                config: RerankConfig = DEFAULT_CONFIG) -> np.ndarray:
-    """``global + w_local·maxsim + w_spatial·spatial`` (terms switched off by the config count 0)."""
+                config: RerankConfig = DEFAULT_CONFIG, region_scores: np.ndarray | None = None) -> np.ndarray:
+    """``global + w_region·region + w_local·maxsim + w_spatial·spatial`` (terms switched off by the
+    config, or not given, count 0)."""
     out = np.asarray(global_scores, np.float64).copy()
+    if config.regions and region_scores is not None:
+        out += config.w_region * np.asarray(region_scores, np.float64)
     if config.local:
         out += config.w_local * np.asarray(maxsim, np.float64)
     if config.spatial:
@@ -313,9 +358,59 @@ def text_patch_scores(text_vec: np.ndarray, candidates: Sequence[np.ndarray], to
     return out
 
 
+def _stack_candidates(candidates: Sequence[tuple[np.ndarray, np.ndarray]], dim: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate descriptors padded into one array: ``(desc [n, p, c] float32, valid [n, p] bool)``."""
+    counts = [len(d) for d, _ in candidates]
+    p = max(counts, default=0)
+    if counts and all(c == p for c in counts):
+        desc = np.stack([np.asarray(d, np.float32).reshape(p, dim) for d, _ in candidates]) if p else \
+            np.zeros((len(counts), 0, dim), np.float32)
+        return desc, np.ones((len(counts), p), bool)
+    desc = np.zeros((len(counts), p, dim), np.float32)
+    valid = np.zeros((len(counts), p), bool)
+    for n, ((d, _), c) in enumerate(zip(candidates, counts)):
+        if c:
+            desc[n, :c] = np.asarray(d, np.float32)
+            valid[n, :c] = True
+    return desc, valid
+
+
+def batched_similarity(q_desc: np.ndarray, candidates: Sequence[tuple[np.ndarray, np.ndarray]]
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """All query–candidate token similarities in one matrix product.
+
+    Returns ``(sims [n, P, p] float32, valid [n, p])``: padding columns (candidates with fewer tokens)
+    hold ``-inf``."""
+    q = np.asarray(q_desc, np.float32)
+    desc, valid = _stack_candidates(candidates, q.shape[1] if q.ndim == 2 else 0)
+    n, p, c = desc.shape
+    # a batched matmul of small matrices: one BLAS call per candidate, no thread start-up (a single large
+    # product goes multi-threaded in OpenBLAS, which is far slower on a loaded machine)
+    sims = np.matmul(q[None], desc.transpose(0, 2, 1)) if n * p and len(q) else np.zeros((n, len(q), p), np.float32)
+    if not valid.all():
+        sims = np.where(valid[:, None, :], sims, -np.inf).astype(np.float32)
+    return sims, valid
+
+
+def batched_match_counts(sims: np.ndarray, config: RerankConfig = DEFAULT_CONFIG) -> np.ndarray:
+    """Per candidate, how many matches ``verify_pair`` would see (mutual NN or NN, ≥ ``min_match_sim``,
+    finite) — for all candidates at once from ``sims [n, P, p]``."""
+    n, P, p = sims.shape
+    if P == 0 or p == 0:
+        return np.zeros(n, np.int64)
+    nn_q = sims.argmax(axis=2)                                        # [n, P]
+    s = np.take_along_axis(sims, nn_q[:, :, None], axis=2)[:, :, 0]   # [n, P]
+    ok = (s >= config.min_match_sim) & np.isfinite(s)
+    if config.matching != "nn":
+        nn_c = sims.argmax(axis=1)                                    # [n, p]
+        ok &= np.take_along_axis(nn_c, nn_q, axis=1) == np.arange(P)[None, :]
+    return ok.sum(axis=1)
+
+
 def rerank_arrays(q_desc: np.ndarray, q_pos: np.ndarray, q_grid: Sequence[int], global_scores: np.ndarray,
                   candidates: Sequence[tuple[np.ndarray, np.ndarray]], c_grid: Sequence[int] | None = None,
-                  config: RerankConfig = DEFAULT_CONFIG) -> LocalScores:
+                  config: RerankConfig = DEFAULT_CONFIG, region_scores: np.ndarray | None = None) -> LocalScores:
     """Local + spatial evidence and fused scores for one image query against its candidates.
 
     With ``config.local_norm_pct`` set (default 80), each query token's best similarity to a
@@ -323,6 +418,11 @@ def rerank_arrays(q_desc: np.ndarray, q_pos: np.ndarray, q_grid: Sequence[int], 
     shortlist (its *background*): tokens that match every candidate equally well (a white
     background, sky, texture) stop counting, and only tokens above their background take part in
     the matching that spatial verification sees. ``maxsim`` is then ``mean_i max(M_ci - b_i, 0)``.
+
+    All similarities come from one matrix product; RANSAC runs only for candidates with at least
+    ``min_inliers`` matches (fewer cannot pass the inlier test, so the scores are unchanged), and with
+    ``config.spatial_top`` set, only for that many candidates ranked first by the fused score without
+    the spatial term.
     """
     n = len(candidates)
     maxsim = np.zeros(n)
@@ -330,32 +430,39 @@ def rerank_arrays(q_desc: np.ndarray, q_pos: np.ndarray, q_grid: Sequence[int], 
     spatial = np.zeros(n)
     verifications: list[VerificationResult | None] = [None] * n
     q_desc = np.asarray(q_desc, np.float32)
-    sims: list[np.ndarray | None] = [None] * n
+    g = np.asarray(global_scores, np.float64)
+    if n == 0 or len(q_desc) == 0:
+        return LocalScores(g, maxsim, inliers, spatial, fuse_scores(g, maxsim, spatial, config, region_scores),
+                           verifications)
+    sims, valid = batched_similarity(q_desc, candidates)
+    has = valid.any(axis=1)
     best = np.full((n, len(q_desc)), np.nan)
-    for idx, (c_desc, _) in enumerate(candidates):
-        if len(c_desc) and len(q_desc):
-            sims[idx] = similarity(q_desc, c_desc)
-            best[idx] = sims[idx].max(axis=1)
-    normalise = config.local_norm_pct is not None and np.isfinite(best).any(axis=1).sum() >= 2
+    if has.any():
+        best[has] = sims[has].max(axis=2)
+    normalise = config.local_norm_pct is not None and int(has.sum()) >= 2
     if normalise:
-        base = np.nanpercentile(best, config.local_norm_pct, axis=0)
-    for idx, (c_desc, c_pos) in enumerate(candidates):
-        sim = sims[idx]
-        if sim is None:
-            continue
-        if normalise:
-            margin = best[idx] - base
-            maxsim[idx] = float(np.maximum(margin, 0.0).mean())
-            sim = np.where((margin > 0)[:, None], sim, -np.inf)
-        else:
-            maxsim[idx] = maxsim_score(sim)
-        if config.spatial:
-            res = verify_pair(q_desc, q_pos, c_desc, c_pos, q_grid, c_grid, config, sim=sim)
+        base = (np.percentile(best, config.local_norm_pct, axis=0) if has.all()
+                else np.nanpercentile(best, config.local_norm_pct, axis=0))
+        margin = best - base[None, :]                                 # [n, P] (nan for empty candidates)
+        maxsim[has] = np.maximum(margin[has], 0.0).mean(axis=1)
+        sims = np.where((margin > 0)[:, :, None], sims, np.float32(-np.inf))
+    else:
+        maxsim[has] = best[has].mean(axis=1)
+    if config.spatial:
+        counts = batched_match_counts(sims, config)
+        todo = np.flatnonzero(has & (counts >= max(3, config.min_inliers)))
+        if config.spatial_top is not None and len(todo) > config.spatial_top:
+            pre = fuse_scores(g, maxsim, spatial, config, region_scores)
+            todo = todo[np.argsort(-pre[todo], kind="stable")[:config.spatial_top]]
+        for idx in todo:
+            c_desc, c_pos = candidates[idx]
+            p = len(c_desc)
+            res = verify_pair(q_desc, q_pos, c_desc, c_pos, q_grid, c_grid, config, sim=sims[idx, :, :p])
             verifications[idx] = res
             inliers[idx] = res.inliers
             spatial[idx] = res.score
-    g = np.asarray(global_scores, np.float64)
-    return LocalScores(g, maxsim, inliers, spatial, fuse_scores(g, maxsim, spatial, config), verifications)
+    return LocalScores(g, maxsim, inliers, spatial, fuse_scores(g, maxsim, spatial, config, region_scores),
+                       verifications)
 
 
 def _expanded_scores(query: np.ndarray, vectors: np.ndarray, order: np.ndarray, config: RerankConfig) -> np.ndarray:
@@ -402,6 +509,26 @@ def reduce_tokens(engine, encoder: str, tokens: np.ndarray) -> np.ndarray:
     return l2_normalize(tokens) if red is None else red.transform(tokens)
 
 
+def query_tokens(engine, ctx, encoder_name: str | None = None) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """The query image's encoder tokens ``(tokens [p, C], grid)``: ``ctx.local`` when the embedding step
+    kept them (one forward pass), else one ``encode_images_and_local`` pass on ``ctx.image`` (kept in
+    ``ctx.local`` for later use); None for queries without an image in hand."""
+    local = getattr(ctx, "local", None)
+    if local is not None:
+        tokens, grid = local
+        return np.asarray(tokens), (int(grid[0]), int(grid[1]))
+    if getattr(ctx, "image", None) is not None:
+        enc = engine.encoder(encoder_name or ctx.encoder)
+        _, tokens, grid = enc.encode_images_and_local([ctx.image])
+        grid = (int(grid[0]), int(grid[1]))
+        try:
+            ctx.local = (tokens[0], grid)
+        except AttributeError:  # pragma: no cover - a read-only context
+            pass
+        return np.asarray(tokens[0]), grid
+    return None
+
+
 def query_local_features(engine, ctx, encoder_name: str | None = None
                          ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]] | None:
     """The query's local descriptors in the index's space: ``(desc [p, c], pos [p, 2], grid)`` or None.
@@ -410,14 +537,10 @@ def query_local_features(engine, ctx, encoder_name: str | None = None
     the encoder's ``encode_images_and_local`` on ``ctx.image``, else reads an indexed ``ctx.image_id``'s."""
     name = encoder_name or ctx.encoder
     info = _local_info(engine, name) or {}
-    local = getattr(ctx, "local", None)
-    if local is not None:      # (tokens [p, C], grid) from the embedding pass (encode_images_and_local)
-        tokens, grid = local
-        return reduce_tokens(engine, name, np.asarray(tokens)), _grid_positions(grid), (int(grid[0]), int(grid[1]))
-    if getattr(ctx, "image", None) is not None:
-        enc = engine.encoder(name)
-        _, tokens, grid = enc.encode_images_and_local([ctx.image])
-        return reduce_tokens(engine, name, tokens[0]), _grid_positions(grid), (int(grid[0]), int(grid[1]))
+    q = query_tokens(engine, ctx, name)
+    if q is not None:
+        tokens, grid = q
+        return reduce_tokens(engine, name, tokens), _grid_positions(grid), grid
     if getattr(ctx, "image_id", None):
         hit = engine.hit_for_id(name, ctx.image_id)
         desc, pos = engine.local_features(name, [hit])[0]
@@ -443,11 +566,42 @@ def _project_text(engine, name: str, text_vec: np.ndarray) -> np.ndarray:
     return l2_normalize(t @ red.components.T)[0]
 
 
-def rerank_hits(engine, ctx, hits: list, k: int, config: RerankConfig | dict | None = None) -> list:
+def _expand_with_regions(engine, ctx, name: str, hits: list, regions: np.ndarray, g: np.ndarray,
+                         search: Callable[[np.ndarray, int], list] | None, config: RerankConfig
+                         ) -> tuple[list, np.ndarray, np.ndarray]:
+    """Region scores for ``hits``; with ``search`` and ``config.region_expand``, each region's own top
+    candidates join first. The shortlist is then cut to ``n_candidates`` by ``global + w_region·region``.
+    Returns ``(hits, global scores, region scores)``."""
+    hits = list(hits)
+    if search is not None and config.region_expand > 0:
+        seen = {h.id for h in hits}
+        new = []
+        for rv in regions:
+            for h in search(rv, config.region_expand):
+                if h.id not in seen:
+                    seen.add(h.id)
+                    new.append(h)
+        if new:
+            vecs_new = np.asarray(engine.vectors(name, new), np.float32)
+            g = np.concatenate([g, (vecs_new @ np.asarray(ctx.vector, np.float32)).astype(np.float64)])
+            hits += new
+    vecs = np.asarray(engine.vectors(name, hits), np.float32)
+    rs = region_scores(regions, vecs)
+    if len(hits) > config.n_candidates:
+        keep = np.sort(np.argsort(-(g + config.w_region * rs), kind="stable")[:config.n_candidates])
+        hits, g, rs = [hits[i] for i in keep], g[keep], rs[keep]
+    return hits, g, rs
+
+
+def rerank_hits(engine, ctx, hits: list, k: int, config: RerankConfig | dict | None = None, *,
+                search: Callable[[np.ndarray, int], list] | None = None) -> list:
     """Re-rank ``hits`` (top-N global candidates of ``ctx``) with local evidence; return the top ``k``.
 
     Returned hits are copies with ``score`` set to the fused score. Without local features in the
-    index (``loupe index --local-features``), the global order is kept (αQE/DBA still apply if set).
+    index (``loupe index --local-features``), the global order is kept (αQE/DBA and multi-region
+    scores still apply if set). ``search(vector, n) -> hits`` (the engine's search with the request's
+    filter and parameters) lets the query's regions fetch candidates of their own
+    (``config.region_expand``); without it, regions only re-score the given hits.
     """
     if isinstance(config, dict):
         config = replace(DEFAULT_CONFIG, **config)
@@ -458,16 +612,23 @@ def rerank_hits(engine, ctx, hits: list, k: int, config: RerankConfig | dict | N
     name = ctx.encoder
     g = np.array([h.score for h in hits], np.float64)
     has_local = bool(_local_info(engine, name))
-    fused = g.copy()
+    is_image = getattr(ctx, "image", None) is not None or bool(getattr(ctx, "image_id", None))
+    rs = None
+    if is_image and config.regions and not getattr(ctx, "instruction", None):
+        q_tok = query_tokens(engine, ctx, name)
+        if q_tok is not None:
+            regions = region_vectors(q_tok[0], q_tok[1],
+                                     region_windows(q_tok[1], config.region_sizes, config.region_stride))
+            hits, g, rs = _expand_with_regions(engine, ctx, name, hits, regions, g, search, config)
+    fused = fuse_scores(g, np.zeros(len(g)), np.zeros(len(g)), replace(config, local=False, spatial=False), rs)
     if has_local:
-        is_image = getattr(ctx, "image", None) is not None or bool(getattr(ctx, "image_id", None))
         if is_image and (config.local or config.spatial):
             q = query_local_features(engine, ctx, name)
             if q is not None:
                 cands = engine.local_features(name, hits)
                 info = _local_info(engine, name) or {}
                 c_grid = tuple(info.get("grid") or q[2])
-                fused = rerank_arrays(q[0], q[1], q[2], g, cands, c_grid, config).fused
+                fused = rerank_arrays(q[0], q[1], q[2], g, cands, c_grid, config, rs).fused
         elif not is_image and getattr(ctx, "text", None) and _text_in_patch_space(engine, name):
             t = _project_text(engine, name, ctx.vector)
             cands = engine.local_features(name, hits)

@@ -18,6 +18,9 @@ from retrieval.rerank import (
     maxsim_score,
     mutual_nearest_neighbors,
     ransac_affine,
+    region_scores,
+    region_vectors,
+    region_windows,
     rerank_arrays,
     rerank_hits,
     text_patch_scores,
@@ -149,6 +152,66 @@ def test_scores_equal_exhaustive_reference():
     assert got.inliers[3] >= 9 and np.argmax(got.fused) == 3
 
 
+def test_scores_equal_reference_with_uneven_candidates_and_spatial_top():
+    """Candidates with fewer tokens (padding) and one without any; spatial_top verifies only the best few."""
+    rng = np.random.default_rng(6)
+    q, pos, cands = _synthetic_candidates(rng, n=7, copy_at=2)
+    cands[4] = (cands[4][0][:12], cands[4][1][:12])
+    cands[5] = (cands[5][0][:0], cands[5][1][:0])
+    g = rng.uniform(0.3, 0.6, size=len(cands))
+    cfg = RerankConfig(ransac_iters=10_000, min_inliers=4)
+    got = rerank_arrays(q, pos, (5, 5), g, cands, (5, 5), cfg)
+    keep = [i for i in range(len(cands)) if i != 5]
+    # the reference skips the empty candidate (its percentile background ignores it too)
+    ms, sp, fused = reference_scores(q, pos, (5, 5), g[keep], [cands[i] for i in keep], cfg)
+    np.testing.assert_allclose(got.maxsim[keep], ms, atol=1e-5)
+    np.testing.assert_allclose(got.spatial[keep], sp, atol=1e-9)
+    assert got.maxsim[5] == 0 and got.spatial[5] == 0 and got.fused[5] == pytest.approx(g[5])
+    assert np.argmax(got.fused) == 2
+    # spatial_top=1: only the candidate ranked first without the spatial term is verified
+    top1 = rerank_arrays(q, pos, (5, 5), g, cands, (5, 5), RerankConfig(ransac_iters=10_000, min_inliers=4,
+                                                                         spatial_top=1))
+    first = int(np.argmax(g + cfg.w_local * got.maxsim))
+    assert [i for i, v in enumerate(top1.verifications) if v is not None] == [first]
+    assert top1.spatial[first] == got.spatial[first]
+
+
+def test_region_windows_vectors_and_scores_equal_reference():
+    grid = (4, 5)
+    wins = region_windows(grid, sizes=(2, 3), stride=2)
+    expected = set()
+    for s in (2, 3):
+        for r in sorted(set(range(0, 4 - s + 1, 2)) | {4 - s}):
+            for c in sorted(set(range(0, 5 - s + 1, 2)) | {5 - s}):
+                expected.add((r, c, r + s, c + s))
+    assert set(map(tuple, wins.tolist())) == expected and len(wins) == len(expected)
+    assert region_windows((7, 7), (3, 4, 5), 1).shape == (25 + 16 + 9, 4)
+    rng = np.random.default_rng(7)
+    tokens = rng.normal(size=(20, 6)).astype(np.float32)
+    regions = region_vectors(tokens, grid, wins)
+    t = tokens.reshape(4, 5, 6)
+    for (r0, c0, r1, c1), got in zip(wins, regions):
+        m = t[r0:r1, c0:c1].reshape(-1, 6).mean(axis=0)
+        np.testing.assert_allclose(got, m / np.linalg.norm(m), atol=1e-5)
+    vecs = _unit(rng.normal(size=(9, 6)))
+    ref = [max(float(np.dot(v, r)) for r in regions) for v in vecs]
+    np.testing.assert_allclose(region_scores(regions, vecs), ref, atol=1e-6)
+
+
+def test_region_score_finds_a_pasted_object():
+    """A query = an object (a block of tokens) pasted into clutter: its region matches the object's image."""
+    rng = np.random.default_rng(8)
+    obj = _unit(rng.normal(size=(1, 32)) + 0.0)[0]
+    tokens = _unit(rng.normal(size=(49, 32)))
+    grid = tokens.reshape(7, 7, 32)
+    grid[1:4, 2:5] = _unit(obj + 0.3 * rng.normal(size=(3, 3, 32)))
+    regions = region_vectors(grid.reshape(49, 32), (7, 7), region_windows((7, 7), (3,), 1))
+    whole = _unit(tokens.mean(axis=0, keepdims=True))[0]
+    others = _unit(rng.normal(size=(20, 32)))
+    scores = region_scores(regions, np.concatenate([others, obj[None]]))
+    assert int(np.argmax(scores)) == 20 and scores[20] > 0.8 and float(obj @ whole) < 0.6
+
+
 def test_mutual_nn_and_maxsim_small():
     sim = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.7], [0.1, 0.3, 0.75]], np.float32)
     m, s = mutual_nearest_neighbors(sim)
@@ -240,6 +303,7 @@ class _Ctx:
     image: object = None
     image_id: str | None = None
     instruction: str | None = None
+    local: object = None
 
 
 class _Entry:
@@ -293,3 +357,40 @@ def test_rerank_hits_with_engine(tmp_path):
     assert [h.id for h in rerank_hits(eng, ctx, hits, k=4)] == ["c0", "c1", "c2", "c3"]
     # text query with an encoder whose local features are not in text space: global order
     assert [h.id for h in rerank_hits(eng, _Ctx(vector=vecs[0], encoder="fake", text="x"), hits, k=2)] == ["c0", "c1"]
+
+
+def test_rerank_hits_regions_expand_and_rescore(tmp_path):
+    """Multi-region scores through rerank_hits: a candidate found only by a query region joins the
+    shortlist, and every fused score equals global + w_region · max-over-regions (exhaustive)."""
+    rng = np.random.default_rng(9)
+    dim, grid = 8, (5, 5)
+    vecs = _unit(rng.normal(size=(12, dim)))
+    tokens = _unit(rng.normal(size=(25, dim)))
+    t = tokens.reshape(5, 5, dim)
+    t[0:3, 2:5] = vecs[11]                        # the object of image 11, pasted in the query's corner
+    q_vec = _unit(tokens.mean(axis=0, keepdims=True))[0]
+    eng = FakeEngine(tmp_path, vecs, [None] * 12, [f"c{i}" for i in range(12)], grid)
+    eng.manifest.encoders["fake"].local_features = None       # regions need only the global vectors
+    g_all = vecs @ q_vec
+    ranked = [int(i) for i in np.argsort(-g_all[:11])]
+    hits = [_Hit(f"c{i}", float(g_all[i]), 0, i) for i in ranked[:6]]   # image 11 is not among them
+
+    def search(v, n):
+        s = vecs @ np.asarray(v, np.float32)
+        return [_Hit(f"c{i}", float(s[i]), 0, int(i)) for i in np.argsort(-s)[:n]]
+
+    ctx = _Ctx(vector=q_vec, encoder="fake", image=object())
+    ctx.local = (tokens, grid)
+    cfg = {"regions": True, "w_region": 1.0, "region_sizes": (3,), "region_expand": 1, "n_candidates": 6}
+    out = rerank_hits(eng, ctx, hits, k=6, config=cfg, search=search)
+    assert out[0].id == "c11"
+    regions = [_unit(t[r:r + 3, c:c + 3].reshape(-1, dim).mean(axis=0, keepdims=True))[0]
+               for r in range(3) for c in range(3)]
+    for h in out:
+        i = int(h.id[1:])
+        assert h.score == pytest.approx(float(g_all[i]) + max(float(vecs[i] @ r) for r in regions), abs=1e-5)
+    # the shortlist stays at n_candidates: the union is cut by global + w_region · region
+    assert len(out) == 6
+    # without a search function, regions only re-score the given hits
+    out2 = rerank_hits(eng, ctx, hits, k=6, config=cfg)
+    assert {h.id for h in out2} == {h.id for h in hits}
