@@ -40,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_DIR = Path(os.environ.get("LOUPE_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 
 def register_random(name: str) -> str:
@@ -107,25 +107,77 @@ def make_photos(folder: Path, n: int, seed: int = 0) -> list[Path]:
     return [folder / f"photo-{i:06d}.jpg" for i in range(n)]
 
 
-def read_idx_images(path: Path, limit: int) -> np.ndarray:
+def read_idx_images(stem: str, limit: int) -> np.ndarray:
+    """``STEM-images-idx3-ubyte`` from FMNIST_DIR, gzip (Debian's) or xz (a smaller copy to carry)."""
     from retrieval.samples import read_idx
 
-    return read_idx(path, limit)
+    for ext in (".gz", ".xz", ""):
+        path = FMNIST_DIR / f"{stem}-images-idx3-ubyte{ext}"
+        if path.is_file():
+            return read_idx(path, limit)
+    raise FileNotFoundError(f"{stem}-images-idx3-ubyte(.gz|.xz) not in {FMNIST_DIR}")
+
+
+def _write_png_block(args) -> None:
+    folder, start, block = args
+    from PIL import Image
+
+    sub = Path(folder) / f"{start // 1000:03d}"
+    sub.mkdir(parents=True, exist_ok=True)
+    for i, arr in enumerate(block, start):
+        Image.fromarray(arr, mode="L").save(sub / f"{i:05d}.png")
 
 
 def write_fmnist(folder: Path, n: int) -> int:
-    from PIL import Image
+    """The first ``n`` Fashion-MNIST images (train, then test) as PNGs, 1,000 per sub-folder ``NNN/``."""
+    import multiprocessing as mp
 
-    train = read_idx_images(FMNIST_DIR / "train-images-idx3-ubyte.gz", n)
+    train = read_idx_images("train", n)
     images = train
     if len(images) < n:
-        images = np.concatenate([train, read_idx_images(FMNIST_DIR / "t10k-images-idx3-ubyte.gz", n - len(train))])
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, arr in enumerate(images):
-        sub = folder / f"{i // 1000:03d}"
-        sub.mkdir(exist_ok=True)
-        Image.fromarray(arr, mode="L").save(sub / f"{i:05d}.png")
+        images = np.concatenate([train, read_idx_images("t10k", n - len(train))])
+    blocks = [(str(folder), a, images[a:a + 1000]) for a in range(0, len(images), 1000)]
+    procs = min(len(blocks), os.cpu_count() or 1)
+    if procs <= 1:
+        for b in blocks:
+            _write_png_block(b)
+    else:
+        with mp.get_context("spawn").Pool(procs) as pool:
+            pool.map(_write_png_block, blocks)
     return len(images)
+
+
+class RssSampler:
+    """Resident set size of this process every ``every`` seconds (Linux /proc), to show its course."""
+
+    def __init__(self, every: float = 0.5):
+        import threading
+
+        self.samples: list[tuple[float, float]] = []
+        self.every = every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.t0 = time.perf_counter()
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            try:
+                with open("/proc/self/status") as fh:
+                    kb = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+            except (OSError, StopIteration):
+                return
+            self.samples.append((time.perf_counter() - self.t0, kb / 1024))
+
+    def course(self) -> list[float]:
+        """Largest RSS (MB) within each quarter of the run."""
+        self.stop.set()
+        self.thread.join()
+        if not self.samples:
+            return []
+        end = self.samples[-1][0] or 1.0
+        return [round(max((r for t, r in self.samples if q * end / 4 <= t <= (q + 1) * end / 4), default=0.0))
+                for q in range(4)]
 
 
 def peak_rss_mb() -> tuple[float, float]:
@@ -178,16 +230,24 @@ def bench_fmnist_child(args) -> None:
     from indexer import IndexConfig, build_index
 
     tmp = Path(args.child_dir)
-    n = write_fmnist(tmp / "fmnist", args.child_n)
+    pngs = Path(args.child_pngs)
+    n = args.child_n
+    sources = [str(pngs / f"{i:03d}") for i in range(n // 1000)]   # the parent wrote 1,000 per folder
+    if n % 1000:                                                      # a partial last folder: own copy
+        part = tmp / "rest"
+        write_fmnist(part, n)
+        sources.append(str(part / f"{n // 1000:03d}"))
+    sampler = RssSampler()
     t = time.perf_counter()
-    s = build_index(IndexConfig(sources=[str(tmp / "fmnist")], out=str(tmp / "idx"), encoders=[args.encoder_name],
+    s = build_index(IndexConfig(sources=sources, out=str(tmp / "idx"), encoders=[args.encoder_name],
                                 device=args.device, batch_size=args.batch_size, workers=args.workers,
                                 shard_size=args.shard_size))
     wall = time.perf_counter() - t
+    course = sampler.course()
     own, children = peak_rss_mb()
     print(json.dumps({"images": n, "indexed": s.indexed, "failed": len(s.failed), "shards": s.shards,
                       "wall_s": wall, "ips": s.indexed / wall, "peak_rss_mb": own, "workers_peak_rss_mb": children,
-                      "timings": {k: round(v, 2) for k, v in s.timings.items()}}))
+                      "rss_quarters_mb": course, "timings": {k: round(v, 2) for k, v in s.timings.items()}}))
 
 
 def main() -> None:
@@ -205,6 +265,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--child-n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--child-dir", help=argparse.SUPPRESS)
+    p.add_argument("--child-pngs", help=argparse.SUPPRESS)
     p.add_argument("--encoder-name", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
@@ -240,23 +301,32 @@ def main() -> None:
             print(f"\n{FMNIST_DIR} is missing: apt-get install -y dataset-fashion-mnist")
             sizes = []
         rows = []
+        if sizes:
+            t = time.perf_counter()
+            write_fmnist(tmp / "fmnist-png", max(sizes) // 1000 * 1000)
+            print(f"(wrote {max(sizes) // 1000 * 1000} Fashion-MNIST PNGs in {time.perf_counter() - t:.1f} s)")
         for n in sizes:
             child_dir = tmp / f"fmnist-{n}"
             cmd = [sys.executable, __file__, "--child-n", str(n), "--child-dir", str(child_dir),
+                   "--child-pngs", str(tmp / "fmnist-png"),
                    "--encoder", args.encoder, "--device", args.device, "--batch-size", str(args.batch_size),
                    "--shard-size", str(args.shard_size)] + (["--random-weights"] if args.random_weights else []) + (
                    ["--workers", str(args.workers)] if args.workers is not None else []) + (
                    ["--threads", str(args.threads)] if args.threads else [])
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"indexing {n} images failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+            out = proc.stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             shutil.rmtree(child_dir, ignore_errors=True)
         if rows:
             print("\n| Fashion-MNIST images | indexed | shards | wall s | img/s | peak RSS MB (indexer) "
-                  "| peak RSS MB (workers) |")
-            print("|---:|---:|---:|---:|---:|---:|---:|")
+                  "| peak RSS MB (workers) | indexer RSS MB by quarter of the run |")
+            print("|---:|---:|---:|---:|---:|---:|---:|---|")
             for r in rows:
                 print(f"| {r['images']} | {r['indexed']} | {r['shards']} | {r['wall_s']:.1f} | {r['ips']:.1f} | "
-                      f"{r['peak_rss_mb']:.0f} | {r['workers_peak_rss_mb']:.0f} |")
+                      f"{r['peak_rss_mb']:.0f} | {r['workers_peak_rss_mb']:.0f} | "
+                      f"{' / '.join(str(x) for x in r['rss_quarters_mb'])} |")
             print(f"stage timings (s), last run: {rows[-1]['timings']}")
 
 

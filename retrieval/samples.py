@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import gzip
+import lzma
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +72,8 @@ def tuxpaint_stamps(root: Path = TUXPAINT_DIR) -> list[tuple[Path, str]]:
 
 
 def read_idx(path: str | Path, limit: int | None = None) -> np.ndarray:
-    """An IDX file (``.gz`` or plain) as a uint8 array, e.g. [n, 28, 28] images or [n] labels."""
-    opener = gzip.open if str(path).endswith(".gz") else open
+    """An IDX file (``.gz``, ``.xz`` or plain) as a uint8 array, e.g. [n, 28, 28] images or [n] labels."""
+    opener = gzip.open if str(path).endswith(".gz") else lzma.open if str(path).endswith(".xz") else open
     with opener(path, "rb") as fh:
         data = fh.read()
     ndim = data[3]
