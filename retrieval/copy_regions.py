@@ -38,7 +38,7 @@ class RegionConfig:
     max_regions: int = 4          # whole image included
     max_iou: float = 0.7          # a box overlapping an earlier region more than this is a duplicate
     max_cover: float = 0.8        # a box covering more than this fraction of the image adds nothing
-    pad_frac: float = 0.02        # content boxes are grown by this fraction of their size on each side
+    pad_frac: float = 0.0         # content boxes are grown by this fraction of their size on each side
 
 
 DEFAULT_REGION_CONFIG = RegionConfig()
@@ -118,6 +118,8 @@ def content_boxes(arr: np.ndarray, config: RegionConfig = DEFAULT_REGION_CONFIG)
         if sl is None:
             continue
         y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+        if y1 - y0 > 4 and x1 - x0 > 4:   # the canvas pixels next to the content are not flat either
+            y0, y1, x0, x1 = y0 + 1, y1 - 1, x0 + 1, x1 - 1
         boxes.append((x0, y0, x1, y1))
     boxes.sort(key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
     return boxes

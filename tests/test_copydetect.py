@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw, ImageOps
 
+from retrieval.copy_regions import RegionConfig, box_iou, flat_mask, query_regions, trim_box
 from retrieval.copydetect import (
     Background,
     MatchConfig,
@@ -13,11 +15,14 @@ from retrieval.copydetect import (
     final_scores,
     knn,
     match_arrays,
+    merge_views,
     micro_average_precision,
     normalize_scores,
+    pair_similarity,
     recall_at_precision,
     sample_background,
     threshold_for_precision,
+    view_penalties,
 )
 from retrieval.errors import InvalidQueryError
 
@@ -135,3 +140,127 @@ def test_micro_ap_as_disc21_defines_it():
     assert threshold_for_precision([0.5], [False], 1, 0.9) is None
     with pytest.raises(InvalidQueryError):
         micro_average_precision([1.0], [True], 0)
+
+
+# -- query regions and multi-view scoring -------------------------------------------------------------
+def _texture(w, h, seed):
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(max(1, h // 8), max(1, w // 8), 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR)
+
+
+def _screenshot(picture, at):
+    canvas = Image.new("RGB", (800, 600), (240, 240, 245))
+    d = ImageDraw.Draw(canvas)
+    d.rectangle((0, 0, 800, 40), fill=(60, 90, 160))
+    d.rectangle((0, 40, 160, 600), fill=(220, 222, 230))
+    for i in range(8):
+        d.text((10, 60 + 30 * i), f"menu item {i}", fill=(40, 40, 40))
+    canvas.paste(picture, at)
+    return canvas
+
+
+@pytest.mark.parametrize("size,at", [((120, 90), (300, 200)), ((60, 40), (600, 500)), ((400, 300), (250, 60))])
+def test_query_regions_find_a_picture_embedded_in_a_screenshot(size, at):
+    pic = _texture(*size, seed=size[0])
+    shot = _screenshot(pic, at)
+    boxes = query_regions(shot)
+    assert boxes[0] == (0, 0, 800, 600)                      # the whole image first
+    truth = (at[0], at[1], at[0] + size[0], at[1] + size[1])
+    assert max(box_iou(b, truth) for b in boxes[1:]) >= 0.8
+
+
+def test_query_regions_trim_a_uniform_border():
+    pic = _texture(300, 200, seed=1)
+    padded = ImageOps.expand(pic, border=(60, 20, 60, 45), fill=(30, 200, 60))
+    boxes = query_regions(padded)
+    assert max(box_iou(b, (60, 20, 360, 220)) for b in boxes[1:]) >= 0.9
+    # the trimmed box in working coordinates matches the brute-force answer
+    arr = np.asarray(padded, np.float32)
+    assert trim_box(arr, 12.0) == (60, 20, 360, 220)
+
+
+def test_query_regions_of_a_full_frame_picture_are_just_the_whole_image():
+    assert query_regions(_texture(400, 300, seed=2)) == [(0, 0, 400, 300)]
+    assert len(query_regions(_screenshot(_texture(60, 40, 3), (300, 300)), RegionConfig(max_regions=1))) == 1
+
+
+def test_flat_mask_matches_brute_force():
+    arr = np.random.default_rng(4).integers(0, 20, size=(9, 11, 3)).astype(np.float32)
+    got = flat_mask(arr, 10.0)
+    h, w = arr.shape[:2]
+    for y in range(h):
+        for x in range(w):
+            nb = [(y + dy, x + dx) for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1))
+                  if 0 <= y + dy < h and 0 <= x + dx < w]
+            assert got[y, x] == all(np.abs(arr[y, x] - arr[p]).max() <= 10.0 for p in nb)
+
+
+def test_merge_views_is_the_max_over_views_per_query():
+    rng = np.random.default_rng(5)
+    owner = np.array([0, 0, 0, 1, 2, 2])
+    rows = rng.integers(-1, 12, size=(6, 5))
+    scores = rng.normal(size=(6, 5)).astype(np.float32)
+    s, r, v = merge_views(owner, scores, rows, 3, 4)
+    for qi in range(3):
+        best = {}
+        for vi in np.nonzero(owner == qi)[0]:
+            for sc, row in zip(scores[vi], rows[vi]):
+                if row >= 0 and (row not in best or sc > best[row][0]):
+                    best[row] = (sc, vi)
+        ranked = sorted(best.items(), key=lambda t: -t[1][0])[:4]
+        assert list(r[qi][: len(ranked)]) == [row for row, _ in ranked]
+        np.testing.assert_allclose(s[qi][: len(ranked)], [sc for _, (sc, _) in ranked])
+        assert list(v[qi][: len(ranked)]) == [vi for _, (_, vi) in ranked]
+        assert np.all(r[qi][len(ranked):] == -1)
+    np.testing.assert_allclose(view_penalties(owner, 0.1), [0, 0.1, 0.1, 0, 0, 0.1])
+
+
+def test_background_skips_twins_of_the_candidate():
+    rng = np.random.default_rng(6)
+    db = unit(rng.normal(size=(40, 16)))
+    db[7] = unit(db[3] + 0.05 * rng.normal(size=16))              # a twin of row 3 in the collection
+    ids = np.array([f"id{i}" for i in range(40)], dtype=object)
+    q = unit(np.stack([db[3] + 0.1 * rng.normal(size=16), rng.normal(size=16)]))
+    cands = [["id3", "id9"], ["id1", "id2"]]
+    cvecs = [db[[3, 9]], db[[1, 2]]]
+    got = background_similarity(q, Background(db, ids, "index-sample"), 2, cands, candidate_vectors=cvecs,
+                                twin_threshold=0.9)
+    sims = q @ db.T
+    for qi in range(2):
+        for ci, cid in enumerate(cands[qi]):
+            c = int(cid[2:])
+            keep = [j for j in np.argsort(-sims[qi]) if j != c and db[j] @ db[c] < 0.9]
+            assert got[qi, ci] == pytest.approx(sims[qi, keep[1]], abs=1e-5)
+    # without twin skipping the twin (row 7) is the copy's background neighbour
+    plain = background_similarity(q, Background(db, ids, "index-sample"), 1, cands)
+    assert plain[0, 0] == pytest.approx(sims[0, 7], abs=1e-5)
+
+
+def test_pair_similarity_of_binary_codes_is_the_hamming_score():
+    rng = np.random.default_rng(7)
+    a, b = rng.integers(0, 2, size=(2, 5, 256)).astype(bool)
+    got = pair_similarity(np.packbits(a, axis=1), np.packbits(b, axis=1))
+    np.testing.assert_allclose(got, 1 - 2 * (a != b).sum(1) / 256, atol=1e-6)
+
+
+def test_match_arrays_with_region_views_finds_an_embedded_copy():
+    rng = np.random.default_rng(8)
+    d = 32
+    db = unit(rng.normal(size=(300, d)))
+    ids = [f"{i:015x}" for i in range(300)]
+    background = Background(db, np.asarray(ids, dtype=object), "index-sample")
+    whole = unit(rng.normal(size=(2, d)))                          # the screenshots themselves: unrelated
+    region = unit(db[11] + 0.3 * rng.normal(size=d) / np.sqrt(d))  # a region of query 0 is a copy of row 11
+    views = np.concatenate([whole[:1], region[None], whole[1:]])
+    owner, boxes = [0, 0, 1], [None, (10, 20, 110, 90), None]
+    cfg = MatchConfig(k=5, threshold=0.3)
+    res = match_arrays(views, db, ids, cfg, background=background, owner=owner, boxes=boxes)
+    assert [m.id for m in res[0]] == [ids[11]] and res[0][0].region == (10, 20, 110, 90)
+    assert res[0][0].to_json()["region"] == [10, 20, 110, 90]
+    assert res[1] == []
+    # the whole images alone miss it; a region penalty lowers exactly the region view's score
+    assert match_arrays(whole, db, ids, cfg, background=background) == [[], []]
+    pen = match_arrays(views, db, ids, MatchConfig(k=5, threshold=-1, region_penalty=0.2), background=background,
+                       owner=owner, boxes=boxes)
+    assert pen[0][0].score == pytest.approx(res[0][0].score - 0.2, abs=1e-5)
