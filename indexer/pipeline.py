@@ -45,8 +45,8 @@ DEFAULT_BATCH_SIZE = 64
 DEFAULT_COMMIT_SECONDS = 300.0
 # Decoded batches waiting in the DataLoader (in shared memory, plus their pinned copies on a GPU) are
 # capped near this many bytes: with 15 workers × 4 prefetched batches of 256 images at 224 px they
-# would hold 4.6 GB of host memory, for no speed gain.
-IN_FLIGHT_BYTES = 1 << 30
+# would hold 4.6 GB of host memory. LOUPE_IN_FLIGHT_MB overrides the cap (MiB).
+IN_FLIGHT_BYTES = int(float(os.environ.get("LOUPE_IN_FLIGHT_MB", 1024)) * (1 << 20))
 
 
 def default_workers() -> int:
