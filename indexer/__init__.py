@@ -1,6 +1,6 @@
 """Loupe's indexer: embed image corpora into FAISS shards (``loupe index``).
 
-Stages: ``sources`` (read) → ``pipeline`` (decode in DataLoader workers, encode in batches) →
+Stages: ``sources`` (read) → ``decode`` (DataLoader workers) → ``pipeline`` (encode in batches) →
 ``writer`` (shards via ``retrieval.store``, in a background thread); ``index_types`` picks the FAISS
 index; ``lock`` keeps one writer per index directory.
 """

@@ -45,7 +45,8 @@ class EmbedActor:
 
         from retrieval.encoders import create_encoder, register_encoder
 
-        from .pipeline import DecodeDataset, _transform_groups
+        from .decode import DecodeDataset
+        from .pipeline import _transform_groups
 
         for name, spec in specs.items():           # encoders registered in the driver (custom ones too)
             register_encoder(name, spec, replace=True)
@@ -59,7 +60,8 @@ class EmbedActor:
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads))
 
     def embed_batch(self, number: int) -> dict[str, Any]:
-        from .pipeline import _embed, assemble, collate
+        from .decode import assemble, collate
+        from .pipeline import _embed
 
         n = len(self.dataset)
         indices = range(number * self.batch_size, min(n, (number + 1) * self.batch_size))

@@ -1,0 +1,167 @@
+"""The indexer's decode stage (``indexer.decode``): uint8 transfer and device-side normalisation, the
+GPU JPEG path, worker crashes, and the cap on decoded batches in flight."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from indexer import IndexConfig, build_index, decode, stored_vectors
+from indexer.decode import IN_FLIGHT_BYTES, batch_bytes, iter_batches, prefetch_factor
+from retrieval import store
+
+
+def _index(sources, out, encoders, **kw):
+    kw.setdefault("workers", 0)
+    kw.setdefault("batch_size", 4)
+    return build_index(IndexConfig(sources=[str(s) for s in sources], out=str(out), encoders=encoders, **kw))
+
+
+def _all_rows(out) -> list[dict]:
+    m = store.read_manifest(out)
+    return [r for s in m.shards for r in store.read_metadata(out, s.name).to_pylist()]
+
+
+def test_uint8_transfer_matches_the_encoders_preprocess(photos, tiny_clip, effnet, tiny_dino):
+    import torch
+
+    from indexer.decode import normalize, split_transform
+    from retrieval import create_encoder
+
+    img = photos["coffee"]
+    for enc in (create_encoder(tiny_clip, device="cpu"), effnet):
+        head, stats = split_transform(enc.preprocess)
+        assert stats is not None
+        small = head(img)
+        assert small.dtype == torch.uint8 and small.shape[0] == 3
+        assert torch.equal(normalize(small[None], stats, torch.device("cpu"))[0], enc.preprocess(img))
+    dino = create_encoder(tiny_dino, device="cpu")
+    assert split_transform(dino.preprocess) == (dino.preprocess, None)   # not a ToTensor+Normalize compose
+
+
+def test_gpu_decode_path_matches_cpu_path(tmp_path, photos, tiny_clip, monkeypatch):
+    """``--decode gpu`` runs here with torchvision's CPU JPEG decoder: same images, same ids, close vectors;
+    EXIF-rotated, truncated, PNG and CMYK files take the CPU path and come out as on it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in ("astronaut", "coffee", "rocket", "chelsea"):
+        photos[n].save(src / f"{n}.jpg", quality=92)
+    photos["camera"].save(src / "camera.png")
+    photos["astronaut"].convert("CMYK").save(src / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photos["coffee"].resize((96, 64)).save(src / "rotated.jpg", exif=exif)
+    data = (src / "rocket.jpg").read_bytes()
+    (src / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    import retrieval.gpu_decode as gd
+
+    blobs_seen = []
+    real = gd.decode_batch
+    monkeypatch.setattr(gd, "decode_batch", lambda blobs, *a, **kw: blobs_seen.extend(blobs) or real(blobs, *a, **kw))
+    cpu = _index([src], tmp_path / "cpu", [tiny_clip], batch_size=3)
+    assert blobs_seen == []
+    gpu = _index([src], tmp_path / "gpu", [tiny_clip], batch_size=3, decode="gpu")
+    # only the four plain JPEGs went to the batched decoder
+    plain = ("astronaut", "coffee", "rocket", "chelsea")
+    assert sorted(blobs_seen) == sorted((src / f"{n}.jpg").read_bytes() for n in plain)
+    assert (gpu.indexed, [f.source for f in gpu.failed]) == (cpu.indexed, [f.source for f in cpu.failed]) == (
+        7, [str(src / "truncated.jpg")])
+    rows_cpu = {r["id"]: r for r in _all_rows(tmp_path / "cpu")}
+    rows_gpu = {r["id"]: r for r in _all_rows(tmp_path / "gpu")}
+    assert rows_cpu.keys() == rows_gpu.keys()
+    for i in rows_cpu:
+        assert (rows_cpu[i]["width"], rows_cpu[i]["height"]) == (rows_gpu[i]["width"], rows_gpu[i]["height"])
+    vc, ic = stored_vectors(tmp_path / "cpu", tiny_clip)
+    vg, ig = stored_vectors(tmp_path / "gpu", tiny_clip)
+    vg = vg[[ig.index(i) for i in ic]]
+    cos = np.sum(vc * vg, axis=1)
+    assert np.all(cos > 0.97), cos
+    cpu_path = {i for i, r in rows_cpu.items() if Path(r["source"]).name in ("camera.png", "cmyk.jpg", "rotated.jpg")}
+    for k, i in enumerate(ic):   # files that take the CPU path give identical vectors
+        if i in cpu_path:
+            assert cos[k] > 0.99999
+    # a JPEG the GPU decoder refuses is decoded on the CPU in the main process: same vectors as the CPU path
+    monkeypatch.setattr(gd, "decode_batch", lambda blobs, *a, **kw: (None, [], list(range(len(blobs)))))
+    fb = _index([src], tmp_path / "fallback", [tiny_clip], batch_size=3, decode="gpu")
+    assert fb.indexed == 7 and [f.source for f in fb.failed] == [str(src / "truncated.jpg")]
+    vf, i_f = stored_vectors(tmp_path / "fallback", tiny_clip)
+    np.testing.assert_allclose(vf[[i_f.index(i) for i in ic]], vc, atol=1e-6)
+
+
+def test_a_file_that_kills_its_worker_is_skipped(tmp_path, photos, tiny_clip, monkeypatch):
+    """A decoder crash (simulated: SIGKILL inside the worker for one file) costs that file only."""
+    import signal
+
+    src = tmp_path / "src"
+    src.mkdir()
+    names = [n for n in photos if n != "cat"][:7]
+    for n in names:
+        photos[n].resize((48, 48)).save(src / f"{n}.png")
+    victim = (src / f"{names[3]}.png").read_bytes()
+    real = decode.load_image
+
+    def crashing_load(data, **kw):
+        if bytes(data) == victim:
+            os.kill(os.getpid(), signal.SIGKILL)   # runs in the DataLoader worker
+        return real(data, **kw)
+
+    monkeypatch.setattr(decode, "load_image", crashing_load)
+    s = _index([src], tmp_path / "idx", [tiny_clip], workers=1, batch_size=2)
+    assert [(Path(f.source).name, f.reason) for f in s.failed] == [(f"{names[3]}.png", decode.WORKER_CRASH)]
+    assert s.indexed == 6
+    assert sorted(Path(r["source"]).name for r in _all_rows(tmp_path / "idx")) == sorted(
+        f"{n}.png" for n in names if n != names[3])
+
+
+def test_worker_death_is_recognised_in_every_form():
+    """A worker killed mid-transfer surfaces as a reset connection, not only as DataLoader's RuntimeError."""
+    from indexer.decode import _worker_died
+
+    assert _worker_died(RuntimeError("DataLoader worker (pid 12) is killed by signal: Killed."))
+    assert _worker_died(ConnectionResetError(104, "Connection reset by peer"))
+    assert _worker_died(EOFError())
+    assert not _worker_died(RuntimeError("CUDA out of memory"))
+
+
+def _enc(size):
+    return SimpleNamespace(spec=SimpleNamespace(image_size=size))
+
+
+def test_prefetch_factor_caps_bytes_in_flight():
+    one = 256 * 3 * 224 * 224                         # a batch of 256 uint8 images at 224 px
+    assert prefetch_factor(one, 0) is None            # no workers: no prefetching
+    assert prefetch_factor(10_000, 1) == 4            # small batches: the DataLoader's usual depth
+    assert prefetch_factor(one, 15) == 1              # 15 workers × 38.5 MB: one batch each
+    assert prefetch_factor(one, 7) == IN_FLIGHT_BYTES // (7 * one) == 3
+    for workers in (1, 3, 7, 15, 31):
+        depth = prefetch_factor(one, workers)
+        assert 1 <= depth <= 4
+        assert depth == 1 or workers * depth * one <= IN_FLIGHT_BYTES
+
+
+def test_batch_bytes_counts_every_encoder_input():
+    encs = {"a": _enc(224), "b": _enc(336)}
+    assert batch_bytes(encs, 8, gpu_decode=False) == 8 * 3 * (224 ** 2 + 336 ** 2)
+    assert batch_bytes(encs, 8, gpu_decode=True) < batch_bytes(encs, 8, gpu_decode=False)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_iter_batches_passes_the_depth_to_the_loader(monkeypatch, depth):
+    seen = []
+    real = torch.utils.data.DataLoader
+
+    def spy(*args, **kw):
+        seen.append(kw["prefetch_factor"])
+        return real(*args, **{**kw, "num_workers": 0, "prefetch_factor": None, "worker_init_fn": None})
+
+    monkeypatch.setattr(decode.torch.utils.data, "DataLoader", spy)
+    monkeypatch.setattr(decode, "collate", lambda batch: {"records": list(batch)})
+    batches = list(iter_batches(list(range(5)), batch_size=2, workers=2, pin=False, prefetch=depth))
+    assert [b["records"] for b in batches] == [[0, 1], [2, 3], [4]]
+    assert seen == [depth]
