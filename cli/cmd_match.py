@@ -8,6 +8,8 @@ from pathlib import Path
 
 DESCRIPTION = """For each IMAGE, list the indexed images it is a copy of (crops, re-encodes, edits, screenshots).
 
+Each IMAGE is embedded whole and, when it looks like a picture inside a larger canvas (a screenshot, a
+padded or bordered copy), also its content boxes; a candidate keeps its best score over these views.
 Candidates come from the global vector; the score is normalised against a background set of
 unrelated images (similarity minus the query's similarity to its nearest background image), and,
 when the index has local features (`loupe index --local-features`), raised by a spatial-verification
@@ -29,6 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("-k", type=int, default=10, help="global candidates per query (default 10)")
     p.add_argument("--no-normalize", action="store_true", help="raw similarities (no background normalisation)")
     p.add_argument("--no-verify", action="store_true", help="skip local (spatial) verification")
+    p.add_argument("--no-regions", action="store_true",
+                   help="embed only the whole query image (no content-box / border-trim views)")
     p.add_argument("--build-background", metavar="FOLDER", default=None,
                    help="embed the images of FOLDER (unrelated to the collection) as DIR/<encoder>/background.npy")
     p.add_argument("--json", action="store_true", help='print {"matches": [{"query", "id", "score"}...]}')
@@ -56,7 +60,7 @@ def run(args) -> int:
     if not args.images:
         raise InvalidQueryError("give one or more IMAGE files to match (or --build-background FOLDER)")
     config = MatchConfig(k=args.k, threshold=args.threshold, normalize=not args.no_normalize,
-                         verify=False if args.no_verify else None)
+                         verify=False if args.no_verify else None, regions=not args.no_regions)
     images = [read_image_file(p) for p in args.images]
     results = match_images(engine, images, config, encoder=name)
     matches = [{"query": q, "id": m.id, "score": round(m.score, 6)} | {k: v for k, v in m.to_json().items()
@@ -70,5 +74,6 @@ def run(args) -> int:
             print(f"{q}\t(no copy found)")
         for m in found:
             meta = engine.metadata(m.id)
-            print(f"{q}\t{m.id}\t{m.score:.3f}\t{meta.get('path') or meta.get('source') or ''}")
+            where = "" if m.region is None else "\tregion " + ",".join(str(v) for v in m.region)
+            print(f"{q}\t{m.id}\t{m.score:.3f}\t{meta.get('path') or meta.get('source') or ''}{where}")
     return 0

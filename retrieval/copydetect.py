@@ -45,17 +45,24 @@ BACKGROUND_FILE = "background.npy"
 BACKGROUND_IDS_FILE = "background-ids.npy"
 
 # Calibrated on benchmarks/bench_copydetect.py (see benchmarks/results/copydetect.md) for about 90 %
-# precision, with the default index-sample background; keys are (normalised?, verified?). Raw scores
-# are similarities; normalised ones are similarity margins over the background neighbour.
-# Verified scores use effnet-lite0 local features (PCA-128, 7x7) + RANSAC, weight 0.5. Values from
-# the 10,000-distractor run; with an index-sample background they move with what the collection
-# holds (SSCD 0.14 with 2,000 distractors, 0.27 with 10,000) — a background file is steadier.
+# precision, with the default index-sample background and query regions; keys are (normalised?,
+# verified?). Raw scores are similarities (best over the query's views); normalised ones are similarity
+# margins over the background neighbour. Verified scores use effnet-lite0 local features (PCA-128,
+# 7x7) + RANSAC, weight 0.5. Values from the 10,000-distractor run (database of 10,501 images, so the
+# index sample is the whole collection), rounded down; with an index-sample background they move with
+# what the collection holds — a background file is steadier.
 DEFAULT_THRESHOLDS: dict[str, dict[tuple[bool, bool], float]] = {
-    "effnet-lite0": {(False, False): 0.94, (True, False): 0.31, (True, True): 0.76, (False, True): 1.44},
-    "sscd": {(False, False): 0.82, (True, False): 0.27, (True, True): 0.67, (False, True): 1.28},
-    "pdq": {(False, False): 0.64, (True, False): 0.42, (True, True): 0.63, (False, True): 1.14},
-    "*": {(False, False): 0.90, (True, False): 0.30, (True, True): 0.70, (False, True): 1.40},
+    "effnet-lite0": {(False, False): 0.95, (True, False): 0.10, (True, True): 0.52, (False, True): 1.43},
+    "sscd": {(False, False): 0.82, (True, False): 0.11, (True, True): 0.43, (False, True): 1.26},
+    "pdq": {(False, False): 0.62, (True, False): 0.37, (True, True): 0.50, (False, True): 0.93},
+    "*": {(False, False): 0.90, (True, False): 0.15, (True, True): 0.55, (False, True): 1.40},
 }
+
+
+# Similarity at which a background row counts as a copy of the candidate being normalised (and is
+# skipped): SSCD's copy scale, PDQ's dedup threshold (Hamming <= 12 of 256); general-purpose
+# encoders score unrelated images higher, so their twins must be closer.
+DEFAULT_TWIN_THRESHOLDS: dict[str, float] = {"sscd": 0.9, "pdq": 0.9, "effnet-lite0": 0.97, "*": 0.95}
 
 
 def default_threshold(encoder: str | None, normalized: bool, verified: bool) -> float:
@@ -75,7 +82,8 @@ class MatchConfig:
     bg_k: int = 1
     beta: float = 1.0
     background_size: int = 20000      # vectors sampled from the index when no background file exists
-    twin_threshold: float | None = 0.9   # background rows this similar to a candidate are its copies: skipped
+    skip_twins: bool = True           # background rows that are copies of a candidate are not background
+    twin_threshold: float | None = None   # ... at this similarity (None: DEFAULT_TWIN_THRESHOLDS)
     verify: bool | None = None        # local verification; None = when the index has local features
     w_verify: float = 0.5
     n_verify: int = 10                # verify at most this many top candidates per query
@@ -92,6 +100,13 @@ class MatchConfig:
         if self.threshold is not None:
             return float(self.threshold)
         return default_threshold(encoder, self.normalize, verified)
+
+    def resolved_twin_threshold(self, encoder: str | None = None) -> float | None:
+        if not self.skip_twins:
+            return None
+        if self.twin_threshold is not None:
+            return float(self.twin_threshold)
+        return DEFAULT_TWIN_THRESHOLDS.get(encoder or "*", DEFAULT_TWIN_THRESHOLDS["*"])
 
 
 @dataclass
@@ -303,7 +318,8 @@ def score_views(sims: np.ndarray, rows: np.ndarray, owner: np.ndarray, n_queries
 
 def match_arrays(queries: np.ndarray, database: np.ndarray, ids: Sequence[str], config: MatchConfig, *,
                  background: Background | None = None, verify_fn=None, threshold: float | None = None,
-                 owner: Sequence[int] | None = None, boxes: Sequence[Any] | None = None) -> list[list[Match]]:
+                 owner: Sequence[int] | None = None, boxes: Sequence[Any] | None = None,
+                 encoder: str | None = None) -> list[list[Match]]:
     """Copy matches of ``queries`` against ``database`` (pure arrays; the Engine path does the same
     through the index). ``verify_fn(view_no, row) -> float in [0, 1]`` adds local verification.
 
@@ -321,7 +337,7 @@ def match_arrays(queries: np.ndarray, database: np.ndarray, ids: Sequence[str], 
         cand_ids = [[ids[r] for r in row if r >= 0] for row in rows]
         cand_vecs = [np.asarray(database)[row[row >= 0]] for row in rows]
         bg = background_similarity(queries, background, config.bg_k, cand_ids, candidate_vectors=cand_vecs,
-                                   twin_threshold=config.twin_threshold)
+                                   twin_threshold=config.resolved_twin_threshold(encoder))
         bg = _pad_columns(bg, rows.shape[1])
     scored = score_views(sims, rows, owner, n_queries, config, bg)
     ver = None
@@ -657,7 +673,7 @@ def match_images(engine, images: Sequence[Any], config: MatchConfig | None = Non
             view_ids.append([h.id for h in hits])
             sims[vi, :len(hits)] = [h.score for h in hits[:config.k]]
             cand_vecs.append(engine.vectors(name, hits[:config.k]) if config.normalize and
-                             config.twin_threshold is not None else None)
+                             config.skip_twins else None)
     krows = np.full(sims.shape, -1, np.int64)
     for vi, vids in enumerate(view_ids):
         for ci, cid in enumerate(vids[:config.k]):
@@ -672,7 +688,7 @@ def match_images(engine, images: Sequence[Any], config: MatchConfig | None = Non
         twin_ok = all(v is not None for v in cand_vecs)
         bg = background_similarity(qb, background, config.bg_k, view_ids,
                                    candidate_vectors=cand_vecs if twin_ok else None,
-                                   twin_threshold=config.twin_threshold)
+                                   twin_threshold=config.resolved_twin_threshold(name))
         bg = _pad_columns(bg, sims.shape[1])
     scored = score_views(sims, krows, qv.owner, n_queries, config, bg)
     # 3. local verification, with the view that gave each candidate its score
@@ -718,4 +734,4 @@ __all__ = ["MatchConfig", "Match", "Background", "knn", "background_similarity",
            "final_scores", "match_arrays", "micro_average_precision", "recall_at_precision",
            "precision_recall_curve", "threshold_for_precision", "build_background", "background_path",
            "load_background", "sample_background", "choose_encoder", "match_images", "DEFAULT_THRESHOLDS",
-           "default_threshold", "verification_enabled", "binary_blocks", "local_encoder"]
+           "default_threshold", "DEFAULT_TWIN_THRESHOLDS", "verification_enabled", "binary_blocks", "local_encoder"]

@@ -454,6 +454,7 @@ class Engine:
                     raise InvalidQueryError("weight must be a number in [0, 1]")
                 kwargs["weight"] = float(weight)
             ctx.vector = np.asarray(compose_query(img_vec, txt, **kwargs), dtype=np.float32).reshape(-1)
+            ctx.image_vector = (img_vec / max(float(np.linalg.norm(img_vec)), 1e-12)).astype(np.float32)
         else:
             norm = float(np.linalg.norm(img_vec))
             ctx.vector = (img_vec / max(norm, 1e-12)).astype(np.float32)
@@ -581,8 +582,14 @@ class Engine:
         if threshold is not None:
             fetch = min(fetch * 2 + 10, max(self.count, 1), MAX_K * 4)
         timings: dict[str, float] = {"embed_ms": (t1 - t0) * 1e3}
+        fusion = ctx.instruction is not None and ctx.image_vector is not None and _is_fusion(method)
         while True:
-            hits = self.search_vector(ctx.encoder, ctx.vector, max(fetch, 1), params=params, filter=filter)
+            if fusion:   # two lists (text, image) pooled and re-scored: retrieval.compose.fusion_search
+                from .compose import fusion_search
+
+                hits = fusion_search(self, ctx, max(fetch, 1), params=params, filter=filter)
+            else:
+                hits = self.search_vector(ctx.encoder, ctx.vector, max(fetch, 1), params=params, filter=filter)
             if threshold is None:
                 break
             kept = self.dedup_hits(ctx.encoder, hits, threshold)
@@ -624,6 +631,14 @@ class Engine:
         self.indexes.clear()
         self._encoders.clear()
         self._local.clear()
+
+
+def _is_fusion(method: Any) -> bool:
+    if method == "auto":
+        from .compose import DEFAULT_METHOD
+
+        method = DEFAULT_METHOD
+    return method == "fusion"
 
 
 def _mtime(path: Path) -> float | None:

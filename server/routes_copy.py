@@ -2,8 +2,10 @@
 
 Body as in ``/api/search`` (JSON with a base64 ``image`` or an ``image_id``, or multipart with an
 ``image`` file) plus optional ``"threshold"`` (number), ``"k"`` (candidates, default 10),
-``"normalize"`` / ``"verify"`` (booleans) and ``"encoder"``. Answer:
-``{"matches": [{"id", "score", "similarity", ...}...], "encoder", "threshold", "took_ms"}``, best first.
+``"normalize"`` / ``"verify"`` / ``"regions"`` (booleans; regions: also embed the query's content
+boxes, on by default) and ``"encoder"``. Answer: ``{"matches": [{"id", "score", "similarity",
+"region"?, ...}...], "encoder", "threshold", "took_ms"}``, best first; ``region`` is the
+``[left, top, right, bottom]`` box of the query that matched when it was not the whole image.
 """
 
 from __future__ import annotations
@@ -51,10 +53,11 @@ def api_duplicates():
         raise BadRequestError("threshold must be in [-2, 3]")
     normalize = _flag("normalize", extra.pop("normalize")) if "normalize" in extra else True
     verify = _flag("verify", extra.pop("verify")) if "verify" in extra else None
+    regions = _flag("regions", extra.pop("regions")) if "regions" in extra else True
     k = q.k if "k" in (request.get_json(silent=True) or request.form or {}) else 10
     engine = get_engine()
     image = q.image if q.image is not None else engine.load_image(q.image_id)
-    config = MatchConfig(k=min(k, 100), threshold=threshold, normalize=normalize, verify=verify)
+    config = MatchConfig(k=min(k, 100), threshold=threshold, normalize=normalize, verify=verify, regions=regions)
     name = choose_encoder(engine, q.encoder)
     found = match_images(engine, [image], config, encoder=name)[0]
     verified = verification_enabled(engine, name, config)

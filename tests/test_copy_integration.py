@@ -98,6 +98,37 @@ def test_planted_copies_match_and_unrelated_do_not(engine, photos):
             assert res[0].verify is not None       # the index has local features: verified
 
 
+def screenshot_of(img, scale=0.4, at=(230, 120)):
+    """``img`` pasted, small, into a made-up application window (title bar, side panel, menu text)."""
+    canvas = Image.new("RGB", (1000, 700), (240, 240, 245))
+    d = ImageDraw.Draw(canvas)
+    d.rectangle((0, 0, 1000, 40), fill=(60, 90, 160))
+    d.rectangle((0, 40, 180, 700), fill=(220, 222, 230))
+    for i in range(12):
+        d.text((12, 60 + 30 * i), f"menu item {i}", fill=(40, 40, 40))
+    d.text((230, 600), "Posted by someone, 3 hours ago. 12 comments", fill=(40, 40, 40))
+    small = img.resize((int(img.width * scale), int(img.height * scale)))
+    canvas.paste(small, at)
+    return canvas, (at[0], at[1], at[0] + small.width, at[1] + small.height)
+
+
+def test_a_copy_inside_a_screenshot_is_matched_through_its_region(engine, photos):
+    from retrieval.copy_regions import box_iou
+    from retrieval.copydetect import MatchConfig, match_images
+
+    shot, box = screenshot_of(photos["astronaut"])
+    unrelated, _ = screenshot_of(photos["grass"])
+    res = match_images(engine, [shot, unrelated], MatchConfig())
+    assert res[0], "the astronaut inside the screenshot was not matched"
+    assert stem(engine, res[0][0].id) == "astronaut"
+    assert res[0][0].region is not None and box_iou(res[0][0].region, box) > 0.8
+    assert res[1] == []
+    # the whole screenshot alone scores the astronaut lower than its region does
+    whole = match_images(engine, [shot], MatchConfig(regions=False, threshold=-5.0))[0]
+    astro = [m for m in whole if stem(engine, m.id) == "astronaut"]
+    assert not astro or astro[0].score < res[0][0].score
+
+
 def test_match_cli_json(copy_index, photos, tmp_path, capsys):
     q1 = tmp_path / "q1.jpg"
     jpeg(photos["chelsea"].crop((50, 20, 400, 280)), 25).save(q1)
@@ -175,6 +206,15 @@ def test_api_duplicates(engine, photos):
     assert client.post("/api/duplicates", json={"text": "a cat"}).status_code == 400
     assert client.post("/api/duplicates", json={"image": img, "threshold": "high"}).status_code == 400
     assert client.post("/api/duplicates", json={}).status_code == 400
+    assert client.post("/api/duplicates", json={"image": img, "regions": "maybe"}).status_code == 400
+    # a screenshot holding a copy: matched through its region, which the answer reports
+    shot, box = screenshot_of(photos["chelsea"])
+    shot_b64 = base64.b64encode(_png(shot)).decode()
+    r = client.post("/api/duplicates", json={"image": shot_b64})
+    found = r.get_json()["matches"]
+    assert found and stem(engine, found[0]["id"]) == "chelsea" and len(found[0]["region"]) == 4
+    r = client.post("/api/duplicates", json={"image": shot_b64, "regions": False, "threshold": -2})
+    assert all("region" not in m for m in r.get_json()["matches"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pdqhash") is None, reason="optional extra 'pdq' not installed")
