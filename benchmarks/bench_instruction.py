@@ -9,13 +9,22 @@ Tasks (query = a gallery image + an instruction; the query image itself is never
   (the instruction changes the object and keeps the colour, as GeneCIS "change object" keeps the scene).
 * ``change-colour``: image of class A, colour c + "in c2" → relevant: class A in colour c2.
 
-Methods: image-only, text-only (the instruction's target as "a photo of a B." / "a photo of a c2 A-name"
-— note text-only gets the *true* class name for change-colour, an oracle advantage), and each
-composition of :mod:`retrieval.compose` (sum, arithmetic, caption, fused), the query image named by
-vocabulary-free classification over ImageNet-21k. Queries are split in two halves: weights are tuned
-on the first (``--tune``), R@1/R@10 reported on the second.
+Methods: image-only (with the text encoder, and with the image-only ``--image-encoder``), text-only (the
+instruction's target as "a photo of a B." / "a photo of a c2 A-name" — note text-only gets the *true*
+class name for change-colour, an oracle advantage), and each composition of :mod:`retrieval.compose`
+(sum, arithmetic, caption, fused; fusion with the image side as :func:`retrieval.compose.fusion_plan`
+picks it — ``--image-encoder`` for object changes, the text encoder for attribute changes — and
+``fusion (text enc.)`` with the image side always from the text encoder, as on an index without an
+image-only encoder), the query image named by
+vocabulary-free classification over ImageNet-21k. ``fusion`` runs as the engine runs it: the top
+``FUSION_CANDIDATES`` of the text list and of the image list are pooled (query image excluded) and
+re-scored by :func:`retrieval.compose.fuse_candidates`. Queries are split in two halves: weights are
+tuned on the first (``--tune``; criterion R@1 + R@10), R@1/R@10 reported on the second.
 
-Run: ``.venv/bin/python benchmarks/bench_instruction.py --per-class-colour 10 --queries 200``
+Gallery vectors and query-image names are cached under ``--cache`` (default
+``$LOUPE_CACHE_DIR/bench-instruction``), keyed by encoder, gallery size and colours.
+
+Run: ``.venv/bin/python benchmarks/bench_instruction.py --per-class-colour 10 --queries 400 --tune``
 """
 
 from __future__ import annotations
@@ -42,9 +51,14 @@ from retrieval.compose import (  # noqa: E402
     ARITHMETIC_WEIGHT,
     CAPTION_WEIGHT,
     DEFAULT_INSTRUCTION_WEIGHT,
+    FUSION_ATTRIBUTE_WEIGHT,
+    FUSION_CANDIDATES,
+    FUSION_IMAGE_WEIGHT,
     OLD_WEIGHT,
     _TextVectors,
     compose_instruction,
+    fuse_candidates,
+    fusion_plan,
 )
 from retrieval.vocab import open_vocabulary  # noqa: E402
 
@@ -81,9 +95,35 @@ def recall(scores: np.ndarray, relevant: np.ndarray, exclude: int, ks=(1, 10)) -
     return {k: float(relevant[order[:k]].any()) for k in ks}
 
 
+def fusion_ranking(text_q, text_vecs, image_q, image_vecs, exclude: int, weight: float,
+                   candidates: int = FUSION_CANDIDATES) -> np.ndarray:
+    """Scores over the gallery as ``retrieval.compose.fusion_search`` computes them over an index: the
+    pooled top-``candidates`` of both lists re-scored, everything else -inf."""
+    t = text_vecs @ text_q
+    i = image_vecs @ (image_q / np.linalg.norm(image_q))
+    t[exclude] = i[exclude] = -np.inf
+    pool = np.union1d(np.argsort(-t)[:candidates], np.argsort(-i)[:candidates])
+    pool = pool[pool != exclude]
+    out = np.full(len(t), -np.inf)
+    out[pool] = fuse_candidates(text_q, text_vecs[pool], image_q, image_vecs[pool], weight=weight)
+    return out
+
+
+def cached(path: Path, compute):
+    if path.is_file():
+        return np.load(path, allow_pickle=True)
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, value, allow_pickle=True)
+    return np.load(path, allow_pickle=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--encoder", default="conse-effnet-lite0")
+    ap.add_argument("--image-encoder", default="effnet-lite0", help="image side of `fusion` (image-only encoder)")
+    ap.add_argument("--cache", default=os.path.join(os.environ.get("LOUPE_CACHE_DIR") or
+                                                    os.path.expanduser("~/.cache/loupe"), "bench-instruction"))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--per-class-colour", type=int, default=10)
     ap.add_argument("--colours", default="red,green,blue")
@@ -99,7 +139,19 @@ def main(argv=None) -> int:
     gallery = tinted_gallery(args.per_class_colour, colours)
     cls = np.array([c for _, c, _ in gallery])
     col = np.array([colours.index(c) for _, _, c in gallery])
-    vecs = clf.embed_images([img for img, _, _ in gallery])
+    key = f"{args.per_class_colour}-{'_'.join(colours)}"
+    cache = Path(args.cache)
+    vecs = cached(cache / f"{enc.name}-{key}.npy", lambda: clf.embed_images([img for img, _, _ in gallery]))
+    ienc = None
+
+    def image_vectors():
+        nonlocal ienc
+        ienc = create_encoder(args.image_encoder, device=args.device)
+        return np.concatenate([ienc.encode_images([g[0] for g in gallery[s:s + 32]])
+                               for s in range(0, len(gallery), 32)])
+
+    ivecs = cached(cache / f"{args.image_encoder}-{key}.npy", image_vectors).astype(np.float32)
+    ivecs /= np.linalg.norm(ivecs, axis=1, keepdims=True)
     t_embed = time.time() - t0
     rng = np.random.default_rng(1)
     tasks = {}
@@ -121,50 +173,72 @@ def main(argv=None) -> int:
     # name every query image once (vocabulary-free), as the caption route does
     used = sorted({i for qs in tasks.values() for i, *_ in qs})
     t1 = time.time()
-    names = dict(zip(used, (lab[0].label if lab else None for lab in clf.classify_vectors(vecs[used], top=1))))
+    all_names = cached(cache / f"{enc.name}-{key}-names.npy", lambda: np.array(
+        [lab[0].label if lab else "" for lab in clf.classify_vectors(vecs, top=1)], dtype=object))
+    names = {i: (all_names[i] or None) for i in used}
     t_classify = time.time() - t1
     tv = _TextVectors(enc)
 
-    def method_vec(m, i, instruction, w):
+    def scores(m, i, instruction, text, w):
+        if m == "text-only":
+            return vecs @ tv(text, prompt=False)
         if m == "image-only":
-            return vecs[i]
-        return compose_instruction(enc, vecs[i], instruction, method=m, label=names[i], weights=w,
-                                   text_vectors=tv).vector
+            return vecs @ vecs[i]
+        if m == "image-only (image enc.)":
+            return ivecs @ ivecs[i]
+        if m.startswith("fusion"):
+            q = compose_instruction(enc, vecs[i], instruction, method="fusion", weights=w, text_vectors=tv).vector
+            appearance, weight = fusion_plan(instruction, w)
+            img_vecs = ivecs if appearance and m == "fusion" else vecs
+            return fusion_ranking(q, vecs, img_vecs[i], img_vecs, i, weight)
+        q = compose_instruction(enc, vecs[i], instruction, method=m, label=names[i], weights=w,
+                                text_vectors=tv).vector
+        return vecs @ q
 
     def evaluate(queries, m, w):
         r = {1: [], 10: []}
         for i, instruction, rel, text in queries:
-            if m == "text-only":
-                q = tv(text, prompt=False)
-            else:
-                q = method_vec(m, i, instruction, w)
-            for k, v in recall(vecs @ q, rel, i).items():
+            for k, v in recall(scores(m, i, instruction, text, w), rel, i).items():
                 r[k].append(v)
         return {k: float(np.mean(v)) for k, v in r.items()}
 
+    def crit(queries, m, w):
+        r = evaluate(queries, m, w)
+        return r[1] + r[10]
+
     defaults = {"sum": DEFAULT_INSTRUCTION_WEIGHT, "arithmetic": ARITHMETIC_WEIGHT, "old": OLD_WEIGHT,
-                "caption": CAPTION_WEIGHT}
+                "caption": CAPTION_WEIGHT, "fusion": FUSION_IMAGE_WEIGHT, "fusion_attribute": FUSION_ATTRIBUTE_WEIGHT}
     tuned = dict(defaults)
     tune_lines = []
     if args.tune:
         tune_q = [q for qs in tasks.values() for q in qs[: len(qs) // 2]]
-        grid = {"sum": [0.3, 0.5, 0.7, 0.85], "arithmetic": [0.5, 1.0, 1.5, 2.0], "old": [0.0, 0.25, 0.5, 1.0],
-                "caption": [0.5, 0.7, 0.85, 0.95]}
-        best_sum = max(grid["sum"], key=lambda s: evaluate(tune_q, "sum", defaults | {"sum": s})[10])
-        tuned["sum"] = best_sum
+        grid = {"sum": [0.3, 0.5, 0.7, 0.8, 0.9], "arithmetic": [0.5, 1.0, 1.5, 2.0], "old": [0.0, 0.25, 0.5, 1.0],
+                "caption": [0.5, 0.7, 0.85, 0.95], "fusion": [0.15, 0.25, 0.35, 0.5, 0.75, 1.0],
+                "fusion_attribute": [0.25, 0.5, 1.0, 1.5, 2.0]}
+        tuned["sum"] = max(grid["sum"], key=lambda s: crit(tune_q, "sum", defaults | {"sum": s}))
         best = max(itertools.product(grid["arithmetic"], grid["old"]),
-                   key=lambda p: evaluate(tune_q, "arithmetic", defaults | {"arithmetic": p[0], "old": p[1]})[10])
+                   key=lambda p: crit(tune_q, "arithmetic", defaults | {"arithmetic": p[0], "old": p[1]}))
         tuned["arithmetic"], tuned["old"] = best
-        tuned["caption"] = max(grid["caption"], key=lambda c: evaluate(tune_q, "caption", tuned | {"caption": c})[10])
-        tune_lines.append(f"tuned on {len(tune_q)} queries (R@10): {tuned} (defaults {defaults})")
+        tuned["caption"] = max(grid["caption"], key=lambda c: crit(tune_q, "caption", tuned | {"caption": c}))
+        # the two fusion weights act on disjoint queries (object vs attribute instructions)
+        tuned["fusion"] = max(grid["fusion"], key=lambda f: crit(tune_q, "fusion", tuned | {"fusion": f}))
+        tuned["fusion_attribute"] = max(grid["fusion_attribute"], key=lambda f: crit(
+            tune_q, "fusion", tuned | {"fusion_attribute": f}))
+        tune_lines.append(f"tuned on {len(tune_q)} queries (R@1 + R@10): {tuned} (defaults {defaults})")
+        for tname, queries in tasks.items():
+            tq = queries[: len(queries) // 2]
+            for m in ("image-only", "image-only (image enc.)", "text-only", "sum", "fused", "fusion"):
+                r = evaluate(tq, m, tuned)
+                tune_lines.append(f"tuning half, {tname}, {m}: R@1 {r[1]:.3f} R@10 {r[10]:.3f}")
 
     rows = []
     for tname, queries in tasks.items():
         test_q = queries[len(queries) // 2:]
-        for m in ("image-only", "text-only", "sum", "arithmetic", "caption", "fused"):
+        for m in ("image-only", "image-only (image enc.)", "text-only", "sum", "arithmetic", "caption", "fused",
+                  "fusion", "fusion (text enc.)"):
             t2 = time.time()
             r = evaluate(test_q, m, defaults)
-            rt = evaluate(test_q, m, tuned) if args.tune and m not in ("image-only", "text-only") else None
+            rt = evaluate(test_q, m, tuned) if args.tune and not m.startswith(("image-only", "text-only")) else None
             rows.append((tname, len(test_q), m, r, rt, (time.time() - t2) / len(test_q) * 1e3))
     acc = np.mean([FMNIST_NAMES[cls[i]].split()[-1] in (names[i] or "").lower() for i in used])
     lines = ["| task | queries | method | R@1 | R@10 | R@1 (tuned) | R@10 (tuned) |", "|---|---|---|---|---|---|---|"]
@@ -173,7 +247,8 @@ def main(argv=None) -> int:
         lines.append(f"| {tname} | {n} | {m} | {r[1]:.3f} | {r[10]:.3f} | {t_cols} |")
     header = (f"\n### bench_instruction — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
               f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores (shared); encoder "
-              f"{enc.name}; gallery {len(gallery)} tinted Fashion-MNIST images ({args.per_class_colour} per class × "
+              f"{enc.name}, image side of fusion {args.image_encoder}; gallery {len(gallery)} tinted Fashion-MNIST "
+              f"images ({args.per_class_colour} per class × "
               f"colour, colours {colours}); command: `.venv/bin/python benchmarks/bench_instruction.py "
               f"{' '.join(argv or sys.argv[1:])}`; embedding {t_embed:.0f}s, naming {len(used)} query images "
               f"{t_classify:.0f}s, total {time.time() - t0:.0f}s. Query images named correctly (class word in "

@@ -26,7 +26,8 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=8, help="worker threads (default 8)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
     p.add_argument("--max-upload-mb", type=int, default=20, help="largest accepted image upload (default 20)")
-    p.add_argument("--no-preload", action="store_true", help="load encoders on first use, not at start-up")
+    p.add_argument("--no-preload", action="store_true",
+                   help="load encoders (and the classifier's text database) on first use, not at start-up")
 
 
 def serve_app(app, host: str, port: int, threads: int = 8, *, ready=None) -> None:
@@ -78,6 +79,6 @@ def run(args) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app({"INDEX_DIR": args.dir, "DEVICE": args.device,
                       "MAX_UPLOAD_BYTES": args.max_upload_mb * 1024 * 1024,
-                      "PRELOAD_ENCODERS": not args.no_preload})
+                      "PRELOAD_ENCODERS": not args.no_preload, "WARM_CLASSIFIER": not args.no_preload})
     serve_app(app, args.host, args.port, args.threads)
     return 0

@@ -26,13 +26,14 @@ wider range); prompts: the encoder's own templates when it has them (ConSE), els
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from .encoders.base import l2_normalize
-from .errors import InvalidQueryError
+from .errors import InvalidQueryError, LoupeError
 from .images import load_image
 from .vocab import EmptyTextDatabaseError, TextDatabase, normalize_name
 
@@ -221,26 +222,130 @@ def make_classifier(encoder, source, *, cache_dir=None, column: str | None = Non
     return VocabularyFreeClassifier(encoder, db, config)
 
 
-_DEFAULT_CLASSIFIERS: dict[tuple[str, str], VocabularyFreeClassifier] = {}
 MIN_INDEX_CAPTIONS = 50
 
 
-def default_classifier(encoder, index_dir=None, *, cache_dir=None) -> VocabularyFreeClassifier:
-    """The classifier the caption route of composed queries uses to name a query image: the index's
-    own captions when it has at least ``MIN_INDEX_CAPTIONS`` of them, else the built-in
-    ``imagenet21k`` vocabulary (embedded once per encoder, cached on disk). Cached per process."""
-    source = "imagenet21k"
+class WarmingUpError(LoupeError):
+    """A text database is still being built or opened in the background (``warm_classifier``)."""
+
+    code = "warming_up"
+    http_status = 503
+
+
+_CLASSIFIERS: dict[tuple[str, str], VocabularyFreeClassifier] = {}
+_WARMING: dict[tuple[str, str], threading.Thread] = {}
+_WARM_ERRORS: dict[tuple[str, str], BaseException] = {}
+_WARMED: set[tuple[str, str]] = set()
+_LOCK = threading.Lock()           # guards the dicts above
+_BUILD_LOCK = threading.Lock()     # one database build at a time, even under concurrent first requests
+
+
+def default_source(index_dir=None) -> str:
+    """The text database that names query images: the captions of ``index_dir`` when it has at least
+    ``MIN_INDEX_CAPTIONS`` of them, else ``imagenet21k``."""
     if index_dir is not None:
         from .vocab import caption_entries
 
         try:
             if len(caption_entries(index_dir).deduplicated()) >= MIN_INDEX_CAPTIONS:
-                source = str(index_dir)
+                return str(index_dir)
         except Exception:  # noqa: BLE001 - an unreadable index falls back to the vocabulary
-            source = "imagenet21k"
-    key = (encoder.name, source)
-    clf = _DEFAULT_CLASSIFIERS.get(key)
-    if clf is None:
-        clf = make_classifier(encoder, source, cache_dir=cache_dir)
-        _DEFAULT_CLASSIFIERS[key] = clf
+            pass
+    return "imagenet21k"
+
+
+def get_classifier(encoder, source, *, cache_dir=None, wait: bool = False) -> VocabularyFreeClassifier:
+    """The process-wide classifier over ``source`` for ``encoder`` (built once; the text database
+    itself is cached on disk by :func:`retrieval.vocab.open_vocabulary`, so a new process only opens
+    it). While :func:`warm_classifier` is building it in the background this raises
+    :class:`WarmingUpError` (HTTP 503) unless ``wait`` is true."""
+    key = (encoder.name, str(source))
+    with _LOCK:
+        clf = _CLASSIFIERS.get(key)
+        thread = _WARMING.get(key)
+    if clf is not None:
+        return clf
+    if thread is not None and thread.is_alive():
+        if not wait:
+            raise WarmingUpError(f"the {source} text database for {encoder.name} is still being prepared "
+                                 "(loupe serve warms it at start-up); retry in a few seconds")
+        thread.join()
+        with _LOCK:
+            clf = _CLASSIFIERS.get(key)
+        if clf is not None:
+            return clf
+    with _BUILD_LOCK:
+        with _LOCK:
+            clf = _CLASSIFIERS.get(key)
+        if clf is None:
+            clf = make_classifier(encoder, source, cache_dir=cache_dir)
+            with _LOCK:
+                _CLASSIFIERS[key] = clf
     return clf
+
+
+def warm_classifier(encoder, source, *, cache_dir=None, background: bool = True):
+    """Open (building and caching on disk the first time) the classifier over ``source`` ahead of the
+    first request. ``background``: in a daemon thread (returned); requests that need it meanwhile get
+    :class:`WarmingUpError`. Also embeds the names once, so the first request pays no start-up cost."""
+    key = (encoder.name, str(source))
+
+    def work():
+        try:
+            with _BUILD_LOCK:
+                with _LOCK:
+                    clf = _CLASSIFIERS.get(key)
+                if clf is None:
+                    clf = make_classifier(encoder, source, cache_dir=cache_dir)
+                    clf.classify_vectors(np.asarray(clf.database.vectors[:1], np.float32), top=1)  # warm the code path
+                    with _LOCK:
+                        _CLASSIFIERS[key] = clf
+            with _LOCK:
+                _WARM_ERRORS.pop(key, None)
+        except BaseException as exc:  # noqa: BLE001 - reported by classifier_state; requests retry the build
+            with _LOCK:
+                _WARM_ERRORS[key] = exc
+        finally:
+            with _LOCK:
+                _WARMING.pop(key, None)
+
+    with _LOCK:
+        _WARMED.add(key)
+    if not background:
+        work()
+        return None
+    with _LOCK:
+        if key in _CLASSIFIERS or key in _WARMING:
+            return _WARMING.get(key)
+        thread = threading.Thread(target=work, name=f"loupe-warm-{source}", daemon=True)
+        _WARMING[key] = thread
+    thread.start()
+    return thread
+
+
+def classifier_state(encoder_name: str, source) -> str:
+    """``ready``, ``warming``, ``failed`` (the background build raised; a request retries it) or ``cold``."""
+    key = (encoder_name, str(source))
+    with _LOCK:
+        if key in _CLASSIFIERS:
+            return "ready"
+        if key in _WARMING:
+            return "warming"
+        return "failed" if key in _WARM_ERRORS else "cold"
+
+
+def warm_status() -> str | None:
+    """Of every :func:`warm_classifier` call in this process: ``warming`` while one runs, ``failed`` if
+    one raised, ``ready`` when all finished, ``None`` when none was started (cheap: for ``/healthz``)."""
+    with _LOCK:
+        if any(t.is_alive() for t in _WARMING.values()):
+            return "warming"
+        if _WARM_ERRORS:
+            return "failed"
+        return "ready" if _WARMED else None
+
+
+def default_classifier(encoder, index_dir=None, *, cache_dir=None, wait: bool = False) -> VocabularyFreeClassifier:
+    """The classifier the caption route of composed queries uses to name a query image (over
+    :func:`default_source`); cached per process, see :func:`get_classifier`."""
+    return get_classifier(encoder, default_source(index_dir), cache_dir=cache_dir, wait=wait)

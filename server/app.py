@@ -5,6 +5,9 @@
 
 Config keys: ``INDEX_DIR``, ``DEVICE`` (auto|cpu|cuda), ``MAX_UPLOAD_BYTES`` (20 MB: one image),
 ``THUMBNAIL_CACHE_BYTES`` (64 MB), ``PRELOAD_ENCODERS`` (load the default encoders at start-up),
+``WARM_CLASSIFIER`` (open — the first time build and cache on disk — the vocabulary-free classifier's
+text database in a background thread at start-up; until it is ready ``/api/classify`` and the caption
+route of instruction queries answer 503 ``warming_up``; ``loupe serve`` turns it on),
 ``RELOAD_INTERVAL`` (5 s: a request at most this often checks whether ``loupe index`` replaced the
 manifest, and then the index is reopened — loaded models are kept — so serving and indexing can run
 side by side).
@@ -43,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_UPLOAD_BYTES": MAX_UPLOAD_BYTES,
     "THUMBNAIL_CACHE_BYTES": 64 * 1024 * 1024,
     "PRELOAD_ENCODERS": False,
+    "WARM_CLASSIFIER": False,
     "RELOAD_INTERVAL": 5.0,      # seconds between checks for a re-indexed DIR (0: never reload)
     "JSON_SORT_KEYS": False,
 }
@@ -102,6 +106,10 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
     if engine is not None and app.config.get("PRELOAD_ENCODERS"):
         for name in {engine.default_encoder, engine.text_encoder} - {None}:
             engine.encoder(name)
+    if engine is not None and engine.text_encoder and app.config.get("WARM_CLASSIFIER"):
+        from retrieval.classify import default_source, warm_classifier
+
+        warm_classifier(engine.encoder(engine.text_encoder), default_source(engine.index_dir))
 
     reload_state = {"next": time.monotonic() + float(app.config.get("RELOAD_INTERVAL") or 0), "lock": threading.Lock()}
 
@@ -155,6 +163,10 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
         if eng is not None:
             body.update({"encoders": eng.encoder_names, "text_encoder": eng.text_encoder,
                          "default_encoder": eng.default_encoder, "shards": len(eng.shard_names)})
+            if app.config.get("WARM_CLASSIFIER") and eng.text_encoder:
+                from retrieval.classify import warm_status
+
+                body["classifier"] = warm_status()    # warming | ready | failed
         return jsonify(body), (200 if eng is not None else 503)
 
     @app.get("/metrics")

@@ -3,12 +3,12 @@
 Request: ``image`` (multipart upload or base64 JSON) or ``image_id``; optional ``k`` (labels, default
 5), ``vocabulary`` (``captions`` = the served index's captions, ``imagenet21k``; default: the
 captions when the index has at least 50, else imagenet21k), ``encoder``.
-Response: ``{"labels": [{"label", "score"}...], "vocabulary", "encoder"}``.
+Response: ``{"labels": [{"label", "score"}...], "vocabulary", "encoder"}``. While ``loupe serve`` is
+still opening (or, the very first time, building) the text database in the background: 503
+``{"error": {"code": "warming_up", ...}}``.
 """
 
 from __future__ import annotations
-
-import threading
 
 from flask import Blueprint, jsonify, request
 
@@ -19,30 +19,27 @@ from .common import get_engine, parse_query
 bp = Blueprint("classify", __name__)
 
 DEFAULT_LABELS = 5
-_LOCK = threading.Lock()
-_CLASSIFIERS: dict = {}
+
+
+def classifier_source(engine, vocabulary: str | None) -> tuple[str, str]:
+    """(source for ``retrieval.classify.get_classifier``, vocabulary name reported to the client)."""
+    from retrieval.classify import default_source
+
+    if vocabulary in (None, "", "auto"):
+        source = default_source(engine.index_dir)
+        return source, ("imagenet21k" if source == "imagenet21k" else "captions")
+    if vocabulary not in ("captions", "imagenet21k"):
+        raise InvalidQueryError("vocabulary must be 'captions' or 'imagenet21k'")
+    return (str(engine.index_dir) if vocabulary == "captions" else vocabulary), vocabulary
 
 
 def _classifier(engine, encoder_name: str, vocabulary: str | None):
-    from retrieval.classify import MIN_INDEX_CAPTIONS, make_classifier
-    from retrieval.vocab import caption_entries
+    """The shared classifier (built once per process, its text database cached on disk); while
+    ``loupe serve`` is still warming it up this raises ``WarmingUpError`` → 503 ``warming_up``."""
+    from retrieval.classify import get_classifier
 
-    if vocabulary in (None, "", "auto"):
-        try:
-            n = len(caption_entries(engine.index_dir).deduplicated())
-        except Exception:  # noqa: BLE001
-            n = 0
-        vocabulary = "captions" if n >= MIN_INDEX_CAPTIONS else "imagenet21k"
-    if vocabulary not in ("captions", "imagenet21k"):
-        raise InvalidQueryError("vocabulary must be 'captions' or 'imagenet21k'")
-    key = (str(engine.index_dir), encoder_name, vocabulary)
-    with _LOCK:   # one build per database, even under concurrent first requests
-        clf = _CLASSIFIERS.get(key)
-        if clf is None:
-            source = str(engine.index_dir) if vocabulary == "captions" else vocabulary
-            clf = make_classifier(engine.encoder(encoder_name), source)
-            _CLASSIFIERS[key] = clf
-    return clf, vocabulary
+    source, vocabulary = classifier_source(engine, vocabulary)
+    return get_classifier(engine.encoder(encoder_name), source), vocabulary
 
 
 @bp.post("/api/classify")

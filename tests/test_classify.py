@@ -355,3 +355,86 @@ def test_clip_family_encoder_runs_end_to_end(tiny_clip, photos, tmp_path):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+# -- shared classifiers and the serve-time warm-up --------------------------------------------------
+@pytest.fixture
+def fresh_classifier_cache(monkeypatch):
+    import retrieval.classify as classify
+
+    for name, value in (("_CLASSIFIERS", {}), ("_WARMING", {}), ("_WARM_ERRORS", {}), ("_WARMED", set())):
+        monkeypatch.setattr(classify, name, value)
+    return classify
+
+
+def _blocking_builder(monkeypatch, classify, result):
+    """make_classifier that waits for ``release`` (a database build in progress) and counts calls."""
+    import threading
+
+    release, calls = threading.Event(), []
+
+    def build(encoder, source, **_):
+        calls.append(source)
+        assert release.wait(30)
+        return result
+
+    monkeypatch.setattr(classify, "make_classifier", build)
+    return release, calls
+
+
+def test_warm_classifier_then_get(fresh_classifier_cache, monkeypatch, conse, vocab_subset_db):
+    classify = fresh_classifier_cache
+    clf = VocabularyFreeClassifier(conse, vocab_subset_db)
+    release, calls = _blocking_builder(monkeypatch, classify, clf)
+    assert classify.warm_status() is None and classify.classifier_state(conse.name, "imagenet21k") == "cold"
+    thread = classify.warm_classifier(conse, "imagenet21k")
+    assert classify.warm_classifier(conse, "imagenet21k") is thread      # one warm-up per database
+    assert classify.warm_status() == "warming"
+    with pytest.raises(classify.WarmingUpError) as err:
+        classify.get_classifier(conse, "imagenet21k")
+    assert err.value.http_status == 503 and err.value.code == "warming_up"
+    release.set()
+    assert classify.get_classifier(conse, "imagenet21k", wait=True) is clf
+    thread.join(30)
+    assert calls == ["imagenet21k"]                                        # built once, then shared
+    assert classify.warm_status() == "ready" and classify.classifier_state(conse.name, "imagenet21k") == "ready"
+    assert classify.default_classifier(conse) is clf                       # the caption route shares it
+
+
+def test_get_classifier_builds_once_without_warm_up(fresh_classifier_cache, monkeypatch, conse, vocab_subset_db):
+    classify = fresh_classifier_cache
+    clf = VocabularyFreeClassifier(conse, vocab_subset_db)
+    release, calls = _blocking_builder(monkeypatch, classify, clf)
+    release.set()
+    assert classify.get_classifier(conse, "x") is clf and classify.get_classifier(conse, "x") is clf
+    assert calls == ["x"]
+
+
+def test_api_classify_answers_503_while_warming(tmp_path, fresh_classifier_cache, monkeypatch, caption_index,
+                                                photos, conse, vocab_subset_db):
+    import base64
+    import io
+
+    from retrieval.engine import Engine
+    from server.app import create_app
+
+    classify = fresh_classifier_cache
+    release, calls = _blocking_builder(monkeypatch, classify, VocabularyFreeClassifier(conse, vocab_subset_db))
+    app = create_app({"WARM_CLASSIFIER": True}, engine=Engine(caption_index, device="cpu"))
+    client = app.test_client()
+    assert client.get("/healthz").get_json()["classifier"] == "warming"
+    buf = io.BytesIO()
+    photos["chelsea"].save(buf, format="JPEG")
+    payload = {"image": base64.b64encode(buf.getvalue()).decode(), "vocabulary": "imagenet21k"}
+    resp = client.post("/api/classify", json=payload)
+    assert resp.status_code == 503 and resp.get_json()["error"]["code"] == "warming_up"
+    release.set()
+    for _ in range(300):
+        if client.get("/healthz").get_json()["classifier"] == "ready":
+            break
+        import time
+
+        time.sleep(0.1)
+    resp = client.post("/api/classify", json=payload)
+    assert resp.status_code == 200, resp.get_json()
+    assert is_cat_like(resp.get_json()["labels"][0]["label"]) and calls == ["imagenet21k"]

@@ -6,15 +6,23 @@ import numpy as np
 import pytest
 
 from retrieval.compose import (
+    FUSION_ATTRIBUTE_WEIGHT,
+    FUSION_IMAGE_WEIGHT,
     METHODS,
     ComposedQuery,
+    centred_cosine,
     compose_arithmetic,
     compose_caption,
     compose_instruction,
     compose_query,
     compose_sum,
+    fuse_candidates,
+    fusion_plan,
+    fusion_scores,
+    fusion_text,
     parse_instruction,
     rewrite_name,
+    zscore,
 )
 from retrieval.errors import InvalidQueryError
 
@@ -70,8 +78,8 @@ def test_compose_query_keeps_the_original_signature_and_sum():
     out = compose_query(img, txt, weight=0.25, method="sum")
     np.testing.assert_allclose(out, unit([0.75, 0, 0.25]), rtol=1e-6)
     assert out.dtype == np.float32 and np.linalg.norm(out) == pytest.approx(1.0)
-    # arithmetic without an encoder: image + w * text (text_vec is the target)
-    np.testing.assert_allclose(compose_query(img, txt, method="arithmetic"), unit([1, 0, 1]), rtol=1e-6)
+    # arithmetic without an encoder: image + w * text (text_vec is the target; ARITHMETIC_WEIGHT = 2)
+    np.testing.assert_allclose(compose_query(img, txt, method="arithmetic"), unit([1, 0, 2]), rtol=1e-6)
     with pytest.raises(InvalidQueryError):
         compose_query(img, txt, method="nonsense")
 
@@ -80,7 +88,7 @@ def test_arithmetic_and_caption_formulas():
     img, tgt, old = np.array([1.0, 0, 0]), np.array([0, 2.0, 0]), np.array([0, 0, 1.0])
     np.testing.assert_allclose(compose_arithmetic(img, tgt, old, weight=1.0, old_weight=0.5),
                                unit([1, 1, -0.5]), rtol=1e-6)
-    np.testing.assert_allclose(compose_arithmetic(img, tgt), unit([1, 1, -0.0]), rtol=1e-6)
+    np.testing.assert_allclose(compose_arithmetic(img, tgt), unit([1, 2, 0.0]), rtol=1e-6)   # default w = 2
     np.testing.assert_allclose(compose_caption(img, tgt, old, weight=0.7, old_weight=0.5),
                                unit([0.3, 0.7, -0.5]), rtol=1e-6)
     np.testing.assert_allclose(compose_sum(img, tgt, 0.5), unit([1, 1, 0]), rtol=1e-6)
@@ -173,3 +181,77 @@ def test_caption_route_names_the_image_with_the_default_vocabulary(conse, photos
     assert "cat" in (q.label or "").lower() and q.rewritten == "dog"
     out = compose_query(img, txt, method="caption", encoder=conse, instruction="as a dog")
     np.testing.assert_allclose(out, q.vector, atol=1e-5)
+
+
+# -- fusion ("must match the text AND keep what the image shows") -------------------------------------
+def test_zscore_hand_computed():
+    np.testing.assert_allclose(zscore([1.0, 2.0, 3.0]), [-1.224744871, 0.0, 1.224744871], rtol=1e-6)
+    np.testing.assert_array_equal(zscore([5.0, 5.0]), [0.0, 0.0])   # a constant list carries no evidence
+    assert zscore([]).shape == (0,)
+
+
+def test_centred_cosine_matches_brute_force():
+    rng = np.random.default_rng(0)
+    cands, q = rng.normal(size=(7, 5)), rng.normal(size=5)
+    mu = cands.mean(axis=0)
+    expected = [float(unit(c - mu) @ unit(q - mu)) for c in cands]
+    np.testing.assert_allclose(centred_cosine(q, cands), expected, rtol=1e-5)
+    m2 = rng.normal(size=5)
+    np.testing.assert_allclose(centred_cosine(q, cands, m2), [float(unit(c - m2) @ unit(q - m2)) for c in cands],
+                               rtol=1e-5)
+    # hand case: the shared component (the mean) no longer counts
+    cands = np.array([[10.0, 1.0], [10.0, -1.0]])
+    np.testing.assert_allclose(centred_cosine([10.0, 1.0], cands), [1.0, -1.0], atol=1e-6)
+    assert centred_cosine([1.0, 0.0], np.zeros((0, 2))).shape == (0,)
+
+
+def test_fusion_scores_need_both_lists():
+    # candidate 0: best text, worst image; 1: good on both; 2: best image, worst text
+    text, image = np.array([0.9, 0.8, 0.1]), np.array([0.1, 0.8, 0.9])
+    z_t, z_i = zscore(text), zscore(image)
+    np.testing.assert_allclose(fusion_scores(text, image, weight=0.5), z_t + 0.5 * z_i)
+    assert int(np.argmax(fusion_scores(text, image, weight=1.0))) == 1
+    assert int(np.argmax(fusion_scores(text, image, weight=0.0))) == 0
+    with pytest.raises(ValueError):
+        fusion_scores([1.0, 2.0], [1.0])
+
+
+def test_fuse_candidates_brute_force():
+    rng = np.random.default_rng(1)
+    tq, tvecs = rng.normal(size=4), rng.normal(size=(6, 4))
+    iq, ivecs = rng.normal(size=3), rng.normal(size=(6, 3))
+    text = np.array([float(unit(v) @ unit(tq)) for v in tvecs])
+    mu = ivecs.mean(axis=0)
+    image = np.array([float(unit(v - mu) @ unit(iq - mu)) for v in ivecs])
+    expected = (text - text.mean()) / text.std() + 0.35 * (image - image.mean()) / image.std()
+    np.testing.assert_allclose(fuse_candidates(tq, tvecs, iq, ivecs, weight=0.35), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("instruction, expected, appearance", [
+    ("as a boot", "boot", True),
+    ("boot instead of sandal", "boot", True),
+    ("in red", "red", False),
+    ("with straps", "with straps", False),
+    ("without straps", None, True),
+    ("a cat sleeping on the sofa at noon today", None, True),
+])
+def test_fusion_text_and_plan(instruction, expected, appearance):
+    assert fusion_text(instruction) == expected
+    plan = fusion_plan(instruction)
+    assert plan == (appearance, FUSION_IMAGE_WEIGHT if appearance else FUSION_ATTRIBUTE_WEIGHT)
+    assert fusion_plan(instruction, {"fusion": 0.1, "fusion_attribute": 0.2})[1] == (0.1 if appearance else 0.2)
+
+
+def test_compose_instruction_fusion_is_the_text_side():
+    enc = WordEncoder()
+    img = unit(axis("sandal") + 0.2 * axis("blue"))
+    q = compose_instruction(enc, img, "as a boot", method="fusion")
+    np.testing.assert_allclose(q.vector, axis("boot"), atol=1e-5)
+    np.testing.assert_allclose(q.parts["image"], img, atol=1e-6)
+    red = compose_instruction(enc, img, "in red", method="fusion", label="sandal")
+    np.testing.assert_allclose(red.vector, axis("red"), atol=1e-5)
+    strapped = unit(axis("sandal") + axis("straps"))
+    rem = compose_instruction(enc, strapped, "without straps", method="fusion", weights={"old": 1.0})
+    np.testing.assert_allclose(rem.vector, unit(strapped - axis("straps")), atol=1e-5)
+    # without an encoder, compose_query's fusion is the (unit) instruction vector
+    np.testing.assert_allclose(compose_query(img, 3 * axis("boot"), method="fusion"), axis("boot"), atol=1e-6)
