@@ -2,6 +2,10 @@
 
 Pipeline for a query image (``match_images``; the maths are pure functions below it):
 
+0. **Query views**: the whole image plus the regions ``retrieval.copy_regions.query_regions``
+   proposes (border trim, content boxes: a picture pasted into a screenshot or padded). Every view is
+   scored as below; a candidate keeps its best score over the views (``score_views``, the DISC21
+   winners' query-side multi-crop), and the match reports the view's box (``Match.region``).
 1. **Candidates by global vector**: the top ``k`` indexed images by cosine (float encoders) or by
    Hamming distance (PDQ, packed 256-bit codes in a ``faiss.IndexBinaryFlat``; a Hamming distance
    ``h`` is the score ``1 - 2h/256``).
@@ -14,18 +18,20 @@ Pipeline for a query image (``match_images``; the maths are pure functions below
    its scores lowered as much as it is close to arbitrary images, so one threshold works across
    queries. Background: ``DIR/<encoder>/background.npy`` (float32 unit rows, or uint8 codes for
    PDQ) written by :func:`build_background` / ``loupe match --build-background FOLDER``. Without
-   that file, ``background_size`` vectors are sampled (seeded) from the index itself, and for each
-   candidate the background neighbour that *is* that candidate is skipped, so a true copy is never
-   normalised away by its own original.
-3. **Local verification** (when the index stores local features and ``verify`` is on): the query's
-   and each candidate's local descriptors go through the re-ranker's spatial check
-   (``retrieval.rerank.verify_pair``: mutual nearest neighbours + RANSAC affine), whose score in
+   that file, ``background_size`` vectors are sampled (seeded) from the index itself (all of it when
+   smaller), and for each candidate the background neighbours that *are* that candidate or its twins
+   (similarity >= ``twin_threshold`` to it) are skipped, so a true copy is never normalised away by
+   its own original or another version of it.
+3. **Local verification** (when the index stores local features and ``verify`` is on): the local
+   descriptors of the query view that gave a candidate its score and the candidate's go through
+   the re-ranker's spatial check (``retrieval.rerank.verify_pair``: mutual nearest neighbours +
+   RANSAC affine), whose score in
    [0, 1] (inlier evidence) is added: ``final = normalised + w_verify * verify``.
 
 Thresholds (``DEFAULT_THRESHOLDS``) were calibrated on ``benchmarks/bench_copydetect.py`` for about
 90 % precision; see ``benchmarks/results/copydetect.md``. Metrics for such calibration are here too
-(:func:`micro_average_precision` as DISC21 defines µAP, :func:`recall_at_precision`,
-:func:`threshold_for_precision`).
+(``retrieval.copy_metrics``, re-exported here: :func:`micro_average_precision` as DISC21 defines
+µAP, :func:`recall_at_precision`, :func:`threshold_for_precision`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .copy_metrics import (  # noqa: F401 - re-exported: the metrics were defined here
+    micro_average_precision,
+    precision_recall_curve,
+    recall_at_precision,
+    threshold_for_precision,
+)
 from .dedup import hamming_to_score, pack_signs
 from .errors import InvalidQueryError
 
@@ -376,54 +388,6 @@ def collect_matches(scored: ScoredViews, ids: Sequence[Sequence[str]], config: M
         found.sort(key=lambda m: -m.score)
         out.append(found)
     return out
-
-
-# -- evaluation (DISC21) ------------------------------------------------------------------------
-def micro_average_precision(scores: Sequence[float], correct: Sequence[bool], n_ground_truth: int) -> float:
-    """µAP as DISC21 defines it: all (query, reference, score) predictions of all queries pooled and
-    sorted by score; AP over that list, with recall relative to ``n_ground_truth`` (the number of
-    queries that have a true reference). Each true (query, reference) pair must be counted once."""
-    if n_ground_truth <= 0:
-        raise InvalidQueryError("µAP needs at least one ground-truth pair")
-    s = np.asarray(scores, np.float64)
-    c = np.asarray(correct, bool)
-    if len(s) == 0:
-        return 0.0
-    order = np.argsort(-s, kind="stable")
-    c = c[order]
-    tp = np.cumsum(c)
-    precision = tp / np.arange(1, len(c) + 1)
-    return float(np.sum(precision[c]) / n_ground_truth)
-
-
-def precision_recall_curve(scores, correct, n_ground_truth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(precision, recall, threshold) at every prediction, scores sorted descending."""
-    s = np.asarray(scores, np.float64)
-    c = np.asarray(correct, bool)
-    order = np.argsort(-s, kind="stable")
-    s, c = s[order], c[order]
-    tp = np.cumsum(c)
-    precision = tp / np.arange(1, len(c) + 1)
-    recall = tp / max(n_ground_truth, 1)
-    # ties: a threshold admits every prediction with that score; keep the last index of each run
-    last = np.r_[s[1:] != s[:-1], True] if len(s) else np.zeros(0, bool)
-    return precision[last], recall[last], s[last]
-
-
-def recall_at_precision(scores, correct, n_ground_truth: int, precision: float = 0.9) -> float:
-    p, r, _ = precision_recall_curve(scores, correct, n_ground_truth)
-    ok = p >= precision
-    return float(r[ok].max()) if ok.any() else 0.0
-
-
-def threshold_for_precision(scores, correct, n_ground_truth: int, precision: float = 0.9) -> float | None:
-    """The lowest score threshold at which precision is still >= ``precision`` (max recall)."""
-    p, r, t = precision_recall_curve(scores, correct, n_ground_truth)
-    ok = np.nonzero(p >= precision)[0]
-    if len(ok) == 0:
-        return None
-    best = ok[np.argmax(r[ok])]
-    return float(t[best])
 
 
 # -- background sets ----------------------------------------------------------------------------
