@@ -32,8 +32,8 @@ def add_arguments(p) -> None:
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
                    help=f"images per shard (default {DEFAULT_SHARD_SIZE:,}); a shard is the unit of commit")
     p.add_argument("--commit-every", type=float, default=DEFAULT_COMMIT_SECONDS, metavar="SECONDS",
-                   help=f"also commit a (smaller) shard every SECONDS (default {DEFAULT_COMMIT_SECONDS:.0f}), so a "
-                        "crash loses at most that much work")
+                   help=f"also commit the shard being filled every SECONDS (default {DEFAULT_COMMIT_SECONDS:.0f}), "
+                        "so a crash loses at most that much work; it stays open until it holds --shard-size images")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="autocast precision on CUDA (auto: fp16); CPU always runs fp32")

@@ -9,6 +9,12 @@ Commit protocol for one shard ``shard-NNNNN`` (every file is written to a tempor
 
 Readers and the next run trust only shards the manifest lists; files of a shard killed before step 4
 are ignored and deleted by the next run (``clean_stray_files``), and its images are indexed again.
+
+Time-based commits (``commit_seconds``: a slow machine loses at most that much work to a crash) do
+not leave a trail of small shards: the shard being filled stays *open*. Each commit writes all of its
+rows so far under a new shard number, swaps it for the previous version in the manifest (one atomic
+write), then deletes the previous version's files; once it holds ``shard_size`` rows it is closed
+and the next rows start a new shard. Only a crash leaves a shard smaller than ``shard_size``.
 Pruning writes the surviving rows of a shard under a *new* shard number, swaps it in the manifest,
 then deletes the old files, so no shard file is ever modified in place with a different row count.
 """
@@ -210,6 +216,9 @@ class IndexWriter:
             if entry.local_features is not None or name in local:
                 self.local[name] = self._local_for(name, entry)
         self.committed = 0
+        self.open_shard: str | None = None      # the committed version of the shard being filled
+        self.open_count = 0                     # rows of self.rows already in open_shard
+        self.dirty = False                      # self.rows changed since the last commit
         self.commit_seconds = commit_seconds
         self.last_commit = time.monotonic()
 
@@ -234,6 +243,7 @@ class IndexWriter:
                 row.setdefault("aliases", [])
                 self.pending_pos[row["id"]] = len(self.rows)
                 self.rows.append(row)
+            self.dirty = self.dirty or take > 0
             for name in self.manifest.encoders:
                 self.vectors[name].append(vectors[name][sl])
             for name, feats in self.local.items():
@@ -250,7 +260,7 @@ class IndexWriter:
     def _commit_due(self) -> bool:
         """Time-based commit (slow machines lose at most ``commit_seconds`` of work to a crash); not
         before an IVF-PQ index has been trained on a full first shard."""
-        if self.commit_seconds is None or not self.rows:
+        if self.commit_seconds is None or not self.dirty:
             return False
         untrained = not self.manifest.shards and any(e.index_type == "ivfpq" for e in self.manifest.encoders.values())
         return not untrained and time.monotonic() - self.last_commit >= self.commit_seconds
@@ -259,6 +269,7 @@ class IndexWriter:
         """``source`` has the same content as ``image_id``: record it, do not embed it again."""
         if image_id in self.pending_pos:
             self.rows[self.pending_pos[image_id]]["aliases"].append(source)
+            self.dirty = True
             return
         shard = self.state.ids.get(image_id)
         if shard is None:
@@ -266,7 +277,7 @@ class IndexWriter:
         self.alias_updates.setdefault(shard, {}).setdefault(image_id, []).append(source)
 
     def finish(self) -> None:
-        if self.rows:
+        if self.dirty:
             self.commit()
         elif self.alias_updates:
             self._commit_aliases()
@@ -298,7 +309,8 @@ class IndexWriter:
         return index
 
     def commit(self) -> None:
-        """Write the pending rows as one shard, then the manifest."""
+        """Write the open shard's rows as a new shard, then the manifest (which drops the shard's
+        previous version, if any); the shard stays open for more rows until it is full."""
         shard = store.shard_name(self.next_no)
         n = len(self.rows)
         for name, feats in self.local.items():
@@ -317,17 +329,28 @@ class IndexWriter:
         store.write_metadata(self.dir, shard, self.rows)
         crash_point("meta")
         self._commit_aliases()
+        previous = self.open_shard
+        if previous is not None:
+            self.manifest.shards = [s for s in self.manifest.shards if s.name != previous]
         self.manifest.shards.append(store.ShardEntry(shard, n))
         store.write_manifest(self.dir, self.manifest)
         crash_point("manifest")
+        if previous is not None:                # its rows live on in the new version
+            for path in shard_files(self.dir, self.manifest, previous):
+                path.unlink(missing_ok=True)
         for row in self.rows:
             self.state.ids[row["id"]] = shard
-        self.committed += n
+        self.committed += n - self.open_count
         self.next_no += 1
         self.last_commit = time.monotonic()
-        self.rows, self.pending_pos = [], {}
-        self.vectors = {e: [] for e in self.manifest.encoders}
-        self.pending_local = {e: [] for e in self.manifest.encoders}
+        self.dirty = False
+        if n >= self.shard_size:                # full: close it
+            self.open_shard, self.open_count = None, 0
+            self.rows, self.pending_pos = [], {}
+            self.vectors = {e: [] for e in self.manifest.encoders}
+            self.pending_local = {e: [] for e in self.manifest.encoders}
+        else:                                   # time-based commit: keep filling it
+            self.open_shard, self.open_count = shard, n
 
     def _commit_aliases(self) -> None:
         for shard, updates in self.alias_updates.items():

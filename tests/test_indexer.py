@@ -593,8 +593,20 @@ def test_empty_source_gives_an_empty_index(tmp_path, tiny_clip):
 
 def test_time_based_commits(tmp_path, photo_dir, tiny_clip):
     out = tmp_path / "idx"
+    n = len(_files(photo_dir))
     s = _index([photo_dir], out, [tiny_clip], batch_size=4, shard_size=1000, commit_seconds=0)
     m = store.read_manifest(out)
-    assert len(m.shards) == s.shards >= 3 and m.count == s.indexed   # every batch committed on its own
+    # every batch was committed, each time as a new version of the one open shard, not as a new shard
+    assert len(m.shards) == s.shards == 1 and m.count == s.indexed == n - s.skipped
+    assert m.shards[0].name == store.shard_name(-(-n // 4) - 1)       # one version per batch
+    assert sorted(p.name.split(".")[0] for p in (out / "meta").iterdir()) == [m.shards[0].name]
+    assert sorted(p.name for p in (out / tiny_clip).iterdir() if p.name.startswith("shard-")) == [
+        f"{m.shards[0].name}.faiss"]                                  # previous versions deleted
+    _index([photo_dir], tmp_path / "ref", [tiny_clip], batch_size=4, shard_size=1000, commit_seconds=None)
+    np.testing.assert_allclose(stored_vectors(out, tiny_clip)[0], stored_vectors(tmp_path / "ref", tiny_clip)[0])
+    s5 = _index([photo_dir], tmp_path / "idx5", [tiny_clip], batch_size=2, shard_size=5, commit_seconds=0)
+    counts = [sh.count for sh in store.read_manifest(tmp_path / "idx5").shards]
+    k = s5.indexed
+    assert counts == [5] * (k // 5) + ([k % 5] if k % 5 else []) and s5.shards == len(counts)
     s2 = _index([photo_dir], tmp_path / "idx2", [tiny_clip], batch_size=4, shard_size=1000)
     assert s2.shards == 1                                             # default: 300 s, one shard here

@@ -135,6 +135,24 @@ def test_resume_after_sigkill_at_every_commit_point(tmp_path, specs_file, corpus
     check_complete(out, corpus)
 
 
+def test_resume_after_sigkill_during_time_based_commits(tmp_path, specs_file, corpus):
+    """--commit-every 0: each batch rewrites the open shard under a new number; killed right after the
+    manifest swapped versions (the old version's files still on disk) and while a new version was
+    half written, the index stays readable and the next run completes it with full shards."""
+    out = tmp_path / "idx"
+    counts = []
+    for crash in ("manifest:2", "meta:2"):
+        counts.append(len(_crash_then_check(specs_file, corpus, out, crash, "--commit-every", "0",
+                                            "--shard-size", "5")))
+    assert counts[0] == 4                    # two batches of 2, both in the open shard's second version
+    rc, stdout, err = run_index(specs_file, corpus, out, "--commit-every", "0", "--shard-size", "5")
+    assert rc == 0, err
+    rows = check_complete(out, corpus)       # also: no files of replaced versions left behind
+    sizes = [sh.count for sh in store.read_manifest(out).shards]
+    assert sum(sizes) == len(rows) and max(sizes) <= 5
+    assert len(sizes) <= 2 + -(-(len(rows) - counts[1]) // 5)   # each crash leaves ≤ 1 small shard
+
+
 def test_resume_after_sigkill_while_writing_local_features(tmp_path, specs_file, corpus):
     out = tmp_path / "idx"
     assert len(_crash_then_check(specs_file, corpus, out, "local:2", "--local-features",
