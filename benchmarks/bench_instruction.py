@@ -15,7 +15,8 @@ class name for change-colour, an oracle advantage), and each composition of :mod
 (sum, arithmetic, caption, fused; fusion with the image side as :func:`retrieval.compose.fusion_plan`
 picks it — ``--image-encoder`` for object changes, the text encoder for attribute changes — and
 ``fusion (text enc.)`` with the image side always from the text encoder, as on an index without an
-image-only encoder), the query image named by
+image-only encoder; ``fusion (not centred)``: plain image cosines, the centring ablation), the query
+image named by
 vocabulary-free classification over ImageNet-21k. ``fusion`` runs as the engine runs it: the top
 ``FUSION_CANDIDATES`` of the text list and of the image list are pooled (query image excluded) and
 re-scored by :func:`retrieval.compose.fuse_candidates`. Queries are split in two halves: weights are
@@ -96,7 +97,7 @@ def recall(scores: np.ndarray, relevant: np.ndarray, exclude: int, ks=(1, 10)) -
 
 
 def fusion_ranking(text_q, text_vecs, image_q, image_vecs, exclude: int, weight: float,
-                   candidates: int = FUSION_CANDIDATES) -> np.ndarray:
+                   candidates: int = FUSION_CANDIDATES, centre: bool = True) -> np.ndarray:
     """Scores over the gallery as ``retrieval.compose.fusion_search`` computes them over an index: the
     pooled top-``candidates`` of both lists re-scored, everything else -inf."""
     t = text_vecs @ text_q
@@ -105,7 +106,7 @@ def fusion_ranking(text_q, text_vecs, image_q, image_vecs, exclude: int, weight:
     pool = np.union1d(np.argsort(-t)[:candidates], np.argsort(-i)[:candidates])
     pool = pool[pool != exclude]
     out = np.full(len(t), -np.inf)
-    out[pool] = fuse_candidates(text_q, text_vecs[pool], image_q, image_vecs[pool], weight=weight)
+    out[pool] = fuse_candidates(text_q, text_vecs[pool], image_q, image_vecs[pool], weight=weight, centre=centre)
     return out
 
 
@@ -189,8 +190,8 @@ def main(argv=None) -> int:
         if m.startswith("fusion"):
             q = compose_instruction(enc, vecs[i], instruction, method="fusion", weights=w, text_vectors=tv).vector
             appearance, weight = fusion_plan(instruction, w)
-            img_vecs = ivecs if appearance and m == "fusion" else vecs
-            return fusion_ranking(q, vecs, img_vecs[i], img_vecs, i, weight)
+            img_vecs = vecs if m == "fusion (text enc.)" or not appearance else ivecs
+            return fusion_ranking(q, vecs, img_vecs[i], img_vecs, i, weight, centre=m != "fusion (not centred)")
         q = compose_instruction(enc, vecs[i], instruction, method=m, label=names[i], weights=w,
                                 text_vectors=tv).vector
         return vecs @ q
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
     for tname, queries in tasks.items():
         test_q = queries[len(queries) // 2:]
         for m in ("image-only", "image-only (image enc.)", "text-only", "sum", "arithmetic", "caption", "fused",
-                  "fusion", "fusion (text enc.)"):
+                  "fusion", "fusion (text enc.)", "fusion (not centred)"):
             t2 = time.time()
             r = evaluate(test_q, m, defaults)
             rt = evaluate(test_q, m, tuned) if args.tune and not m.startswith(("image-only", "text-only")) else None

@@ -317,13 +317,15 @@ def fusion_scores(text_scores, image_scores, *, weight: float = FUSION_IMAGE_WEI
 
 
 def fuse_candidates(text_query, text_vectors, image_query, image_vectors, *,
-                    weight: float = FUSION_IMAGE_WEIGHT) -> np.ndarray:
+                    weight: float = FUSION_IMAGE_WEIGHT, centre: bool = True) -> np.ndarray:
     """Fusion scores of a candidate pool: text side = cosine of ``text_query`` with the candidates'
     ``text_vectors`` (the text encoder's space), image side = centred cosine of ``image_query`` with
-    the candidates' ``image_vectors`` (an image encoder's space; centred on the pool)."""
+    the candidates' ``image_vectors`` (an image encoder's space; centred on the pool; ``centre=False``:
+    plain cosine, for the benchmark's ablation)."""
     tq = _unit(text_query)
     tv = l2_normalize(np.asarray(text_vectors, dtype=np.float32).reshape(len(text_vectors), -1))
-    return fusion_scores(tv @ tq, centred_cosine(image_query, image_vectors), weight=weight)
+    mean = None if centre else np.zeros(np.asarray(image_query).size, np.float32)
+    return fusion_scores(tv @ tq, centred_cosine(image_query, image_vectors, mean), weight=weight)
 
 
 def pick_image_encoder(engine, text_encoder: str) -> str:

@@ -225,6 +225,9 @@ def test_fuse_candidates_brute_force():
     image = np.array([float(unit(v - mu) @ unit(iq - mu)) for v in ivecs])
     expected = (text - text.mean()) / text.std() + 0.35 * (image - image.mean()) / image.std()
     np.testing.assert_allclose(fuse_candidates(tq, tvecs, iq, ivecs, weight=0.35), expected, rtol=1e-5)
+    plain = np.array([float(unit(v) @ unit(iq)) for v in ivecs])
+    expected = (text - text.mean()) / text.std() + 0.35 * (plain - plain.mean()) / plain.std()
+    np.testing.assert_allclose(fuse_candidates(tq, tvecs, iq, ivecs, weight=0.35, centre=False), expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("instruction, expected, appearance", [
