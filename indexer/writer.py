@@ -218,6 +218,7 @@ class IndexWriter:
         self.committed = 0
         self.open_shard: str | None = None      # the committed version of the shard being filled
         self.open_count = 0                     # rows of self.rows already in open_shard
+        self.open_index: dict[str, Any] = {}    # encoder -> the open shard's FAISS index (grows in place)
         self.dirty = False                      # self.rows changed since the last commit
         self.commit_seconds = commit_seconds
         self.last_commit = time.monotonic()
@@ -317,9 +318,16 @@ class IndexWriter:
             if feats.reducer is None:
                 self.pending_local[name].extend(feats.fit(store.pca_path(self.dir, name)))
         for name in self.manifest.encoders:
-            vecs = np.concatenate(self.vectors[name])
-            index = self._build_index(name, vecs)
-            index_types.add_vectors(index, vecs)
+            # only vectors added since the last commit: the open shard's index keeps the earlier ones
+            # (rebuilding an HNSW graph of the whole shard at every time-based commit would be slow)
+            new = np.concatenate(self.vectors[name]) if self.vectors[name] else None
+            index = self.open_index.get(name)
+            if index is None:
+                index = self._build_index(name, new)
+            if new is not None:
+                index_types.add_vectors(index, new)
+            self.vectors[name] = []
+            self.open_index[name] = index
             store.write_vectors(self.dir, name, shard, index)
             crash_point("vectors")
             if name in self.local:
@@ -345,9 +353,8 @@ class IndexWriter:
         self.last_commit = time.monotonic()
         self.dirty = False
         if n >= self.shard_size:                # full: close it
-            self.open_shard, self.open_count = None, 0
+            self.open_shard, self.open_count, self.open_index = None, 0, {}
             self.rows, self.pending_pos = [], {}
-            self.vectors = {e: [] for e in self.manifest.encoders}
             self.pending_local = {e: [] for e in self.manifest.encoders}
         else:                                   # time-based commit: keep filling it
             self.open_shard, self.open_count = shard, n

@@ -604,6 +604,12 @@ def test_time_based_commits(tmp_path, photo_dir, tiny_clip):
         f"{m.shards[0].name}.faiss"]                                  # previous versions deleted
     _index([photo_dir], tmp_path / "ref", [tiny_clip], batch_size=4, shard_size=1000, commit_seconds=None)
     np.testing.assert_allclose(stored_vectors(out, tiny_clip)[0], stored_vectors(tmp_path / "ref", tiny_clip)[0])
+    # the open shard's index grows in place between commits (HNSW is not rebuilt): same vectors, same order
+    _index([photo_dir], tmp_path / "hnsw", [tiny_clip], batch_size=4, shard_size=1000, commit_seconds=0,
+           index_type="hnsw")
+    assert store.read_manifest(tmp_path / "hnsw").encoders[tiny_clip].index_type == "hnsw"
+    np.testing.assert_allclose(stored_vectors(tmp_path / "hnsw", tiny_clip)[0],
+                               stored_vectors(tmp_path / "ref", tiny_clip)[0], atol=1e-6)
     s5 = _index([photo_dir], tmp_path / "idx5", [tiny_clip], batch_size=2, shard_size=5, commit_seconds=0)
     counts = [sh.count for sh in store.read_manifest(tmp_path / "idx5").shards]
     k = s5.indexed
