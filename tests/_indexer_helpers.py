@@ -13,6 +13,23 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def index(sources, out, encoders, **kw):
+    """``build_index`` in-process, single-process decode and small batches unless told otherwise."""
+    from indexer import IndexConfig, build_index
+
+    kw.setdefault("workers", 0)
+    kw.setdefault("batch_size", 4)
+    return build_index(IndexConfig(sources=[str(s) for s in sources], out=str(out), encoders=encoders, **kw))
+
+
+def all_rows(out) -> list[dict]:
+    """Every metadata row of every shard the manifest lists."""
+    from retrieval import store
+
+    m = store.read_manifest(out)
+    return [r for s in m.shards for r in store.read_metadata(out, s.name).to_pylist()]
+
+
 def main() -> int:
     sys.path.insert(0, ROOT)
     specs_file, sep, *argv = sys.argv[1:]

@@ -15,23 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _indexer_helpers import all_rows, index  # tests/ is on sys.path
 from PIL import Image
 
-from indexer import IndexConfig, build_index, index_types, stored_vectors
+from indexer import index_types, stored_vectors
 from indexer.lock import IndexLock
 from retrieval import store
 from retrieval.errors import IndexLockedError, LoupeError
 
-
-def _index(sources, out, encoders, **kw):
-    kw.setdefault("workers", 0)
-    kw.setdefault("batch_size", 4)
-    return build_index(IndexConfig(sources=[str(s) for s in sources], out=str(out), encoders=encoders, **kw))
-
-
-def _all_rows(out) -> list[dict]:
-    m = store.read_manifest(out)
-    return [r for s in m.shards for r in store.read_metadata(out, s.name).to_pylist()]
+_index, _all_rows = index, all_rows
 
 
 def _covered_sources(out) -> list[str]:

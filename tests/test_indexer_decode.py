@@ -10,22 +10,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from _indexer_helpers import all_rows, index  # tests/ is on sys.path
 from PIL import Image
 
-from indexer import IndexConfig, build_index, decode, stored_vectors
+from indexer import decode, stored_vectors
 from indexer.decode import IN_FLIGHT_BYTES, batch_bytes, iter_batches, prefetch_factor
-from retrieval import store
 
-
-def _index(sources, out, encoders, **kw):
-    kw.setdefault("workers", 0)
-    kw.setdefault("batch_size", 4)
-    return build_index(IndexConfig(sources=[str(s) for s in sources], out=str(out), encoders=encoders, **kw))
-
-
-def _all_rows(out) -> list[dict]:
-    m = store.read_manifest(out)
-    return [r for s in m.shards for r in store.read_metadata(out, s.name).to_pylist()]
+_index, _all_rows = index, all_rows
 
 
 def test_uint8_transfer_matches_the_encoders_preprocess(photos, tiny_clip, effnet, tiny_dino):
