@@ -258,3 +258,26 @@ def test_compose_instruction_fusion_is_the_text_side():
     np.testing.assert_allclose(rem.vector, unit(strapped - axis("straps")), atol=1e-5)
     # without an encoder, compose_query's fusion is the (unit) instruction vector
     np.testing.assert_allclose(compose_query(img, 3 * axis("boot"), method="fusion"), axis("boot"), atol=1e-6)
+
+
+def test_caption_route_waits_for_no_one_while_the_database_warms(monkeypatch):
+    """While loupe serve warms the default classifier, the caption route answers WarmingUpError (503)
+    at once; fusion needs no classifier and still works."""
+    import threading
+
+    import retrieval.classify as classify
+
+    for name, value in (("_CLASSIFIERS", {}), ("_WARMING", {}), ("_WARM_ERRORS", {}), ("_WARMED", set())):
+        monkeypatch.setattr(classify, name, value)
+    release = threading.Event()
+    monkeypatch.setattr(classify, "make_classifier", lambda *a, **k: release.wait(30) and None)
+    enc = WordEncoder()
+    thread = classify.warm_classifier(enc, "imagenet21k")
+    try:
+        with pytest.raises(classify.WarmingUpError):
+            compose_query(axis("sandal"), axis("boot"), method="caption", encoder=enc, instruction="as a boot")
+        out = compose_query(axis("sandal"), axis("boot"), method="fusion", encoder=enc, instruction="as a boot")
+        np.testing.assert_allclose(out, axis("boot"), atol=1e-5)
+    finally:
+        release.set()
+        thread.join(30)
