@@ -328,14 +328,18 @@ def fuse_candidates(text_query, text_vectors, image_query, image_vectors, *,
     return fusion_scores(tv @ tq, centred_cosine(image_query, image_vectors, mean), weight=weight)
 
 
+COPY_DETECTION_ENCODERS = ("sscd",)   # image-only, but tuned to exact copies: a last resort for "appearance"
+
+
 def pick_image_encoder(engine, text_encoder: str) -> str:
     """The encoder whose similarities say "keeps what the image shows": the index's first float
-    image-only encoder (e.g. ``effnet-lite0``, ``dinov2-*``; not the binary ``pdq``), else the text encoder."""
-    for name in engine.encoder_names:
-        entry = engine.manifest.encoders[name]
-        if name != text_encoder and not entry.supports_text and entry.index_type != "binary":
-            return name
-    return text_encoder
+    image-only encoder (e.g. ``effnet-lite0``, ``dinov2-*``; not the binary ``pdq``; a copy-detection
+    encoder such as ``sscd`` only when there is no other), else the text encoder."""
+    found = [name for name in engine.encoder_names if name != text_encoder
+             and not engine.manifest.encoders[name].supports_text
+             and engine.manifest.encoders[name].index_type != "binary"]
+    general = [n for n in found if not n.startswith(COPY_DETECTION_ENCODERS)]
+    return (general or found or [text_encoder])[0]
 
 
 def fusion_search(engine, ctx, k: int, *, params=None, filter=None, weights: dict[str, float] | None = None,

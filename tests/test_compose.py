@@ -281,3 +281,20 @@ def test_caption_route_waits_for_no_one_while_the_database_warms(monkeypatch):
     finally:
         release.set()
         thread.join(30)
+
+
+def test_pick_image_encoder_prefers_a_general_image_encoder():
+    from types import SimpleNamespace
+
+    from retrieval.compose import pick_image_encoder
+
+    def engine(*entries):
+        encoders = {name: SimpleNamespace(supports_text=text, index_type=kind) for name, text, kind in entries}
+        return SimpleNamespace(encoder_names=list(encoders), manifest=SimpleNamespace(encoders=encoders))
+
+    clip = ("clip-vit-b-32", True, "flat")
+    assert pick_image_encoder(engine(clip), "clip-vit-b-32") == "clip-vit-b-32"
+    assert pick_image_encoder(engine(clip, ("pdq", False, "binary")), "clip-vit-b-32") == "clip-vit-b-32"
+    assert pick_image_encoder(engine(clip, ("sscd", False, "flat")), "clip-vit-b-32") == "sscd"
+    assert pick_image_encoder(engine(clip, ("sscd", False, "flat"), ("dinov2-small", False, "hnsw")),
+                              "clip-vit-b-32") == "dinov2-small"
