@@ -231,7 +231,9 @@ def compose_query(image_vec: np.ndarray, text_vec: np.ndarray, *, weight: float 
     ``normalise((1 - w) * image + w * text)``. With ``encoder`` and ``instruction`` given, every
     method of :data:`METHODS` (and ``"auto"`` = :data:`DEFAULT_METHOD`) is available through
     :func:`compose_instruction`; without them, ``arithmetic`` uses ``text_vec`` as the target vector
-    and ``caption``/``fused`` fall back to ``sum`` (they need to embed new text). The query image is
+    and ``caption``/``fused`` fall back to ``sum`` (they need to embed new text). ``fusion`` (and ``auto``)
+    returns only the text side of the fusion — the engine's :func:`fusion_search` adds the image list;
+    searching with this vector alone is a text-only search. The query image is
     named by ``classifier``, else ``label``, else :func:`retrieval.classify.default_classifier`
     (the captions of ``index_dir`` when it has enough, else the imagenet21k vocabulary).
     """
