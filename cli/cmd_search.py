@@ -26,8 +26,9 @@ def add_arguments(p) -> None:
     q.add_argument("--image", metavar="PATH", help="image file to search with")
     q.add_argument("--id", metavar="ID", help="id of an indexed image (more like this)")
     p.add_argument("--instruction", metavar="T", help="text instruction applied to the image query")
-    p.add_argument("--method", default="sum", choices=["sum", "arithmetic", "caption", "fused", "auto"],
-                   help="how --instruction is composed with the image (default sum; see README)")
+    p.add_argument("--method", default="auto", choices=["auto", "fusion", "sum", "arithmetic", "caption", "fused"],
+                   help="how --instruction is composed with the image (default auto = fusion: a text list and "
+                        "an image list pooled and re-scored; see README)")
     p.add_argument("-k", type=int, default=10, help="number of results (1..1000, default 10)")
     p.add_argument("--rerank", action="store_true", help="re-rank the top candidates (local features)")
     p.add_argument("--encoder", help="encoder of the index to use for image queries")

@@ -374,7 +374,7 @@ class Engine:
 
     def embed(self, *, text: str | Sequence[str] | None = None, image: bytes | Image.Image | None = None,
               image_id: str | None = None, vector: Any = None, instruction: str | None = None,
-              encoder: str | None = None, weight: float | None = None, method: str = "sum",
+              encoder: str | None = None, weight: float | None = None, method: str = "auto",
               keep_local: bool = False, **opts: Any) -> QueryContext:
         """Embed a query into one unit vector (see ``search`` for the meaning of each field)."""
         from .images import load_image
@@ -446,6 +446,7 @@ class Engine:
 
             ctx.terms = parse_terms(instruction) if instruction.lstrip()[:1] in "+-" else [(1.0, instruction.strip())]
             txt = combine(self.embed_texts(entry.name, [t for _, t in ctx.terms]), [w for w, _ in ctx.terms])
+            method = instruction_method(method, weight)
             kwargs: dict[str, Any] = {"method": method}
             if method and method != "sum":   # arithmetic / caption / fused need the encoder and the words
                 kwargs.update(encoder=self.encoder(entry.name), instruction=instruction, index_dir=self.index_dir)
@@ -549,7 +550,7 @@ class Engine:
                image_id: str | None = None, vector: Any = None, instruction: str | None = None,
                encoder: str | None = None, k: int = 20, rerank: bool = False, filter: Any = None,
                dedup: bool | float = False, params: Any = None, weight: float | None = None,
-               method: str = "sum") -> SearchResponse:
+               method: str = "auto") -> SearchResponse:
         """Embed a query and return the global top-``k``.
 
         * ``text``: a string, or a list of weighted terms (``"+a cat"``, ``"-a dog"``, ``"0.5:snow"``);
@@ -582,7 +583,8 @@ class Engine:
         if threshold is not None:
             fetch = min(fetch * 2 + 10, max(self.count, 1), MAX_K * 4)
         timings: dict[str, float] = {"embed_ms": (t1 - t0) * 1e3}
-        fusion = ctx.instruction is not None and ctx.image_vector is not None and _is_fusion(method)
+        fusion = (ctx.instruction is not None and ctx.image_vector is not None
+                  and _is_fusion(instruction_method(method, weight)))
         while True:
             if fusion:   # two lists (text, image) pooled and re-scored: retrieval.compose.fusion_search
                 from .compose import fusion_search
@@ -605,7 +607,11 @@ class Engine:
             except ImportError as exc:
                 raise RerankUnavailableError(
                     "re-ranking is not available in this build (retrieval.rerank is missing)") from exc
-            hits = list(rerank_hits(self, ctx, hits, k=k))
+            # the query's regions may fetch candidates of their own, with this request's filter and parameters
+            # (not after de-duplication, which the region candidates would bypass)
+            search = None if threshold is not None else (
+                lambda v, n: self.search_vector(ctx.encoder, v, n, params=params, filter=filter))
+            hits = list(rerank_hits(self, ctx, hits, k=k, search=search))
             timings["rerank_ms"] = (time.perf_counter() - t2) * 1e3
         hits = hits[:k]
         took = (time.perf_counter() - t0) * 1e3
@@ -631,6 +637,14 @@ class Engine:
         self.indexes.clear()
         self._encoders.clear()
         self._local.clear()
+
+
+def instruction_method(method: str | None, weight: float | None) -> str:
+    """The composition method a query gets: ``auto`` (or none) means ``compose.DEFAULT_METHOD``, except
+    that an explicit ``weight`` (the image/text mix of ``sum``) asks for ``sum``."""
+    if method in (None, "", "auto") and weight is not None:
+        return "sum"
+    return method or "auto"
 
 
 def _is_fusion(method: Any) -> bool:

@@ -20,9 +20,20 @@ def test_engine_uses_requested_composition(tmp_path, photo_dir, photos, tiny_cli
     arith = engine.embed(image=query, instruction=instruction, method="arithmetic").vector
     expected = compose_instruction(enc, img_vec, instruction, method="arithmetic", label="cat").vector
     np.testing.assert_allclose(arith, expected, atol=1e-5)
-    plain = engine.embed(image=query, instruction=instruction).vector          # default: sum
+    plain = engine.embed(image=query, instruction=instruction, method="sum").vector
     np.testing.assert_allclose(plain, compose_sum(img_vec, enc.encode_texts([instruction])[0], 0.5), atol=1e-5)
     assert float(np.abs(arith - plain).max()) > 1e-3
+    # a weight without a method asks for sum (the weight is sum's image/text mix)
+    np.testing.assert_allclose(engine.embed(image=query, instruction=instruction, weight=0.5).vector, plain, atol=1e-6)
+    # no method: auto = fusion (the text list's vector; the search pools a text and an image list)
+    default = engine.embed(image=query, instruction=instruction).vector
+    fusion = compose_instruction(enc, img_vec, instruction, method="fusion").vector
+    np.testing.assert_allclose(default, fusion, atol=1e-5)
+
+    def hits(**kw):
+        return [(h.id, round(h.score, 5)) for h in engine.search(image=query, instruction=instruction, k=5, **kw).hits]
+
+    assert hits() == hits(method="fusion") and hits() != hits(method="sum")
 
 
 def test_embed_keeps_query_tokens_from_the_same_pass(tmp_path, photo_dir, photos, tiny_clip):
