@@ -121,7 +121,9 @@ def register_error_handlers(app) -> None:
     @app.errorhandler(LoupeError)
     def _loupe_error(exc: LoupeError):
         status = int(getattr(exc, "http_status", 400) or 400)
-        if status >= 500:
+        if status == 503:       # expected and temporary (e.g. warming up): not an error to page anyone for
+            log.info("unavailable for now: %s", exc)
+        elif status >= 500:
             log.error("server-side error: %s", exc)
         return error_response(getattr(exc, "code", "loupe_error"), str(exc) or exc.__class__.__name__, status)
 
