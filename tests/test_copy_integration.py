@@ -241,7 +241,8 @@ def test_pdq_binary_index_match_and_dedup(tmp_path, photos, capsys):
     # pdq candidates verified with effnet-lite0's stored local features (same shards and rows)
     res = match_images(engine, queries[:1], MatchConfig(normalize=False, threshold=0.8), encoder="pdq")
     best = res[0][0]
-    assert best.verify is not None and best.score == pytest.approx(best.similarity + 0.5 * best.verify)
+    w = MatchConfig().w_verify
+    assert best.verify is not None and best.score == pytest.approx(best.similarity + w * best.verify)
     assert loupe(["dedup", str(out), "--encoder", "pdq", "--threshold", "0.8", "--json"]) == 0
     groups = [sorted(stem(engine, i) for i in g) for g in json.loads(capsys.readouterr().out)["groups"]]
     assert groups == [["chelsea", "chelsea-reencoded"]]

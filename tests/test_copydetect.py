@@ -254,7 +254,7 @@ def test_match_arrays_with_region_views_finds_an_embedded_copy():
     region = unit(db[11] + 0.3 * rng.normal(size=d) / np.sqrt(d))  # a region of query 0 is a copy of row 11
     views = np.concatenate([whole[:1], region[None], whole[1:]])
     owner, boxes = [0, 0, 1], [None, (10, 20, 110, 90), None]
-    cfg = MatchConfig(k=5, threshold=0.3)
+    cfg = MatchConfig(k=5, threshold=0.3, region_penalty=0.0)
     res = match_arrays(views, db, ids, cfg, background=background, owner=owner, boxes=boxes)
     assert [m.id for m in res[0]] == [ids[11]] and res[0][0].region == (10, 20, 110, 90)
     assert res[0][0].to_json()["region"] == [10, 20, 110, 90]
