@@ -17,13 +17,22 @@ Pipeline for an image query against the top ``N`` (default 100) global candidate
    anisotropy above ``max_aspect``, reflections — are rejected; the best one is refitted on its
    inliers by least squares). The inlier count is the evidence: it survives crops (scale), rotations,
    and partial copies (only the shared part matches).
-3. **Fusion** (documented, defaults tuned on ``benchmarks/bench_rerank.py``)::
+3. **Multi-region query descriptors** (``config.regions``): square windows of the query's token grid
+   (``region_sizes`` cells, ``region_stride``) are mean-pooled like the encoder's own global pooling and
+   L2-normalised; a candidate's ``region`` score is its best cosine over these regional vectors
+   (max-pooled). A query whose object sits in clutter (an object pasted onto another picture, a
+   small crop's context) matches the object's own image through the region that holds it. With a
+   ``search`` function and ``region_expand = m``, each region also fetches its own global top-``m``;
+   the union is cut back to ``n_candidates`` by ``global + w_region * region`` before local matching.
+4. **Fusion** (documented, defaults tuned on ``benchmarks/bench_rerank.py``)::
 
-       fused = global + w_local * maxsim + w_spatial * min(inliers, inlier_cap) / inlier_cap
+       fused = global + w_region * region + w_local * maxsim + w_spatial * min(inliers, inlier_cap) / inlier_cap
 
    where ``inliers`` counts only when ``inliers >= max(min_inliers, min_inlier_ratio * matches)``
    (fewer is what chance gives: random matches on a coarse grid fit some affine map by accident).
-4. **αQE** (optional): the query vector is expanded with the top ``qe_k`` re-ranked candidates,
+   All similarities are one batched product; RANSAC runs only for candidates with at least
+   ``min_inliers`` matches (the others cannot score), optionally only for the best ``spatial_top``.
+5. **αQE** (optional): the query vector is expanded with the top ``qe_k`` re-ranked candidates,
    ``q' = norm(q + Σ_i max(q·v_i, 0)^α v_i)``, and the global term is recomputed with ``q'``.
    **DBA** (optional): candidate vectors are replaced by ``norm(Σ_j (v_i·v_j)^α v_j)`` over their
    ``dba_k`` nearest neighbours within the shortlist before scoring.
@@ -64,7 +73,7 @@ class RerankConfig:
     spatial: bool = True           # RANSAC spatial verification
     qe: bool = False               # α-query expansion over the re-ranked shortlist
     dba: bool = False              # database-side augmentation within the shortlist
-    w_local: float = 2.0
+    w_local: float = 1.0
     w_spatial: float = 0.1
     w_text: float = 0.5
     matching: str = "mutual"       # "mutual": mutual nearest neighbours; "nn": every query token's nearest
@@ -85,10 +94,10 @@ class RerankConfig:
     dba_alpha: float = 3.0
     text_top_frac: float = 0.125
     spatial_top: int | None = None  # RANSAC only for this many candidates (by the score without it); None: all
-    regions: bool = False          # multi-region query descriptors (see region_vectors)
-    w_region: float = 0.0
-    region_sizes: tuple[int, ...] = (3, 4, 5)   # window sides, in grid cells
-    region_stride: int = 1
+    regions: bool = True           # multi-region query descriptors (see region_vectors)
+    w_region: float = 0.5
+    region_sizes: tuple[int, ...] = (3, 5)      # window sides, in grid cells
+    region_stride: int = 2
     region_expand: int = 0         # each region also fetches its own top-k candidates (0: rescore only)
 
 

@@ -204,8 +204,10 @@ def test_rerank_calls_rerank_hits_with_candidates(sharded, vecs, monkeypatch):
 
     seen = {}
 
-    def fake_rerank(engine, ctx, hits, k):
+    def fake_rerank(engine, ctx, hits, k, search=None):
         seen.update(n=len(hits), k=k, encoder=ctx.encoder)
+        # the engine's search, with the request's filter/params, for the re-ranker's own candidates
+        assert [h.id for h in search(vecs[0], 3)] == [h.id for h in engine.search_vector("e", vecs[0], 3)]
         return list(reversed(hits))[:k]
 
     monkeypatch.setitem(sys.modules, "retrieval.rerank", types.SimpleNamespace(rerank_hits=fake_rerank))

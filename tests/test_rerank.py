@@ -381,7 +381,8 @@ def test_rerank_hits_regions_expand_and_rescore(tmp_path):
 
     ctx = _Ctx(vector=q_vec, encoder="fake", image=object())
     ctx.local = (tokens, grid)
-    cfg = {"regions": True, "w_region": 1.0, "region_sizes": (3,), "region_expand": 1, "n_candidates": 6}
+    cfg = {"regions": True, "w_region": 1.0, "region_sizes": (3,), "region_stride": 1, "region_expand": 1,
+           "n_candidates": 6}
     out = rerank_hits(eng, ctx, hits, k=6, config=cfg, search=search)
     assert out[0].id == "c11"
     regions = [_unit(t[r:r + 3, c:c + 3].reshape(-1, dim).mean(axis=0, keepdims=True))[0]
