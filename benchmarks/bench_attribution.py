@@ -7,12 +7,16 @@ Pairs (real images, ``/usr/share/tuxpaint/stamps``):
 * text → image with ``conse-effnet-lite0``: the query is the stamp's caption (``NAME.txt``), the
   result is the stamp.
 
-For each pair and method, the result image's similarity to the query is measured before and after
-masking (filling with the image's mean colour) 20 % of the image area: the top-20 % attributed
-pixels, 20 % in random 16-px blocks inside the region the encoder sees, a disc of the same area at
-a random place in that region, or a centred disc. Reported: mean similarity drop for each mask, and
-the ratio of the attribution drop to the random drops (goal ≥ 2) and to the centre-blob drop.
-Also: milliseconds per overlay (heatmap + PNG render) on CPU.
+For each pair, the result image's similarity to the query is measured before and after masking
+exactly 20 % of the image area, filled with the image's mean colour: the top-20 % attributed pixels of
+each method's map (ties, e.g. the zeros of a ReLU'd map, are broken by a random order of 16-px
+blocks, so the unattributed remainder is masked like the random baseline), 20 % in random 16-px
+blocks inside the region the encoder sees (two draws per pair, averaged), a disc of the same area at
+a random place in that region, and a centred disc. The random and centre masks are shared by all
+methods of a pair (paired comparison). Reported: mean similarity drop for each mask, the ratio of
+the attribution drop to the random-block drop (goal ≥ 2) and to the centre-disc drop (goal > 1), on
+all pairs and on the held-out half (odd-numbered pairs; the per-encoder default is chosen on the
+even-numbered half), and milliseconds per overlay (heatmap at the original size + PNG) on CPU.
 
     .venv/bin/python benchmarks/bench_attribution.py --pairs 200
 """
@@ -34,6 +38,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 FRACTION = 0.2
+BLOCK = 16
+RESULTS = ROOT / "benchmarks" / "results" / "attribution.md"
 
 
 def caption(path: Path) -> str | None:
@@ -47,41 +53,84 @@ def caption(path: Path) -> str | None:
     return line or None
 
 
-def masks(heat: np.ndarray, box, rng: np.random.Generator, fraction: float = FRACTION):
-    """(top-attributed, random blocks within the crop box, centred disc) boolean masks."""
-    h, w = heat.shape
-    n = int(round(fraction * h * w))
+def _inside(shape: tuple[int, int], box) -> np.ndarray:
+    h, w = shape
     left, upper, right, lower = (int(round(v)) for v in box)
     inside = np.zeros((h, w), bool)
     inside[max(0, upper):lower, max(0, left):right] = True
-    # ties (zero heat) are broken at random, inside the region the encoder sees first (as for random)
-    key = heat + 1e-6 * rng.random((h, w)) + np.where(inside, 0.0, -1.0)
-    top = np.zeros(h * w, bool)
-    top[np.argsort(-key.ravel(), kind="stable")[:n]] = True
-    top = top.reshape(h, w)
-    rnd = np.zeros((h, w), bool)
-    block = 16
-    cells = [(y, x) for y in range(max(0, upper), min(h, lower), block)
-             for x in range(max(0, left), min(w, right), block)]
-    for k in rng.permutation(len(cells)):
-        if rnd.sum() >= n:
-            break
-        y, x = cells[k]
-        rnd[y:y + block, x:x + block] = True
+    return inside
+
+
+def _block_order(shape: tuple[int, int], box, rng: np.random.Generator) -> np.ndarray:
+    """A random rank per pixel: 16-px blocks inside ``box`` in random order (raster order within a
+    block), then the pixels outside the box; lower rank = masked first."""
+    h, w = shape
+    left, upper = max(0, int(round(box[0]))), max(0, int(round(box[1])))
+    yy, xx = np.mgrid[0:h, 0:w]
+    by, bx = (yy - upper) // BLOCK, (xx - left) // BLOCK
+    nby, nbx = by.max() + 1 - by.min(), bx.max() + 1 - bx.min()
+    block_id = (by - by.min()) * nbx + (bx - bx.min())
+    block_rank = rng.permutation(nby * nbx)[block_id]
+    within = (yy - upper) % BLOCK * BLOCK + (xx - left) % BLOCK
+    outside = ~_inside(shape, box)
+    return (outside * (nby * nbx) + block_rank) * (BLOCK * BLOCK) + within
+
+
+def _first(order: np.ndarray, n: int) -> np.ndarray:
+    mask = np.zeros(order.size, bool)
+    mask[np.argsort(order.ravel(), kind="stable")[:n]] = True
+    return mask.reshape(order.shape)
+
+
+def top_mask(heat: np.ndarray, box, rng: np.random.Generator, fraction: float = FRACTION) -> np.ndarray:
+    """Exactly ``round(fraction * H * W)`` pixels: the highest heat inside the encoder's region first;
+    ties broken by a random block order (as ``random_mask``)."""
+    h, w = heat.shape
+    n = int(round(fraction * h * w))
+    heat = np.asarray(heat, np.float64)
+    order = _block_order((h, w), box, rng).astype(np.float64)
+    rank_heat = np.unique(heat, return_inverse=True)[1].reshape(h, w)        # dense rank, ties equal
+    inside = _inside((h, w), box)
+    key = np.where(inside, 0, 1) * (h * w + 1.0) - rank_heat                 # inside first, then hot first
+    idx = np.lexsort((order.ravel(), key.ravel()))[:n]
+    mask = np.zeros(h * w, bool)
+    mask[idx] = True
+    return mask.reshape(h, w)
+
+
+def random_mask(shape: tuple[int, int], box, rng: np.random.Generator, fraction: float = FRACTION) -> np.ndarray:
+    """Exactly ``round(fraction * H * W)`` pixels in random 16-px blocks inside ``box`` (the last block
+    partly)."""
+    return _first(_block_order(shape, box, rng), int(round(fraction * shape[0] * shape[1])))
+
+
+def discs(shape: tuple[int, int], box, rng: np.random.Generator, fraction: float = FRACTION):
+    """(centred disc, disc at a random place inside ``box``), each ``fraction`` of the area."""
+    h, w = shape
+    n = fraction * h * w
+    left, upper, right, lower = (int(round(v)) for v in box)
     yy, xx = np.mgrid[0:h, 0:w]
     radius = np.sqrt(n / np.pi)
     centre = (yy - h / 2 + 0.5) ** 2 + (xx - w / 2 + 0.5) ** 2 <= radius ** 2
     cy = rng.uniform(max(0, upper) + radius, max(max(0, upper) + radius, min(h, lower) - radius))
     cx = rng.uniform(max(0, left) + radius, max(max(0, left) + radius, min(w, right) - radius))
     disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
-    return top, rnd, centre, disc
+    return centre, disc
 
 
 def apply_mask(img: Image.Image, mask: np.ndarray) -> Image.Image:
-    arr = np.asarray(img).copy()
+    arr = np.asarray(img.convert("RGB")).copy()
     fill = arr.reshape(-1, 3).mean(axis=0).astype(np.uint8)
     arr[mask] = fill
     return Image.fromarray(arr)
+
+
+def summarise(d: np.ndarray) -> dict:
+    """d: [n, 5] drops (top, random blocks 1, random blocks 2, centre, random disc)."""
+    top, rnd, cen, disc = d[:, 0].mean(), d[:, 1:3].mean(), d[:, 3].mean(), d[:, 4].mean()
+    return {"n": len(d), "top": top, "rnd": rnd, "centre": cen, "disc": disc,
+            "r_rnd": top / max(rnd, 1e-9), "r_disc": top / max(disc, 1e-9), "r_centre": top / max(cen, 1e-9),
+            "wins": float((d[:, 0] > d[:, 1:3].mean(axis=1)).mean() * 100)}
 
 
 def main(argv=None) -> int:
@@ -89,7 +138,16 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=200, help="pairs per encoder (image→image and text→image)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--which", choices=("both", "image", "text"), default="both")
+    ap.add_argument("--image-methods", default="gradcam,cam,eigencam,occlusion")
+    ap.add_argument("--text-methods", default="cam,gradcam,occlusion")
+    ap.add_argument("--out", default=str(RESULTS), help="markdown file whose benchmark block is replaced")
+    ap.add_argument("--no-write", action="store_true", help="print the table only")
+    ap.add_argument("--dump", help="also save the per-pair drops to this .npz (method → [n, 5])")
+    ap.add_argument("--tag", help="name of the block this run replaces in --out (default: --which)")
     args = ap.parse_args(argv)
+    tag = args.tag or args.which
+    begin, end = f"<!-- bench_attribution:{tag} -->", f"<!-- /bench_attribution:{tag} -->"
 
     import torch
 
@@ -107,89 +165,105 @@ def main(argv=None) -> int:
     photos = br.skimage_photos()
 
     setups = []
-    effnet = create_encoder("effnet-lite0", device="cpu")
-    img_pairs = []
-    for i, p in enumerate(paths[: args.pairs]):
+    img_pairs, txt_pairs = [], []
+    for i, p in enumerate(paths[: args.pairs]):   # drawn even when unused, so both halves stay seeded alike
         ref = br.load_stamp(p)
         kind = ("crop", "rotate", "overlay", "paste")[i % 4]
         img_pairs.append((br.transform(ref, kind, rng, photos), ref))
-    setups.append(("effnet-lite0", "image→image", effnet, img_pairs, ("gradcam", "cam", "eigencam"), None))
-    conse = create_encoder("conse-effnet-lite0", device="cpu")
-    txt_pairs = []
     for p in paths:
         cap = caption(p)
         if cap:
             txt_pairs.append((cap, br.load_stamp(p)))
         if len(txt_pairs) >= args.pairs:
             break
-    setups.append(("conse-effnet-lite0", "text→image", conse, txt_pairs, ("cam", "gradcam"), "text"))
+    if args.which in ("both", "image"):
+        setups.append(("effnet-lite0", "image→image", img_pairs, args.image_methods.split(","), "image"))
+    if args.which in ("both", "text"):
+        setups.append(("conse-effnet-lite0", "text→image", txt_pairs, args.text_methods.split(","), "text"))
 
-    rows, timings = [], []
-    for enc_name, kind, enc, pairs, methods, modality in setups:
+    rows, per_ms = [], {}
+    for enc_name, kind, pairs, methods, modality in setups:
+        enc = create_encoder(enc_name, device="cpu")
         t0 = time.perf_counter()
         if modality == "text":
             qvecs = enc.encode_texts([q for q, _ in pairs])
         else:
             qvecs = np.concatenate([enc.encode_images([q]) for q, _ in pairs])
         drops = {m: [] for m in methods}
+        mrng = np.random.default_rng(args.seed + 1)
         for n, ((_, result), qv) in enumerate(zip(pairs, qvecs)):
             box = crop_box(enc, result.size)
-            base = None
+            shape = (result.size[1], result.size[0])
+            tops = []
             for m in methods:
                 t1 = time.perf_counter()
                 heat = attribute(enc, result, qv, m)
-                png = overlay_png(result, heat)
-                timings.append((enc_name, m, time.perf_counter() - t1, len(png)))
-                top, rnd, centre, disc = masks(heat, box, rng)
-                batch = [result, *(apply_mask(result, m_) for m_ in (top, rnd, centre, disc))]
-                if base is not None:
-                    batch = batch[1:]
-                v = enc.encode_images(batch) @ qv
-                if base is None:
-                    base, v = float(v[0]), v[1:]
-                drops[m].append((base - v[0], base - v[1], base - v[2], base - v[3]))
+                overlay_png(result, heat)
+                per_ms.setdefault((enc_name, m), []).append(time.perf_counter() - t1)
+                tops.append(top_mask(heat, box, mrng))
+            centre, disc = discs(shape, box, mrng)
+            shared = [random_mask(shape, box, mrng), random_mask(shape, box, mrng), centre, disc]
+            sims = enc.encode_images([result, *(apply_mask(result, k) for k in tops + shared)]) @ qv
+            d = sims[0] - sims[1:]
+            for k, m in enumerate(methods):
+                drops[m].append((d[k], *d[len(methods):]))
             if (n + 1) % 25 == 0:
                 print(f"  {enc_name}: {n + 1}/{len(pairs)} pairs ({time.perf_counter() - t0:.0f}s)", flush=True)
+        if args.dump:
+            np.savez(f"{args.dump}-{enc_name}.npz", **{m: np.array(drops[m]) for m in methods},
+                     **{f"ms_{m}": np.array(per_ms[(enc_name, m)]) for m in methods})
+        tune = {}
         for m in methods:
             d = np.array(drops[m])
-            top_d, rnd_d, cen_d, disc_d = d.mean(axis=0)
-            wins = float((d[:, 0] > d[:, 3]).mean() * 100)
-            rows.append((enc_name, kind, m, len(d), top_d, rnd_d, disc_d, cen_d, top_d / max(rnd_d, 1e-9),
-                         top_d / max(disc_d, 1e-9), top_d / max(cen_d, 1e-9), wins))
+            s_all, s_tune, s_held = summarise(d), summarise(d[0::2]), summarise(d[1::2])
+            tune[m] = s_tune["r_rnd"]
+            rows.append((enc_name, kind, m, s_all, s_held, 1000 * float(np.median(per_ms[(enc_name, m)])), s_tune))
+        best = max(tune, key=tune.get)
+        print(f"  {enc_name}: best on the tuning half (even pairs): {best} ({tune[best]:.2f}x random)", flush=True)
+        rows.append((enc_name, kind, "__best__", best, tune[best], 0.0, None))
 
-    per_ms = {}
-    for enc_name, m, dt, _size in timings:
-        per_ms.setdefault((enc_name, m), []).append(dt)
+    table = [
+        "| encoder | pairs | method | n | drop top-20 % | drop random blocks | drop random disc | drop centre disc "
+        "| top/random blocks | top/random disc | top/centre | top > random (% pairs) | tuning half top/random "
+        "| held-out top/random | held-out top/centre | ms/overlay |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    best_lines = []
+    for enc_name, kind, m, s, h, ms, t in rows:
+        if m == "__best__":
+            best_lines.append(f"- {enc_name} ({kind}): best on the tuning half (even pairs) `{s}`, "
+                              f"{h:.2f}x the random-block drop there")
+            continue
+        table.append(f"| {enc_name} | {kind} | {m} | {s['n']} | {s['top']:.4f} | {s['rnd']:.4f} | {s['disc']:.4f} "
+                     f"| {s['centre']:.4f} | {s['r_rnd']:.2f} | {s['r_disc']:.2f} | {s['r_centre']:.2f} "
+                     f"| {s['wins']:.0f} | {t['r_rnd']:.2f} | {h['r_rnd']:.2f} | {h['r_centre']:.2f} | {ms:.0f} |")
     lines = [
-        "<!-- bench_attribution -->",
-        "## Attribution: deletion test and overlay cost",
-        "",
+        begin,
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {platform.machine()}, "
         f"{os.cpu_count()} cores shared with other jobs, torch threads {args.threads}, CPU only",
-        f"- command: `.venv/bin/python benchmarks/bench_attribution.py --pairs {args.pairs}`",
+        f"- command: `.venv/bin/python benchmarks/bench_attribution.py {' '.join(argv or sys.argv[1:])}`".rstrip(),
         f"- pairs: {len(img_pairs)} image→image (transformed Tux Paint stamp → the stamp, effnet-lite0) and "
-        f"{len(txt_pairs)} text→image (the stamp's caption → the stamp, conse-effnet-lite0); masks cover "
-        f"{int(FRACTION * 100)} % of the image, filled with its mean colour",
+        f"{len(txt_pairs)} text→image (the stamp's caption → the stamp, conse-effnet-lite0); masks cover exactly "
+        f"{int(FRACTION * 100)} % of the image, filled with its mean colour; drops are mean similarity drops; "
+        "ms/overlay is the median time for the heatmap at the original size + its PNG",
         "",
-        "| encoder | pairs | method | n | drop top-20 % | drop random blocks | drop random disc | "
-        "drop centre disc | top/random blocks | top/random disc | top/centre | top > random disc (% pairs) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *[f"| {e} | {k} | {m} | {n} | {a:.4f} | {b:.4f} | {dd:.4f} | {c:.4f} | {r:.2f} | {rd:.2f} | {rc:.2f} "
-          f"| {w:.0f} |" for e, k, m, n, a, b, dd, c, r, rd, rc, w in rows],
+        *table,
         "",
-        "Milliseconds per overlay (heatmap at the original size + PNG), median, CPU: "
-        + "; ".join(f"{e} {m} {1000 * float(np.median(v)):.0f} ms" for (e, m), v in per_ms.items()) + ".",
-        f"Total run {time.perf_counter() - t_start:.0f} s.",
-        "",
+        *best_lines,
+        f"- total run {time.perf_counter() - t_start:.0f} s",
+        end,
     ]
     text = "\n".join(lines)
     print(text)
-    out = ROOT / "benchmarks" / "results" / "rerank.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    old = out.read_text() if out.is_file() else ""
-    marker = "<!-- bench_attribution -->"
-    head = old[: old.index(marker)] if marker in old else old
-    out.write_text((head.rstrip() + "\n\n" if head.strip() else "") + text)
+    if not args.no_write:
+        out = Path(args.out)
+        old = out.read_text() if out.is_file() else ""
+        if begin in old and end in old:
+            new = old[: old.index(begin)] + text + old[old.index(end) + len(end):]
+        else:
+            new = (old.rstrip() + "\n\n" if old.strip() else "") + text + "\n"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(new)
     return 0
 
 

@@ -23,8 +23,19 @@ Methods (``method=``):
   This is ConSE's default: measured on planted composites, Grad-CAM through the ConSE softmax
   saturates (when the top classes already agree with the query, the gradient mostly pushes the
   *other* classes down and lights up the background), while this map localises the object.
+* ``"gradinput"`` — CNN encoders: gradient × activation of the cosine target, summed over channels
+  (positive part), at finer layers than the final 7×7 map: by default the input itself (224×224) and
+  the 28×28 and 14×14 stages (``cnn_layers``); each layer's map is normalised and the maps averaged.
+  The final map is too coarse for a 20 %-area question (one cell is 2 % of the image); the gradient at
+  the input concentrates on the object's edges and texture, the pixels the similarity depends on.
 * ``"eigencam"`` — Eigen-CAM (no gradients, query independent): the feature map projected on its
   first principal direction. Works for CNN feature maps and ViT patch tokens alike.
+* ``"occlusion"`` — any encoder, perturbation-based (Zeiler & Fergus, 2014): a square window (default
+  36 % of the side the encoder sees) slides over the encoder's input with a stride of half a window;
+  each position is filled with the image's mean colour (``fill="mean"``, or ``"blur"``: a blurred copy),
+  the occluded inputs are embedded in batches, and every pixel gets the mean drop of the cosine with
+  the query over the windows that cover it (positive part). No gradients, works for ViTs and CNNs and
+  for ConSE's non-linear embedding alike; it costs one forward pass per window (25 by default).
 * ``"matches"`` — for (re-ranked) image queries: the locally matched regions themselves; the mutual
   nearest-neighbour matches that RANSAC keeps as inliers, each cell weighted by its similarity, on
   both images.
@@ -46,9 +57,11 @@ from PIL import Image
 from .errors import InvalidQueryError, UnsupportedModalityError
 
 __all__ = ["Explanation", "AttributionConfig", "METHODS", "attribute", "attribute_grid", "crop_box", "to_image_map",
-           "eigen_cam", "token_contributions", "match_maps", "explain", "default_method"]
+           "eigen_cam", "token_contributions", "match_maps", "explain", "default_method", "occlusion_map",
+           "occlusion_positions"]
 
-METHODS = ("auto", "tokens", "gradcam", "cam", "eigencam", "matches")
+METHODS = ("auto", "tokens", "gradcam", "cam", "gradinput", "eigencam", "occlusion", "matches")
+FILLS = ("mean", "blur")
 _VIT = ("clip", "dinov2")
 _CNN = ("effnet", "conse")
 
@@ -57,6 +70,11 @@ _CNN = ("effnet", "conse")
 class AttributionConfig:
     surgery: bool | None = None    # remove the patches' shared component (None: CLIP yes, DINOv2 no)
     relu: bool = True
+    occlusion_window: float = 0.36  # occlusion: window side as a fraction of the encoder's input side
+    occlusion_stride: float = 0.5   # occlusion: stride as a fraction of the window
+    occlusion_fill: str = "mean"    # occlusion: "mean" (the image's mean colour) or "blur"
+    batch_size: int = 16            # occlusion: occluded inputs per forward pass
+    cnn_layers: tuple = ("input", 2, 4)   # gradinput: "input" and/or timm EfficientNet stage indices (0..6)
 
 
 @dataclass
@@ -153,11 +171,25 @@ def conse_vector_torch(encoder, model, pooled: torch.Tensor) -> torch.Tensor:
     return _unit_t(torch.einsum("nt,ntd->nd", w, emb))
 
 
-def _cnn_maps(encoder, image: Image.Image, query: np.ndarray | None, method: str) -> np.ndarray:
+def _combine(maps: list[np.ndarray]) -> np.ndarray:
+    """Average of maps on different grids, each normalised to max 1, on the finest grid (bilinear)."""
+    side = max(m.shape[0] for m in maps)
+    total = np.zeros((side, side))
+    for m in maps:
+        m = np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize((side, side), Image.BILINEAR),
+                       np.float64) if m.shape[0] != side else m
+        peak = float(m.max())
+        total += m / peak if peak > 0 else m
+    return total / len(maps)
+
+
+def _cnn_maps(encoder, image: Image.Image, query: np.ndarray | None, method: str, layers=()) -> np.ndarray:
     family = encoder.spec.family
     model = encoder.image_model if family == "conse" else encoder.model
     with encoder.lock:
         x = encoder.to_batch([image])
+        if method == "gradinput":
+            return _combine(_gradinput_maps(encoder, model, x, query, tuple(layers)))
         with torch.no_grad():
             fmap = model.forward_features(x).float()
         if method == "eigencam":
@@ -171,6 +203,30 @@ def _cnn_maps(encoder, image: Image.Image, query: np.ndarray | None, method: str
             vec = conse_vector_torch(encoder, model, pooled)[0] if family == "conse" else _unit_t(pooled[0])
             target = (vec * q).sum()
         return _grad_cam(fmap, target)
+
+
+def _gradinput_maps(encoder, model, x: torch.Tensor, query: np.ndarray, layers) -> list[np.ndarray]:
+    """Gradient × activation maps (channel sum, positive part) of the cosine target at ``layers``."""
+    wanted = set(layers)
+    bad = [v for v in wanted if v != "input" and not (isinstance(v, int) and 0 <= v < len(model.blocks))]
+    if bad or not wanted:
+        raise InvalidQueryError(f"gradinput layers must be 'input' or stage indices 0..{len(model.blocks) - 1}")
+    q = torch.as_tensor(np.asarray(query, np.float32), device=x.device)
+    acts: dict = {}
+    with torch.enable_grad():
+        h = x.detach().clone().requires_grad_(True)
+        acts["input"] = h
+        h = model.bn1(model.conv_stem(h))
+        for i, block in enumerate(model.blocks):
+            h = block(h)
+            if i in wanted:
+                acts[i] = h
+        fmap = model.bn2(model.conv_head(h))
+        pooled = model.forward_head(fmap, pre_logits=True)
+        vec = conse_vector_torch(encoder, model, pooled)[0] if encoder.spec.family == "conse" else _unit_t(pooled[0])
+        keys = [k for k in layers if k in acts]
+        grads = torch.autograd.grad((vec * q).sum(), [acts[k] for k in keys])
+    return [torch.relu((g * acts[k]).sum(dim=1))[0].detach().double().cpu().numpy() for k, g in zip(keys, grads)]
 
 
 def _cnn_cam(encoder, model, fmap: torch.Tensor, query: np.ndarray) -> np.ndarray:
@@ -191,6 +247,56 @@ def _cnn_cam(encoder, model, fmap: torch.Tensor, query: np.ndarray) -> np.ndarra
         else:
             cam = cells @ q / (len(cells) * max(float(np.linalg.norm(pooled)), 1e-12))
     return np.maximum(cam, 0.0).reshape(fmap.shape[2:])
+
+
+def _fill_image(image: Image.Image, fill: str) -> Image.Image:
+    rgb = image.convert("RGB")
+    if fill == "mean":
+        colour = np.asarray(rgb).reshape(-1, 3).mean(axis=0).astype(np.uint8)
+        return Image.new("RGB", rgb.size, tuple(int(c) for c in colour))
+    if fill == "blur":
+        from PIL import ImageFilter
+
+        return rgb.filter(ImageFilter.GaussianBlur(radius=max(2.0, min(rgb.size) / 16.0)))
+    raise InvalidQueryError(f"unknown occlusion fill {fill!r}; use one of {', '.join(FILLS)}")
+
+
+def occlusion_positions(side: int, window: int, stride: int) -> list[int]:
+    """Window offsets along one side: every ``stride`` from 0, plus one flush with the far edge."""
+    window = max(1, min(int(window), side))
+    pos = list(range(0, side - window + 1, max(1, int(stride))))
+    if pos[-1] != side - window:
+        pos.append(side - window)
+    return pos
+
+
+def occlusion_map(encoder, image: Image.Image, query: np.ndarray,
+                  config: AttributionConfig = AttributionConfig()) -> np.ndarray:
+    """Occlusion sensitivity on the encoder's input grid [S, S]: mean cosine drop of covering windows."""
+    q = np.asarray(query, np.float32).reshape(-1)
+    x = encoder.to_batch([image])
+    fill = encoder.to_batch([_fill_image(image, config.occlusion_fill)])
+    _, _, hh, ww = x.shape
+    win_h = max(1, int(round(config.occlusion_window * hh)))
+    win_w = max(1, int(round(config.occlusion_window * ww)))
+    ys = occlusion_positions(hh, win_h, max(1, round(config.occlusion_stride * win_h)))
+    xs = occlusion_positions(ww, win_w, max(1, round(config.occlusion_stride * win_w)))
+    boxes = [(y, x0) for y in ys for x0 in xs]
+    base = float(encoder.encode_images(x)[0] @ q)
+    sims = []
+    bs = max(1, int(config.batch_size))
+    for i in range(0, len(boxes), bs):
+        chunk = x.repeat(len(boxes[i:i + bs]), 1, 1, 1)
+        for k, (y, x0) in enumerate(boxes[i:i + bs]):
+            chunk[k, :, y:y + win_h, x0:x0 + win_w] = fill[0, :, y:y + win_h, x0:x0 + win_w]
+        sims.append(encoder.encode_images(chunk) @ q)
+    drops = base - np.concatenate(sims).astype(np.float64)
+    acc = np.zeros((hh, ww))
+    cnt = np.zeros((hh, ww))
+    for (y, x0), d in zip(boxes, drops):
+        acc[y:y + win_h, x0:x0 + win_w] += d
+        cnt[y:y + win_h, x0:x0 + win_w] += 1.0
+    return np.maximum(acc / np.maximum(cnt, 1.0), 0.0)
 
 
 def _vit_tokens(encoder, image: Image.Image) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
@@ -223,17 +329,20 @@ def attribute_grid(encoder, image: Image.Image, query: np.ndarray | None, method
     """A heatmap on the encoder's grid [h, w] (not normalised) for ``image`` against ``query``."""
     method = default_method(encoder) if method == "auto" else method
     fam = encoder.spec.family
-    if method not in ("tokens", "gradcam", "cam", "eigencam"):
+    if method not in ("tokens", "gradcam", "cam", "gradinput", "eigencam", "occlusion"):
         raise InvalidQueryError(f"unknown attribution method {method!r}; use one of {', '.join(METHODS)}")
     default_method(encoder)   # raises for encoders without a spatial map
     if method != "eigencam" and query is None:
         raise InvalidQueryError(f"attribution method {method!r} needs a query vector")
+    if method == "occlusion":
+        return occlusion_map(encoder, image, query, config)
     if fam in _CNN:
         if method == "tokens":
-            raise InvalidQueryError(f"{encoder.name} is a CNN: use method 'gradcam', 'cam' or 'eigencam'")
-        return _cnn_maps(encoder, image, query, method)
-    if method in ("gradcam", "cam"):
-        raise InvalidQueryError(f"{encoder.name} is a ViT: use method 'tokens' or 'eigencam'")
+            raise InvalidQueryError(f"{encoder.name} is a CNN: use method 'gradcam', 'cam', 'gradinput', "
+                                    "'occlusion' or 'eigencam'")
+        return _cnn_maps(encoder, image, query, method, config.cnn_layers)
+    if method in ("gradcam", "cam", "gradinput"):
+        raise InvalidQueryError(f"{encoder.name} is a ViT: use method 'tokens', 'occlusion' or 'eigencam'")
     pooled, tokens, grid = _vit_tokens(encoder, image)
     if method == "eigencam":
         return eigen_cam(tokens).reshape(grid)

@@ -40,7 +40,7 @@ def _contrast(hm, mask):
     return float(hm[mask].mean()), float(hm[~mask].mean())
 
 
-@pytest.mark.parametrize("method", ["gradcam", "cam", "eigencam"])
+@pytest.mark.parametrize("method", ["gradcam", "cam", "gradinput", "eigencam"])
 def test_effnet_maps_highlight_planted_object(effnet, composite, method):
     obj, canvas, mask = composite
     q = effnet.encode_images([obj])[0]
@@ -66,6 +66,8 @@ def test_vit_token_decomposition_highlights_planted_object(request, fixture, com
     assert eig.shape == (360, 480) and eig.max() == pytest.approx(1.0)
     with pytest.raises(InvalidQueryError):
         attribute(enc, canvas, q, "gradcam")
+    with pytest.raises(InvalidQueryError):
+        attribute(enc, canvas, q, "gradinput")
 
 
 def test_conse_text_query_and_differentiable_combination(conse, composite):
@@ -147,3 +149,111 @@ def test_overlay_png_and_json(photos):
     lut = colormap_lut("turbo")
     assert lut.shape == (256, 3) and lut[50, 2] > lut[50, 0] and lut[230, 0] > lut[230, 2]   # blue → red
     assert blend(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2)), alpha=0.0).max() == 0
+
+
+# -- occlusion -------------------------------------------------------------------------------------
+def test_occlusion_positions_cover_the_side():
+    from retrieval.attribution import occlusion_positions
+
+    assert occlusion_positions(224, 81, 40) == [0, 40, 80, 120, 143]
+    assert occlusion_positions(10, 20, 5) == [0]
+    for side, win, stride in ((224, 81, 40), (224, 112, 56), (97, 30, 15)):
+        pos = occlusion_positions(side, win, stride)
+        covered = np.zeros(side, bool)
+        for p in pos:
+            covered[p:p + win] = True
+        assert covered.all() and pos[-1] + win == side
+
+
+@pytest.mark.parametrize("fill", ["mean", "blur"])
+def test_occlusion_highlights_planted_object(effnet, composite, fill):
+    from retrieval.attribution import AttributionConfig
+
+    obj, canvas, mask = composite
+    q = effnet.encode_images([obj])[0]
+    cfg = AttributionConfig(occlusion_fill=fill)
+    hm = attribute(effnet, canvas, q, "occlusion", cfg)
+    assert hm.shape == (360, 480) and hm.dtype == np.float32 and hm.max() == pytest.approx(1.0)
+    inside, outside = _contrast(hm, mask)
+    assert inside > 4 * outside, (inside, outside)
+    y, x = np.unravel_index(np.argmax(hm), hm.shape)
+    assert mask[y, x]
+    np.testing.assert_array_equal(hm, attribute(effnet, canvas, q, "occlusion", cfg))
+
+
+def test_occlusion_map_is_the_measured_drop(effnet, photos):
+    """Each grid value is the mean cosine drop of the windows covering it: check one window by hand."""
+    from retrieval.attribution import AttributionConfig, occlusion_map
+
+    img = photos["coffee"]
+    q = effnet.encode_images([photos["chelsea"]])[0]
+    cfg = AttributionConfig(occlusion_window=0.5, occlusion_stride=1.0)      # 4 disjoint 112-px windows
+    grid = occlusion_map(effnet, img, q, cfg)
+    assert grid.shape == (224, 224)
+    x = effnet.to_batch([img])
+    colour = tuple(int(c) for c in np.asarray(img).reshape(-1, 3).mean(axis=0).astype(np.uint8))
+    fill = effnet.to_batch([Image.new("RGB", img.size, colour)])
+    x2 = x.clone()
+    x2[..., 112:, :112] = fill[..., 112:, :112]                             # bottom-left window
+    drop = float(effnet.encode_images(x)[0] @ q - effnet.encode_images(x2)[0] @ q)
+    assert grid[150, 50] == pytest.approx(max(drop, 0.0), abs=1e-4)
+    assert np.unique(np.round(grid[112:, :112], 6)).size == 1
+
+
+def test_conse_occlusion_text_query(conse, composite):
+    obj, canvas, mask = composite
+    q = conse.encode_texts(["a photo of a cat"])[0]
+    hm = attribute(conse, canvas, q, "occlusion")
+    inside, outside = _contrast(hm, mask)
+    assert hm.shape == (360, 480) and inside > 4 * outside, (inside, outside)
+
+
+def test_occlusion_rejects_unknown_fill(effnet, photos):
+    from retrieval.attribution import AttributionConfig
+
+    with pytest.raises(InvalidQueryError):
+        attribute(effnet, photos["coffee"], effnet.encode_images([photos["coffee"]])[0], "occlusion",
+                  AttributionConfig(occlusion_fill="noise"))
+
+
+# -- the deletion benchmark's masks ------------------------------------------------------------------
+def test_deletion_benchmark_masks_have_exactly_the_area():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_attribution as ba
+
+    rng = np.random.default_rng(0)
+    shape, box = (300, 400), (68.75, 18.75, 331.25, 281.25)
+    n = round(0.2 * 300 * 400)
+    rnd = ba.random_mask(shape, box, rng)
+    assert rnd.sum() == n and rnd[:, :68].sum() == 0 and rnd[:, 332:].sum() == 0
+    heat = np.zeros(shape)
+    heat[100:150, 150:250] = 1.0
+    heat[150:160, 150:250] = 0.5
+    top = ba.top_mask(heat, box, rng)
+    assert top.sum() == n and top[100:160, 150:250].all() and top[:, :68].sum() == 0
+    # the zero-heat remainder is masked in 16-px blocks, like the random baseline (not scattered pixels)
+    rest = top.copy()
+    rest[100:160, 150:250] = False
+    ys, xs = np.nonzero(rest)
+    assert len(np.unique(np.stack([(ys - 19) // 16, (xs - 69) // 16]), axis=1).T) <= rest.sum() / 200
+    centre, disc = ba.discs(shape, box, rng)
+    assert abs(int(centre.sum()) - n) < 0.01 * n and abs(int(disc.sum()) - n) < 0.01 * n
+
+
+def test_gradinput_layers(effnet, conse, composite):
+    from retrieval.attribution import AttributionConfig, attribute_grid
+
+    obj, canvas, mask = composite
+    q = effnet.encode_images([obj])[0]
+    fine = attribute_grid(effnet, canvas, q, "gradinput", AttributionConfig(cnn_layers=("input",)))
+    coarse = attribute_grid(effnet, canvas, q, "gradinput", AttributionConfig(cnn_layers=(5,)))
+    assert fine.shape == (224, 224) and coarse.shape == (7, 7) and fine.min() >= 0 and fine.max() > 0
+    with pytest.raises(InvalidQueryError):
+        attribute_grid(effnet, canvas, q, "gradinput", AttributionConfig(cnn_layers=(9,)))
+    tq = conse.encode_texts(["a photo of a cat"])[0]
+    hm = attribute(conse, canvas, tq, "gradinput")                   # through the ConSE combination
+    inside, outside = _contrast(hm, mask)
+    assert hm.shape == (360, 480) and inside > 4 * outside, (inside, outside)
