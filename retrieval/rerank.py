@@ -61,7 +61,8 @@ from .encoders.base import l2_normalize
 __all__ = ["RerankConfig", "VerificationResult", "LocalScores", "grid_coordinates", "similarity",
            "maxsim_score", "mutual_nearest_neighbors", "ransac_affine", "verify_pair", "alpha_query_expansion",
            "database_side_augmentation", "fuse_scores", "text_patch_scores", "rerank_arrays", "rerank_hits",
-           "query_local_features"]
+           "query_local_features", "query_tokens", "batched_similarity", "batched_match_counts", "nearest_neighbors",
+           "region_windows", "region_vectors", "region_scores"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class RerankConfig:
     spatial: bool = True           # RANSAC spatial verification
     qe: bool = False               # α-query expansion over the re-ranked shortlist
     dba: bool = False              # database-side augmentation within the shortlist
-    w_local: float = 1.0
+    w_local: float = 2.0
     w_spatial: float = 0.1
     w_text: float = 0.5
     matching: str = "mutual"       # "mutual": mutual nearest neighbours; "nn": every query token's nearest
@@ -95,9 +96,9 @@ class RerankConfig:
     text_top_frac: float = 0.125
     spatial_top: int | None = None  # RANSAC only for this many candidates (by the score without it); None: all
     regions: bool = True           # multi-region query descriptors (see region_vectors)
-    w_region: float = 0.5
-    region_sizes: tuple[int, ...] = (3, 5)      # window sides, in grid cells
-    region_stride: int = 2
+    w_region: float = 1.0
+    region_sizes: tuple[int, ...] = (2, 3, 4, 5)   # window sides, in grid cells
+    region_stride: int = 1
     region_expand: int = 0         # each region also fetches its own top-k candidates (0: rescore only)
 
 
@@ -315,7 +316,9 @@ def region_scores(regions: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     v = np.asarray(vectors, np.float32)
     if len(regions) == 0 or len(v) == 0:
         return np.zeros(len(v), np.float64)
-    return np.matmul(v[None], np.asarray(regions, np.float32).T[None])[0].max(axis=1).astype(np.float64)
+    # one small product per candidate (batched matmul): stays single-threaded, unlike one larger product
+    sims = np.matmul(v[:, None, :], np.asarray(regions, np.float32).T[None])[:, 0, :]
+    return sims.max(axis=1).astype(np.float64)
 
 
 # -- query expansion / DBA ---------------------------------------------------------------------

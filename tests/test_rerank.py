@@ -13,10 +13,13 @@ from PIL import Image
 from retrieval.rerank import (
     RerankConfig,
     alpha_query_expansion,
+    batched_match_counts,
+    batched_similarity,
     database_side_augmentation,
     grid_coordinates,
     maxsim_score,
     mutual_nearest_neighbors,
+    nearest_neighbors,
     ransac_affine,
     region_scores,
     region_vectors,
@@ -174,6 +177,23 @@ def test_scores_equal_reference_with_uneven_candidates_and_spatial_top():
     first = int(np.argmax(g + cfg.w_local * got.maxsim))
     assert [i for i, v in enumerate(top1.verifications) if v is not None] == [first]
     assert top1.spatial[first] == got.spatial[first]
+
+
+def test_batched_similarity_and_match_counts_equal_per_pair():
+    rng = np.random.default_rng(10)
+    q = _unit(rng.normal(size=(9, 8)))
+    cands = [(_unit(rng.normal(size=(n, 8))), np.zeros((n, 2), int)) for n in (9, 4, 0, 12)]
+    sims, valid = batched_similarity(q, cands)
+    assert sims.shape == (4, 9, 12) and valid.sum(axis=1).tolist() == [9, 4, 0, 12]
+    for c, (d, _) in enumerate(cands):
+        np.testing.assert_allclose(sims[c, :, :len(d)], q @ d.T, atol=1e-6)
+        assert np.isneginf(sims[c, :, len(d):]).all()
+    sims[0, :3] = -np.inf                       # query tokens below their background take no part
+    for cfg in (RerankConfig(), RerankConfig(matching="nn"), RerankConfig(min_match_sim=0.2)):
+        counts = batched_match_counts(sims, cfg)
+        for c, (d, _) in enumerate(cands):
+            fn = nearest_neighbors if cfg.matching == "nn" else mutual_nearest_neighbors
+            assert counts[c] == len(fn(sims[c, :, :len(d)], cfg.min_match_sim)[0])
 
 
 def test_region_windows_vectors_and_scores_equal_reference():
