@@ -382,13 +382,15 @@ def main(argv=None) -> int:
             out.append(b)
     ms = lambda xs: 1000 * float(np.median(xs))  # noqa: E731
 
+    argv_used = list(sys.argv[1:] if argv is None else argv)
+    blas = os.environ.get("OPENBLAS_NUM_THREADS")
+    env = f"OPENBLAS_NUM_THREADS={blas} " if blas else ""
     lines = [
         f"## Re-ranking: instance retrieval with hard transformations ({args.encoder})",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {platform.machine()}, "
         f"{os.cpu_count()} cores shared with other jobs, torch threads {args.threads}, CPU only",
-        f"- command: `.venv/bin/python benchmarks/bench_rerank.py --distractors {args.distractors} "
-        f"--references {args.references}`",
+        f"- command: `{env}.venv/bin/python benchmarks/bench_rerank.py {' '.join(argv_used)}`",
         f"- database: {len(images)} images = {len(refs)} references ({args.references} Tux Paint stamps + "
         f"{len(photos)} scikit-image photos) + {len(extras)} other stamps + {len(fm)} Fashion-MNIST distractors;"
         f" queries: {len(queries)} (one per reference; {', '.join(TRANSFORMS)} in turn); one relevant each,"

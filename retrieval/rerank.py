@@ -523,20 +523,22 @@ def reduce_tokens(engine, encoder: str, tokens: np.ndarray) -> np.ndarray:
 
 def query_tokens(engine, ctx, encoder_name: str | None = None) -> tuple[np.ndarray, tuple[int, int]] | None:
     """The query image's encoder tokens ``(tokens [p, C], grid)``: ``ctx.local`` when the embedding step
-    kept them (one forward pass), else one ``encode_images_and_local`` pass on ``ctx.image`` (kept in
-    ``ctx.local`` for later use); None for queries without an image in hand."""
+    kept them (one forward pass), else one ``encode_images_and_local`` pass on ``ctx.image`` (then kept in
+    ``ctx.local`` when ``encoder_name`` is the context's own encoder); None without an image in hand."""
+    name = encoder_name or ctx.encoder
     local = getattr(ctx, "local", None)
-    if local is not None:
+    if local is not None and name == ctx.encoder:
         tokens, grid = local
         return np.asarray(tokens), (int(grid[0]), int(grid[1]))
     if getattr(ctx, "image", None) is not None:
-        enc = engine.encoder(encoder_name or ctx.encoder)
+        enc = engine.encoder(name)
         _, tokens, grid = enc.encode_images_and_local([ctx.image])
         grid = (int(grid[0]), int(grid[1]))
-        try:
-            ctx.local = (tokens[0], grid)
-        except AttributeError:  # pragma: no cover - a read-only context
-            pass
+        if name == ctx.encoder:
+            try:
+                ctx.local = (tokens[0], grid)
+            except AttributeError:  # pragma: no cover - a read-only context
+                pass
         return np.asarray(tokens[0]), grid
     return None
 
