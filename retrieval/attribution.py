@@ -20,14 +20,16 @@ Methods (``method=``):
   map is ``Σ_k w_k max(<s_k, q>, 0) (W_k · f_i)`` over the top-T classes ``k`` (probability weight
   ``w_k``, class text embedding ``s_k``, classifier row ``W_k``): the class activation maps of the
   classes that make up the ConSE vector, weighted by how much each class agrees with the query.
-  This is ConSE's default: measured on planted composites, Grad-CAM through the ConSE softmax
-  saturates (when the top classes already agree with the query, the gradient mostly pushes the
-  *other* classes down and lights up the background), while this map localises the object.
+  On planted composites, Grad-CAM through the ConSE softmax saturates (when the top classes already
+  agree with the query, the gradient mostly pushes the *other* classes down and lights up the
+  background), while this map localises the object.
 * ``"gradinput"`` — CNN encoders: gradient × activation of the cosine target, summed over channels
   (positive part), at finer layers than the final 7×7 map: by default the input itself (224×224) and
   the 28×28 and 14×14 stages (``cnn_layers``); each layer's map is normalised and the maps averaged.
   The final map is too coarse for a 20 %-area question (one cell is 2 % of the image); the gradient at
   the input concentrates on the object's edges and texture, the pixels the similarity depends on.
+  The default for ``effnet-lite0`` and ``conse-effnet-lite0``: it has the largest deletion-test drop
+  of the methods here for both (``benchmarks/bench_attribution.py``, chosen on the even-numbered pairs).
 * ``"eigencam"`` — Eigen-CAM (no gradients, query independent): the feature map projected on its
   first principal direction. Works for CNN feature maps and ViT patch tokens alike.
 * ``"occlusion"`` — any encoder, perturbation-based (Zeiler & Fergus, 2014): a square window (default
@@ -316,10 +318,8 @@ def default_method(encoder) -> str:
     fam = encoder.spec.family
     if fam in _VIT:
         return "tokens"
-    if fam == "conse":
-        return "cam"
     if fam in _CNN:
-        return "gradcam"
+        return "gradinput"      # best deletion score for both CNN encoders (benchmarks/results/attribution.md)
     raise UnsupportedModalityError(f"encoder {encoder.name!r} has no spatial map to attribute; "
                                    "use a CLIP, DINOv2, effnet-lite0 or conse-effnet-lite0 index")
 
@@ -387,7 +387,7 @@ def explain(engine, ctx, result_id: str, *, method: str = "auto", rerank: bool =
     ``query_side=False`` skips the query image's map (one attribution pass instead of two).
 
     ``method="auto"``: the matched local regions for re-ranked image queries (``rerank=True``), else
-    token decomposition (ViT), Grad-CAM (effnet-lite0) or the ConSE class-activation decomposition.
+    token decomposition (ViT) or fine-layer gradient × activation (``gradinput``: effnet-lite0, ConSE).
     """
     if method not in METHODS:
         raise InvalidQueryError(f"unknown attribution method {method!r}; use one of {', '.join(METHODS)}")

@@ -73,7 +73,10 @@ def test_vit_token_decomposition_highlights_planted_object(request, fixture, com
 def test_conse_text_query_and_differentiable_combination(conse, composite):
     obj, canvas, mask = composite
     q = conse.encode_texts(["a photo of a cat"])[0]
-    hm = attribute(conse, canvas, q)                    # default for ConSE: class-activation decomposition
+    hm = attribute(conse, canvas, q)                    # default for ConSE: gradinput
+    inside, outside = _contrast(hm, mask)
+    assert inside > 4 * outside, (inside, outside)
+    hm = attribute(conse, canvas, q, "cam")             # class-activation decomposition
     inside, outside = _contrast(hm, mask)
     assert inside > 4 * outside, (inside, outside)
     g = attribute(conse, canvas, q, "gradcam")          # Grad-CAM through the ConSE softmax runs
@@ -122,6 +125,10 @@ def test_unsupported_encoder():
     from types import SimpleNamespace
 
     from retrieval.attribution import default_method
+
+    assert default_method(SimpleNamespace(spec=SimpleNamespace(family="effnet"), name="e")) == "gradinput"
+    assert default_method(SimpleNamespace(spec=SimpleNamespace(family="conse"), name="c")) == "gradinput"
+    assert default_method(SimpleNamespace(spec=SimpleNamespace(family="clip"), name="c")) == "tokens"
 
     fake = SimpleNamespace(spec=SimpleNamespace(family="pdq"), name="pdq")
     with pytest.raises(UnsupportedModalityError):
