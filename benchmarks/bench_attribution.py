@@ -144,6 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS), help="markdown file whose benchmark block is replaced")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
     ap.add_argument("--dump", help="also save the per-pair drops to this .npz (method → [n, 5])")
+    ap.add_argument("--every", type=int, default=10, help="write the (partial) table every N pairs")
     ap.add_argument("--tag", help="name of the block this run replaces in --out (default: --which)")
     args = ap.parse_args(argv)
     tag = args.tag or args.which
@@ -181,7 +182,72 @@ def main(argv=None) -> int:
     if args.which in ("both", "text"):
         setups.append(("conse-effnet-lite0", "text→image", txt_pairs, args.text_methods.split(","), "text"))
 
-    rows, per_ms = [], {}
+    per_ms: dict = {}
+    results: list = []        # (enc_name, kind, methods, drops, planned pairs)
+
+    def render(done: bool) -> str:
+        table = [
+            "| encoder | pairs | method | n | drop top-20 % | drop random blocks | drop random disc | drop centre disc "
+            "| top/random blocks | top/random disc | top/centre | top > random (% pairs) | tuning half top/random "
+            "| held-out top/random | held-out top/centre | ms/overlay |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        best_lines = []
+        for enc_name, kind, methods, drops, planned in results:
+            if not drops[methods[0]]:
+                continue
+            tune = {}
+            for m in methods:
+                d = np.array(drops[m])
+                s, t, h = summarise(d), summarise(d[0::2]), summarise(d[1::2] if len(d) > 1 else d)
+                tune[m] = t["r_rnd"]
+                ms = 1000 * float(np.median(per_ms[(enc_name, m)]))
+                table.append(f"| {enc_name} | {kind} | {m} | {s['n']} | {s['top']:.4f} | {s['rnd']:.4f} "
+                             f"| {s['disc']:.4f} | {s['centre']:.4f} | {s['r_rnd']:.2f} | {s['r_disc']:.2f} "
+                             f"| {s['r_centre']:.2f} | {s['wins']:.0f} | {t['r_rnd']:.2f} | {h['r_rnd']:.2f} "
+                             f"| {h['r_centre']:.2f} | {ms:.0f} |")
+            best = max(tune, key=tune.get)
+            n_done = len(drops[methods[0]])
+            best_lines.append(f"- {enc_name} ({kind}): best of these methods on the tuning half (even pairs): "
+                              f"`{best}`, {tune[best]:.2f}x the random-block drop there"
+                              + ("" if n_done >= planned else f" (partial: {n_done} of {planned} pairs)"))
+        status = "" if done else " — PARTIAL, the run was still going when this was written"
+        return "\n".join([
+            begin,
+            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {platform.machine()}, "
+            f"{os.cpu_count()} cores shared with other jobs, torch threads {args.threads}, CPU only{status}",
+            f"- command: `.venv/bin/python benchmarks/bench_attribution.py {' '.join(argv or sys.argv[1:])}`".rstrip(),
+            f"- pairs: {len(img_pairs)} image→image (transformed Tux Paint stamp → the stamp, effnet-lite0) and "
+            f"{len(txt_pairs)} text→image (the stamp's caption → the stamp, conse-effnet-lite0); masks cover exactly "
+            f"{int(FRACTION * 100)} % of the image, filled with its mean colour; drops are mean similarity drops; "
+            "ms/overlay is the median time for the heatmap at the original size + its PNG",
+            "",
+            *table,
+            "",
+            *best_lines,
+            f"- total run {time.perf_counter() - t_start:.0f} s",
+            end,
+        ])
+
+    def write(done: bool) -> None:
+        text = render(done)
+        if done:
+            print(text)
+        for enc_name, _kind, methods, drops, _planned in results:
+            if args.dump and drops[methods[0]]:
+                np.savez(f"{args.dump}-{enc_name}.npz", **{m: np.array(drops[m]) for m in methods},
+                         **{f"ms_{m}": np.array(per_ms[(enc_name, m)]) for m in methods})
+        if args.no_write:
+            return
+        out = Path(args.out)
+        old = out.read_text() if out.is_file() else ""
+        if begin in old and end in old:
+            new = old[: old.index(begin)] + text + old[old.index(end) + len(end):]
+        else:
+            new = (old.rstrip() + "\n\n" if old.strip() else "") + text + "\n"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(new)
+
     for enc_name, kind, pairs, methods, modality in setups:
         enc = create_encoder(enc_name, device="cpu")
         t0 = time.perf_counter()
@@ -190,6 +256,7 @@ def main(argv=None) -> int:
         else:
             qvecs = np.concatenate([enc.encode_images([q]) for q, _ in pairs])
         drops = {m: [] for m in methods}
+        results.append((enc_name, kind, methods, drops, len(pairs)))
         mrng = np.random.default_rng(args.seed + 1)
         for n, ((_, result), qv) in enumerate(zip(pairs, qvecs)):
             box = crop_box(enc, result.size)
@@ -207,63 +274,10 @@ def main(argv=None) -> int:
             d = sims[0] - sims[1:]
             for k, m in enumerate(methods):
                 drops[m].append((d[k], *d[len(methods):]))
-            if (n + 1) % 25 == 0:
+            if (n + 1) % args.every == 0:
                 print(f"  {enc_name}: {n + 1}/{len(pairs)} pairs ({time.perf_counter() - t0:.0f}s)", flush=True)
-        if args.dump:
-            np.savez(f"{args.dump}-{enc_name}.npz", **{m: np.array(drops[m]) for m in methods},
-                     **{f"ms_{m}": np.array(per_ms[(enc_name, m)]) for m in methods})
-        tune = {}
-        for m in methods:
-            d = np.array(drops[m])
-            s_all, s_tune, s_held = summarise(d), summarise(d[0::2]), summarise(d[1::2])
-            tune[m] = s_tune["r_rnd"]
-            rows.append((enc_name, kind, m, s_all, s_held, 1000 * float(np.median(per_ms[(enc_name, m)])), s_tune))
-        best = max(tune, key=tune.get)
-        print(f"  {enc_name}: best on the tuning half (even pairs): {best} ({tune[best]:.2f}x random)", flush=True)
-        rows.append((enc_name, kind, "__best__", best, tune[best], 0.0, None))
-
-    table = [
-        "| encoder | pairs | method | n | drop top-20 % | drop random blocks | drop random disc | drop centre disc "
-        "| top/random blocks | top/random disc | top/centre | top > random (% pairs) | tuning half top/random "
-        "| held-out top/random | held-out top/centre | ms/overlay |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    best_lines = []
-    for enc_name, kind, m, s, h, ms, t in rows:
-        if m == "__best__":
-            best_lines.append(f"- {enc_name} ({kind}): best on the tuning half (even pairs) `{s}`, "
-                              f"{h:.2f}x the random-block drop there")
-            continue
-        table.append(f"| {enc_name} | {kind} | {m} | {s['n']} | {s['top']:.4f} | {s['rnd']:.4f} | {s['disc']:.4f} "
-                     f"| {s['centre']:.4f} | {s['r_rnd']:.2f} | {s['r_disc']:.2f} | {s['r_centre']:.2f} "
-                     f"| {s['wins']:.0f} | {t['r_rnd']:.2f} | {h['r_rnd']:.2f} | {h['r_centre']:.2f} | {ms:.0f} |")
-    lines = [
-        begin,
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {platform.machine()}, "
-        f"{os.cpu_count()} cores shared with other jobs, torch threads {args.threads}, CPU only",
-        f"- command: `.venv/bin/python benchmarks/bench_attribution.py {' '.join(argv or sys.argv[1:])}`".rstrip(),
-        f"- pairs: {len(img_pairs)} image→image (transformed Tux Paint stamp → the stamp, effnet-lite0) and "
-        f"{len(txt_pairs)} text→image (the stamp's caption → the stamp, conse-effnet-lite0); masks cover exactly "
-        f"{int(FRACTION * 100)} % of the image, filled with its mean colour; drops are mean similarity drops; "
-        "ms/overlay is the median time for the heatmap at the original size + its PNG",
-        "",
-        *table,
-        "",
-        *best_lines,
-        f"- total run {time.perf_counter() - t_start:.0f} s",
-        end,
-    ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        out = Path(args.out)
-        old = out.read_text() if out.is_file() else ""
-        if begin in old and end in old:
-            new = old[: old.index(begin)] + text + old[old.index(end) + len(end):]
-        else:
-            new = (old.rstrip() + "\n\n" if old.strip() else "") + text + "\n"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(new)
+                write(False)
+    write(True)
     return 0
 
 
