@@ -202,6 +202,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rerank.md"),
                     help="results file (its re-ranking section is replaced; other sections are kept)")
     ap.add_argument("--region-expand", type=int, default=10, help="candidates each query region fetches (tuned)")
+    ap.add_argument("--crop-expand", type=int, default=20, help="candidates each query crop fetches (tuned)")
     args = ap.parse_args(argv)
 
     import torch
@@ -280,13 +281,39 @@ def main(argv=None) -> int:
             return search_cache[key]
         return search
 
+    # query-crop pass: crop encodings cached per (query, pixel box) next to the query embeddings (the boxes
+    # depend on the configuration; the database and query caches are left as they are)
+    c_cache = Path(args.workdir) / f"crops-{q_tag}.npz"
+    crop_vecs: dict[str, np.ndarray] = {}
+    if c_cache.is_file():
+        with np.load(c_cache) as z:
+            crop_vecs = {k: z[k] for k in z.files}
+        print(f"  {len(crop_vecs)} crop embeddings reused from {c_cache}", flush=True)
+    n_cached = len(crop_vecs)
+
+    def cropper(i):
+        def encode(image, boxes):
+            keys_ = [f"{i}:{','.join(map(str, b))}" for b in boxes]
+            todo = [(k_, b) for k_, b in zip(keys_, boxes) if k_ not in crop_vecs]
+            if todo:
+                vs = enc.encode_images([image.crop(b) for _, b in todo])
+                for (k_, _), v_ in zip(todo, vs):
+                    crop_vecs[k_] = np.asarray(v_, np.float32)
+            return np.stack([crop_vecs[k_] for k_ in keys_])
+        return encode
+
+    def save_crops():
+        if len(crop_vecs) > n_cached:
+            np.savez(c_cache, **crop_vecs)
+
     def ranked_ids(cfg, i):
         if cfg is None:
             return [h.id for h in hits_all[i]]
         v, tok, grid = enc_q[i]
         ctx = QueryContext(vector=v, encoder=enc.name, image=queries[i])
         ctx.local = (tok, grid)
-        return [h.id for h in rerank_hits(engine, ctx, hits_all[i], k=args.n, config=cfg, search=searcher(i))]
+        return [h.id for h in rerank_hits(engine, ctx, hits_all[i], k=args.n, config=cfg, search=searcher(i),
+                                          crop_encoder=cropper(i))]
 
     def evaluate(cfg, subset):
         aps, r1 = [], []
@@ -308,7 +335,7 @@ def main(argv=None) -> int:
         return best[1]
 
     t_tune = time.perf_counter()
-    base = replace(DEFAULT_CONFIG, regions=False, w_region=0.0, region_expand=0, qe=False, dba=False)
+    base = replace(DEFAULT_CONFIG, regions=False, w_region=0.0, region_expand=0, qe=False, dba=False, crop=False)
     # 1. local + spatial weights without regions (the previous method)
     local_cfg = best_of([replace(base, w_local=wl, w_spatial=ws)
                          for wl in (1.0, 2.0, 3.0) for ws in (0.0, 0.1, 0.2)])
@@ -319,14 +346,26 @@ def main(argv=None) -> int:
                        for sz, st in (((3, 5), 2), ((3, 4, 5), 1), ((2, 3, 4, 5), 1))])
     reg_cfg = best_of([replace(reg_cfg, w_local=wl, w_spatial=ws)
                        for wl in (1.0, 2.0, 3.0) for ws in (0.0, 0.1, 0.2)])
-    qe_cfg = best_of([replace(reg_cfg, qe=True, qe_k=k, qe_alpha=a) for k in (1, 2) for a in (1.0, 3.0)])
-    print(f"tuned in {time.perf_counter() - t_tune:.0f}s: {reg_cfg}", flush=True)
+    # 3. query-crop second pass on top: window choice and margin, weight, then candidates of its own, count
+    # (one crop: one extra forward pass, the latency budget; two crops are reported as a row)
+    crop_cfg = best_of([replace(reg_cfg, crop=False)] +
+                       [replace(reg_cfg, crop=True, crop_fuse="max", crop_select=sel, crop_margin=mg, crop_count=1)
+                        for sel in ("gain", "match", "novel") for mg in (0.5, 1.0)])
+    if crop_cfg.crop:
+        crop_cfg = best_of([replace(crop_cfg, crop_expand=ex) for ex in (0, args.crop_expand)])
+    save_crops()
+    qe_cfg = best_of([replace(crop_cfg, qe=True, qe_k=k, qe_alpha=a) for k in (1, 2) for a in (1.0, 3.0)])
+    print(f"tuned in {time.perf_counter() - t_tune:.0f}s: {reg_cfg}\n  with crops: {crop_cfg}", flush=True)
 
     def short(cfg):
         out = f"w_local={cfg.w_local:g}, w_spatial={cfg.w_spatial:g}"
         if cfg.regions:
             out += (f", w_region={cfg.w_region:g}, windows {'/'.join(map(str, cfg.region_sizes))} cells stride "
                     f"{cfg.region_stride}, expand={cfg.region_expand}")
+        if cfg.crop:
+            fuse = "max(region, crop)" if cfg.crop_fuse == "max" else f"w_crop={cfg.w_crop:g}"
+            out += (f", crop: {cfg.crop_count} × {cfg.crop_select} window, margin {cfg.crop_margin:g} cell, "
+                    f"{fuse}, crop_expand={cfg.crop_expand}")
         return out
 
     alt_expand = args.region_expand if reg_cfg.region_expand == 0 else 0
@@ -339,6 +378,12 @@ def main(argv=None) -> int:
          replace(reg_cfg, local=False, spatial=False)),
         (f"+ multi-region + local + spatial ({short(reg_cfg)})", reg_cfg),
         (f"+ multi-region + local + spatial, expand={alt_expand} instead", replace(reg_cfg, region_expand=alt_expand)),
+        (f"+ query-crop second pass ({short(crop_cfg)})", crop_cfg),
+        (f"+ query-crop second pass, crop_expand={args.crop_expand if crop_cfg.crop_expand == 0 else 0} instead",
+         replace(crop_cfg, crop=True, crop_expand=args.crop_expand if crop_cfg.crop_expand == 0 else 0)),
+        ("+ query-crop second pass, 2 crops instead", replace(crop_cfg, crop=True, crop_count=2)),
+        ("+ query-crop second pass, added as w_crop=0.25 · crop instead of max(region, crop)",
+         replace(crop_cfg, crop=True, crop_fuse="sum", w_crop=0.25)),
         (f"+ αQE (k={qe_cfg.qe_k}, α={qe_cfg.qe_alpha:g})", qe_cfg),
         ("+ αQE + DBA (k=2, α=3)", replace(qe_cfg, dba=True)),
         (f"library defaults ({short(DEFAULT_CONFIG)})", DEFAULT_CONFIG),
@@ -351,7 +396,9 @@ def main(argv=None) -> int:
     per_kind = []
     for kind in TRANSFORMS:
         sub = [i for i in everything if kinds[i] == kind]
-        per_kind.append((kind, len(sub), *evaluate(None, sub), *evaluate(DEFAULT_CONFIG, sub)))
+        per_kind.append((kind, len(sub), *evaluate(None, sub), *evaluate(replace(DEFAULT_CONFIG, crop=False), sub),
+                         *evaluate(replace(DEFAULT_CONFIG, crop=True), sub)))
+    save_crops()
 
     # latency on CPU (N candidates), same queries, warm. Global = Engine.search (embed + search); re-ranked =
     # Engine.search(rerank=True) (library defaults; one forward pass keeps the tokens); and the tuned
@@ -359,18 +406,26 @@ def main(argv=None) -> int:
     # each query runs the three paths in turn, `--latency-repeats` times, and keeps each path's fastest run;
     # the figures are medians over queries of those per-query minima (and the ratio of the medians).
     lat_q = queries[: args.latency_queries]
-    t_glob, t_lib, t_tuned = [], [], []
+    t_glob, t_lib, t_tuned, t_nocrop = [], [], [], []
 
     def tuned_path(q):
         g, tok, grid = enc.encode_images_and_local([q])
         ctx = QueryContext(vector=g[0], encoder=enc.name, image=q)
         ctx.local = (tok[0], grid)
         hits = engine.search_vector(enc.name, g[0], args.n)
-        rerank_hits(engine, ctx, hits, k=20, config=reg_cfg, search=lambda v, n: engine.search_vector(enc.name, v, n))
+        rerank_hits(engine, ctx, hits, k=20, config=crop_cfg, search=lambda v, n: engine.search_vector(enc.name, v, n))
+
+    def nocrop_path(q):
+        g, tok, grid = enc.encode_images_and_local([q])
+        ctx = QueryContext(vector=g[0], encoder=enc.name, image=q)
+        ctx.local = (tok[0], grid)
+        hits = engine.search_vector(enc.name, g[0], args.n)
+        rerank_hits(engine, ctx, hits, k=20, config=replace(DEFAULT_CONFIG, crop=False),
+                    search=lambda v, n: engine.search_vector(enc.name, v, n))
 
     paths = [(t_glob, lambda q: engine.search(image=q, encoder=enc.name, k=20)),
              (t_lib, lambda q: engine.search(image=q, encoder=enc.name, k=20, rerank=True)),
-             (t_tuned, tuned_path)]
+             (t_tuned, tuned_path), (t_nocrop, nocrop_path)]
     for q in lat_q:
         best = [np.inf] * len(paths)
         for _ in range(args.latency_repeats):
@@ -402,17 +457,21 @@ def main(argv=None) -> int:
         "|---|---:|---:|---:|---:|",
         *[f"| {n} | {a:.1f} | {b:.1f} | {c:.1f} | {d:.1f} |" for n, a, b, c, d in table],
         "",
-        "Per transformation (all queries), global → re-ranked with the library defaults:",
+        "Per transformation (all queries): global, re-ranked with the library defaults without the query-crop"
+        " pass (`crop=False`), and with it (`crop=True`):",
         "",
-        "| transformation | queries | mAP global | R@1 global | mAP re-ranked | R@1 re-ranked |",
-        "|---|---:|---:|---:|---:|---:|",
-        *[f"| {k} | {n} | {a:.1f} | {b:.1f} | {c:.1f} | {d:.1f} |" for k, n, a, b, c, d in per_kind],
+        "| transformation | queries | mAP global | R@1 global | mAP no crop | R@1 no crop | mAP + crop | R@1 + crop |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *[f"| {k} | {n} | {a:.1f} | {b:.1f} | {c:.1f} | {d:.1f} | {e:.1f} | {f:.1f} |"
+          for k, n, a, b, c, d, e, f in per_kind],
         "",
         f"Latency (median over {len(lat_q)} queries of each query's fastest of {args.latency_repeats} interleaved "
         f"runs, N={args.n}, CPU, torch threads {args.threads}): global "
         f"search (`Engine.search`, embed + search) {ms(t_glob):.1f} ms; `Engine.search(rerank=True)` with the "
-        f"library defaults {ms(t_lib):.1f} ms (×{np.median(t_lib) / np.median(t_glob):.2f}); the tuned "
-        f"configuration through `rerank_hits` {ms(t_tuned):.1f} ms (×{np.median(t_tuned) / np.median(t_glob):.2f}).",
+        f"library defaults {ms(t_lib):.1f} ms (×{np.median(t_lib) / np.median(t_glob):.2f}); the defaults with "
+        f"`crop` off through `rerank_hits` {ms(t_nocrop):.1f} ms (×{np.median(t_nocrop) / np.median(t_glob):.2f}); "
+        f"the tuned configuration through `rerank_hits` {ms(t_tuned):.1f} ms "
+        f"(×{np.median(t_tuned) / np.median(t_glob):.2f}).",
         f"Index build (encode {len(images)} images + PCA): {build_s:.0f} s (0 = reused); total run "
         f"{time.perf_counter() - t_start:.0f} s.",
         "",

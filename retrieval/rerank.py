@@ -24,9 +24,22 @@ Pipeline for an image query against the top ``N`` (default 100) global candidate
    small crop's context) matches the object's own image through the region that holds it. With a
    ``search`` function and ``region_expand = m``, each region also fetches its own global top-``m``;
    the union is cut back to ``n_candidates`` by ``global + w_region * region`` before local matching.
+   **Query-crop second pass** (``config.crop``): the ``crop_count`` best windows (``crop_select``:
+   ``gain`` = the window whose vector beats the global vector by most on some candidate, ``match`` = the
+   best region–candidate cosine, ``novel`` = the window least like the global vector) are mapped from
+   grid cells to a pixel box of the query image (``grid_box_to_pixels``, the encoder's own centre crop
+   undone, ``crop_margin`` cells added), cropped and embedded again with the encoder's ``encode_images``
+   (one batched forward pass). A candidate's ``crop`` score is its best cosine to these crop vectors; with
+   ``search`` and ``crop_expand = m`` each crop vector fetches its own top-``m`` too (an object pasted on
+   another picture covers a few cells whose pooled features mostly describe the surroundings; re-embedding
+   the enlarged crop describes the object itself).
 4. **Fusion** (documented, defaults tuned on ``benchmarks/bench_rerank.py``)::
 
-       fused = global + w_region * region + w_local * maxsim + w_spatial * min(inliers, inlier_cap) / inlier_cap
+       fused = global + w_region * max(region, crop) + w_local * maxsim
+               + w_spatial * min(inliers, inlier_cap) / inlier_cap
+
+   (``crop_fuse="sum"`` adds ``w_crop * crop`` instead of taking the max; without the crop pass the
+   region term is ``region`` alone)
 
    where ``inliers`` counts only when ``inliers >= max(min_inliers, min_inlier_ratio * matches)``
    (fewer is what chance gives: random matches on a coarse grid fit some affine map by accident).
@@ -62,7 +75,8 @@ __all__ = ["RerankConfig", "VerificationResult", "LocalScores", "grid_coordinate
            "maxsim_score", "mutual_nearest_neighbors", "ransac_affine", "verify_pair", "alpha_query_expansion",
            "database_side_augmentation", "fuse_scores", "text_patch_scores", "rerank_arrays", "rerank_hits",
            "query_local_features", "query_tokens", "batched_similarity", "batched_match_counts", "nearest_neighbors",
-           "region_windows", "region_vectors", "region_scores"]
+           "region_windows", "region_vectors", "region_scores",
+           "crop_windows", "encoder_view", "grid_box_to_pixels"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +114,13 @@ class RerankConfig:
     region_sizes: tuple[int, ...] = (2, 3, 4, 5)   # window sides, in grid cells
     region_stride: int = 1
     region_expand: int = 0         # each region also fetches its own top-k candidates (0: rescore only)
+    crop: bool = True              # query-crop second pass (see crop_windows / grid_box_to_pixels)
+    crop_fuse: str = "max"         # "max": the region term becomes w_region·max(region, crop); "sum": + w_crop·crop
+    w_crop: float = 1.0            # only with crop_fuse="sum"
+    crop_count: int = 1            # crop this many query windows (one batched forward pass)
+    crop_select: str = "match"     # "match" | "gain" | "novel": how the windows to crop are chosen
+    crop_margin: float = 1.0       # cells added on every side of the window before cropping
+    crop_expand: int = 0           # each crop vector also fetches its own top-k candidates (0: rescore only)
 
 
 DEFAULT_CONFIG = RerankConfig()
@@ -321,6 +342,91 @@ def region_scores(regions: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     return sims.max(axis=1).astype(np.float64)
 
 
+# -- query-crop second pass ----------------------------------------------------------------------
+def crop_windows(windows: np.ndarray, regions: np.ndarray, vectors: np.ndarray, global_scores: np.ndarray,
+                 query_vector: np.ndarray | None = None, count: int = 1, select: str = "gain",
+                 max_overlap: float = 0.5) -> np.ndarray:
+    """Indices of the ``count`` query windows to crop (best first; a window overlapping a chosen one by
+    more than ``max_overlap`` IoU is skipped).
+
+    ``gain``: per window, ``max_c (region_w · v_c - global_c)`` — the window that finds some candidate
+    better than the whole query does (an object pasted on a picture that is itself indexed: the background
+    windows match the background image about as well as the global vector, the object's window gains on
+    the object's original). ``match``: ``max_c region_w · v_c``. ``novel``: the lowest ``region_w · q``."""
+    regions = np.asarray(regions, np.float32)
+    if len(regions) == 0 or count <= 0:
+        return np.zeros(0, np.int64)
+    if select == "novel":
+        if query_vector is None:
+            raise ValueError("crop_select='novel' needs the query vector")
+        score = -(regions @ np.asarray(query_vector, np.float32))
+    else:
+        v = np.asarray(vectors, np.float32)
+        if len(v) == 0:
+            return np.zeros(0, np.int64)
+        sims = np.matmul(v[:, None, :], regions.T[None])[:, 0, :].astype(np.float64)    # [n, R]
+        if select == "gain":
+            sims = sims - np.asarray(global_scores, np.float64)[:, None]
+        elif select != "match":
+            raise ValueError(f"unknown crop_select {select!r}")
+        score = sims.max(axis=0)
+    w = np.asarray(windows, np.float64)
+    area = (w[:, 2] - w[:, 0]) * (w[:, 3] - w[:, 1])
+    chosen: list[int] = []
+    for i in np.argsort(-score, kind="stable"):
+        ok = True
+        for j in chosen:
+            ih = max(0.0, min(w[i, 2], w[j, 2]) - max(w[i, 0], w[j, 0]))
+            iw = max(0.0, min(w[i, 3], w[j, 3]) - max(w[i, 1], w[j, 1]))
+            inter = ih * iw
+            if inter / (area[i] + area[j] - inter) > max_overlap:
+                ok = False
+                break
+        if ok:
+            chosen.append(int(i))
+            if len(chosen) == count:
+                break
+    return np.array(chosen, np.int64)
+
+
+def encoder_view(spec, size: Sequence[int]) -> tuple[float, float, float, float]:
+    """The pixel box ``(x0, y0, x1, y1)`` of an image of ``size = (w, h)`` that the encoder's preprocessing
+    keeps (its feature grid covers exactly this box): a centred square of ``crop_pct × the shorter side``
+    for timm-style transforms (effnet, ConSE), ``image_size / resize`` of it for DINOv2, the whole shorter
+    side for CLIP; the whole image for encoders that resize without cropping (SSCD, PDQ)."""
+    w, h = float(size[0]), float(size[1])
+    get = getattr(spec, "get", lambda key, default=None: default)
+    family = getattr(spec, "family", None)
+    frac = get("crop_pct")
+    if frac is None and family == "dinov2":
+        frac = float(getattr(spec, "image_size", 224)) / float(get("resize", 256))
+    if frac is None and family == "clip":
+        frac = 1.0
+    if frac is None:
+        return 0.0, 0.0, w, h
+    side = min(w, h) * float(frac)
+    return (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
+
+
+def grid_box_to_pixels(box: Sequence[int], grid: Sequence[int], size: Sequence[int],
+                       view: Sequence[float] | None = None, margin: float = 0.0) -> tuple[int, int, int, int]:
+    """A window of grid cells ``(row0, col0, row1, col1)`` (end exclusive) → the pixel box
+    ``(x0, y0, x1, y1)`` of the original image of ``size = (w, h)`` it covers, given the encoder's ``view``
+    box (default: the whole image), grown by ``margin`` cells on every side and clipped to the image."""
+    w, h = int(size[0]), int(size[1])
+    vx0, vy0, vx1, vy1 = view if view is not None else (0.0, 0.0, float(w), float(h))
+    gh, gw = int(grid[0]), int(grid[1])
+    ch, cw = (vy1 - vy0) / gh, (vx1 - vx0) / gw
+    r0, c0, r1, c1 = (float(x) for x in box)
+    x0 = vx0 + (c0 - margin) * cw
+    x1 = vx0 + (c1 + margin) * cw
+    y0 = vy0 + (r0 - margin) * ch
+    y1 = vy0 + (r1 + margin) * ch
+    x0, y0 = max(0, int(np.floor(x0 + 1e-6))), max(0, int(np.floor(y0 + 1e-6)))
+    x1, y1 = min(w, int(np.ceil(x1 - 1e-6))), min(h, int(np.ceil(y1 - 1e-6)))
+    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+
 # -- query expansion / DBA ---------------------------------------------------------------------
 def alpha_query_expansion(query: np.ndarray, neighbours: np.ndarray, alpha: float = 3.0) -> np.ndarray:
     """αQE (Radenović et al.): ``norm(q + Σ_i max(q·v_i, 0)^α v_i)`` over the given neighbour vectors."""
@@ -344,12 +450,19 @@ def database_side_augmentation(vectors: np.ndarray, k: int = 2, alpha: float = 3
 
 # -- fusion ------------------------------------------------------------------------------------
 def fuse_scores(global_scores: np.ndarray, maxsim: np.ndarray, spatial: np.ndarray,
-                config: RerankConfig = DEFAULT_CONFIG, region_scores: np.ndarray | None = None) -> np.ndarray:
-    """``global + w_region·region + w_local·maxsim + w_spatial·spatial`` (terms switched off by the
-    config, or not given, count 0)."""
+                config: RerankConfig = DEFAULT_CONFIG, region_scores: np.ndarray | None = None,
+                crop_scores: np.ndarray | None = None) -> np.ndarray:
+    """``global + w_region·region + w_crop·crop + w_local·maxsim + w_spatial·spatial`` (terms switched off
+    by the config, or not given, count 0)."""
     out = np.asarray(global_scores, np.float64).copy()
+    crop = config.crop and crop_scores is not None
     if config.regions and region_scores is not None:
-        out += config.w_region * np.asarray(region_scores, np.float64)
+        rs = np.asarray(region_scores, np.float64)
+        if crop and config.crop_fuse == "max":
+            rs, crop = np.maximum(rs, np.asarray(crop_scores, np.float64)), False
+        out += config.w_region * rs
+    if crop:
+        out += config.w_crop * np.asarray(crop_scores, np.float64)
     if config.local:
         out += config.w_local * np.asarray(maxsim, np.float64)
     if config.spatial:
@@ -422,7 +535,8 @@ def batched_match_counts(sims: np.ndarray, config: RerankConfig = DEFAULT_CONFIG
 
 def rerank_arrays(q_desc: np.ndarray, q_pos: np.ndarray, q_grid: Sequence[int], global_scores: np.ndarray,
                   candidates: Sequence[tuple[np.ndarray, np.ndarray]], c_grid: Sequence[int] | None = None,
-                  config: RerankConfig = DEFAULT_CONFIG, region_scores: np.ndarray | None = None) -> LocalScores:
+                  config: RerankConfig = DEFAULT_CONFIG, region_scores: np.ndarray | None = None,
+                  crop_scores: np.ndarray | None = None) -> LocalScores:
     """Local + spatial evidence and fused scores for one image query against its candidates.
 
     With ``config.local_norm_pct`` set (default 80), each query token's best similarity to a
@@ -444,8 +558,8 @@ def rerank_arrays(q_desc: np.ndarray, q_pos: np.ndarray, q_grid: Sequence[int], 
     q_desc = np.asarray(q_desc, np.float32)
     g = np.asarray(global_scores, np.float64)
     if n == 0 or len(q_desc) == 0:
-        return LocalScores(g, maxsim, inliers, spatial, fuse_scores(g, maxsim, spatial, config, region_scores),
-                           verifications)
+        fused = fuse_scores(g, maxsim, spatial, config, region_scores, crop_scores)
+        return LocalScores(g, maxsim, inliers, spatial, fused, verifications)
     sims, valid = batched_similarity(q_desc, candidates)
     has = valid.any(axis=1)
     best = np.full((n, len(q_desc)), np.nan)
@@ -464,7 +578,7 @@ def rerank_arrays(q_desc: np.ndarray, q_pos: np.ndarray, q_grid: Sequence[int], 
         counts = batched_match_counts(sims, config)
         todo = np.flatnonzero(has & (counts >= max(3, config.min_inliers)))
         if config.spatial_top is not None and len(todo) > config.spatial_top:
-            pre = fuse_scores(g, maxsim, spatial, config, region_scores)
+            pre = fuse_scores(g, maxsim, spatial, config, region_scores, crop_scores)
             todo = todo[np.argsort(-pre[todo], kind="stable")[:config.spatial_top]]
         for idx in todo:
             c_desc, c_pos = candidates[idx]
@@ -473,7 +587,7 @@ def rerank_arrays(q_desc: np.ndarray, q_pos: np.ndarray, q_grid: Sequence[int], 
             verifications[idx] = res
             inliers[idx] = res.inliers
             spatial[idx] = res.score
-    return LocalScores(g, maxsim, inliers, spatial, fuse_scores(g, maxsim, spatial, config, region_scores),
+    return LocalScores(g, maxsim, inliers, spatial, fuse_scores(g, maxsim, spatial, config, region_scores, crop_scores),
                        verifications)
 
 
@@ -587,7 +701,7 @@ def _expand_with_regions(engine, ctx, name: str, hits: list, regions: np.ndarray
     candidates join first. The shortlist is then cut to ``n_candidates`` by ``global + w_region·region``.
     Returns ``(hits, global scores, region scores)``."""
     hits = list(hits)
-    if search is not None and config.region_expand > 0:
+    if search is not None and config.regions and config.region_expand > 0:
         seen = {h.id for h in hits}
         new = []
         for rv in regions:
@@ -602,13 +716,66 @@ def _expand_with_regions(engine, ctx, name: str, hits: list, regions: np.ndarray
     vecs = np.asarray(engine.vectors(name, hits), np.float32)
     rs = region_scores(regions, vecs)
     if len(hits) > config.n_candidates:
-        keep = np.sort(np.argsort(-(g + config.w_region * rs), kind="stable")[:config.n_candidates])
+        w = config.w_region if config.regions else 0.0
+        keep = np.sort(np.argsort(-(g + w * rs), kind="stable")[:config.n_candidates])
         hits, g, rs = [hits[i] for i in keep], g[keep], rs[keep]
     return hits, g, rs
 
 
+CropEncoder = Callable[[Any, list], np.ndarray]
+
+
+def _crop_pass(engine, ctx, name: str, hits: list, g: np.ndarray, rs: np.ndarray, windows: np.ndarray,
+               regions: np.ndarray, grid: Sequence[int], search: Callable[[np.ndarray, int], list] | None,
+               config: RerankConfig, crop_encoder: CropEncoder | None
+               ) -> tuple[list, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The query-crop second pass: choose windows (``crop_windows``), crop them from the query image,
+    embed the crops (one batch), score ``hits`` by their best crop cosine; with ``search`` and
+    ``config.crop_expand`` the crops' own top candidates join, and the shortlist is cut back to
+    ``n_candidates`` by ``global + w_region·region + w_crop·crop``. Returns ``(hits, g, rs, crop scores)``
+    (crop scores None without a query image)."""
+    image = ctx.get_image() if hasattr(ctx, "get_image") else getattr(ctx, "image", None)
+    if image is None:
+        return hits, g, rs, None
+    vecs = np.asarray(engine.vectors(name, hits), np.float32)
+    chosen = crop_windows(windows, regions, vecs, g, ctx.vector, config.crop_count, config.crop_select)
+    if len(chosen) == 0:
+        return hits, g, rs, None
+    enc = engine.encoder(name)
+    view = encoder_view(enc.spec, image.size)
+    boxes = [grid_box_to_pixels(windows[i], grid, image.size, view, config.crop_margin) for i in chosen]
+    if crop_encoder is not None:
+        cv = crop_encoder(image, boxes)
+    else:
+        cv = enc.encode_images([image.crop(b) for b in boxes])
+    cv = l2_normalize(np.asarray(cv, np.float32).reshape(len(boxes), -1))
+    hits = list(hits)
+    if search is not None and config.crop_expand > 0:
+        seen = {h.id for h in hits}
+        new = []
+        for v in cv:
+            for h in search(v, config.crop_expand):
+                if h.id not in seen:
+                    seen.add(h.id)
+                    new.append(h)
+        if new:
+            vecs_new = np.asarray(engine.vectors(name, new), np.float32)
+            g = np.concatenate([g, (vecs_new @ np.asarray(ctx.vector, np.float32)).astype(np.float64)])
+            rs = np.concatenate([rs, region_scores(regions, vecs_new)])
+            vecs = np.concatenate([vecs, vecs_new])
+            hits += new
+    cs = region_scores(cv, vecs)
+    if len(hits) > config.n_candidates:
+        pre = fuse_scores(g, np.zeros(len(g)), np.zeros(len(g)), replace(config, local=False, spatial=False),
+                          rs if config.regions else None, cs)
+        keep = np.sort(np.argsort(-pre, kind="stable")[:config.n_candidates])
+        hits, g, rs, cs = [hits[i] for i in keep], g[keep], rs[keep], cs[keep]
+    return hits, g, rs, cs
+
+
 def rerank_hits(engine, ctx, hits: list, k: int, config: RerankConfig | dict | None = None, *,
-                search: Callable[[np.ndarray, int], list] | None = None) -> list:
+                search: Callable[[np.ndarray, int], list] | None = None,
+                crop_encoder: CropEncoder | None = None) -> list:
     """Re-rank ``hits`` (top-N global candidates of ``ctx``) with local evidence; return the top ``k``.
 
     Returned hits are copies with ``score`` set to the fused score. Without local features in the
@@ -616,6 +783,8 @@ def rerank_hits(engine, ctx, hits: list, k: int, config: RerankConfig | dict | N
     scores still apply if set). ``search(vector, n) -> hits`` (the engine's search with the request's
     filter and parameters) lets the query's regions fetch candidates of their own
     (``config.region_expand``); without it, regions only re-score the given hits.
+    ``crop_encoder(image, boxes) -> vectors`` replaces the encoder's ``encode_images`` on the crops of the
+    query-crop pass (``config.crop``; e.g. a cache); the crops' vectors must be in the index's space.
     """
     if isinstance(config, dict):
         config = replace(DEFAULT_CONFIG, **config)
@@ -627,14 +796,19 @@ def rerank_hits(engine, ctx, hits: list, k: int, config: RerankConfig | dict | N
     g = np.array([h.score for h in hits], np.float64)
     has_local = bool(_local_info(engine, name))
     is_image = getattr(ctx, "image", None) is not None or bool(getattr(ctx, "image_id", None))
-    rs = None
-    if is_image and config.regions and not getattr(ctx, "instruction", None):
+    rs = cs = None
+    if is_image and (config.regions or config.crop) and not getattr(ctx, "instruction", None):
         q_tok = query_tokens(engine, ctx, name)
         if q_tok is not None:
-            regions = region_vectors(q_tok[0], q_tok[1],
-                                     region_windows(q_tok[1], config.region_sizes, config.region_stride))
+            windows = region_windows(q_tok[1], config.region_sizes, config.region_stride)
+            regions = region_vectors(q_tok[0], q_tok[1], windows)
             hits, g, rs = _expand_with_regions(engine, ctx, name, hits, regions, g, search, config)
-    fused = fuse_scores(g, np.zeros(len(g)), np.zeros(len(g)), replace(config, local=False, spatial=False), rs)
+            if config.crop:
+                hits, g, rs, cs = _crop_pass(engine, ctx, name, hits, g, rs, windows, regions, q_tok[1], search,
+                                             config, crop_encoder)
+            if not config.regions:
+                rs = None
+    fused = fuse_scores(g, np.zeros(len(g)), np.zeros(len(g)), replace(config, local=False, spatial=False), rs, cs)
     if has_local:
         if is_image and (config.local or config.spatial):
             q = query_local_features(engine, ctx, name)
@@ -642,7 +816,7 @@ def rerank_hits(engine, ctx, hits: list, k: int, config: RerankConfig | dict | N
                 cands = engine.local_features(name, hits)
                 info = _local_info(engine, name) or {}
                 c_grid = tuple(info.get("grid") or q[2])
-                fused = rerank_arrays(q[0], q[1], q[2], g, cands, c_grid, config, rs).fused
+                fused = rerank_arrays(q[0], q[1], q[2], g, cands, c_grid, config, rs, cs).fused
         elif not is_image and getattr(ctx, "text", None) and _text_in_patch_space(engine, name):
             t = _project_text(engine, name, ctx.vector)
             cands = engine.local_features(name, hits)

@@ -15,7 +15,10 @@ from retrieval.rerank import (
     alpha_query_expansion,
     batched_match_counts,
     batched_similarity,
+    crop_windows,
     database_side_augmentation,
+    encoder_view,
+    grid_box_to_pixels,
     grid_coordinates,
     maxsim_score,
     mutual_nearest_neighbors,
@@ -402,7 +405,7 @@ def test_rerank_hits_regions_expand_and_rescore(tmp_path):
     ctx = _Ctx(vector=q_vec, encoder="fake", image=object())
     ctx.local = (tokens, grid)
     cfg = {"regions": True, "w_region": 1.0, "region_sizes": (3,), "region_stride": 1, "region_expand": 1,
-           "n_candidates": 6}
+           "n_candidates": 6, "crop": False}
     out = rerank_hits(eng, ctx, hits, k=6, config=cfg, search=search)
     assert out[0].id == "c11"
     regions = [_unit(t[r:r + 3, c:c + 3].reshape(-1, dim).mean(axis=0, keepdims=True))[0]
@@ -415,3 +418,171 @@ def test_rerank_hits_regions_expand_and_rescore(tmp_path):
     # without a search function, regions only re-score the given hits
     out2 = rerank_hits(eng, ctx, hits, k=6, config=cfg)
     assert {h.id for h in out2} == {h.id for h in hits}
+
+
+# -- query-crop second pass ----------------------------------------------------------------------
+class _Spec:
+    def __init__(self, family, **extra):
+        self.family, self.image_size, self._extra = family, 224, extra
+
+    def get(self, key, default=None):
+        return self._extra.get(key, default)
+
+
+def test_encoder_view_and_grid_box_to_pixels_hand_computed():
+    # effnet-style centre crop (crop_pct 0.875) of a 448² image: a 392-pixel square from (28, 28), 56-pixel cells
+    view = encoder_view(_Spec("effnet", crop_pct=0.875), (448, 448))
+    assert view == pytest.approx((28, 28, 420, 420))
+    assert grid_box_to_pixels((1, 2, 4, 5), (7, 7), (448, 448), view) == (140, 84, 308, 252)
+    assert grid_box_to_pixels((1, 2, 4, 5), (7, 7), (448, 448), view, margin=0.5) == (112, 56, 336, 280)
+    # landscape 640×480: square of 420 from (110, 30), 60-pixel cells; the margin is clipped to the image
+    view = encoder_view(_Spec("effnet", crop_pct=0.875), (640, 480))
+    assert view == pytest.approx((110, 30, 530, 450))
+    assert grid_box_to_pixels((0, 0, 2, 2), (7, 7), (640, 480), view, margin=1.0) == (50, 0, 290, 210)
+    assert grid_box_to_pixels((5, 5, 7, 7), (7, 7), (640, 480), view, margin=1.0) == (350, 270, 590, 480)
+    # CLIP: the whole shorter side; DINOv2: image_size / resize of it; SSCD / PDQ: the whole (squashed) image
+    assert encoder_view(_Spec("clip"), (300, 200)) == pytest.approx((50, 0, 250, 200))
+    assert encoder_view(_Spec("dinov2", resize=256), (256, 256)) == pytest.approx((16, 16, 240, 240))
+    assert encoder_view(_Spec("sscd"), (300, 200)) == (0, 0, 300, 200)
+    assert grid_box_to_pixels((0, 0, 1, 1), (4, 4), (300, 200)) == (0, 0, 75, 50)
+
+
+def test_encoder_view_matches_the_effnet_transform(effnet):
+    """The box encoder_view reports is the part of the image the encoder's preprocessing keeps: red inside
+    it, blue outside, and the preprocessed input is red up to its (interpolated) outermost pixel."""
+    img = Image.new("RGB", (640, 480), (0, 0, 255))
+    x0, y0, x1, y1 = (int(round(v)) for v in encoder_view(effnet.spec, img.size))
+    assert (x0, y0, x1, y1) == (110, 30, 530, 450)
+    img.paste((255, 0, 0), (x0, y0, x1, y1))
+    x = effnet.preprocess(img).numpy()                  # [3, 224, 224], normalised
+    red = x[0] > x[2]
+    assert red[1:-1, 1:-1].all()
+    # a view 4 % too small would leave blue inside the input
+    img2 = Image.new("RGB", (640, 480), (0, 0, 255))
+    img2.paste((255, 0, 0), (x0 + 17, y0 + 17, x1 - 17, y1 - 17))
+    x2 = effnet.preprocess(img2).numpy()
+    assert not (x2[0] > x2[2])[1:-1, 1:-1].all()
+
+
+def test_crop_windows_gain_match_novel_and_overlap():
+    windows = np.array([[0, 0, 2, 2], [0, 1, 2, 3], [3, 3, 5, 5], [2, 0, 4, 2]])
+    e = np.eye(4, dtype=np.float32)
+    regions = e                                        # window i's vector = axis i
+    # candidate 0 = the indexed background (axis 0; the global vector already finds it, g = 0.9),
+    # candidate 1 = the object's original (axis 2, g = 0.1)
+    vecs = np.stack([e[0], _unit(0.8 * e[2] + 0.6 * e[3])])
+    g = np.array([0.9, 0.1])
+    assert list(crop_windows(windows, regions, vecs, g, select="match")) == [0]
+    assert list(crop_windows(windows, regions, vecs, g, select="gain")) == [2]
+    # two windows: the second best by gain that does not overlap the first by more than half
+    assert list(crop_windows(windows, regions, vecs, g, count=2, select="gain")) == [2, 3]
+    # window 1 overlaps window 0 by IoU 1/3 (kept) ...
+    assert list(crop_windows(windows, regions, vecs, g, count=2, select="match")) == [0, 3] or \
+        list(crop_windows(windows, regions, vecs, g, count=2, select="match"))[0] == 0
+    # ... and "novel" takes the window least like the query vector
+    q = _unit(np.array([1.0, 0.9, -0.5, 0.2]))
+    assert list(crop_windows(windows, regions, vecs, g, q, select="novel")) == [2]
+    with pytest.raises(ValueError):
+        crop_windows(windows, regions, vecs, g, select="nope")
+
+
+class _CropEncoder:
+    """Embeds an image as ``unit(f · object + (1 - f) · background)``, f = its fraction of red pixels
+    (the pasted object); records the crops it was given."""
+
+    def __init__(self, obj, background, spec):
+        self.obj, self.bg, self.spec, self.sizes = obj, background, spec, []
+
+    def encode_images(self, images):
+        out = []
+        for im in images:
+            a = np.asarray(im.convert("RGB"), np.int32)
+            f = float(((a[..., 0] > 200) & (a[..., 1] < 50)).mean())
+            self.sizes.append(im.size)
+            out.append(_unit(f * self.obj + (1 - f) * self.bg))
+        return np.stack(out)
+
+
+def _paste_scene(tmp_path):
+    """12 indexed images; the query = image 11's object (red) pasted at pixels (112, 56)-(224, 168) of a
+    280² white picture whose 5×5 token grid (56-pixel cells) mostly describes the background."""
+    rng = np.random.default_rng(21)
+    dim, grid = 32, (5, 5)
+    vecs = _unit(rng.normal(size=(12, dim)))
+    bg = _unit(rng.normal(size=dim))                     # the background picture (not indexed)
+    tokens = np.tile(bg, (25, 1)) + 0.05 * rng.normal(size=(25, dim))
+    t = tokens.reshape(5, 5, dim)
+    t[1:3, 2:4] = _unit(0.35 * vecs[11] + bg)            # the object's cells: dominated by their surroundings
+    tokens = _unit(tokens)
+    q_vec = _unit(tokens.mean(axis=0, keepdims=True))[0]
+    img = Image.new("RGB", (280, 280), (255, 255, 255))
+    img.paste((230, 10, 10), (112, 56, 224, 168))
+    eng = FakeEngine(tmp_path, vecs, [None] * 12, [f"c{i}" for i in range(12)], grid)
+    eng.manifest.encoders["fake"].local_features = None
+    enc = _CropEncoder(vecs[11], bg, _Spec("sscd"))
+    eng.encoder = lambda name: enc
+    ctx = _Ctx(vector=q_vec, encoder="fake", image=img)
+    ctx.local = (tokens, grid)
+    return eng, enc, ctx, vecs, q_vec
+
+
+def test_crop_pass_finds_a_pasted_object_missed_by_global_search(tmp_path):
+    eng, enc, ctx, vecs, q_vec = _paste_scene(tmp_path)
+    g_all = vecs @ q_vec
+    ranked = [int(i) for i in np.argsort(-g_all[:11])]
+    hits = [_Hit(f"c{i}", float(g_all[i]), 0, i) for i in ranked[:6]]      # image 11 is not among them
+
+    def search(v, n):
+        s = vecs @ np.asarray(v, np.float32)
+        return [_Hit(f"c{i}", float(s[i]), 0, int(i)) for i in np.argsort(-s)[:n]]
+
+    base = {"regions": True, "w_region": 1.0, "region_sizes": (2,), "region_stride": 1, "region_expand": 0,
+            "n_candidates": 6, "local": False, "spatial": False, "crop": False}
+    cfg = {**base, "crop": True, "crop_select": "novel", "crop_margin": 0.5, "crop_expand": 2, "w_crop": 1.0,
+           "crop_fuse": "sum"}
+    # without the crop pass (and the regions' own search off) the original never appears
+    assert "c11" not in [h.id for h in rerank_hits(eng, ctx, hits, k=6, config=base, search=search)]
+    out = rerank_hits(eng, ctx, hits, k=6, config=cfg, search=search)
+    assert out[0].id == "c11" and len(out) == 6
+    # one crop: window (1, 2, 3, 4) grown by half a cell = pixels (84, 28, 252, 196), a 168² crop
+    assert enc.sizes == [(168, 168)]
+    crop_vec = enc.encode_images([ctx.image.crop((84, 28, 252, 196))])[0]
+    enc.sizes.pop()
+    windows = region_windows((5, 5), (2,), 1)
+    regions = region_vectors(ctx.local[0], (5, 5), windows)
+    for h in out:
+        i = int(h.id[1:])
+        want = float(g_all[i]) + float(region_scores(regions, vecs[i:i + 1])[0]) + float(vecs[i] @ crop_vec)
+        assert h.score == pytest.approx(want, abs=1e-5)
+    # crop_fuse="max": the region term becomes max(region, crop)
+    out_max = rerank_hits(eng, ctx, hits, k=6, config={**cfg, "crop_fuse": "max"}, search=search)
+    assert out_max[0].id == "c11"
+    for h in out_max:
+        i = int(h.id[1:])
+        want = float(g_all[i]) + max(float(region_scores(regions, vecs[i:i + 1])[0]), float(vecs[i] @ crop_vec))
+        assert h.score == pytest.approx(want, abs=1e-5)
+    assert len(enc.sizes) == 2
+    enc.sizes.pop()
+    # without a search function the crop only re-scores; crop=False leaves the scores without the crop term
+    assert "c11" not in [h.id for h in rerank_hits(eng, ctx, hits, k=6, config={**cfg, "crop_expand": 0})]
+    off = rerank_hits(eng, ctx, hits, k=6, config={**cfg, "crop": False}, search=search)
+    assert len(enc.sizes) == 2 and "c11" not in [h.id for h in off]
+
+
+def test_crop_pass_rescues_a_low_ranked_original(tmp_path):
+    """The original is in the shortlist at a low rank: "gain" picks the object's window, and the crop's
+    score lifts it to the top; text queries and queries without an image are unaffected."""
+    eng, enc, ctx, vecs, q_vec = _paste_scene(tmp_path)
+    g_all = vecs @ q_vec
+    ranked = [int(i) for i in np.argsort(-g_all)]
+    hits = [_Hit(f"c{i}", float(g_all[i]), 0, i) for i in ranked]
+    assert ranked.index(11) > 0
+    cfg = {"regions": True, "region_sizes": (2,), "local": False, "spatial": False, "crop": True,
+           "crop_select": "gain", "crop_margin": 0.5, "w_crop": 2.0, "crop_fuse": "sum"}
+    out = rerank_hits(eng, ctx, hits, k=3, config=cfg)
+    assert out[0].id == "c11" and enc.sizes == [(168, 168)]
+    no_crop = rerank_hits(eng, ctx, hits, k=3, config={**cfg, "crop": False})
+    assert no_crop[0].id != "c11"
+    text = _Ctx(vector=q_vec, encoder="fake", text="a red square")
+    assert [h.id for h in rerank_hits(eng, text, hits, k=3, config=cfg)] == [f"c{i}" for i in ranked[:3]]
+    assert len(enc.sizes) == 1

@@ -120,3 +120,45 @@ def test_attribution_route(built):
     assert r.status_code == 404
     r = client.post("/api/attribution", json={"text": "a cat", "result_id": cat, "format": "gif"})
     assert r.status_code == 400
+
+
+def test_query_crop_pass_on_the_real_engine(built):
+    """An indexed photo shrunk and pasted onto another: the crop pass crops the real query image, embeds
+    the crop with effnet-lite0 and adds its cosine; the crop vector equals the encoder's own embedding of
+    that crop, so the original's fused score rises by ``w_crop ×`` that cosine."""
+    from dataclasses import replace
+
+    from retrieval.query import QueryContext
+    from retrieval.rerank import DEFAULT_CONFIG, rerank_hits
+
+    engine, root = built
+    photos = {n: Image.open(p).convert("RGB") for n, p in
+              ((p.stem, p) for p in (root / "photos").glob("*.png"))}
+    bg = photos["brick"].resize((448, 448))
+    obj = photos["coffee"].resize((200, 134))
+    bg.paste(obj, (180, 150))
+    enc = engine.encoder("effnet-lite0")
+    g, tok, grid = enc.encode_images_and_local([bg])
+    hits = engine.search_vector("effnet-lite0", g[0], 7)
+    coffee = _id_of(engine, "coffee")
+    boxes = []
+
+    def crop_encoder(image, bxs):
+        boxes.extend(bxs)
+        return enc.encode_images([image.crop(b) for b in bxs])
+
+    def run(cfg, **kw):
+        ctx = QueryContext(vector=g[0], encoder="effnet-lite0", image=bg)
+        ctx.local = (tok[0], grid)
+        return {h.id: h.score for h in rerank_hits(engine, ctx, hits, k=7, config=cfg, **kw)}
+
+    off = run(replace(DEFAULT_CONFIG, crop=False))
+    on_cfg = replace(DEFAULT_CONFIG, crop=True, w_crop=1.0, crop_count=1, crop_select="gain", crop_margin=0.5,
+                     crop_fuse="sum")
+    on = run(on_cfg, crop_encoder=crop_encoder)
+    assert len(boxes) == 1 and boxes[0] != (0, 0, 448, 448)
+    crop_vec = enc.encode_images([bg.crop(boxes[0])])[0]
+    v = engine.vectors("effnet-lite0", [h for h in hits if h.id == coffee])[0]
+    assert on[coffee] - off[coffee] == pytest.approx(float(v @ crop_vec), abs=1e-4)
+    # the default path (no crop_encoder): the encoder's own encode_images on the same crop, same scores
+    assert run(on_cfg) == pytest.approx(on, abs=1e-4)
