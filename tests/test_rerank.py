@@ -318,6 +318,19 @@ class _Hit:
     row: int
 
 
+def _hits_without_the_original(vecs, q_vec):
+    """The global top 6 among images 0..10 (the original, image 11, left out), and an exact search."""
+    g_all = vecs @ q_vec
+    ranked = [int(i) for i in np.argsort(-g_all[:11])]
+    hits = [_Hit(f"c{i}", float(g_all[i]), 0, i) for i in ranked[:6]]
+
+    def search(v, n):
+        s = vecs @ np.asarray(v, np.float32)
+        return [_Hit(f"c{i}", float(s[i]), 0, int(i)) for i in np.argsort(-s)[:n]]
+
+    return hits, search
+
+
 @dataclass
 class _Ctx:
     vector: np.ndarray
@@ -394,13 +407,8 @@ def test_rerank_hits_regions_expand_and_rescore(tmp_path):
     q_vec = _unit(tokens.mean(axis=0, keepdims=True))[0]
     eng = FakeEngine(tmp_path, vecs, [None] * 12, [f"c{i}" for i in range(12)], grid)
     eng.manifest.encoders["fake"].local_features = None       # regions need only the global vectors
+    hits, search = _hits_without_the_original(vecs, q_vec)   # image 11 is not among the 6 hits
     g_all = vecs @ q_vec
-    ranked = [int(i) for i in np.argsort(-g_all[:11])]
-    hits = [_Hit(f"c{i}", float(g_all[i]), 0, i) for i in ranked[:6]]   # image 11 is not among them
-
-    def search(v, n):
-        s = vecs @ np.asarray(v, np.float32)
-        return [_Hit(f"c{i}", float(s[i]), 0, int(i)) for i in np.argsort(-s)[:n]]
 
     ctx = _Ctx(vector=q_vec, encoder="fake", image=object())
     ctx.local = (tokens, grid)
@@ -528,13 +536,8 @@ def _paste_scene(tmp_path):
 
 def test_crop_pass_finds_a_pasted_object_missed_by_global_search(tmp_path):
     eng, enc, ctx, vecs, q_vec = _paste_scene(tmp_path)
+    hits, search = _hits_without_the_original(vecs, q_vec)   # image 11 is not among the 6 hits
     g_all = vecs @ q_vec
-    ranked = [int(i) for i in np.argsort(-g_all[:11])]
-    hits = [_Hit(f"c{i}", float(g_all[i]), 0, i) for i in ranked[:6]]      # image 11 is not among them
-
-    def search(v, n):
-        s = vecs @ np.asarray(v, np.float32)
-        return [_Hit(f"c{i}", float(s[i]), 0, int(i)) for i in np.argsort(-s)[:n]]
 
     base = {"regions": True, "w_region": 1.0, "region_sizes": (2,), "region_stride": 1, "region_expand": 0,
             "n_candidates": 6, "local": False, "spatial": False, "crop": False}
