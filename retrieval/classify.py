@@ -22,12 +22,23 @@ Defaults (see ``benchmarks/results/vocabfree.md``): ``K = 20`` entries (best of 
 ``T = 1/logit_scale`` for CLIP (0.01) and ``0.05`` for other encoders (ConSE similarities spread over a
 wider range); prompts: the encoder's own templates when it has them (ConSE), else
 ``"a photo of a {}."``.
+
+Candidate-name vectors ``g(c)`` of the built-in vocabulary and of users' name files are embedded once
+for all names of the database and stored next to it (:class:`NameStore`, memory-mapped, keyed by
+encoder + prompts + names); names not in a store (an index's caption noun phrases) are embedded on
+demand. Process-wide classifiers (:func:`get_classifier`) are rebuilt when their source changes
+(:func:`source_stamp`: a re-indexed DIR), in the background after a server reload
+(:func:`refresh_classifiers`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -36,6 +47,8 @@ from .encoders.base import l2_normalize
 from .errors import InvalidQueryError, LoupeError
 from .images import load_image
 from .vocab import EmptyTextDatabaseError, TextDatabase, normalize_name
+
+log = logging.getLogger("loupe.classify")
 
 DEFAULT_K_RETRIEVE = 20
 DEFAULT_ALPHA = 0.7
@@ -105,24 +118,154 @@ def candidate_names(names_lists: Iterable[Sequence[str]]) -> list[str]:
     return list(seen.values())
 
 
-class NameEmbedder:
-    """Text vectors of category names (mean over prompt templates), cached per name."""
+NAME_STORE_FORMAT = 1
+NAME_STORE_BATCH = 512          # prompted texts per encode_texts call when a name store is built
+NAME_STORE_PROGRESS_MIN = 2000  # names from which building a store shows a tqdm bar (on a terminal)
 
-    def __init__(self, encoder, prompts: Sequence[str] | None = None):
+
+def embed_names(encoder, prompts: Sequence[str], names: Sequence[str]) -> np.ndarray:
+    """[len(names), dim]: the unit mean of each name's prompted text vectors (``encode_texts``)."""
+    if not len(names):
+        return np.zeros((0, int(encoder.dim)), np.float32)
+    texts = [p.format(n) for n in names for p in prompts]
+    vecs = np.asarray(encoder.encode_texts(texts), np.float32)
+    return l2_normalize(vecs.reshape(len(names), len(prompts), -1).mean(axis=1)).astype(np.float32, copy=False)
+
+
+def database_names(database: TextDatabase) -> list[str]:
+    """Every candidate name a database can yield, spelled as :func:`candidate_names` spells it, in order."""
+    return list(dict.fromkeys(name for names in database.names
+                              for name in (" ".join(str(n).split()) for n in names) if name))
+
+
+class NameStore:
+    """Name embeddings of a text database stored next to it (``names-<key>.npy`` + ``names-<key>.json``).
+
+    ``key`` hashes the encoder name and dimension, the prompt templates and the name list, so another
+    encoder or other prompts find no store (and build their own); the JSON, written atomically after the
+    vectors, lists the names (row order) and is what makes a store valid. The vectors are memory-mapped.
+    """
+
+    def __init__(self, path_json: Path, names: list[str], vectors: np.ndarray):
+        self.path = Path(path_json)
+        self.names = names
+        self.vectors = vectors
+        self.rows = {n: i for i, n in enumerate(names)}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.rows
+
+    @staticmethod
+    def key(encoder, prompts: Sequence[str], names: Sequence[str]) -> str:
+        names_sha1 = hashlib.sha1("\x1e".join(names).encode()).hexdigest()
+        ident = [f"loupe-names-{NAME_STORE_FORMAT}", encoder.name, int(encoder.dim), list(prompts), names_sha1]
+        return hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:16]
+
+    @staticmethod
+    def paths(directory, key: str) -> tuple[Path, Path]:
+        directory = Path(directory)
+        return directory / f"names-{key}.json", directory / f"names-{key}.npy"
+
+    @classmethod
+    def open(cls, database: TextDatabase, encoder, prompts: Sequence[str],
+             names: Sequence[str] | None = None) -> "NameStore | None":
+        """The database's store for this encoder and these prompts, or None when there is none (or it
+        does not match: another encoder, other prompts, other names, a damaged file)."""
+        names = database_names(database) if names is None else list(names)
+        key = cls.key(encoder, prompts, names)
+        meta_path, vec_path = cls.paths(database.dir, key)
+        if not meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            vectors = np.load(vec_path, mmap_mode="r")
+        except (OSError, ValueError):
+            return None
+        if (meta.get("format") != NAME_STORE_FORMAT or meta.get("encoder") != encoder.name
+                or list(meta.get("prompts", [])) != list(prompts) or meta.get("names") != names
+                or vectors.dtype != np.float32 or vectors.shape != (len(names), int(encoder.dim))):
+            return None
+        return cls(meta_path, names, vectors)
+
+    @classmethod
+    def build(cls, database: TextDatabase, encoder, prompts: Sequence[str], *,
+              batch_size: int = NAME_STORE_BATCH) -> "NameStore":
+        """Embed every name of ``database`` (batched, shortest first) and store them atomically next to
+        it; stores of other keys in that directory (other encoder/prompts/names) are removed."""
+        from . import store
+
+        names = database_names(database)
+        key = cls.key(encoder, prompts, names)
+        meta_path, vec_path = cls.paths(database.dir, key)
+        vecs = np.zeros((len(names), int(encoder.dim)), np.float32)
+        order = sorted(range(len(names)), key=lambda i: len(names[i]))
+        step = max(1, int(batch_size) // max(1, len(prompts)))
+        bar = None
+        if len(names) >= NAME_STORE_PROGRESS_MIN:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(names), desc=f"embedding the names of {database.name}", unit="name",
+                       mininterval=2.0, disable=None)
+        try:
+            for start in range(0, len(order), step):
+                rows = order[start:start + step]
+                vecs[rows] = embed_names(encoder, prompts, [names[i] for i in rows])
+                if bar is not None:
+                    bar.update(len(rows))
+        finally:
+            if bar is not None:
+                bar.close()
+        meta = {"format": NAME_STORE_FORMAT, "encoder": encoder.name, "dim": int(encoder.dim),
+                "prompts": list(prompts), "database": database.name, "fingerprint": database.fingerprint,
+                "count": len(names), "names": names}
+        store.atomic_write_with(vec_path, lambda tmp: np.save(tmp, vecs))
+        store.atomic_write_json(meta_path, meta)       # last: a store without its JSON is not a store
+        for old in Path(database.dir).glob("names-*.*"):
+            if old.name not in (meta_path.name, vec_path.name) and old.suffix in (".json", ".npy"):
+                old.unlink(missing_ok=True)
+        return cls.open(database, encoder, prompts, names) or cls(meta_path, names, vecs)
+
+
+class NameEmbedder:
+    """Text vectors of category names (mean over prompt templates): from a :class:`NameStore` when
+    the name is in it, else embedded on demand and cached in memory."""
+
+    def __init__(self, encoder, prompts: Sequence[str] | None = None, store: NameStore | None = None):
         self.encoder = encoder
         self.prompts = tuple(prompts or getattr(encoder, "templates", None) or DEFAULT_PROMPTS)
+        self.store = store
         self._cache: dict[str, np.ndarray] = {}
 
+    def missing(self, names: Sequence[str]) -> list[str]:
+        stored = self.store.rows if self.store is not None else {}
+        return [n for n in dict.fromkeys(names) if n not in self._cache and n not in stored]
+
     def __call__(self, names: Sequence[str]) -> np.ndarray:
-        missing = [n for n in dict.fromkeys(names) if n not in self._cache]
+        missing = self.missing(names)
         if missing:
-            texts = [p.format(n) for n in missing for p in self.prompts]
-            vecs = np.asarray(self.encoder.encode_texts(texts), np.float32)
-            vecs = l2_normalize(vecs.reshape(len(missing), len(self.prompts), -1).mean(axis=1))
-            self._cache.update(zip(missing, vecs))
+            self._cache.update(zip(missing, embed_names(self.encoder, self.prompts, missing)))
         if not names:
             return np.zeros((0, self.encoder.dim), np.float32)
-        return np.stack([self._cache[n] for n in names])
+        store = self.store
+        if store is None:
+            return np.stack([self._cache[n] for n in names])
+        out = np.empty((len(names), int(self.encoder.dim)), np.float32)
+        rows = [store.rows.get(n, -1) for n in names]
+        at = [i for i, r in enumerate(rows) if r >= 0]
+        if at:
+            out[at] = store.vectors[[rows[i] for i in at]]
+        for i, r in enumerate(rows):
+            if r < 0:
+                out[i] = self._cache[names[i]]
+        return out
+
+    def touch(self) -> None:
+        """Read the stored vectors once, so that the first request does not page them in."""
+        if self.store is not None and len(self.store):
+            np.asarray(self.store.vectors).sum()
 
 
 def default_temperature(encoder) -> float:
@@ -133,7 +276,11 @@ def default_temperature(encoder) -> float:
 class VocabularyFreeClassifier:
     """Names what is in images using a text database (CaSED). Thread-safe for reads."""
 
-    def __init__(self, encoder, database: TextDatabase, config: ClassifyConfig | None = None):
+    def __init__(self, encoder, database: TextDatabase, config: ClassifyConfig | None = None, *,
+                 name_store: NameStore | bool | None = None):
+        """``name_store``: the stored name embeddings to use (:class:`NameStore`); ``None``: the
+        database's store for this encoder and prompts if one was built (nothing is embedded here);
+        ``False``: none (every name embedded on demand)."""
         if not len(database):
             raise EmptyTextDatabaseError(f"text database {database.name!r} is empty")
         if database.encoder_name != encoder.name:
@@ -144,6 +291,9 @@ class VocabularyFreeClassifier:
         self.config = config or ClassifyConfig()
         self.temperature = self.config.temperature or default_temperature(encoder)
         self.names = NameEmbedder(encoder, self.config.prompts)
+        if name_store is None:
+            name_store = NameStore.open(database, encoder, self.names.prompts)
+        self.names.store = name_store or None
 
     def candidates(self, image_vecs: np.ndarray, k: int | None = None) -> list[tuple[list[str], np.ndarray]]:
         """Per image: (candidate names, vectors of the retrieved entries)."""
@@ -213,13 +363,45 @@ class Prediction:
         return {"image": self.image, "labels": [lab.to_json() for lab in self.labels]}
 
 
+def stores_names(database: TextDatabase) -> bool:
+    """Whether :func:`make_classifier` embeds all of a database's names ahead of time (a
+    :class:`NameStore`): for the built-in vocabularies and users' name files, whose names are fixed
+    when the database is built; not for an index's captions (rebuilt with every indexing run, many
+    noun phrases, of which a request needs a few dozen: those are embedded on demand)."""
+    return database.kind != "captions"
+
+
+def name_store(database: TextDatabase, encoder, prompts: Sequence[str] | None = None, *,
+               build: bool = True) -> NameStore | None:
+    """The database's stored name embeddings for ``encoder`` and ``prompts`` (default: as
+    :class:`NameEmbedder` picks them), built and written next to the database if missing and
+    ``build``; None when there is none (or the directory is read-only: names are then embedded on
+    demand)."""
+    prompts = NameEmbedder(encoder, prompts).prompts
+    found = NameStore.open(database, encoder, prompts)
+    if found is not None or not build:
+        return found
+    try:
+        return NameStore.build(database, encoder, prompts)
+    except OSError as exc:
+        log.warning("cannot store the name embeddings of %s in %s (%s); names are embedded on demand",
+                    database.name, database.dir, exc)
+        return None
+
+
 def make_classifier(encoder, source, *, cache_dir=None, column: str | None = None,
-                    config: ClassifyConfig | None = None, progress=None) -> VocabularyFreeClassifier:
-    """A classifier over the text database ``source`` (see :func:`retrieval.vocab.open_vocabulary`)."""
+                    config: ClassifyConfig | None = None, progress=None,
+                    precompute_names: bool | None = None) -> VocabularyFreeClassifier:
+    """A classifier over the text database ``source`` (see :func:`retrieval.vocab.open_vocabulary`).
+    ``precompute_names`` (default: :func:`stores_names`): embed every candidate name once and store
+    the vectors next to the database (:class:`NameStore`), so requests embed none."""
     from .vocab import open_vocabulary
 
     db = open_vocabulary(source, encoder, cache_dir=cache_dir, column=column, progress=progress)
-    return VocabularyFreeClassifier(encoder, db, config)
+    config = config or ClassifyConfig()
+    build = stores_names(db) if precompute_names is None else bool(precompute_names)
+    store = name_store(db, encoder, config.prompts, build=build)
+    return VocabularyFreeClassifier(encoder, db, config, name_store=store or False)
 
 
 MIN_INDEX_CAPTIONS = 50
@@ -236,6 +418,7 @@ _CLASSIFIERS: dict[tuple[str, str], VocabularyFreeClassifier] = {}
 _WARMING: dict[tuple[str, str], threading.Thread] = {}
 _WARM_ERRORS: dict[tuple[str, str], BaseException] = {}
 _WARMED: set[tuple[str, str]] = set()
+_STAMPS: dict[tuple[str, str], Any] = {}    # source_stamp of each classifier's source when it was built
 _LOCK = threading.Lock()           # guards the dicts above
 _BUILD_LOCK = threading.Lock()     # one database build at a time, even under concurrent first requests
 
@@ -254,16 +437,59 @@ def default_source(index_dir=None) -> str:
     return "imagenet21k"
 
 
+def source_stamp(source) -> tuple | None:
+    """What changes when the text database behind ``source`` must be rebuilt: the manifest of an index
+    (or text database) directory — a new indexing run replaces it — or a file's mtime and size;
+    ``None`` for the built-in vocabularies. A cheap ``stat``: checked on every :func:`get_classifier`."""
+    from . import store
+    from .vocab import BUILTIN_VOCABULARIES
+
+    src = str(source)
+    if src in BUILTIN_VOCABULARIES:
+        return None
+    path = Path(src).expanduser()
+    try:
+        if path.is_dir():
+            return ("dir", (path / store.MANIFEST).stat().st_mtime_ns)
+        st = path.stat()
+        return ("file", st.st_mtime_ns, st.st_size)
+    except OSError:
+        return None
+
+
+def _fresh(key) -> bool:
+    """The cached classifier of ``key`` was built from the current state of its source (``_LOCK`` held)."""
+    return key in _CLASSIFIERS and _STAMPS.get(key) == source_stamp(key[1])
+
+
+def _build(encoder, source, key, cache_dir=None) -> VocabularyFreeClassifier:
+    """Build (``_BUILD_LOCK`` held) and register the classifier of ``key`` unless a fresh one is there."""
+    with _LOCK:
+        if _fresh(key):
+            return _CLASSIFIERS[key]
+    stamp = source_stamp(source)            # before reading the source: a change while building shows later
+    clf = make_classifier(encoder, source, cache_dir=cache_dir)
+    with _LOCK:
+        _CLASSIFIERS[key] = clf
+        _STAMPS[key] = stamp
+    return clf
+
+
 def get_classifier(encoder, source, *, cache_dir=None, wait: bool = False) -> VocabularyFreeClassifier:
     """The process-wide classifier over ``source`` for ``encoder`` (built once; the text database
     itself is cached on disk by :func:`retrieval.vocab.open_vocabulary`, so a new process only opens
     it). While :func:`warm_classifier` is building it in the background this raises
-    :class:`WarmingUpError` (HTTP 503) unless ``wait`` is true."""
+    :class:`WarmingUpError` (HTTP 503) unless ``wait`` is true.
+
+    When the source changed since the classifier was built (:func:`source_stamp`: an index re-indexed
+    with new captions, an edited names file) it is rebuilt here — or, while a background refresh
+    (:func:`refresh_classifiers`) is under way, the previous one keeps answering until the new one is in."""
     key = (encoder.name, str(source))
     with _LOCK:
         clf = _CLASSIFIERS.get(key)
+        fresh = _fresh(key)
         thread = _WARMING.get(key)
-    if clf is not None:
+    if clf is not None and (fresh or (thread is not None and thread.is_alive() and not wait)):
         return clf
     if thread is not None and thread.is_alive():
         if not wait:
@@ -271,35 +497,29 @@ def get_classifier(encoder, source, *, cache_dir=None, wait: bool = False) -> Vo
                                  "(loupe serve warms it at start-up); retry in a few seconds")
         thread.join()
         with _LOCK:
-            clf = _CLASSIFIERS.get(key)
-        if clf is not None:
-            return clf
+            if _fresh(key):
+                return _CLASSIFIERS[key]
     with _BUILD_LOCK:
-        with _LOCK:
-            clf = _CLASSIFIERS.get(key)
-        if clf is None:
-            clf = make_classifier(encoder, source, cache_dir=cache_dir)
-            with _LOCK:
-                _CLASSIFIERS[key] = clf
-    return clf
+        return _build(encoder, source, key, cache_dir)
 
 
 def warm_classifier(encoder, source, *, cache_dir=None, background: bool = True):
     """Open (building and caching on disk the first time) the classifier over ``source`` ahead of the
-    first request. ``background``: in a daemon thread (returned); requests that need it meanwhile get
-    :class:`WarmingUpError`. Also embeds the names once, so the first request pays no start-up cost."""
+    first request, with its stored name embeddings (:class:`NameStore`, built the first time) read
+    into memory. ``background``: in a daemon thread (returned); requests that need it meanwhile get
+    :class:`WarmingUpError` — or, when this refreshes a classifier whose source changed, the previous
+    classifier. Nothing is done (None) when a classifier built from the source's current state is there."""
     key = (encoder.name, str(source))
 
     def work():
         try:
             with _BUILD_LOCK:
                 with _LOCK:
-                    clf = _CLASSIFIERS.get(key)
-                if clf is None:
-                    clf = make_classifier(encoder, source, cache_dir=cache_dir)
+                    fresh = _fresh(key)
+                if not fresh:
+                    clf = _build(encoder, source, key, cache_dir)
+                    clf.names.touch()
                     clf.classify_vectors(np.asarray(clf.database.vectors[:1], np.float32), top=1)  # warm the code path
-                    with _LOCK:
-                        _CLASSIFIERS[key] = clf
             with _LOCK:
                 _WARM_ERRORS.pop(key, None)
         except BaseException as exc:  # noqa: BLE001 - reported by classifier_state; requests retry the build
@@ -307,7 +527,8 @@ def warm_classifier(encoder, source, *, cache_dir=None, background: bool = True)
                 _WARM_ERRORS[key] = exc
         finally:
             with _LOCK:
-                _WARMING.pop(key, None)
+                if _WARMING.get(key) is threading.current_thread():
+                    _WARMING.pop(key, None)
 
     with _LOCK:
         _WARMED.add(key)
@@ -315,12 +536,28 @@ def warm_classifier(encoder, source, *, cache_dir=None, background: bool = True)
         work()
         return None
     with _LOCK:
-        if key in _CLASSIFIERS or key in _WARMING:
-            return _WARMING.get(key)
+        if key in _WARMING:
+            return _WARMING[key]
+        if _fresh(key):
+            return None
         thread = threading.Thread(target=work, name=f"loupe-warm-{source}", daemon=True)
         _WARMING[key] = thread
     thread.start()
     return thread
+
+
+def refresh_classifiers(source, *, background: bool = True) -> list:
+    """Rebuild the cached classifiers over ``source`` (e.g. an index directory after ``loupe index``
+    added captions) whose source changed: in background threads (returned; the previous classifier
+    answers until its replacement is ready) or now. The server calls this when it reloads its index."""
+    with _LOCK:
+        stale = [(key, clf) for key, clf in _CLASSIFIERS.items() if key[1] == str(source) and not _fresh(key)]
+    threads = []
+    for _key, clf in stale:
+        thread = warm_classifier(clf.encoder, source, background=background)
+        if thread is not None:
+            threads.append(thread)
+    return threads
 
 
 def classifier_state(encoder_name: str, source) -> str:

@@ -300,6 +300,10 @@ class TextDatabase:
             raise store.IndexFormatError(f"{self.dir} is a Loupe index, not a text database")
         self.name: str = info.get("name", self.dir.name)
         self.fingerprint: str = info.get("fingerprint", "")
+        # builtin | captions | file (databases built before "source_kind" was recorded: from the name)
+        self.kind: str = info.get("source_kind") or (
+            "builtin" if self.name in BUILTIN_VOCABULARIES else
+            "captions" if self.name.startswith("captions of ") else "file")
         self.encoder_name: str = next(iter(self.manifest.encoders))
         self.texts: list[str] = []
         self.names: list[list[str]] = []
@@ -340,8 +344,11 @@ class TextDatabase:
 
 
 def build_text_database(out_dir: str | os.PathLike, encoder, entries: TextEntries, *, name: str,
-                        batch_size: int = 128, progress: Callable[[int, int], None] | None = None) -> TextDatabase:
-    """Embed ``entries`` with ``encoder`` (text side) and write them as an index at ``out_dir``."""
+                        batch_size: int = 128, progress: Callable[[int, int], None] | None = None,
+                        kind: str | None = None) -> TextDatabase:
+    """Embed ``entries`` with ``encoder`` (text side) and write them as an index at ``out_dir``.
+    ``kind`` (``builtin`` / ``captions`` / ``file``; recorded as ``source_kind``) decides whether the
+    classifier stores the embeddings of all its names (:func:`retrieval.classify.stores_names`)."""
     import faiss
 
     entries = entries.deduplicated()
@@ -354,7 +361,8 @@ def build_text_database(out_dir: str | os.PathLike, encoder, entries: TextEntrie
     manifest = store.Manifest(
         encoders={encoder.name: store.EncoderEntry(name=encoder.name, dim=int(encoder.dim),
                                                    modalities=list(encoder.modalities))},
-        extra={"kind": "text-database", "name": name, "fingerprint": entries.fingerprint(encoder.name)})
+        extra={"kind": "text-database", "name": name, "fingerprint": entries.fingerprint(encoder.name),
+               **({"source_kind": kind} if kind else {})})
     done = 0
     for number, start in enumerate(range(0, len(entries), SHARD_SIZE)):
         stop = min(len(entries), start + SHARD_SIZE)
@@ -393,7 +401,7 @@ def _safe(name: str) -> str:
 
 
 def ensure_text_database(entries: TextEntries, encoder, *, name: str, directory: str | os.PathLike,
-                         rebuild: bool = False, progress=None) -> TextDatabase:
+                         rebuild: bool = False, progress=None, kind: str | None = None) -> TextDatabase:
     """Open the database at ``directory`` if it matches ``entries`` + encoder, else (re)build it."""
     entries = entries.deduplicated()
     if not len(entries):
@@ -406,7 +414,7 @@ def ensure_text_database(entries: TextEntries, encoder, *, name: str, directory:
                 return db
         except LoupeError:
             pass
-    return build_text_database(directory, encoder, entries, name=name, progress=progress)
+    return build_text_database(directory, encoder, entries, name=name, progress=progress, kind=kind)
 
 
 _OPEN: dict[tuple[str, str], TextDatabase] = {}
@@ -422,7 +430,7 @@ def open_vocabulary(source: str | os.PathLike, encoder, *, cache_dir=None, colum
     path = Path(src).expanduser()
     if src in BUILTIN_VOCABULARIES:
         key_dir = root / f"{src}-{_safe(encoder.name)}"
-        loader, name = imagenet21k_entries, src
+        loader, name, kind = imagenet21k_entries, src, "builtin"
     elif path.is_dir() and (path / store.MANIFEST).is_file():
         manifest = store.read_manifest(path)
         if manifest.extra.get("kind") == "text-database":
@@ -433,11 +441,11 @@ def open_vocabulary(source: str | os.PathLike, encoder, *, cache_dir=None, colum
             return db
         digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
         key_dir = root / f"captions-{digest}-{_safe(encoder.name)}"
-        loader, name = (lambda: caption_entries(path)), f"captions of {path}"
+        loader, name, kind = (lambda: caption_entries(path)), f"captions of {path}", "captions"
     elif path.is_file():
         digest = hashlib.sha1(f"{path.resolve()}|{column}".encode()).hexdigest()[:10]
         key_dir = root / f"file-{_safe(path.stem)}-{digest}-{_safe(encoder.name)}"
-        loader, name = (lambda: file_entries(path, column)), path.name
+        loader, name, kind = (lambda: file_entries(path, column)), path.name, "file"
     elif path.is_dir():
         raise InvalidQueryError(f"{path} is neither a Loupe index nor a text database (no manifest.json)")
     else:
@@ -448,7 +456,10 @@ def open_vocabulary(source: str | os.PathLike, encoder, *, cache_dir=None, colum
     cached = _OPEN.get((str(key_dir), fp))
     if cached is not None and not rebuild:
         return cached
-    db = ensure_text_database(entries, encoder, name=name, directory=key_dir, rebuild=rebuild, progress=progress)
+    db = ensure_text_database(entries, encoder, name=name, directory=key_dir, rebuild=rebuild, progress=progress,
+                              kind=kind)
+    for stale in [k for k in _OPEN if k[0] == str(key_dir)]:   # e.g. the captions before a re-index
+        _OPEN.pop(stale, None)
     _OPEN[(str(key_dir), fp)] = db
     return db
 

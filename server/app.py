@@ -10,7 +10,7 @@ text database in a background thread at start-up; until it is ready ``/api/class
 route of instruction queries answer 503 ``warming_up``; ``loupe serve`` turns it on),
 ``RELOAD_INTERVAL`` (5 s: a request at most this often checks whether ``loupe index`` replaced the
 manifest, and then the index is reopened — loaded models are kept — so serving and indexing can run
-side by side).
+side by side; classifiers over the index's captions are then rebuilt in the background).
 Blueprints come from ``server.routes_search`` (search, images, the web page) and, when present,
 ``server.routes_attribution`` / ``server.routes_copy`` / ``server.routes_classify``; each adds
 its feature name to ``GET /healthz``'s ``features``.
@@ -134,8 +134,24 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
             state(app)["engine"] = new
             metrics.set_index(new)
             log.info("reloaded %s: %d images", new.index_dir, new.count)
+            _refresh_classifiers(new)
         finally:
             reload_state["lock"].release()
+
+    def _refresh_classifiers(new) -> None:
+        """After a reload: rebuild (in the background; the previous one answers meanwhile) the
+        classifiers over the index's captions, and warm the default text database, which may now be
+        the captions (an index that reached ``MIN_INDEX_CAPTIONS``)."""
+        try:
+            from retrieval.classify import default_source, refresh_classifiers, warm_classifier
+        except ImportError:
+            return
+        try:
+            refresh_classifiers(str(new.index_dir))
+            if new.text_encoder and app.config.get("WARM_CLASSIFIER"):
+                warm_classifier(new.encoder(new.text_encoder), default_source(new.index_dir))
+        except Exception:  # noqa: BLE001 - the next classify request rebuilds what is stale
+            log.exception("could not refresh the classifiers of %s after the reload", new.index_dir)
 
     @app.before_request
     def _start_timer():

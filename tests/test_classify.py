@@ -362,7 +362,8 @@ def _write(path, text):
 def fresh_classifier_cache(monkeypatch):
     import retrieval.classify as classify
 
-    for name, value in (("_CLASSIFIERS", {}), ("_WARMING", {}), ("_WARM_ERRORS", {}), ("_WARMED", set())):
+    for name, value in (("_CLASSIFIERS", {}), ("_WARMING", {}), ("_WARM_ERRORS", {}), ("_WARMED", set()),
+                        ("_STAMPS", {})):
         monkeypatch.setattr(classify, name, value)
     return classify
 
