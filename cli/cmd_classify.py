@@ -41,6 +41,10 @@ def add_arguments(p) -> None:
                                      "--vocabulary: clip-vit-b-32 if its weights are cached, else "
                                      "conse-effnet-lite0)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
+    p.add_argument("--precompute-names", action="store_true",
+                   help="embed every candidate name of the vocabulary once and store them next to it "
+                        "(imagenet21k: minutes on a CPU, once; `loupe serve` does it in the background), "
+                        "so later runs embed no names")
     p.add_argument("--json", action="store_true",
                    help='print {"predictions": [{"image", "labels": [{"label", "score"}...]}...]}')
 
@@ -119,7 +123,7 @@ def run(args) -> int:
                   file=sys.stderr, flush=True)
 
     clf = make_classifier(encoder, args.vocabulary or args.dir, column=args.column, config=config,
-                          progress=progress)
+                          progress=progress, precompute_names=True if args.precompute_names else None)
     labels = clf.classify(loaded, top=args.k)
     preds = [Prediction(str(p), lab) for p, lab in zip(images, labels)]
     if args.json:

@@ -121,6 +121,7 @@ def candidate_names(names_lists: Iterable[Sequence[str]]) -> list[str]:
 NAME_STORE_FORMAT = 1
 NAME_STORE_BATCH = 512          # prompted texts per encode_texts call when a name store is built
 NAME_STORE_PROGRESS_MIN = 2000  # names from which building a store shows a tqdm bar (on a terminal)
+NAME_STORE_SYNC_MAX = 5000      # make_classifier builds a missing store itself up to this many names
 
 
 def embed_names(encoder, prompts: Sequence[str], names: Sequence[str]) -> np.ndarray:
@@ -393,15 +394,36 @@ def make_classifier(encoder, source, *, cache_dir=None, column: str | None = Non
                     config: ClassifyConfig | None = None, progress=None,
                     precompute_names: bool | None = None) -> VocabularyFreeClassifier:
     """A classifier over the text database ``source`` (see :func:`retrieval.vocab.open_vocabulary`).
-    ``precompute_names`` (default: :func:`stores_names`): embed every candidate name once and store
-    the vectors next to the database (:class:`NameStore`), so requests embed none."""
+
+    Its stored name embeddings (:class:`NameStore`) are used when they exist. When they are missing,
+    ``precompute_names`` decides whether to build them here (databases that :func:`stores_names` only):
+    ``None`` (default) for up to ``NAME_STORE_SYNC_MAX`` names (a users' label file: about the cost of
+    embedding them on demand), ``True`` always, ``False`` never. The 21k vocabulary has ~37k names × every
+    prompt, a one-off job of minutes on a CPU, so it is not built on the request path by default:
+    ``loupe serve`` builds it in the background after warm-up (:func:`warm_classifier`), ``loupe classify
+    --precompute-names`` in the foreground; names are embedded on demand until then."""
     from .vocab import open_vocabulary
 
     db = open_vocabulary(source, encoder, cache_dir=cache_dir, column=column, progress=progress)
     config = config or ClassifyConfig()
-    build = stores_names(db) if precompute_names is None else bool(precompute_names)
-    store = name_store(db, encoder, config.prompts, build=build)
+    build = stores_names(db) and (precompute_names if precompute_names is not None
+                                  else len(database_names(db)) <= NAME_STORE_SYNC_MAX)
+    store = name_store(db, encoder, config.prompts, build=bool(build))
     return VocabularyFreeClassifier(encoder, db, config, name_store=store or False)
+
+
+def _store_names_later(clf: VocabularyFreeClassifier) -> None:
+    """Build the classifier's missing name store (``stores_names`` databases) and switch to it; meanwhile
+    requests embed names on demand. Runs in the warm-up thread, after the classifier is in service."""
+    if clf.names.store is not None or not stores_names(clf.database):
+        return
+    log.info("embedding the candidate names of %s once (stored next to it; names are embedded on demand "
+             "until this finishes)", clf.database.name)
+    store = name_store(clf.database, clf.encoder, clf.names.prompts, build=True)
+    if store is not None:
+        store.vectors = np.array(store.vectors)        # in memory, as warm-up reads an existing store
+        clf.names.store = store
+        log.info("name store of %s ready: %d names", clf.database.name, len(store))
 
 
 MIN_INDEX_CAPTIONS = 50
@@ -503,12 +525,15 @@ def get_classifier(encoder, source, *, cache_dir=None, wait: bool = False) -> Vo
         return _build(encoder, source, key, cache_dir)
 
 
-def warm_classifier(encoder, source, *, cache_dir=None, background: bool = True):
+def warm_classifier(encoder, source, *, cache_dir=None, background: bool = True, store_names: bool = True):
     """Open (building and caching on disk the first time) the classifier over ``source`` ahead of the
-    first request, with its stored name embeddings (:class:`NameStore`, built the first time) read
-    into memory. ``background``: in a daemon thread (returned); requests that need it meanwhile get
+    first request, with its stored name embeddings (:class:`NameStore`) read into memory.
+    ``background``: in a daemon thread (returned); requests that need it meanwhile get
     :class:`WarmingUpError` — or, when this refreshes a classifier whose source changed, the previous
-    classifier. Nothing is done (None) when a classifier built from the source's current state is there."""
+    classifier. Nothing is done (None) when a classifier built from the source's current state is there.
+    ``store_names``: when the database has no name store yet (built-in vocabulary, names file), build it
+    in the same thread *after* the classifier is in service (requests embed names on demand until then;
+    the 21k vocabulary takes minutes on a CPU, once: later processes open the stored file)."""
     key = (encoder.name, str(source))
 
     def work():
@@ -516,10 +541,16 @@ def warm_classifier(encoder, source, *, cache_dir=None, background: bool = True)
             with _BUILD_LOCK:
                 with _LOCK:
                     fresh = _fresh(key)
+                clf = None
                 if not fresh:
                     clf = _build(encoder, source, key, cache_dir)
                     clf.names.touch()
                     clf.classify_vectors(np.asarray(clf.database.vectors[:1], np.float32), top=1)  # warm the code path
+            if clf is not None and store_names:
+                with _LOCK:                     # in service from here on: requests stop getting 503
+                    if _WARMING.get(key) is threading.current_thread():
+                        _WARMING.pop(key, None)
+                _store_names_later(clf)
             with _LOCK:
                 _WARM_ERRORS.pop(key, None)
         except BaseException as exc:  # noqa: BLE001 - reported by classifier_state; requests retry the build

@@ -234,3 +234,31 @@ def test_server_reload_refreshes_the_caption_classifier(tmp_path, fresh_classifi
     assert classify.get_classifier(enc, str(engine.index_dir)) is not cached
     got = labels(ids[0])                                       # row 0 is now the "dog with a boot" image
     assert got <= _names_of(NEW_CAPTIONS) and "dog" in got
+
+
+def test_large_vocabularies_store_names_in_the_background(tmp_path, fresh_classifier_cache, monkeypatch):
+    """Above NAME_STORE_SYNC_MAX names a classifier is not held up by the store: names are embedded on
+    demand; the warm-up builds the store after the classifier is in service and switches to it."""
+    classify = fresh_classifier_cache
+    monkeypatch.setattr(classify, "NAME_STORE_SYNC_MAX", 2)
+    enc = CountingEncoder()
+    path = _names_file(tmp_path)
+    cache = tmp_path / "cache"
+    cfg = ClassifyConfig(prompts=PROMPTS, k_retrieve=3)
+    clf = make_classifier(enc, path, cache_dir=cache, config=cfg)
+    assert clf.names.store is None and _store_files(clf.database.dir) == []
+    assert [r[0].label for r in clf.classify_vectors(enc.encode_texts(["cat"]), top=1)] == ["cat"]   # on demand
+    forced = make_classifier(enc, path, cache_dir=cache, config=cfg, precompute_names=True)
+    assert forced.names.store is not None and len(forced.names.store) == 5
+    for f in clf.database.dir.glob("names-*"):
+        f.unlink()
+
+    monkeypatch.setattr(classify, "ClassifyConfig", lambda *a, **k: cfg)      # the warm-up's default config
+    thread = classify.warm_classifier(enc, str(path), cache_dir=cache)
+    thread.join(30)
+    warmed = classify.get_classifier(enc, str(path), cache_dir=cache)
+    assert warmed.names.store is not None and len(warmed.names.store) == 5    # built after warm-up, in use
+    assert classify.classifier_state(enc.name, str(path)) == "ready" and classify.warm_status() == "ready"
+    enc.texts.clear()
+    assert [r[0].label for r in warmed.classify_vectors(enc.encode_texts(["rocket"]), top=1)] == ["rocket"]
+    assert enc.texts == ["rocket"]                                            # only the query: names stored
