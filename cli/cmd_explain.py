@@ -7,8 +7,10 @@ import json
 DESCRIPTION = """Draw why an indexed image (--result ID) matched a query, as a heatmap blended on the image
 at its original size (PNG). ViT encoders (CLIP, DINOv2): the query's similarity decomposed over the
 patch tokens (CLIP: CLIP-Surgery-style removal of the patches' shared component); effnet-lite0 and
-conse-effnet-lite0: gradient x activation of the cosine similarity at the input and two finer stages
-(gradinput); --method gradcam: Grad-CAM on the last 7x7 map; --method cam: its exact decomposition;
+conse-effnet-lite0: integrated gradients of the cosine similarity from the image's blank (mean-colour)
+version to the image, per pixel (integrated: the pixels whose loss would lower the similarity most);
+--method gradinput: one-step gradient x activation at the input and two finer stages;
+--method gradcam: Grad-CAM on the last 7x7 map; --method cam: its exact decomposition;
 --method occlusion: the measured similarity drop when each region is hidden (any encoder, one forward
 pass per window, slower); --method eigencam needs no gradients; --method matches (image queries) shows
 the locally matched regions that spatial verification keeps."""

@@ -28,8 +28,23 @@ Methods (``method=``):
   the 28×28 and 14×14 stages (``cnn_layers``); each layer's map is normalised and the maps averaged.
   The final map is too coarse for a 20 %-area question (one cell is 2 % of the image); the gradient at
   the input concentrates on the object's edges and texture, the pixels the similarity depends on.
-  The default for ``effnet-lite0`` and ``conse-effnet-lite0``: it has the largest deletion-test drop
-  of the methods here for both (``benchmarks/bench_attribution.py``, chosen on the even-numbered pairs).
+  It was the default before ``integrated``.
+* ``"integrated"`` — CNN encoders: Integrated Gradients (Sundararajan et al., 2017) of the cosine
+  target along the straight path from a *baseline* image to the image: the baseline is the image
+  filled with its own mean colour (``ig_baseline="mean"``) or a blurred copy (``"blur"``), i.e. the
+  image with its content removed. Per input pixel, ``(x - x̄) · mean_s ∇f(x̄ + α_s (x - x̄))`` over
+  ``ig_steps`` midpoints ``α_s`` (one batched forward + backward pass), summed over colour channels,
+  positive part; with ``ig_layers`` naming EfficientNet stages too, each stage adds
+  ``(a(x) - a(x̄)) · mean_s ∇_a f`` (its activations' difference times the path-averaged gradient) and
+  the normalised maps are averaged. By completeness the pixel attributions sum to ``f(x) - f(x̄)``:
+  they say which pixels, replaced by the baseline, would take the similarity down, which is the
+  question an attribution overlay answers. Plain gradient × input (``gradinput``) is the one-step,
+  zero-baseline special case; the baseline and the path matter because the network is far from
+  linear between an image and its blank (``benchmarks/results/attribution.md``). The default for
+  ``effnet-lite0``: the largest deletion-test drop of the methods here (``benchmarks/bench_attribution.py``;
+  steps and layers chosen on the even-numbered pairs). For ConSE text queries ``occlusion`` came out
+  ahead on those pairs (1.28× vs 1.10× the random drop; ``integrated`` led on the other half) and is the
+  default there.
 * ``"eigencam"`` — Eigen-CAM (no gradients, query independent): the feature map projected on its
   first principal direction. Works for CNN feature maps and ViT patch tokens alike.
 * ``"occlusion"`` — any encoder, perturbation-based (Zeiler & Fergus, 2014): a square window (default
@@ -62,7 +77,7 @@ __all__ = ["Explanation", "AttributionConfig", "METHODS", "attribute", "attribut
            "eigen_cam", "token_contributions", "match_maps", "explain", "default_method", "occlusion_map",
            "occlusion_positions"]
 
-METHODS = ("auto", "tokens", "gradcam", "cam", "gradinput", "eigencam", "occlusion", "matches")
+METHODS = ("auto", "tokens", "gradcam", "cam", "gradinput", "integrated", "eigencam", "occlusion", "matches")
 FILLS = ("mean", "blur")
 _VIT = ("clip", "dinov2")
 _CNN = ("effnet", "conse")
@@ -77,6 +92,9 @@ class AttributionConfig:
     occlusion_fill: str = "mean"    # occlusion: "mean" (the image's mean colour) or "blur"
     batch_size: int = 16            # occlusion: occluded inputs per forward pass
     cnn_layers: tuple = ("input", 2, 4)   # gradinput: "input" and/or timm EfficientNet stage indices (0..6)
+    ig_steps: int = 8               # integrated: path points (midpoint rule), embedded as one batch
+    ig_baseline: str = "mean"       # integrated: "mean" (the image's mean colour) or "blur" (a blurred copy)
+    ig_layers: tuple = ("input",)   # integrated: "input" and/or EfficientNet stage indices (0..6)
 
 
 @dataclass
@@ -186,12 +204,18 @@ def _combine(maps: list[np.ndarray]) -> np.ndarray:
 
 
 def _cnn_maps(encoder, image: Image.Image, query: np.ndarray | None, method: str, layers=()) -> np.ndarray:
+    """``layers``: the stages of ``gradinput``, or the whole ``AttributionConfig`` for ``integrated``."""
     family = encoder.spec.family
     model = encoder.image_model if family == "conse" else encoder.model
     with encoder.lock:
         x = encoder.to_batch([image])
         if method == "gradinput":
             return _combine(_gradinput_maps(encoder, model, x, query, tuple(layers)))
+        if method == "integrated":
+            cfg = layers if isinstance(layers, AttributionConfig) else AttributionConfig()
+            base = encoder.to_batch([_fill_image(image, cfg.ig_baseline)])
+            return _combine(_integrated_maps(encoder, model, x, base, query, tuple(cfg.ig_layers), cfg.ig_steps,
+                                             relu=cfg.relu))
         with torch.no_grad():
             fmap = model.forward_features(x).float()
         if method == "eigencam":
@@ -207,28 +231,59 @@ def _cnn_maps(encoder, image: Image.Image, query: np.ndarray | None, method: str
         return _grad_cam(fmap, target)
 
 
-def _gradinput_maps(encoder, model, x: torch.Tensor, query: np.ndarray, layers) -> list[np.ndarray]:
-    """Gradient × activation maps (channel sum, positive part) of the cosine target at ``layers``."""
-    wanted = set(layers)
+def _check_layers(model, layers, method: str) -> list:
+    wanted = list(dict.fromkeys(layers))
     bad = [v for v in wanted if v != "input" and not (isinstance(v, int) and 0 <= v < len(model.blocks))]
     if bad or not wanted:
-        raise InvalidQueryError(f"gradinput layers must be 'input' or stage indices 0..{len(model.blocks) - 1}")
+        raise InvalidQueryError(f"{method} layers must be 'input' or stage indices 0..{len(model.blocks) - 1}")
+    return wanted
+
+
+def _forward_with_acts(encoder, model, x: torch.Tensor, layers) -> tuple[dict, torch.Tensor]:
+    """Image vectors [n, d] of a batch, and the activations at ``layers`` ("input" is ``x`` itself)."""
+    acts: dict = {"input": x}
+    h = model.bn1(model.conv_stem(x))
+    for i, block in enumerate(model.blocks):
+        h = block(h)
+        if i in layers:
+            acts[i] = h
+    pooled = model.forward_head(model.bn2(model.conv_head(h)), pre_logits=True)
+    vec = conse_vector_torch(encoder, model, pooled) if encoder.spec.family == "conse" else _unit_t(pooled)
+    return acts, vec
+
+
+def _gradinput_maps(encoder, model, x: torch.Tensor, query: np.ndarray, layers) -> list[np.ndarray]:
+    """Gradient × activation maps (channel sum, positive part) of the cosine target at ``layers``."""
+    keys = _check_layers(model, layers, "gradinput")
     q = torch.as_tensor(np.asarray(query, np.float32), device=x.device)
-    acts: dict = {}
     with torch.enable_grad():
-        h = x.detach().clone().requires_grad_(True)
-        acts["input"] = h
-        h = model.bn1(model.conv_stem(h))
-        for i, block in enumerate(model.blocks):
-            h = block(h)
-            if i in wanted:
-                acts[i] = h
-        fmap = model.bn2(model.conv_head(h))
-        pooled = model.forward_head(fmap, pre_logits=True)
-        vec = conse_vector_torch(encoder, model, pooled)[0] if encoder.spec.family == "conse" else _unit_t(pooled[0])
-        keys = [k for k in layers if k in acts]
-        grads = torch.autograd.grad((vec * q).sum(), [acts[k] for k in keys])
+        acts, vec = _forward_with_acts(encoder, model, x.detach().clone().requires_grad_(True), keys)
+        grads = torch.autograd.grad((vec[0] * q).sum(), [acts[k] for k in keys])
     return [torch.relu((g * acts[k]).sum(dim=1))[0].detach().double().cpu().numpy() for k, g in zip(keys, grads)]
+
+
+def _integrated_maps(encoder, model, x: torch.Tensor, base: torch.Tensor, query: np.ndarray, layers,
+                     steps: int, relu: bool = True) -> list[np.ndarray]:
+    """Integrated-gradients maps (channel sum; positive part with ``relu``) at ``layers``: the
+    path-averaged gradient of the cosine target times the activations' difference between the image
+    and the baseline. Without ``relu`` the input map sums to ``f(x) - f(base)`` (up to the midpoint
+    rule's error)."""
+    keys = _check_layers(model, layers, "integrated")
+    steps = max(1, int(steps))
+    q = torch.as_tensor(np.asarray(query, np.float32), device=x.device)
+    alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps
+    with torch.no_grad():
+        ends, _ = _forward_with_acts(encoder, model, torch.cat([x, base]), keys)
+    with torch.enable_grad():
+        path = (base + alphas.view(-1, 1, 1, 1) * (x - base)).detach().requires_grad_(True)
+        acts, vec = _forward_with_acts(encoder, model, path, keys)
+        grads = torch.autograd.grad((vec @ q).sum(), [acts[k] for k in keys])
+    out = []
+    for k, g in zip(keys, grads):
+        diff = ends[k][0] - ends[k][1]
+        m = (g.mean(dim=0) * diff).sum(dim=0)
+        out.append((torch.relu(m) if relu else m).detach().double().cpu().numpy())
+    return out
 
 
 def _cnn_cam(encoder, model, fmap: torch.Tensor, query: np.ndarray) -> np.ndarray:
@@ -318,8 +373,10 @@ def default_method(encoder) -> str:
     fam = encoder.spec.family
     if fam in _VIT:
         return "tokens"
-    if fam in _CNN:
-        return "gradinput"      # best deletion score for both CNN encoders (benchmarks/results/attribution.md)
+    if fam == "effnet":
+        return "integrated"     # best deletion score on the tuning pairs (benchmarks/results/attribution.md)
+    if fam == "conse":
+        return "occlusion"      # best on the text→image tuning pairs, narrowly (same file)
     raise UnsupportedModalityError(f"encoder {encoder.name!r} has no spatial map to attribute; "
                                    "use a CLIP, DINOv2, effnet-lite0 or conse-effnet-lite0 index")
 
@@ -329,7 +386,7 @@ def attribute_grid(encoder, image: Image.Image, query: np.ndarray | None, method
     """A heatmap on the encoder's grid [h, w] (not normalised) for ``image`` against ``query``."""
     method = default_method(encoder) if method == "auto" else method
     fam = encoder.spec.family
-    if method not in ("tokens", "gradcam", "cam", "gradinput", "eigencam", "occlusion"):
+    if method not in ("tokens", "gradcam", "cam", "gradinput", "integrated", "eigencam", "occlusion"):
         raise InvalidQueryError(f"unknown attribution method {method!r}; use one of {', '.join(METHODS)}")
     default_method(encoder)   # raises for encoders without a spatial map
     if method != "eigencam" and query is None:
@@ -338,10 +395,10 @@ def attribute_grid(encoder, image: Image.Image, query: np.ndarray | None, method
         return occlusion_map(encoder, image, query, config)
     if fam in _CNN:
         if method == "tokens":
-            raise InvalidQueryError(f"{encoder.name} is a CNN: use method 'gradcam', 'cam', 'gradinput', "
-                                    "'occlusion' or 'eigencam'")
-        return _cnn_maps(encoder, image, query, method, config.cnn_layers)
-    if method in ("gradcam", "cam", "gradinput"):
+            raise InvalidQueryError(f"{encoder.name} is a CNN: use method 'integrated', 'gradinput', 'gradcam', "
+                                    "'cam', 'occlusion' or 'eigencam'")
+        return _cnn_maps(encoder, image, query, method, config if method == "integrated" else config.cnn_layers)
+    if method in ("gradcam", "cam", "gradinput", "integrated"):
         raise InvalidQueryError(f"{encoder.name} is a ViT: use method 'tokens', 'occlusion' or 'eigencam'")
     pooled, tokens, grid = _vit_tokens(encoder, image)
     if method == "eigencam":
@@ -387,7 +444,8 @@ def explain(engine, ctx, result_id: str, *, method: str = "auto", rerank: bool =
     ``query_side=False`` skips the query image's map (one attribution pass instead of two).
 
     ``method="auto"``: the matched local regions for re-ranked image queries (``rerank=True``), else
-    token decomposition (ViT) or fine-layer gradient × activation (``gradinput``: effnet-lite0, ConSE).
+    token decomposition (ViT), integrated gradients from a mean-colour baseline (``integrated``: effnet-lite0)
+    or occlusion (ConSE).
     """
     if method not in METHODS:
         raise InvalidQueryError(f"unknown attribution method {method!r}; use one of {', '.join(METHODS)}")

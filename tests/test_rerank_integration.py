@@ -75,7 +75,7 @@ def test_explain_cli(built, tmp_path, capsys):
                "--encoder", "effnet-lite0", "--query-out", str(qout), "--json", str(tmp_path / "h.json")])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["method"] == "gradinput"
+    assert summary["method"] == "integrated"
     assert Image.open(out).size == (512, 512) and Image.open(qout).size == Image.open(root / "query.jpg").size
     heat = json.loads((tmp_path / "h.json").read_text())
     assert heat["width"] == 512 and heat["height"] == 512 and len(heat["heatmap"]) == 512
@@ -111,7 +111,7 @@ def test_attribution_route(built):
             "encoder": "effnet-lite0", "side": "query", "format": "json", "max_side": "64"}
     body = client.post("/api/attribution", data=data, content_type="multipart/form-data").get_json()
     qsize = Image.open(root / "query.jpg").size
-    assert body["side"] == "query" and body["method"] == "gradinput" and max(body["width"], body["height"]) == 64
+    assert body["side"] == "query" and body["method"] == "integrated" and max(body["width"], body["height"]) == 64
     assert (body["image_width"], body["image_height"]) == qsize
     # errors are 4xx JSON
     r = client.post("/api/attribution", json={"text": "a cat"})
