@@ -199,6 +199,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="/tmp/loupe-bench-rerank")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--query-seed", type=int, default=None,
+                    help="draw the queries' transformations from this seed instead (same database): a fresh "
+                         "query set, all of it held out from the library defaults' tuning")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rerank.md"),
                     help="results file (its re-ranking section is replaced; other sections are kept)")
     ap.add_argument("--region-expand", type=int, default=10, help="candidates each query region fetches (tuned)")
@@ -243,6 +246,8 @@ def main(argv=None) -> int:
     key_to_id = {k: store.content_id(hashlib.sha256(k.encode()).hexdigest()) for k in keys}
 
     backgrounds = photos + extras[:50]
+    if args.query_seed is not None:
+        rng = np.random.default_rng([args.seed, args.query_seed])
     queries, kinds, relevant = [], [], []
     for i, img in enumerate(refs):
         kind = TRANSFORMS[i % len(TRANSFORMS)]
@@ -253,7 +258,8 @@ def main(argv=None) -> int:
 
     # per query: one forward pass (global vector + tokens) and the global top-N
     # (cached per query set: the queries do not depend on the number of distractors)
-    q_tag = hashlib.sha1(f"{args.encoder}|{args.references}|{args.seed}|queries-v1".encode()).hexdigest()[:10]
+    q_seed = "" if args.query_seed is None else f"|q{args.query_seed}"
+    q_tag = hashlib.sha1(f"{args.encoder}|{args.references}|{args.seed}{q_seed}|queries-v1".encode()).hexdigest()[:10]
     q_cache = Path(args.workdir) / f"queries-{q_tag}.npz"
     if q_cache.is_file():
         with np.load(q_cache) as z:
