@@ -445,18 +445,32 @@ _LOCK = threading.Lock()           # guards the dicts above
 _BUILD_LOCK = threading.Lock()     # one database build at a time, even under concurrent first requests
 
 
+_DEFAULT_SOURCES: dict[str, tuple[Any, str]] = {}   # index dir → (source_stamp, answer) of default_source
+
+
 def default_source(index_dir=None) -> str:
     """The text database that names query images: the captions of ``index_dir`` when it has at least
-    ``MIN_INDEX_CAPTIONS`` of them, else ``imagenet21k``."""
-    if index_dir is not None:
-        from .vocab import caption_entries
+    ``MIN_INDEX_CAPTIONS`` of them, else ``imagenet21k``. Reading an index's captions costs a pass over
+    its metadata, so the answer is remembered per index until it is re-indexed (:func:`source_stamp`)."""
+    if index_dir is None:
+        return "imagenet21k"
+    key = str(index_dir)
+    stamp = source_stamp(key)
+    with _LOCK:
+        known = _DEFAULT_SOURCES.get(key)
+    if known is not None and stamp is not None and known[0] == stamp:
+        return known[1]
+    from .vocab import caption_entries
 
-        try:
-            if len(caption_entries(index_dir).deduplicated()) >= MIN_INDEX_CAPTIONS:
-                return str(index_dir)
-        except Exception:  # noqa: BLE001 - an unreadable index falls back to the vocabulary
-            pass
-    return "imagenet21k"
+    answer = "imagenet21k"
+    try:
+        if len(caption_entries(index_dir).deduplicated()) >= MIN_INDEX_CAPTIONS:
+            answer = key
+    except Exception:  # noqa: BLE001 - an unreadable index falls back to the vocabulary
+        pass
+    with _LOCK:
+        _DEFAULT_SOURCES[key] = (stamp, answer)
+    return answer
 
 
 def source_stamp(source) -> tuple | None:

@@ -180,7 +180,7 @@ def fresh_classifier_cache(monkeypatch):
     import retrieval.classify as classify
 
     for name, value in (("_CLASSIFIERS", {}), ("_WARMING", {}), ("_WARM_ERRORS", {}), ("_WARMED", set()),
-                        ("_STAMPS", {})):
+                        ("_STAMPS", {}), ("_DEFAULT_SOURCES", {})):
         monkeypatch.setattr(classify, name, value)
     return classify
 
@@ -262,3 +262,24 @@ def test_large_vocabularies_store_names_in_the_background(tmp_path, fresh_classi
     enc.texts.clear()
     assert [r[0].label for r in warmed.classify_vectors(enc.encode_texts(["rocket"]), top=1)] == ["rocket"]
     assert enc.texts == ["rocket"]                                            # only the query: names stored
+
+
+def test_default_source_reads_the_captions_once_per_indexing_run(tmp_path, fresh_classifier_cache, monkeypatch):
+    """default_source (called by every classify / caption-route request) reads an index's captions once,
+    and again only after the index is re-indexed."""
+    import retrieval.vocab as vocab
+
+    classify = fresh_classifier_cache
+    monkeypatch.setattr(classify, "MIN_INDEX_CAPTIONS", 2)
+    enc = CountingEncoder()
+    index = _caption_index(tmp_path / "idx", enc, OLD_CAPTIONS)
+    calls = []
+    real = vocab.caption_entries
+    monkeypatch.setattr(vocab, "caption_entries", lambda d, *a, **k: calls.append(d) or real(d, *a, **k))
+    assert classify.default_source(index) == str(index) == classify.default_source(str(index))
+    assert len(calls) == 1
+    monkeypatch.setattr(classify, "MIN_INDEX_CAPTIONS", 10_000)
+    assert classify.default_source(index) == str(index)             # remembered: no new read
+    _caption_index(index, enc, NEW_CAPTIONS)                           # re-indexed: read again
+    assert classify.default_source(index) == "imagenet21k" and len(calls) == 2
+    assert classify.default_source(None) == "imagenet21k"
