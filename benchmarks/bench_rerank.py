@@ -128,13 +128,15 @@ def transform(img: Image.Image, kind: str, rng: np.random.Generator, backgrounds
 
 
 # -- index -------------------------------------------------------------------------------------
-def build_index(out: Path, enc, images: list[Image.Image], keys: list[str], batch: int = 32) -> None:
+def build_index(out: Path, enc, images: list[Image.Image], keys: list[str], batch: int = 32,
+                layer: str = "final") -> None:
     import faiss
 
     from indexer.writer import LOCAL_DIM  # the dimension `loupe index --local-features` uses
     from retrieval import store
 
-    cache = out.parent / f"{out.name}-encoded.npz"     # the encoder's outputs, reused by later runs
+    suffix = "" if layer == "final" else f"-{layer}"
+    cache = out.parent / f"{out.name}-encoded{suffix}.npz"     # the encoder's outputs, reused by later runs
     if cache.is_file():
         with np.load(cache) as z:
             vecs, toks, grid = z["vecs"], z["toks"], tuple(int(x) for x in z["grid"])
@@ -144,7 +146,10 @@ def build_index(out: Path, enc, images: list[Image.Image], keys: list[str], batc
         grid = None
         t0 = time.perf_counter()
         for i in range(0, len(images), batch):
-            g, t, grid = enc.encode_images_and_local(images[i:i + batch])
+            if layer == "fine":       # the stored descriptors come from the fine map (same forward pass)
+                g, _, _, t, grid = enc.encode_images_and_fine(images[i:i + batch])
+            else:
+                g, t, grid = enc.encode_images_and_local(images[i:i + batch])
             vecs.append(g)
             toks.append(t.astype(np.float16))
             if (i // batch) % 20 == 0:
@@ -174,7 +179,7 @@ def build_index(out: Path, enc, images: list[Image.Image], keys: list[str], batc
     store.write_metadata(out, shard, rows)
     entry = store.EncoderEntry(name=enc.name, dim=int(vecs.shape[1]), modalities=list(enc.modalities),
                                local_features={"dim": reducer.dim, "grid": [h, w], "per_image": h * w,
-                                               "dtype": "float16"})
+                                               "dtype": "float16", "layer": layer})
     manifest = store.Manifest(encoders={enc.name: entry}, shards=[store.ShardEntry(shard, len(images))])
     store.write_manifest(out, manifest)
 
@@ -199,6 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="/tmp/loupe-bench-rerank")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--local-layer", choices=("final", "fine"), default="final",
+                    help="the local descriptors the index stores (as `loupe index --local-layer`)")
     ap.add_argument("--query-seed", type=int, default=None,
                     help="draw the queries' transformations from this seed instead (same database): a fresh "
                          "query set, all of it held out from the library defaults' tuning")
@@ -235,10 +242,12 @@ def main(argv=None) -> int:
           f"{len(extras)} other stamps, {len(fm)} Fashion-MNIST = {len(images)} images", flush=True)
 
     tag = hashlib.sha1(f"{args.encoder}|{args.references}|{args.distractors}|{args.seed}|v1".encode()).hexdigest()[:10]
+    if args.local_layer != "final":
+        tag += f"-{args.local_layer}"
     idx_dir = Path(args.workdir) / f"idx-{tag}"
     t0 = time.perf_counter()
     if not (idx_dir / "manifest.json").is_file():
-        build_index(idx_dir, enc, images, keys)
+        build_index(idx_dir, enc, images, keys, layer=args.local_layer)
     build_s = time.perf_counter() - t0
     engine = Engine(idx_dir, device="cpu")
     from retrieval import store
@@ -275,6 +284,18 @@ def main(argv=None) -> int:
                 print(f"  {i + 1}/{len(queries)} queries embedded ({time.perf_counter() - t_q:.0f}s)", flush=True)
         np.savez(q_cache, vecs=np.stack([e[0] for e in enc_q]), toks=np.stack([e[1] for e in enc_q]),
                  grid=np.array(enc_q[0][2]))
+    fine_q: list = [None] * len(queries)
+    if args.local_layer == "fine":        # the queries' fine-map tokens, cached beside the others
+        f_cache = Path(args.workdir) / f"queries-{q_tag}-fine.npz"
+        if f_cache.is_file():
+            with np.load(f_cache) as z:
+                fine_q = [(z["toks"][i], tuple(int(x) for x in z["grid"])) for i in range(len(queries))]
+        else:
+            fine_q = []
+            for q in queries:
+                _, _, _, ftok, fgrid = enc.encode_images_and_fine([q])
+                fine_q.append((ftok[0].astype(np.float16), (int(fgrid[0]), int(fgrid[1]))))
+            np.savez(f_cache, toks=np.stack([f[0] for f in fine_q]), grid=np.array(fine_q[0][1]))
     hits_all = [engine.search_vector(enc.name, v, args.n) for v, _, _ in enc_q]
     search_cache: dict = {}
 
@@ -318,6 +339,8 @@ def main(argv=None) -> int:
         v, tok, grid = enc_q[i]
         ctx = QueryContext(vector=v, encoder=enc.name, image=queries[i])
         ctx.local = (tok, grid)
+        if fine_q[i] is not None:
+            ctx.local_fine = (fine_q[i][0].astype(np.float32), fine_q[i][1])
         return [h.id for h in rerank_hits(engine, ctx, hits_all[i], k=args.n, config=cfg, search=searcher(i),
                                           crop_encoder=cropper(i))]
 
@@ -414,17 +437,25 @@ def main(argv=None) -> int:
     lat_q = queries[: args.latency_queries]
     t_glob, t_lib, t_tuned, t_nocrop = [], [], [], []
 
+    def query_ctx(q):
+        """The query's context as ``Engine.search`` builds it: one forward pass, the maps re-ranking needs."""
+        if args.local_layer == "fine":
+            g, tok, grid, ftok, fgrid = enc.encode_images_and_fine([q])
+            ctx = QueryContext(vector=g[0], encoder=enc.name, image=q)
+            ctx.local, ctx.local_fine = (tok[0], grid), (ftok[0], fgrid)
+        else:
+            g, tok, grid = enc.encode_images_and_local([q])
+            ctx = QueryContext(vector=g[0], encoder=enc.name, image=q)
+            ctx.local = (tok[0], grid)
+        return g, ctx
+
     def tuned_path(q):
-        g, tok, grid = enc.encode_images_and_local([q])
-        ctx = QueryContext(vector=g[0], encoder=enc.name, image=q)
-        ctx.local = (tok[0], grid)
+        g, ctx = query_ctx(q)
         hits = engine.search_vector(enc.name, g[0], args.n)
         rerank_hits(engine, ctx, hits, k=20, config=crop_cfg, search=lambda v, n: engine.search_vector(enc.name, v, n))
 
     def nocrop_path(q):
-        g, tok, grid = enc.encode_images_and_local([q])
-        ctx = QueryContext(vector=g[0], encoder=enc.name, image=q)
-        ctx.local = (tok[0], grid)
+        g, ctx = query_ctx(q)
         hits = engine.search_vector(enc.name, g[0], args.n)
         rerank_hits(engine, ctx, hits, k=20, config=replace(DEFAULT_CONFIG, crop=False),
                     search=lambda v, n: engine.search_vector(enc.name, v, n))
@@ -454,6 +485,7 @@ def main(argv=None) -> int:
         f"- command: `{env}.venv/bin/python benchmarks/bench_rerank.py {' '.join(argv_used)}`",
         f"- database: {len(images)} images = {len(refs)} references ({args.references} Tux Paint stamps + "
         f"{len(photos)} scikit-image photos) + {len(extras)} other stamps + {len(fm)} Fashion-MNIST distractors;"
+        f" local descriptors: the `{args.local_layer}` map;"
         f" queries: {len(queries)} (one per reference; {', '.join(TRANSFORMS)} in turn); one relevant each,"
         f" AP = 1/rank in the top {args.n}",
         f"- fusion weights tuned on the {len(tune)} even queries, figures on the {len(test)} odd ones"

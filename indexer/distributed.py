@@ -39,7 +39,7 @@ def _require_ray():
 class EmbedActor:
     """A Ray Data actor: decode + embed whole batches, return pickled records and vectors."""
 
-    def __init__(self, items_ref, known_ids_ref, specs: dict, names: list[str], local: list[str], device: str,
+    def __init__(self, items_ref, known_ids_ref, specs: dict, names: list[str], local: dict[str, str], device: str,
                  precision: str, batch_size: int, read_cfg, max_pixels: int | None, threads: int):
         import ray
 
@@ -55,7 +55,7 @@ class EmbedActor:
         self.encoders = {n: create_encoder(n, device=device, precision=precision) for n in names}
         self.transforms, self.stats, self.group_of = _transform_groups(self.encoders)
         self.dataset = DecodeDataset(items, self.transforms, frozenset(known), read_cfg, max_pixels)
-        self.local = set(local)
+        self.local = dict(local)                 # encoder -> local layer
         self.batch_size = batch_size
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads))
 
@@ -71,7 +71,7 @@ class EmbedActor:
         if batch["ok"]:
             for name, enc in self.encoders.items():
                 x = assemble(batch, batch["ok"], {}, {}, self.group_of[name], self.stats, enc)
-                vectors[name], loc = _embed(enc, x, name in self.local)
+                vectors[name], loc = _embed(enc, x, self.local.get(name))
                 if loc is not None:
                     local[name] = loc
         return {"records": batch["records"], "ok": batch["ok"], "vectors": vectors, "local": local}
@@ -81,7 +81,7 @@ class EmbedActor:
         return {"payload": np.array(out, dtype=object)}
 
 
-def ray_batches(dataset, encoders: dict, local: set[str], *, batch_size: int, address: str | None,
+def ray_batches(dataset, encoders: dict, local: dict[str, str], *, batch_size: int, address: str | None,
                 actors: int, device: str, precision: str, threads: int) -> Iterator[dict[str, Any]]:
     """Embedded batches computed on a Ray cluster, in order: ``{"records", "ok", "vectors", "local"}``.
 
@@ -109,7 +109,7 @@ def ray_batches(dataset, encoders: dict, local: set[str], *, batch_size: int, ad
         num_gpus=1 if uses_gpu else 0, num_cpus=max(1, threads),
         fn_constructor_kwargs=dict(
             items_ref=ray.put(list(dataset.items)), known_ids_ref=ray.put(sorted(dataset.known_ids)),
-            specs=specs, names=list(encoders), local=sorted(local), device=device, precision=precision,
+            specs=specs, names=list(encoders), local=dict(local), device=device, precision=precision,
             batch_size=batch_size, read_cfg=dataset.read_cfg, max_pixels=dataset.max_pixels, threads=threads))
     log.info("ray: %d batches of %d on %d actor(s)%s", n_batches, batch_size, actors, " with GPUs" if uses_gpu else "")
     for out in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2):

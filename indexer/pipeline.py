@@ -71,6 +71,7 @@ class IndexConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     workers: int | None = None              # None: default_workers()
     local_features: bool = False
+    local_layer: str = "final"              # "final" map, or "fine" (effnet-lite0: 14x14 stage-4 map) for re-ranking
     prune: bool = False
     allow_download: bool = False
     max_memory: int | None = None           # bytes, for the index-type choice
@@ -130,9 +131,13 @@ def _resolve_encoders(cfg: IndexConfig, manifest: store.Manifest | None) -> list
     return existing
 
 
-def _embed(enc, x: torch.Tensor, local: bool):
+def _embed(enc, x: torch.Tensor, local: str | None):
+    """Global vectors, and with ``local`` (a layer: "final" or "fine") the local tokens + grid to store."""
     if enc.binary:
         return enc.hash_bits(x), None
+    if local == "fine":
+        vecs, _, _, tokens, grid = enc.encode_images_and_fine(x)
+        return vecs, (tokens, grid)
     if local:
         vecs, tokens, grid = enc.encode_images_and_local(x)
         return vecs, (tokens, grid)
@@ -159,19 +164,28 @@ def _plan_manifest(cfg: IndexConfig, manifest: store.Manifest | None, encoders: 
     return manifest
 
 
-def _local_encoders(cfg: IndexConfig, manifest: store.Manifest, encoders: dict) -> set[str]:
-    """Encoders that store local features: asked for on a new index, or already in the manifest."""
-    local = set()
+def _local_encoders(cfg: IndexConfig, manifest: store.Manifest, encoders: dict) -> dict[str, str]:
+    """Encoders that store local features → their layer: asked for on a new index (``cfg.local_layer``
+    where the encoder has it, else its final map), or as already in the manifest."""
+    local: dict[str, str] = {}
+    if cfg.local_layer not in ("final", "fine"):
+        raise LoupeError(f"unknown --local-layer {cfg.local_layer!r}; use final or fine")
     if cfg.local_features:
         if manifest.shards and all(e.local_features is None for e in manifest.encoders.values()):
             raise LoupeError(f"{cfg.out} was built without --local-features; build a new index to add them")
         if not manifest.shards:
             for n, enc in encoders.items():
                 if enc.has_local_features and not enc.binary:
-                    local.add(n)
+                    layer = cfg.local_layer if cfg.local_layer in enc.local_layers else "final"
+                    if layer != cfg.local_layer:
+                        log.warning("encoder %s has no %s local layer; storing its final map", n, cfg.local_layer)
+                    local[n] = layer
                 else:
                     log.warning("encoder %s has no local features; indexing its global vectors only", n)
-    return local | {n for n, e in manifest.encoders.items() if e.local_features is not None}
+    for n, e in manifest.encoders.items():
+        if e.local_features is not None:
+            local[n] = e.local_features.get("layer", "final")
+    return local
 
 
 def _transform_groups(encoders: dict) -> tuple[list, list, dict[str, int]]:
@@ -305,7 +319,7 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
         if cfg.ray:
             from .distributed import ray_batches
 
-            batches = ray_batches(dataset, encoders, writer.local, batch_size=max(1, cfg.batch_size),
+            batches = ray_batches(dataset, encoders, writer.local_layers, batch_size=max(1, cfg.batch_size),
                                   address=cfg.ray, actors=cfg.ray_actors, device=cfg.device,
                                   precision=cfg.precision, threads=max(1, workers))
         else:
@@ -337,7 +351,7 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
                         vectors, local_out = {}, {}
                         for n, enc in encoders.items():
                             x = assemble(batch, kept, decoded, fallback, group_of[n], stats, enc)
-                            vectors[n], loc = _embed(enc, x, n in writer.local)
+                            vectors[n], loc = _embed(enc, x, writer.local_layers.get(n))
                             if loc is not None:
                                 local_out[n] = loc
                     t_encode += time.perf_counter() - t

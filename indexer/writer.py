@@ -149,9 +149,11 @@ def select_tokens(n_tokens: int, cap: int = LOCAL_MAX_TOKENS) -> np.ndarray:
 class LocalFeatures:
     """Per encoder: cap tokens per image, fit the PCA on the first images, reduce, keep fp16."""
 
-    def __init__(self, reducer: store.LocalReducer | None = None, grid: tuple[int, int] | None = None):
+    def __init__(self, reducer: store.LocalReducer | None = None, grid: tuple[int, int] | None = None,
+                 layer: str = "final"):
         self.reducer = reducer
         self.grid = grid
+        self.layer = layer
         self.raw: list[np.ndarray] = []        # capped raw tokens waiting for the PCA fit
         self.per_image = 0
 
@@ -187,7 +189,8 @@ class LocalFeatures:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"dim": self.reducer.dim, "grid": list(self.grid), "per_image": self.per_image, "dtype": "float16"}
+        return {"dim": self.reducer.dim, "grid": list(self.grid), "per_image": self.per_image, "dtype": "float16",
+                "layer": self.layer}
 
 
 # -- the writer --------------------------------------------------------------------------------
@@ -198,7 +201,7 @@ class IndexWriter:
     """
 
     def __init__(self, index_dir: Path, manifest: store.Manifest, state: IndexState, *, shard_size: int,
-                 local: set[str] | frozenset[str] = frozenset(), use_gpu: bool = False,
+                 local: dict[str, str] | set[str] | frozenset[str] = frozenset(), use_gpu: bool = False,
                  commit_seconds: float | None = None):
         self.dir = Path(index_dir)
         self.manifest = manifest
@@ -212,9 +215,11 @@ class IndexWriter:
         self.alias_updates: dict[str, dict[str, list[str]]] = {}   # shard -> id -> new alias sources
         self.pending_pos: dict[str, int] = {}                       # id -> row in self.rows
         self.local: dict[str, LocalFeatures] = {}
+        asked = local if isinstance(local, dict) else dict.fromkeys(local, "final")
         for name, entry in manifest.encoders.items():
-            if entry.local_features is not None or name in local:
-                self.local[name] = self._local_for(name, entry)
+            if entry.local_features is not None or name in asked:
+                self.local[name] = self._local_for(name, entry, asked.get(name, "final"))
+        self.local_layers = {name: feats.layer for name, feats in self.local.items()}   # for the embedding step
         self.committed = 0
         self.open_shard: str | None = None      # the committed version of the shard being filled
         self.open_count = 0                     # rows of self.rows already in open_shard
@@ -223,15 +228,16 @@ class IndexWriter:
         self.commit_seconds = commit_seconds
         self.last_commit = time.monotonic()
 
-    def _local_for(self, name: str, entry: store.EncoderEntry) -> LocalFeatures:
+    def _local_for(self, name: str, entry: store.EncoderEntry, layer: str = "final") -> LocalFeatures:
         if entry.local_features is None:
-            return LocalFeatures()
+            return LocalFeatures(layer=layer)
         pca = store.pca_path(self.dir, name)
         if not pca.is_file():
             raise IndexFormatError(f"{pca} is missing but the manifest lists local features for {name}; "
                                    "rebuild the index")
         grid = entry.local_features.get("grid") or [0, 0]
-        return LocalFeatures(store.LocalReducer.load(pca), (int(grid[0]), int(grid[1])))
+        return LocalFeatures(store.LocalReducer.load(pca), (int(grid[0]), int(grid[1])),
+                             entry.local_features.get("layer", "final"))
 
     # -- adding ----------------------------------------------------------------------------------
     def add(self, rows: list[dict[str, Any]], vectors: dict[str, np.ndarray],

@@ -431,7 +431,12 @@ class Engine:
             pil = load_image(image)
             ctx.image = pil
             enc = self.encoder(entry.name)
-            if keep_local and enc.has_local_features and not enc.binary:
+            fine = (entry.local_features or {}).get("layer") == "fine" and "fine" in enc.local_layers
+            if keep_local and fine:
+                # one forward pass: the global vector, the final map (regions) and the fine map (matching)
+                vecs, tokens, grid, ftok, fgrid = enc.encode_images_and_fine([pil])
+                img_vec, ctx.local, ctx.local_fine = vecs[0], (tokens[0], grid), (ftok[0], fgrid)
+            elif keep_local and enc.has_local_features and not enc.binary:
                 # one forward pass gives the global vector and the tokens re-ranking needs
                 vecs, tokens, grid = enc.encode_images_and_local([pil])
                 img_vec, ctx.local = vecs[0], (tokens[0], grid)

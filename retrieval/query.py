@@ -44,6 +44,7 @@ class QueryContext:
     instruction: str | None = None
     terms: list[tuple[float, str]] = field(default_factory=list)
     local: tuple[np.ndarray, tuple[int, int]] | None = None   # (raw tokens [p, C], grid) from the same pass
+    local_fine: tuple[np.ndarray, tuple[int, int]] | None = None   # the fine layer's (tokens, grid), same pass
     image_vector: np.ndarray | None = None   # the unit image vector before an instruction was composed in
     _image_loader: Callable[[], Image.Image] | None = field(default=None, repr=False, compare=False)
 

@@ -116,7 +116,7 @@ class RerankConfig:
     dba_k: int = 2
     dba_alpha: float = 3.0
     text_top_frac: float = 0.125
-    spatial_top: int | None = None  # RANSAC only for this many candidates (by the score without it); None: all
+    spatial_top: int | None = 20    # RANSAC only for this many candidates (by the score without it); None: all
     regions: bool = True           # multi-region query descriptors (see region_vectors)
     w_region: float = 1.0
     region_sizes: tuple[int, ...] = (2, 3, 4, 5)   # window sides, in grid cells
@@ -542,6 +542,25 @@ def query_tokens(engine, ctx, encoder_name: str | None = None) -> tuple[np.ndarr
     return None
 
 
+def _query_fine_tokens(engine, ctx, name: str) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """The query image's fine-layer tokens (an index built with ``--local-layer fine``): kept from the
+    embedding pass (``ctx.local_fine``), else one ``encode_images_and_fine`` pass (which also keeps the
+    final map in ``ctx.local`` for the regions)."""
+    fine = getattr(ctx, "local_fine", None)
+    if fine is not None and name == ctx.encoder:
+        return np.asarray(fine[0]), (int(fine[1][0]), int(fine[1][1]))
+    image = getattr(ctx, "image", None)
+    if image is None:          # an indexed image_id query: its stored descriptors are read instead
+        return None
+    _, tokens, grid, ftok, fgrid = engine.encoder(name).encode_images_and_fine([image])
+    if name == ctx.encoder:
+        try:
+            ctx.local, ctx.local_fine = (tokens[0], (int(grid[0]), int(grid[1]))), (ftok[0], fgrid)
+        except AttributeError:  # pragma: no cover - a read-only context
+            pass
+    return np.asarray(ftok[0]), (int(fgrid[0]), int(fgrid[1]))
+
+
 def query_local_features(engine, ctx, encoder_name: str | None = None
                          ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]] | None:
     """The query's local descriptors in the index's space: ``(desc [p, c], pos [p, 2], grid)`` or None.
@@ -550,7 +569,10 @@ def query_local_features(engine, ctx, encoder_name: str | None = None
     the encoder's ``encode_images_and_local`` on ``ctx.image``, else reads an indexed ``ctx.image_id``'s."""
     name = encoder_name or ctx.encoder
     info = _local_info(engine, name) or {}
-    q = query_tokens(engine, ctx, name)
+    if info.get("layer") == "fine":
+        q = _query_fine_tokens(engine, ctx, name)
+    else:
+        q = query_tokens(engine, ctx, name)
     if q is not None:
         tokens, grid = q
         return reduce_tokens(engine, name, tokens), _grid_positions(grid), grid

@@ -333,8 +333,9 @@ def test_local_features(tmp_path, photo_dir, tiny_clip, effnet):
     s = _index([photo_dir], out, ["effnet-lite0", tiny_clip], shard_size=6, local_features=True, device="cpu")
     m = store.read_manifest(out)
     lf = m.encoders["effnet-lite0"].local_features
-    assert lf == {"dim": 128, "grid": [7, 7], "per_image": 49, "dtype": "float16"}
-    assert m.encoders[tiny_clip].local_features == {"dim": 32, "grid": [4, 4], "per_image": 16, "dtype": "float16"}
+    assert lf == {"dim": 128, "grid": [7, 7], "per_image": 49, "dtype": "float16", "layer": "final"}
+    assert m.encoders[tiny_clip].local_features == {"dim": 32, "grid": [4, 4], "per_image": 16, "dtype": "float16",
+                                                         "layer": "final"}
     reducer = store.LocalReducer.load(store.pca_path(out, "effnet-lite0"))
     assert reducer.components.shape == (128, 1280)
     rows = _all_rows(out)

@@ -105,6 +105,11 @@ class Encoder:
     def binary(self) -> bool:
         return bool(self.spec.get("binary", False))
 
+    #: local descriptor layers this encoder can store (``loupe index --local-layer``): "final" is the
+    #: map ``encode_images_and_local`` returns; encoders with a finer one also implement
+    #: ``encode_images_and_fine`` (one forward pass: global, final tokens + grid, fine tokens + grid)
+    local_layers: tuple[str, ...] = ("final",)
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} dim={self.dim} device={self.device.device}>"
 

@@ -3,7 +3,9 @@
 The packaged ``.pth`` uses EfficientNet-PyTorch key names; they map one-to-one, in order, onto timm's
 ``tf_efficientnet_lite0`` (all 296 shapes match), so the state dict is renamed positionally and
 loaded strictly. Inputs: bicubic resize to 256, centre crop 224, scaled to [-1, 1].
-Global vector: the pooled 1280-d pre-logits; local features: the final 7x7x1280 feature map.
+Global vector: the pooled 1280-d pre-logits; local features: the final 7x7x1280 feature map, or
+(``local_layer="fine"``) the 14x14x112 map of stage 4 (``FINE_STAGE``), whose cells see a quarter of the
+area: 196 descriptors instead of 49 for local matching, from the same forward pass.
 """
 
 from __future__ import annotations
@@ -55,7 +57,12 @@ def effnet_transform(spec):
     return timm.data.create_transform(**cfg, is_training=False)
 
 
+FINE_STAGE = 4      # timm EfficientNet block index of the fine local layer (stride 16: 14x14 at 224 px, 112-d)
+
+
 class EffnetEncoder(Encoder):
+    local_layers = ("final", "fine")
+
     def __init__(self, spec, device):
         super().__init__(spec, device)
         self.model = load_effnet_lite0(spec.get("weights")).to(device.device)
@@ -97,3 +104,23 @@ class EffnetEncoder(Encoder):
     def local_features(self, batch) -> tuple[Vectors, tuple[int, int]]:
         _, tokens, grid = self.encode_images_and_local(batch)
         return tokens, grid
+
+    @torch.inference_mode()
+    def encode_images_and_fine(self, batch):
+        """One forward pass: ``(global [n, d], final tokens [n, 49, 1280], final grid, fine tokens
+        [n, 196, 112], fine grid)``; token rows are unit length, row-major over their grid."""
+        x = self.to_batch(batch)
+        m = self.model
+        with self.lock, self.device.autocast():
+            h = m.bn1(m.conv_stem(x))
+            fine = None
+            for i, block in enumerate(m.blocks):
+                h = block(h)
+                if i == FINE_STAGE:
+                    fine = h
+            fmap = m.bn2(m.conv_head(h))
+            pooled = m.forward_head(fmap, pre_logits=True)
+        tokens = fmap.flatten(2).transpose(1, 2)
+        fine_tokens = fine.flatten(2).transpose(1, 2)
+        return (l2_normalize(pooled), l2_normalize(tokens), tuple(fmap.shape[2:]), l2_normalize(fine_tokens),
+                tuple(fine.shape[2:]))
