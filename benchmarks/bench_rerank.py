@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from retrieval import create_encoder
     from retrieval.engine import Engine, QueryContext
-    from retrieval.rerank import DEFAULT_CONFIG, rerank_hits
+    from retrieval.rerank import DEFAULT_CONFIG, FINE_DEFAULT_CONFIG, rerank_hits
 
     rng = np.random.default_rng(args.seed)
     enc = create_encoder(args.encoder, device="cpu")
@@ -387,7 +387,8 @@ def main(argv=None) -> int:
     print(f"tuned in {time.perf_counter() - t_tune:.0f}s: {reg_cfg}\n  with crops: {crop_cfg}", flush=True)
 
     def short(cfg):
-        out = f"w_local={cfg.w_local:g}, w_spatial={cfg.w_spatial:g}"
+        spatial = f"w_spatial={cfg.w_spatial:g}" if cfg.spatial else "no spatial verification"
+        out = f"w_local={cfg.w_local:g}, {spatial}"
         if cfg.regions:
             out += (f", w_region={cfg.w_region:g}, windows {'/'.join(map(str, cfg.region_sizes))} cells stride "
                     f"{cfg.region_stride}, expand={cfg.region_expand}")
@@ -395,9 +396,12 @@ def main(argv=None) -> int:
             fuse = "max(region, crop)" if cfg.crop_fuse == "max" else f"w_crop={cfg.w_crop:g}"
             out += (f", crop: {cfg.crop_count} × {cfg.crop_select} window, margin {cfg.crop_margin:g} cell, "
                     f"{fuse}, crop_expand={cfg.crop_expand}")
+        else:
+            out += ", no crop pass"
         return out
 
     alt_expand = args.region_expand if reg_cfg.region_expand == 0 else 0
+    lib_cfg = FINE_DEFAULT_CONFIG if args.local_layer == "fine" else DEFAULT_CONFIG   # what Engine.search uses
     rows = [
         ("global only", None),
         (f"+ local re-rank (MaxSim, w_local={local_cfg.w_local:g})", replace(local_cfg, spatial=False)),
@@ -415,7 +419,7 @@ def main(argv=None) -> int:
          replace(crop_cfg, crop=True, crop_fuse="sum", w_crop=0.25)),
         (f"+ αQE (k={qe_cfg.qe_k}, α={qe_cfg.qe_alpha:g})", qe_cfg),
         ("+ αQE + DBA (k=2, α=3)", replace(qe_cfg, dba=True)),
-        (f"library defaults ({short(DEFAULT_CONFIG)})", DEFAULT_CONFIG),
+        (f"library defaults ({short(lib_cfg)})", lib_cfg),
     ]
     table = []
     for name, cfg in rows:

@@ -79,7 +79,8 @@ from .rerank_regions import (  # noqa: F401 - re-exported: defined here before t
     region_windows,
 )
 
-__all__ = ["RerankConfig", "VerificationResult", "LocalScores", "grid_coordinates", "similarity",
+__all__ = ["RerankConfig", "DEFAULT_CONFIG", "FINE_DEFAULT_CONFIG",
+           "VerificationResult", "LocalScores", "grid_coordinates", "similarity",
            "maxsim_score", "mutual_nearest_neighbors", "ransac_affine", "verify_pair", "alpha_query_expansion",
            "database_side_augmentation", "fuse_scores", "text_patch_scores", "rerank_arrays", "rerank_hits",
            "query_local_features", "query_tokens", "batched_similarity", "batched_match_counts", "nearest_neighbors",
@@ -132,6 +133,10 @@ class RerankConfig:
 
 
 DEFAULT_CONFIG = RerankConfig()
+# An index whose local descriptors are the fine map (``loupe index --local-layer fine``): 4x the cells, so
+# local matching alone lifts crops and rotations as far as the crop pass and RANSAC did on the coarse map,
+# and those two would take the latency past 3x global search (benchmarks/results/rerank.md).
+FINE_DEFAULT_CONFIG = replace(DEFAULT_CONFIG, crop=False, spatial=False, w_local=4.0)
 
 
 @dataclass
@@ -685,6 +690,8 @@ def rerank_hits(engine, ctx, hits: list, k: int, config: RerankConfig | dict | N
                 crop_encoder: CropEncoder | None = None) -> list:
     """Re-rank ``hits`` (top-N global candidates of ``ctx``) with local evidence; return the top ``k``.
 
+    ``config``: a :class:`RerankConfig`, or None / a dict of overrides of the defaults, which are
+    ``DEFAULT_CONFIG`` or, for an index built with ``--local-layer fine``, ``FINE_DEFAULT_CONFIG``.
     Returned hits are copies with ``score`` set to the fused score. Without local features in the
     index (``loupe index --local-features``), the global order is kept (αQE/DBA and multi-region
     scores still apply if set). ``search(vector, n) -> hits`` (the engine's search with the request's
@@ -693,9 +700,10 @@ def rerank_hits(engine, ctx, hits: list, k: int, config: RerankConfig | dict | N
     ``crop_encoder(image, boxes) -> vectors`` replaces the encoder's ``encode_images`` on the crops of the
     query-crop pass (``config.crop``; e.g. a cache); the crops' vectors must be in the index's space.
     """
-    if isinstance(config, dict):
-        config = replace(DEFAULT_CONFIG, **config)
-    config = config or DEFAULT_CONFIG
+    if config is None or isinstance(config, dict):
+        fine = (_local_info(engine, ctx.encoder) or {}).get("layer") == "fine"
+        base = FINE_DEFAULT_CONFIG if fine else DEFAULT_CONFIG
+        config = replace(base, **config) if isinstance(config, dict) else base
     hits = list(hits)[: max(config.n_candidates, int(k))]
     if not hits:
         return []

@@ -81,3 +81,27 @@ def test_fine_index_stores_the_fine_map_and_reranks(fine_index, effnet):
     assert str(engine.metadata(rr.hits[0].id)["path"]).endswith("/astronaut.png")
     assert rr.hits[0].score > plain.hits[0].score                     # fused score adds local evidence
     assert engine.search(image_id=coffee, encoder="effnet-lite0", k=3, rerank=True).hits[0].id == coffee
+
+
+def test_fine_index_uses_its_own_defaults(fine_index, effnet):
+    """A fine-layer index re-ranks with FINE_DEFAULT_CONFIG unless told otherwise; dict overrides apply
+    on top of it."""
+    from dataclasses import replace
+
+    from retrieval.query import QueryContext
+    from retrieval.rerank import DEFAULT_CONFIG, FINE_DEFAULT_CONFIG, rerank_hits
+
+    engine, root, photos = fine_index
+    assert not FINE_DEFAULT_CONFIG.crop and not FINE_DEFAULT_CONFIG.spatial
+    from PIL import Image
+
+    query = Image.open(root / "query.jpg").convert("RGB")
+
+    def run(config):
+        ctx = QueryContext(vector=effnet.encode_images([query])[0], encoder="effnet-lite0", image=query)
+        hits = engine.search_vector("effnet-lite0", ctx.vector, 8)
+        return [(h.id, round(h.score, 6)) for h in rerank_hits(engine, ctx, hits, k=8, config=config)]
+
+    default = run(None)
+    assert default == run(FINE_DEFAULT_CONFIG) != run(DEFAULT_CONFIG)
+    assert run({"w_local": 1.0}) == run(replace(FINE_DEFAULT_CONFIG, w_local=1.0))
