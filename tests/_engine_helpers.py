@@ -101,3 +101,21 @@ def png_bytes(img, fmt: str = "PNG", **kw) -> bytes:
 
 def dump(obj) -> str:
     return json.dumps(obj)
+
+
+def photo_folder_and_crop_query(root: Path, names: Sequence[str]) -> tuple[Path, dict]:
+    """``root/photos`` with the named scikit-image photos as PNGs, and ``root/query.jpg``: a rotated crop of
+    the astronaut (not indexed), the copy query of the re-ranking tests. Returns (folder, photos)."""
+    from tests.conftest import skimage_photos
+
+    src = Path(root) / "photos"
+    src.mkdir()
+    photos = skimage_photos()
+    for name in names:
+        if name in photos:
+            photos[name].save(src / f"{name}.png")
+    w, h = photos["astronaut"].size
+    crop = photos["astronaut"].crop((int(w * .15), int(h * .2), int(w * .75), int(h * .8))).rotate(
+        15, fillcolor=(255, 255, 255))
+    crop.save(Path(root) / "query.jpg")
+    return src, photos

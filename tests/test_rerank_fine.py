@@ -34,19 +34,11 @@ def test_encode_images_and_fine_matches_the_models_own_forward(effnet, photos):
 @pytest.fixture(scope="module")
 def fine_index(tmp_path_factory, effnet):
     from cli.main import main
-    from tests.conftest import skimage_photos
+    from tests._engine_helpers import photo_folder_and_crop_query
 
     root = tmp_path_factory.mktemp("rerank-fine")
-    src = root / "photos"
-    src.mkdir()
-    photos = skimage_photos()
-    for name in ("astronaut", "coffee", "rocket", "camera", "moon", "page", "brick", "chelsea"):
-        if name in photos:
-            photos[name].save(src / f"{name}.png")
-    w, h = photos["astronaut"].size
-    crop = photos["astronaut"].crop((int(w * .15), int(h * .2), int(w * .75), int(h * .8))).rotate(
-        15, fillcolor=(255, 255, 255))
-    crop.save(root / "query.jpg")
+    src, photos = photo_folder_and_crop_query(
+        root, ("astronaut", "coffee", "rocket", "camera", "moon", "page", "brick", "chelsea"))
     out = root / "idx"
     assert main(["index", str(src), "--out", str(out), "--encoder", "effnet-lite0", "--local-features",
                  "--local-layer", "fine", "--device", "cpu"]) == 0

@@ -16,20 +16,10 @@ def built(tmp_path_factory, tiny_clip, effnet):
     from skimage import data  # noqa: F401  (photos come from conftest's helper)
 
     from cli.main import main
-    from tests.conftest import skimage_photos
+    from tests._engine_helpers import photo_folder_and_crop_query
 
     root = tmp_path_factory.mktemp("rerank-int")
-    src = root / "photos"
-    src.mkdir()
-    photos = skimage_photos()
-    for name in ("astronaut", "coffee", "rocket", "camera", "moon", "page", "brick"):
-        if name in photos:
-            photos[name].save(src / f"{name}.png")
-    # a rotated crop of the astronaut, not indexed, is the copy query
-    w, h = photos["astronaut"].size
-    crop = photos["astronaut"].crop((int(w * .15), int(h * .2), int(w * .75), int(h * .8))).rotate(
-        15, fillcolor=(255, 255, 255))
-    crop.save(root / "query.jpg")
+    src, _ = photo_folder_and_crop_query(root, ("astronaut", "coffee", "rocket", "camera", "moon", "page", "brick"))
     out = root / "idx"
     rc = main(["index", str(src), "--out", str(out), "--encoder", tiny_clip, "--encoder", "effnet-lite0",
                "--local-features", "--device", "cpu"])
