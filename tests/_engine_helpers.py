@@ -119,3 +119,33 @@ def photo_folder_and_crop_query(root: Path, names: Sequence[str]) -> tuple[Path,
         15, fillcolor=(255, 255, 255))
     crop.save(Path(root) / "query.jpg")
     return src, photos
+
+
+class BagOfWordsEncoder:
+    """A fake text(+image) encoder for classification tests: bag-of-words vectors over ``WORDS``
+    (deterministic, instant); counts its calls and records every text it embeds. "Images" are words."""
+
+    name = "fake-bow"
+    modalities = ("image", "text")
+    supports_text = True
+    WORDS: tuple[str, ...] = ("cat", "dog", "coffee", "cup", "rocket", "sky", "photo", "red", "boot", "sandal")
+
+    def __init__(self, name: str | None = None):
+        if name is not None:
+            self.name = name
+        self.dim = len(self.WORDS)
+        self.calls = 0
+        self.texts: list[str] = []
+
+    def encode_texts(self, texts):
+        self.calls += 1
+        self.texts.extend(texts)
+        out = np.full((len(texts), self.dim), 1e-3, np.float32)
+        for i, t in enumerate(texts):
+            for w in t.lower().replace(".", " ").split():
+                if w in self.WORDS:
+                    out[i, self.WORDS.index(w)] += 1
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    def encode_images(self, images):
+        return self.encode_texts(images)

@@ -175,3 +175,14 @@ def conse():
     from retrieval import create_encoder
 
     return create_encoder("conse-effnet-lite0", device="cpu")
+
+
+@pytest.fixture
+def fresh_classifier_cache(monkeypatch):
+    """retrieval.classify with empty process-wide classifier state (shared classifiers, warm-ups, stamps)."""
+    import retrieval.classify as classify
+
+    for name, value in (("_CLASSIFIERS", {}), ("_WARMING", {}), ("_WARM_ERRORS", {}), ("_WARMED", set()),
+                        ("_STAMPS", {}), ("_DEFAULT_SOURCES", {})):
+        monkeypatch.setattr(classify, name, value)
+    return classify

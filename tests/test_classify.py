@@ -32,6 +32,7 @@ from retrieval.vocab import (
     open_vocabulary,
     subset_entries,
 )
+from tests._engine_helpers import BagOfWordsEncoder
 
 CAT_WORDS = ("cat", "tabby", "kitten", "feline", "kitty", "tom", "mouser")
 
@@ -97,29 +98,7 @@ def test_cased_scores_no_candidates():
 
 
 # -- text databases ------------------------------------------------------------------------------
-class FakeTextEncoder:
-    """Bag-of-words vectors over a fixed word list: deterministic, instant."""
-
-    name = "fake-bow"
-    modalities = ("image", "text")
-    supports_text = True
-    WORDS = ("cat", "dog", "coffee", "cup", "rocket", "sky", "photo", "red", "boot", "sandal")
-    dim = len(WORDS)
-
-    def __init__(self):
-        self.calls = 0
-
-    def encode_texts(self, texts):
-        self.calls += 1
-        out = np.full((len(texts), self.dim), 1e-3, np.float32)
-        for i, t in enumerate(texts):
-            for w in t.lower().replace(".", " ").split():
-                if w in self.WORDS:
-                    out[i, self.WORDS.index(w)] += 1
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-    def encode_images(self, images):  # images are given as words in these tests
-        return self.encode_texts(images)
+FakeTextEncoder = BagOfWordsEncoder
 
 
 def test_build_and_reopen_text_database(tmp_path):
@@ -358,16 +337,6 @@ def _write(path, text):
 
 
 # -- shared classifiers and the serve-time warm-up --------------------------------------------------
-@pytest.fixture
-def fresh_classifier_cache(monkeypatch):
-    import retrieval.classify as classify
-
-    for name, value in (("_CLASSIFIERS", {}), ("_WARMING", {}), ("_WARM_ERRORS", {}), ("_WARMED", set()),
-                        ("_STAMPS", {})):
-        monkeypatch.setattr(classify, name, value)
-    return classify
-
-
 def _blocking_builder(monkeypatch, classify, result):
     """make_classifier that waits for ``release`` (a database build in progress) and counts calls."""
     import threading

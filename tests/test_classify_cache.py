@@ -9,7 +9,6 @@ import os
 import time
 
 import numpy as np
-import pytest
 
 from retrieval import store
 from retrieval.classify import (
@@ -21,31 +20,16 @@ from retrieval.classify import (
 )
 from retrieval.encoders.base import l2_normalize
 from retrieval.vocab import TextDatabase
+from tests._engine_helpers import BagOfWordsEncoder
 
 
-class CountingEncoder:
-    """Bag-of-words vectors over a fixed word list; records every text it embeds."""
+class CountingEncoder(BagOfWordsEncoder):
+    """The shared bag-of-words encoder with two more words; ``texts`` records every text it embeds."""
 
-    modalities = ("image", "text")
-    supports_text = True
-    WORDS = ("cat", "dog", "coffee", "cup", "rocket", "sky", "photo", "red", "boot", "sandal", "drawing", "tiger")
-    dim = len(WORDS)
+    WORDS = BagOfWordsEncoder.WORDS + ("drawing", "tiger")
 
     def __init__(self, name: str = "fake-count"):
-        self.name = name
-        self.texts: list[str] = []
-
-    def encode_texts(self, texts):
-        self.texts.extend(texts)
-        out = np.full((len(texts), self.dim), 1e-3, np.float32)
-        for i, t in enumerate(texts):
-            for w in t.lower().replace(".", " ").split():
-                if w in self.WORDS:
-                    out[i, self.WORDS.index(w)] += 1
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-    def encode_images(self, images):  # "images" are words here
-        return self.encode_texts(images)
+        super().__init__(name)
 
 
 PROMPTS = ("a photo of a {}.", "a drawing of a {}.")
@@ -173,16 +157,6 @@ def _names_of(captions):
     from retrieval.vocab import extract_noun_phrases
 
     return {n for cap in captions.values() for n in extract_noun_phrases(cap)}
-
-
-@pytest.fixture
-def fresh_classifier_cache(monkeypatch):
-    import retrieval.classify as classify
-
-    for name, value in (("_CLASSIFIERS", {}), ("_WARMING", {}), ("_WARM_ERRORS", {}), ("_WARMED", set()),
-                        ("_STAMPS", {}), ("_DEFAULT_SOURCES", {})):
-        monkeypatch.setattr(classify, name, value)
-    return classify
 
 
 def test_get_classifier_rebuilds_after_new_captions(tmp_path, fresh_classifier_cache, monkeypatch):
