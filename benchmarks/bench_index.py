@@ -239,7 +239,7 @@ def bench_fmnist_child(args) -> None:
         sources.append(str(part / f"{n // 1000:03d}"))
     sampler = RssSampler()
     t = time.perf_counter()
-    s = build_index(IndexConfig(sources=sources, out=str(tmp / "idx"), encoders=[args.encoder_name],
+    s = build_index(IndexConfig(sources=sources, out=str(tmp / "idx"), encoders=args.encoder_name.split(","),
                                 device=args.device, batch_size=args.batch_size, workers=args.workers,
                                 shard_size=args.shard_size))
     wall = time.perf_counter() - t
@@ -252,7 +252,7 @@ def bench_fmnist_child(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--encoder", default="effnet-lite0")
+    p.add_argument("--encoder", default="effnet-lite0", help="encoder; several comma-separated for Fashion-MNIST runs")
     p.add_argument("--random-weights", action="store_true", help="random init of the architecture (speed only)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--photos", type=int, default=128, help="JPEG photos for pipeline vs bare (0: skip)")

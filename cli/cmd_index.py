@@ -16,7 +16,9 @@ stdout is a JSON summary: {"indexed", "skipped", "failed", "shards", "seconds"}.
 EPILOG = """examples:
   loupe index ~/Pictures --out ~/loupe-index --encoder conse-effnet-lite0
   loupe index photos.parquet --out idx --encoder clip-vit-b-32 --encoder dinov2-small --local-features
-  loupe index ~/Pictures --out ~/loupe-index --prune        # after deleting photos"""
+  loupe index ~/Pictures --out ~/loupe-index --prune        # after deleting photos
+  loupe index ~/shop --out ~/shop.loupe --encoder conse-effnet-lite0 --encoder effnet-lite0 \\
+      --encoder colour-names     # + colour names: instructions such as: the same, but red"""
 
 
 def add_arguments(p) -> None:
@@ -26,7 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="index directory (created or updated)")
     p.add_argument("--encoder", action="append", dest="encoders", metavar="NAME", default=[],
                    help="encoder to embed with (repeat for several; default clip-vit-b-32, or the "
-                        "existing index's encoders)")
+                        "existing index's encoders; `loupe encoders` lists them; add colour-names for colour "
+                        "instructions)")
     p.add_argument("--index-type", choices=("auto", "flat", "ivfpq", "hnsw"), default="auto",
                    help="FAISS index per shard (auto: flat for small corpora, HNSW/IVF-PQ for large ones)")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",

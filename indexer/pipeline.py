@@ -150,7 +150,9 @@ def _plan_manifest(cfg: IndexConfig, manifest: store.Manifest | None, encoders: 
     if manifest is None:
         entries = {}
         for n, enc in encoders.items():
-            choice = index_types.choose_index_type(expected, enc.dim, requested=cfg.index_type,
+            # an encoder may fix its index type (colour-names: 11-d vectors, always exact)
+            choice = index_types.choose_index_type(expected, enc.dim, requested=enc.spec.get("index_type")
+                                                   or cfg.index_type,
                                                    max_memory=cfg.max_memory, binary=enc.binary,
                                                    shard_size=cfg.shard_size)
             entries[n] = store.EncoderEntry(name=n, dim=enc.dim, index_type=choice.index_type,
@@ -158,7 +160,8 @@ def _plan_manifest(cfg: IndexConfig, manifest: store.Manifest | None, encoders: 
         return store.Manifest(encoders=entries)
     if cfg.index_type != "auto":
         for entry in manifest.encoders.values():
-            if entry.index_type not in (cfg.index_type, "binary"):
+            fixed = entry.name in encoders and encoders[entry.name].spec.get("index_type")
+            if entry.index_type not in (cfg.index_type, "binary") and not fixed:
                 raise LoupeError(f"{cfg.out} holds {entry.index_type} shards for {entry.name}; --index-type "
                                  f"{cfg.index_type} would need a new index (use a new --out)")
     return manifest

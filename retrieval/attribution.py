@@ -53,6 +53,9 @@ Methods (``method=``):
   the occluded inputs are embedded in batches, and every pixel gets the mean drop of the cosine with
   the query over the windows that cover it (positive part). No gradients, works for ViTs and CNNs and
   for ConSE's non-linear embedding alike; it costs one forward pass per window (25 by default).
+* ``"colour"`` — the ``colour-names`` encoder: each pixel's exact first-order share of the colour match
+  (:func:`retrieval.colour.pixel_contributions`): its object weight times its colour-term memberships,
+  each term valued at the match's derivative. A "red" query lights up the red pixels.
 * ``"matches"`` — for (re-ranked) image queries: the locally matched regions themselves; the mutual
   nearest-neighbour matches that RANSAC keeps as inliers, each cell weighted by its similarity, on
   both images.
@@ -77,7 +80,8 @@ __all__ = ["Explanation", "AttributionConfig", "METHODS", "attribute", "attribut
            "eigen_cam", "token_contributions", "match_maps", "explain", "default_method", "occlusion_map",
            "occlusion_positions"]
 
-METHODS = ("auto", "tokens", "gradcam", "cam", "gradinput", "integrated", "eigencam", "occlusion", "matches")
+METHODS = ("auto", "tokens", "gradcam", "cam", "gradinput", "integrated", "eigencam", "occlusion", "matches",
+           "colour")
 FILLS = ("mean", "blur")
 _VIT = ("clip", "dinov2")
 _CNN = ("effnet", "conse")
@@ -119,6 +123,8 @@ def crop_box(encoder, size: tuple[int, int]) -> tuple[float, float, float, float
     """
     w, h = size
     spec = encoder.spec
+    if spec.family == "colour":      # colour-names sees the whole image, squashed to a square
+        return 0.0, 0.0, float(w), float(h)
     frac = spec.get("crop_pct")
     if frac is None:
         frac = spec.image_size / float(spec.get("resize")) if spec.get("resize") else 1.0
@@ -377,6 +383,8 @@ def default_method(encoder) -> str:
         return "integrated"     # best deletion score on the tuning pairs (benchmarks/results/attribution.md)
     if fam == "conse":
         return "occlusion"      # best on the text→image tuning pairs, narrowly (same file)
+    if fam == "colour":
+        return "colour"         # exact per-pixel shares of the colour match (retrieval.colour)
     raise UnsupportedModalityError(f"encoder {encoder.name!r} has no spatial map to attribute; "
                                    "use a CLIP, DINOv2, effnet-lite0 or conse-effnet-lite0 index")
 
@@ -386,13 +394,20 @@ def attribute_grid(encoder, image: Image.Image, query: np.ndarray | None, method
     """A heatmap on the encoder's grid [h, w] (not normalised) for ``image`` against ``query``."""
     method = default_method(encoder) if method == "auto" else method
     fam = encoder.spec.family
-    if method not in ("tokens", "gradcam", "cam", "gradinput", "integrated", "eigencam", "occlusion"):
+    if method not in ("tokens", "gradcam", "cam", "gradinput", "integrated", "eigencam", "occlusion", "colour"):
         raise InvalidQueryError(f"unknown attribution method {method!r}; use one of {', '.join(METHODS)}")
     default_method(encoder)   # raises for encoders without a spatial map
     if method != "eigencam" and query is None:
         raise InvalidQueryError(f"attribution method {method!r} needs a query vector")
     if method == "occlusion":
         return occlusion_map(encoder, image, query, config)
+    if (method == "colour") != (fam == "colour"):
+        raise InvalidQueryError("attribution method 'colour' is for the colour-names encoder, which takes "
+                                "'colour' or 'occlusion'")
+    if fam == "colour":
+        from .colour import pixel_contributions
+
+        return pixel_contributions(encoder.to_batch([image]), query)
     if fam in _CNN:
         if method == "tokens":
             raise InvalidQueryError(f"{encoder.name} is a CNN: use method 'integrated', 'gradinput', 'gradcam', "

@@ -151,7 +151,8 @@ def choose_encoder(engine, name: str | None = None) -> str:
     for pref in PREFERRED_ENCODERS:
         if pref in encoders:
             return pref
-    non_binary = [e for e in encoders if engine.manifest.encoders[e].index_type != "binary" and e != "pdq"]
+    non_binary = [e for e in encoders if engine.manifest.encoders[e].index_type != "binary" and e != "pdq"
+                  and "colour" not in engine.manifest.encoders[e].modalities]   # colour-names: colours only
     return (non_binary or encoders)[0]
 
 

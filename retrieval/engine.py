@@ -401,7 +401,10 @@ class Engine:
 
         # routing
         if text is not None or instruction is not None:
-            if encoder is not None and not self._entry(encoder).supports_text:
+            named = self._entry(encoder) if encoder is not None else None
+            if named is not None and not named.supports_text and not (
+                    "colour" in named.modalities and text is not None and instruction is None):
+                # (colour-names answers colour phrases when named: encoder="colour-names", text="red")
                 raise UnsupportedModalityError(
                     f"encoder {encoder!r} embeds images only; text goes to {self.text_encoder!r}"
                     if self.text_encoder else f"encoder {encoder!r} embeds images only")

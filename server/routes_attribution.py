@@ -3,7 +3,7 @@
 Fields: the search query fields (``text`` / ``image`` / ``image_id`` / ``instruction`` / ``encoder`` /
 ``rerank``) plus ``result_id`` (required), and optionally ``format`` (``"png"`` default, or
 ``"json"`` → ``{"width", "height", "heatmap": [[...]], "method", "encoder", "result_id"}``),
-``attribution_method`` (``auto|tokens|gradcam|cam|gradinput|integrated|eigencam|occlusion|matches``),
+``attribution_method`` (``auto|tokens|gradcam|cam|gradinput|integrated|eigencam|occlusion|matches|colour``),
 ``side`` (``result`` default, or ``query`` for the query image's map of an image query), ``alpha``
 (overlay opacity, 0..1) and ``max_side`` (JSON only: shrink the heatmap so its longer side is at most this).
 """

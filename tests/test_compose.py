@@ -289,7 +289,9 @@ def test_pick_image_encoder_prefers_a_general_image_encoder():
     from retrieval.compose import pick_image_encoder
 
     def engine(*entries):
-        encoders = {name: SimpleNamespace(supports_text=text, index_type=kind) for name, text, kind in entries}
+        encoders = {name: SimpleNamespace(supports_text=text, index_type=kind,
+                                          modalities=["image", "colour"] if name == "colour-names" else ["image"])
+                    for name, text, kind in entries}
         return SimpleNamespace(encoder_names=list(encoders), manifest=SimpleNamespace(encoders=encoders))
 
     clip = ("clip-vit-b-32", True, "flat")
@@ -298,3 +300,7 @@ def test_pick_image_encoder_prefers_a_general_image_encoder():
     assert pick_image_encoder(engine(clip, ("sscd", False, "flat")), "clip-vit-b-32") == "sscd"
     assert pick_image_encoder(engine(clip, ("sscd", False, "flat"), ("dinov2-small", False, "hnsw")),
                               "clip-vit-b-32") == "dinov2-small"
+    # colour-names is not an appearance encoder: it only says which colours an image has
+    assert pick_image_encoder(engine(clip, ("colour-names", False, "flat")), "clip-vit-b-32") == "clip-vit-b-32"
+    assert pick_image_encoder(engine(clip, ("colour-names", False, "flat"), ("effnet-lite0", False, "flat")),
+                              "clip-vit-b-32") == "effnet-lite0"

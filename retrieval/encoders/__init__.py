@@ -27,6 +27,7 @@ _FAMILIES = {  # family -> "module:Class"
     "conse": "conse:ConseEncoder",
     "sscd": "sscd:SscdEncoder",
     "pdq": "pdq:PdqEncoder",
+    "colour": "colour:ColourNamesEncoder",
 }
 _SPECS: dict[str, EncoderSpec] = {}
 _CACHE: dict[tuple[str, str, str], Encoder] = {}

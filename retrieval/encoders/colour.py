@@ -1,0 +1,52 @@
+"""``colour-names``: an image's colour distribution over the eleven basic colour terms (:mod:`retrieval.colour`).
+
+An 11-d vector per image (``sqrt`` of the distribution, unit length: inner products are Bhattacharyya
+coefficients), computed from a 64×64 thumbnail of the whole image with no model weights (the naming
+table comes from the XKCD colour survey shipped with Loupe). It answers colour phrases ("red", "navy
+blue") as queries — ``encode_texts`` — and gives instruction queries ("the same, but red") the colour
+sense the offline text–image encoder lacks. Index it beside a text encoder:
+``loupe index DIR --encoder conse-effnet-lite0 --encoder effnet-lite0 --encoder colour-names``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import colour
+from ..types import Vectors
+from .base import Encoder
+
+
+class ColourTransform:
+    """PIL → uint8 CHW thumbnail of the whole image (no crop: the colour of the edges counts as background)."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = img.convert("RGB").resize((self.size, self.size), Image.Resampling.BOX)
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+    def __repr__(self) -> str:
+        return f"ColourTransform({self.size})"
+
+
+class ColourNamesEncoder(Encoder):
+    def __init__(self, spec, device):
+        super().__init__(spec, device)
+        self.preprocess = ColourTransform(spec.image_size)
+
+    def distributions(self, batch: torch.Tensor | Sequence) -> np.ndarray:
+        """``[n, 11]`` colour distributions (rows sum to 1, in :data:`retrieval.colour.BASIC_TERMS` order)."""
+        return colour.colour_names(self.to_batch(batch))
+
+    def encode_images(self, batch: torch.Tensor | Sequence) -> Vectors:
+        return colour.colour_vectors(self.distributions(batch))
+
+    def encode_texts(self, texts: Sequence[str]) -> Vectors:
+        """Colour phrases → unit vectors; a phrase that names no colour is an ``InvalidQueryError``."""
+        return colour.phrase_vectors(list(texts))
