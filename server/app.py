@@ -177,8 +177,11 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
                                 "images": eng.count if eng is not None else 0,
                                 "features": state()["features"]}
         if eng is not None:
+            from retrieval.compose import colour_encoder
+
             body.update({"encoders": eng.encoder_names, "text_encoder": eng.text_encoder,
-                         "default_encoder": eng.default_encoder, "shards": len(eng.shard_names)})
+                         "default_encoder": eng.default_encoder, "shards": len(eng.shard_names),
+                         "colour_encoder": colour_encoder(eng)})
             if app.config.get("WARM_CLASSIFIER") and eng.text_encoder:
                 from retrieval.classify import warm_status
 

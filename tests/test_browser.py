@@ -48,18 +48,27 @@ def server(tmp_path_factory, tiny_clip, photos):
             p = folder / f"{name}.png"
             photos[name].save(p)
             paths.append(p)
-    index = build_photo_index(tmp_path_factory.mktemp("browser-index"), paths, [tiny_clip])
+    index = build_photo_index(tmp_path_factory.mktemp("browser-index"), paths, [tiny_clip, "colour-names"])
     app = create_app(engine=Engine(index, device="cpu"))
+    app.config["SEEN_INSTRUCTIONS"] = seen = []
+
+    @app.before_request
+    def record_instruction():      # what the page sent (multipart bodies are not visible to playwright)
+        from flask import request
+
+        if request.path == "/api/search":
+            seen.append(request.form.get("instruction"))
+
     httpd = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_port}", {p.stem: p for p in paths}
+    yield f"http://127.0.0.1:{httpd.server_port}", {p.stem: p for p in paths}, seen
     httpd.shutdown()
     thread.join(5)
 
 
 def test_type_query_then_upload_image_then_more_like_this(browser, server):
-    url, paths = server
+    url, paths, seen = server
     page = browser.new_page()
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -88,6 +97,20 @@ def test_type_query_then_upload_image_then_more_like_this(browser, server):
         assert page.is_visible("#image-query")
         score = float(page.text_content("#results .result .score span"))
         assert score > 0.99
+
+        # the index names colours: one click on a swatch asks for "the same, but red"
+        assert page.locator("#swatches .swatch").count() == 11
+        with page.expect_response(lambda r: r.url.endswith("/api/search") and r.request.method == "POST") as resp:
+            page.click("#swatches .swatch[data-colour='red']")
+        assert resp.value.ok and seen[-1] == "in red"
+        assert page.input_value("#instruction") == "in red"
+        page.wait_for_function("() => !document.body.classList.contains('loading')", timeout=20000)
+        assert page.locator("#results .result").count() == len(paths)
+        page.fill("#instruction", "")
+        page.wait_for_function(
+            "() => { const r = document.querySelector('#results .result .caption');"
+            " return r && r.textContent === 'coffee' && !document.body.classList.contains('loading'); }",
+            timeout=20000)
 
         # click the third result: more like this → it comes first
         third = page.locator("#results .result").nth(2)

@@ -15,9 +15,25 @@
   let lastQuery = null;
   let seq = 0;
 
+  // the eleven basic colour terms (retrieval/colour.py), drawn in their XKCD-survey colours
+  const SWATCHES = { black: "#000000", grey: "#929591", white: "#ffffff", red: "#e50000", orange: "#f97306",
+    yellow: "#ffff14", green: "#15b01a", blue: "#0343df", purple: "#7e1e9c", pink: "#ff81c0", brown: "#653700" };
+  const swatches = $("#swatches");
+  function showSwatches() {
+    for (const [name, hex] of Object.entries(SWATCHES)) {
+      const b = document.createElement("button");
+      b.type = "button"; b.className = "swatch"; b.style.background = hex; b.dataset.colour = name;
+      b.title = `the same, in ${name}`; b.setAttribute("aria-label", `the same, in ${name}`);
+      b.addEventListener("click", () => { instruction.value = `in ${name}`; clearTimeout(debounce); search(); });
+      swatches.append(b);
+    }
+    swatches.hidden = false;
+  }
+
   fetch("/healthz").then((r) => r.json()).then((h) => {
     features = h.features || [];
     if (features.includes("attribution")) attrToggle.hidden = false;
+    if (h.colour_encoder) showSwatches();   // the index names colours: one-click "the same, but red"
     if (typeof h.images === "number") $("#hint").textContent =
       `${h.images.toLocaleString()} images · type to search · drop, paste or pick an image · click a result for more like it`;
   }).catch(() => {});
