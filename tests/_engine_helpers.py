@@ -93,6 +93,15 @@ def build_photo_index(out: str | Path, photo_paths: Sequence[Path], encoders: Se
     return build_index(out, vectors, shard_sizes=shard_sizes, rows=rows, modalities=mods)
 
 
+def all_vectors(engine, name: str) -> tuple[list[str], np.ndarray]:
+    """Every indexed id and its stored vector for encoder ``name``, in shard order (brute-force references)."""
+    ids, vecs = [], []
+    for _, v, shard_ids in engine.all_vectors(name):
+        ids += shard_ids
+        vecs.append(v)
+    return ids, np.concatenate(vecs)
+
+
 def png_bytes(img, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)

@@ -21,7 +21,7 @@ from retrieval.compose import (
 )
 from retrieval.engine import Engine
 from retrieval.errors import InvalidQueryError
-from tests._engine_helpers import build_photo_index, png_bytes
+from tests._engine_helpers import all_vectors, build_photo_index, png_bytes
 
 TERMS = colour.BASIC_TERMS
 RGB = {"red": (210, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 210), "yellow": (230, 200, 20)}
@@ -164,19 +164,11 @@ def colour_dir(tmp_path):
     return folder
 
 
-def _all(engine, name):
-    ids, vecs = [], []
-    for _, v, shard_ids in engine.all_vectors(name):
-        ids += shard_ids
-        vecs.append(v)
-    return ids, np.concatenate(vecs)
-
-
 def test_engine_colour_queries_and_fusion_match_brute_force(tmp_path, colour_dir, tiny_clip, tiny_dino):
     out = build_photo_index(tmp_path / "idx", sorted(colour_dir.iterdir()), [tiny_clip, "colour-names", tiny_dino])
     engine = Engine(out, device="cpu")
     assert engine.text_encoder == tiny_clip and pick_image_encoder(engine, tiny_clip) == tiny_dino
-    ids, cvecs = _all(engine, "colour-names")
+    ids, cvecs = all_vectors(engine, "colour-names")
     names = dict(zip(ids, cvecs))
 
     # a colour phrase searched in the colour-names space: the two red shapes first, scores sqrt(p_red)
@@ -192,8 +184,8 @@ def test_engine_colour_queries_and_fusion_match_brute_force(tmp_path, colour_dir
     cenc = create_encoder("colour-names", device="cpu")
     query_img = _shape(RGB["blue"], "disc", size=80)
     query = png_bytes(query_img)
-    _, clip_vecs = _all(engine, tiny_clip)
-    _, dino_vecs = _all(engine, tiny_dino)
+    _, clip_vecs = all_vectors(engine, tiny_clip)
+    _, dino_vecs = all_vectors(engine, tiny_dino)
     img_clip = clip.encode_images([query_img])[0]
     cases = (("in red", img_clip, clip_vecs, FUSION_ATTRIBUTE_WEIGHT, cenc.encode_texts(["red"])[0],
               FUSION_COLOUR_WEIGHT),
@@ -231,7 +223,7 @@ def test_indexer_stores_colour_names_in_a_flat_index(tmp_path, colour_dir):
     assert summary.indexed == 8 and not summary.failed
     assert store.read_manifest(out).encoders["colour-names"].index_type == "flat"
     engine = Engine(out, device="cpu")
-    ids, vecs = _all(engine, "colour-names")
+    ids, vecs = all_vectors(engine, "colour-names")
     paths = [engine.source_file(i) for i in ids]
     np.testing.assert_allclose(vecs, create_encoder("colour-names", device="cpu").encode_images(paths), atol=1e-5)
     red = engine.search(text="red", encoder="colour-names", k=2)

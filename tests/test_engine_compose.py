@@ -7,7 +7,7 @@ import numpy as np
 from retrieval import create_encoder
 from retrieval.compose import compose_instruction, compose_sum
 from retrieval.engine import Engine
-from tests._engine_helpers import build_photo_index, png_bytes
+from tests._engine_helpers import all_vectors, build_photo_index, png_bytes
 
 
 def test_engine_uses_requested_composition(tmp_path, photo_dir, photos, tiny_clip):
@@ -51,14 +51,6 @@ def test_embed_keeps_query_tokens_from_the_same_pass(tmp_path, photo_dir, photos
     np.testing.assert_allclose(kept.local[0], tokens[0], atol=1e-5)
 
 
-def _all_vectors(engine, name):
-    ids, vecs = [], []
-    for _, v, shard_ids in engine.all_vectors(name):
-        ids += shard_ids
-        vecs.append(v)
-    return ids, np.concatenate(vecs)
-
-
 def test_fusion_search_matches_brute_force(tmp_path, photo_dir, photos, tiny_clip, tiny_dino):
     """method="fusion": text list (text encoder) and image list (the image-only encoder for an object
     change, the text encoder for an attribute change) pooled and re-scored, checked against a
@@ -70,8 +62,8 @@ def test_fusion_search_matches_brute_force(tmp_path, photo_dir, photos, tiny_cli
     assert engine.text_encoder == tiny_clip and pick_image_encoder(engine, tiny_clip) == tiny_dino
     clip, dino = create_encoder(tiny_clip, device="cpu"), create_encoder(tiny_dino, device="cpu")
     query = png_bytes(photos["chelsea"])
-    ids, clip_vecs = _all_vectors(engine, tiny_clip)
-    ids_d, dino_vecs = _all_vectors(engine, tiny_dino)
+    ids, clip_vecs = all_vectors(engine, tiny_clip)
+    ids_d, dino_vecs = all_vectors(engine, tiny_dino)
     assert ids == ids_d
     img_clip = clip.encode_images([photos["chelsea"]])[0]
     for instruction, image_q, image_vecs, weight in (
