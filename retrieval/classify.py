@@ -25,16 +25,14 @@ wider range); prompts: the encoder's own templates when it has them (ConSE), els
 
 Candidate-name vectors ``g(c)`` of the built-in vocabulary and of users' name files are embedded once
 for all names of the database and stored next to it (:class:`NameStore`, memory-mapped, keyed by
-encoder + prompts + names); names not in a store (an index's caption noun phrases) are embedded on
-demand. Process-wide classifiers (:func:`get_classifier`) are rebuilt when their source changes
-(:func:`source_stamp`: a re-indexed DIR), in the background after a server reload
-(:func:`refresh_classifiers`).
+encoder + prompts + names; see :mod:`retrieval.classify_names`); names not in a store (an index's
+caption noun phrases) are embedded on demand. Process-wide classifiers (:func:`get_classifier`) are
+rebuilt when their source changes (:func:`source_stamp`: a re-indexed DIR), in the background after a
+server reload (:func:`refresh_classifiers`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -43,6 +41,18 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .classify_names import (  # noqa: F401 - re-exported: the name store lived here
+    DEFAULT_PROMPTS,
+    NAME_STORE_BATCH,
+    NAME_STORE_FORMAT,
+    NAME_STORE_PROGRESS_MIN,
+    NameEmbedder,
+    NameStore,
+    database_names,
+    embed_names,
+    name_store,
+    stores_names,
+)
 from .encoders.base import l2_normalize
 from .errors import InvalidQueryError, LoupeError
 from .images import load_image
@@ -53,7 +63,6 @@ log = logging.getLogger("loupe.classify")
 DEFAULT_K_RETRIEVE = 20
 DEFAULT_ALPHA = 0.7
 DEFAULT_TOP = 5
-DEFAULT_PROMPTS = ("a photo of a {}.",)
 
 
 @dataclass
@@ -116,157 +125,6 @@ def candidate_names(names_lists: Iterable[Sequence[str]]) -> list[str]:
             if key and key not in seen:
                 seen[key] = name
     return list(seen.values())
-
-
-NAME_STORE_FORMAT = 1
-NAME_STORE_BATCH = 512          # prompted texts per encode_texts call when a name store is built
-NAME_STORE_PROGRESS_MIN = 2000  # names from which building a store shows a tqdm bar (on a terminal)
-NAME_STORE_SYNC_MAX = 5000      # make_classifier builds a missing store itself up to this many names
-
-
-def embed_names(encoder, prompts: Sequence[str], names: Sequence[str]) -> np.ndarray:
-    """[len(names), dim]: the unit mean of each name's prompted text vectors (``encode_texts``)."""
-    if not len(names):
-        return np.zeros((0, int(encoder.dim)), np.float32)
-    texts = [p.format(n) for n in names for p in prompts]
-    vecs = np.asarray(encoder.encode_texts(texts), np.float32)
-    return l2_normalize(vecs.reshape(len(names), len(prompts), -1).mean(axis=1)).astype(np.float32, copy=False)
-
-
-def database_names(database: TextDatabase) -> list[str]:
-    """Every candidate name a database can yield, spelled as :func:`candidate_names` spells it, in order."""
-    return list(dict.fromkeys(name for names in database.names
-                              for name in (" ".join(str(n).split()) for n in names) if name))
-
-
-class NameStore:
-    """Name embeddings of a text database stored next to it (``names-<key>.npy`` + ``names-<key>.json``).
-
-    ``key`` hashes the encoder name and dimension, the prompt templates and the name list, so another
-    encoder or other prompts find no store (and build their own); the JSON, written atomically after the
-    vectors, lists the names (row order) and is what makes a store valid. The vectors are memory-mapped.
-    """
-
-    def __init__(self, path_json: Path, names: list[str], vectors: np.ndarray):
-        self.path = Path(path_json)
-        self.names = names
-        self.vectors = vectors
-        self.rows = {n: i for i, n in enumerate(names)}
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.rows
-
-    @staticmethod
-    def key(encoder, prompts: Sequence[str], names: Sequence[str]) -> str:
-        names_sha1 = hashlib.sha1("\x1e".join(names).encode()).hexdigest()
-        ident = [f"loupe-names-{NAME_STORE_FORMAT}", encoder.name, int(encoder.dim), list(prompts), names_sha1]
-        return hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:16]
-
-    @staticmethod
-    def paths(directory, key: str) -> tuple[Path, Path]:
-        directory = Path(directory)
-        return directory / f"names-{key}.json", directory / f"names-{key}.npy"
-
-    @classmethod
-    def open(cls, database: TextDatabase, encoder, prompts: Sequence[str],
-             names: Sequence[str] | None = None) -> "NameStore | None":
-        """The database's store for this encoder and these prompts, or None when there is none (or it
-        does not match: another encoder, other prompts, other names, a damaged file)."""
-        names = database_names(database) if names is None else list(names)
-        key = cls.key(encoder, prompts, names)
-        meta_path, vec_path = cls.paths(database.dir, key)
-        if not meta_path.is_file():
-            return None
-        try:
-            meta = json.loads(meta_path.read_text())
-            vectors = np.load(vec_path, mmap_mode="r")
-        except (OSError, ValueError):
-            return None
-        if (meta.get("format") != NAME_STORE_FORMAT or meta.get("encoder") != encoder.name
-                or list(meta.get("prompts", [])) != list(prompts) or meta.get("names") != names
-                or vectors.dtype != np.float32 or vectors.shape != (len(names), int(encoder.dim))):
-            return None
-        return cls(meta_path, names, vectors)
-
-    @classmethod
-    def build(cls, database: TextDatabase, encoder, prompts: Sequence[str], *,
-              batch_size: int = NAME_STORE_BATCH) -> "NameStore":
-        """Embed every name of ``database`` (batched, shortest first) and store them atomically next to
-        it; stores of other keys in that directory (other encoder/prompts/names) are removed."""
-        from . import store
-
-        names = database_names(database)
-        key = cls.key(encoder, prompts, names)
-        meta_path, vec_path = cls.paths(database.dir, key)
-        vecs = np.zeros((len(names), int(encoder.dim)), np.float32)
-        order = sorted(range(len(names)), key=lambda i: len(names[i]))
-        step = max(1, int(batch_size) // max(1, len(prompts)))
-        bar = None
-        if len(names) >= NAME_STORE_PROGRESS_MIN:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(names), desc=f"embedding the names of {database.name}", unit="name",
-                       mininterval=2.0, disable=None)
-        try:
-            for start in range(0, len(order), step):
-                rows = order[start:start + step]
-                vecs[rows] = embed_names(encoder, prompts, [names[i] for i in rows])
-                if bar is not None:
-                    bar.update(len(rows))
-        finally:
-            if bar is not None:
-                bar.close()
-        meta = {"format": NAME_STORE_FORMAT, "encoder": encoder.name, "dim": int(encoder.dim),
-                "prompts": list(prompts), "database": database.name, "fingerprint": database.fingerprint,
-                "count": len(names), "names": names}
-        store.atomic_write_with(vec_path, lambda tmp: np.save(tmp, vecs))
-        store.atomic_write_json(meta_path, meta)       # last: a store without its JSON is not a store
-        for old in Path(database.dir).glob("names-*.*"):
-            if old.name not in (meta_path.name, vec_path.name) and old.suffix in (".json", ".npy"):
-                old.unlink(missing_ok=True)
-        return cls.open(database, encoder, prompts, names) or cls(meta_path, names, vecs)
-
-
-class NameEmbedder:
-    """Text vectors of category names (mean over prompt templates): from a :class:`NameStore` when
-    the name is in it, else embedded on demand and cached in memory."""
-
-    def __init__(self, encoder, prompts: Sequence[str] | None = None, store: NameStore | None = None):
-        self.encoder = encoder
-        self.prompts = tuple(prompts or getattr(encoder, "templates", None) or DEFAULT_PROMPTS)
-        self.store = store
-        self._cache: dict[str, np.ndarray] = {}
-
-    def missing(self, names: Sequence[str]) -> list[str]:
-        stored = self.store.rows if self.store is not None else {}
-        return [n for n in dict.fromkeys(names) if n not in self._cache and n not in stored]
-
-    def __call__(self, names: Sequence[str]) -> np.ndarray:
-        missing = self.missing(names)
-        if missing:
-            self._cache.update(zip(missing, embed_names(self.encoder, self.prompts, missing)))
-        if not names:
-            return np.zeros((0, self.encoder.dim), np.float32)
-        store = self.store
-        if store is None:
-            return np.stack([self._cache[n] for n in names])
-        out = np.empty((len(names), int(self.encoder.dim)), np.float32)
-        rows = [store.rows.get(n, -1) for n in names]
-        at = [i for i, r in enumerate(rows) if r >= 0]
-        if at:
-            out[at] = store.vectors[[rows[i] for i in at]]
-        for i, r in enumerate(rows):
-            if r < 0:
-                out[i] = self._cache[names[i]]
-        return out
-
-    def touch(self) -> None:
-        """Read the stored vectors once, so that the first request does not page them in."""
-        if self.store is not None and len(self.store):
-            np.asarray(self.store.vectors).sum()
 
 
 def default_temperature(encoder) -> float:
@@ -364,30 +222,7 @@ class Prediction:
         return {"image": self.image, "labels": [lab.to_json() for lab in self.labels]}
 
 
-def stores_names(database: TextDatabase) -> bool:
-    """Whether :func:`make_classifier` embeds all of a database's names ahead of time (a
-    :class:`NameStore`): for the built-in vocabularies and users' name files, whose names are fixed
-    when the database is built; not for an index's captions (rebuilt with every indexing run, many
-    noun phrases, of which a request needs a few dozen: those are embedded on demand)."""
-    return database.kind != "captions"
-
-
-def name_store(database: TextDatabase, encoder, prompts: Sequence[str] | None = None, *,
-               build: bool = True) -> NameStore | None:
-    """The database's stored name embeddings for ``encoder`` and ``prompts`` (default: as
-    :class:`NameEmbedder` picks them), built and written next to the database if missing and
-    ``build``; None when there is none (or the directory is read-only: names are then embedded on
-    demand)."""
-    prompts = NameEmbedder(encoder, prompts).prompts
-    found = NameStore.open(database, encoder, prompts)
-    if found is not None or not build:
-        return found
-    try:
-        return NameStore.build(database, encoder, prompts)
-    except OSError as exc:
-        log.warning("cannot store the name embeddings of %s in %s (%s); names are embedded on demand",
-                    database.name, database.dir, exc)
-        return None
+NAME_STORE_SYNC_MAX = 5000      # make_classifier builds a missing store itself up to this many names
 
 
 def make_classifier(encoder, source, *, cache_dir=None, column: str | None = None,

@@ -14,11 +14,14 @@
 * Text goes to the index's first text-capable encoder; image queries to the encoder chosen per
   request (default: that same text-capable one). Encoders load once, on first use, and are safe
   to call from many threads (each holds its own lock).
+
+This module opens the index and searches it; the engine's other methods live in two mixins:
+:mod:`retrieval.engine_records` (ids, metadata, source images, stored vectors) and
+:mod:`retrieval.engine_query` (query embedding and routing, the text-vector cache).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -26,15 +29,17 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
 from . import store
-from .errors import InvalidQueryError, LoupeError, UnknownEncoderError, UnknownIdError, UnsupportedModalityError
+from .engine_query import EngineQueries, _is_fusion, instruction_method
+from .engine_records import EngineRecords
+from .errors import InvalidQueryError, LoupeError, UnknownEncoderError
 from .filters import filter_key, filter_mask, parse_filter
-from .query import Hit, QueryContext, SearchResponse, as_query_vector, combine, parse_terms
+from .query import Hit, QueryContext, SearchResponse
 from .search import SearchConfig, index_kind, make_params, merge_topk, search_index
 
 __all__ = ["Engine", "Hit", "QueryContext", "SearchResponse", "RerankUnavailableError"]
@@ -45,7 +50,6 @@ MAX_K = 1000
 DEFAULT_DEDUP_THRESHOLD = 0.98
 PARALLEL_MIN_VECTORS = 200_000   # below this, searching shards one after another is faster
 RERANK_CANDIDATES = 100       # global candidates handed to the re-ranker (at least 4k)
-TEXT_CACHE_SIZE = 2048
 
 
 class RerankUnavailableError(LoupeError):
@@ -73,18 +77,7 @@ def _rss_mb() -> float:
         return float("nan")
 
 
-def _json_field(raw: Any, default: Any) -> Any:
-    if raw is None or raw == "":
-        return default
-    if not isinstance(raw, str):
-        return raw
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return default
-
-
-class Engine:
+class Engine(EngineRecords, EngineQueries):
     """Read-only view of an index directory that answers text, image, id and vector queries."""
 
     def __init__(self, index_dir: str | os.PathLike, *, device: str = "auto", mmap: bool = True,
@@ -203,271 +196,6 @@ class Engine:
                     log.info("loaded encoder %s in %.1f s", entry.name, time.perf_counter() - t0)
                     self._encoders[entry.name] = enc
         return enc
-
-    # -- ids and metadata ---------------------------------------------------------------------------
-    def locate(self, image_id: str) -> tuple[int, int]:
-        """(shard number, row) of an indexed image; raises ``UnknownIdError``."""
-        if not isinstance(image_id, str) or len(image_id) != store.ID_HEX:
-            raise UnknownIdError(f"unknown image id {image_id!r}")
-        try:
-            value = store.id_to_int(image_id)
-        except ValueError:
-            raise UnknownIdError(f"unknown image id {image_id!r}") from None
-        pos = int(np.searchsorted(self._id_sorted, value))
-        if pos >= len(self._id_sorted) or self._id_sorted[pos] != value:
-            raise UnknownIdError(f"unknown image id {image_id!r}")
-        g = int(self._id_order[pos])
-        return self._split(g)
-
-    def _split(self, global_row: int) -> tuple[int, int]:
-        shard = int(np.searchsorted(self.offsets, global_row, side="right") - 1)
-        return shard, int(global_row - self.offsets[shard])
-
-    def has_id(self, image_id: str) -> bool:
-        try:
-            self.locate(image_id)
-            return True
-        except UnknownIdError:
-            return False
-
-    def hit_for_id(self, encoder: str, image_id: str) -> Hit:
-        """A ``Hit`` for an indexed image, scored against nothing (score 0)."""
-        self._entry(encoder)
-        shard, row = self.locate(image_id)
-        return Hit(image_id, 0.0, shard, row)
-
-    def row_metadata(self, shard: int, row: int) -> dict[str, Any]:
-        rec = self.tables[shard].slice(row, 1).to_pylist()[0]
-        rec["aliases"] = _json_field(rec.get("aliases"), [])
-        rec["extra"] = _json_field(rec.get("extra"), {})
-        return rec
-
-    def metadata(self, image_id: str) -> dict[str, Any]:
-        """Every metadata column of an indexed image (``aliases`` and ``extra`` parsed)."""
-        return self.row_metadata(*self.locate(image_id))
-
-    def describe_hit(self, hit: Hit) -> dict[str, Any]:
-        """The JSON shape of a result: ``{id, score, path, caption, metadata}``."""
-        rec = self.row_metadata(hit.shard, hit.row)
-        meta = {k: rec.get(k) for k in ("source", "width", "height", "size", "mtime", "sha256")}
-        if rec.get("aliases"):
-            meta["aliases"] = rec["aliases"]
-        if isinstance(rec.get("extra"), dict):
-            for key, value in rec["extra"].items():
-                meta.setdefault(key, value)
-        return {"id": hit.id, "score": round(float(hit.score), 6), "path": rec.get("path"),
-                "caption": rec.get("caption"), "metadata": meta}
-
-    def source_file(self, image_id: str) -> Path:
-        """The readable local file of an indexed image; raises ``UnknownIdError`` if gone."""
-        rec = self.metadata(image_id)
-        for cand in (rec.get("path"), rec.get("source"), *(rec.get("aliases") or [])):
-            if isinstance(cand, str) and cand and "://" not in cand and os.path.isfile(cand):
-                return Path(cand)
-        raise UnknownIdError(f"image {image_id} is indexed but its source file is gone ({rec.get('source')})")
-
-    def source_bytes(self, image_id: str) -> bytes:
-        """The indexed image's encoded bytes: from its file, or from a webdataset tar member
-        (source ``/abs/shard.tar#KEY.jpg``)."""
-        try:
-            return self.source_file(image_id).read_bytes()
-        except UnknownIdError:
-            rec = self.metadata(image_id)
-            for cand in (rec.get("source"), *(rec.get("aliases") or [])):
-                data = _read_tar_member(cand) if isinstance(cand, str) else None
-                if data is not None:
-                    return data
-            raise
-
-    def load_image(self, image_id: str) -> Image.Image:
-        """The indexed image as RGB, decoded from its source file (or tar member)."""
-        from .images import load_image
-
-        try:
-            return load_image(self.source_file(image_id))
-        except UnknownIdError:
-            return load_image(self.source_bytes(image_id))
-
-    # -- vectors ------------------------------------------------------------------------------------
-    def _reconstruct(self, encoder: str, shard: int, row: int) -> np.ndarray:
-        import faiss
-
-        entry = self._entry(encoder)
-        index = self.indexes[entry.name][shard]
-        if entry.index_type == "binary":
-            bits = np.unpackbits(index.reconstruct(int(row)))
-            return (np.where(bits > 0, 1.0, -1.0) / np.sqrt(bits.size)).astype(np.float32)
-        try:
-            return np.asarray(index.reconstruct(int(row)), dtype=np.float32)
-        except RuntimeError:
-            key = (entry.name, shard)
-            with self._lock:
-                if key not in self._direct_map_done:
-                    ivf = faiss.try_extract_index_ivf(index)
-                    if ivf is None:
-                        raise
-                    ivf.make_direct_map()   # once, at first use; never per request
-                    self._direct_map_done.add(key)
-            return np.asarray(index.reconstruct(int(row)), dtype=np.float32)
-
-    def vectors(self, encoder: str, hits: Sequence[Hit]) -> np.ndarray:
-        """Stored vectors of ``hits`` in ``encoder``'s space, [n, d] float32."""
-        entry = self._entry(encoder)
-        if not hits:
-            return np.zeros((0, entry.dim), dtype=np.float32)
-        return np.stack([self._reconstruct(entry.name, h.shard, h.row) for h in hits]).astype(np.float32)
-
-    def all_vectors(self, encoder: str | None = None) -> Iterator[tuple[int, np.ndarray, list[str]]]:
-        """Every shard's vectors: ``(shard number, [n, d] float32, ids)`` (for de-duplication)."""
-        entry = self._entry(encoder)
-        for i, index in enumerate(self.indexes[entry.name]):
-            if entry.index_type == "binary":
-                codes = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d // 8), np.uint8)
-                bits = np.unpackbits(codes, axis=1)
-                vecs = (np.where(bits > 0, 1.0, -1.0) / np.sqrt(max(bits.shape[1], 1))).astype(np.float32)
-            else:
-                vecs = store.reconstruct_all(index)
-            yield i, vecs, list(self.shard_ids[i])
-
-    def local_features(self, encoder: str, hits: Sequence[Hit]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Stored local descriptors of ``hits``: ``(desc [p, c] float32, pos [p, 2] (row, col))`` each."""
-        entry = self._entry(encoder)
-        if not entry.local_features:
-            raise UnsupportedModalityError(
-                f"the index has no local features for {entry.name}; rebuild with `loupe index --local-features`")
-        out = []
-        for h in hits:
-            key = (entry.name, h.shard)
-            shard = self._local.get(key)
-            if shard is None:
-                with self._lock:
-                    shard = self._local.get(key) or store.LocalShard(self.index_dir, entry.name,
-                                                                     self.shard_names[h.shard])
-                    self._local[key] = shard
-            out.append(shard.get(h.row))
-        return out
-
-    # -- embedding ----------------------------------------------------------------------------------
-    def embed_texts(self, encoder: str, texts: Sequence[str]) -> np.ndarray:
-        """Text vectors (cached: repeated queries skip the text model)."""
-        enc = self.encoder(encoder)
-        out: list[np.ndarray | None] = []
-        missing = []
-        with self._lock:
-            for t in texts:
-                v = self._text_cache.get((enc.name, t))
-                if v is not None:
-                    self._text_cache.move_to_end((enc.name, t))
-                else:
-                    missing.append(t)
-                out.append(v)
-        if missing:
-            new = enc.encode_texts(list(dict.fromkeys(missing)))
-            fresh = dict(zip(dict.fromkeys(missing), new))
-            with self._lock:
-                for t, v in fresh.items():
-                    self._text_cache[(enc.name, t)] = v
-                while len(self._text_cache) > TEXT_CACHE_SIZE:
-                    self._text_cache.popitem(last=False)
-            out = [v if v is not None else fresh[t] for v, t in zip(out, texts)]
-        return np.stack(out).astype(np.float32)
-
-    def embed(self, *, text: str | Sequence[str] | None = None, image: bytes | Image.Image | None = None,
-              image_id: str | None = None, vector: Any = None, instruction: str | None = None,
-              encoder: str | None = None, weight: float | None = None, method: str = "auto",
-              keep_local: bool = False, **opts: Any) -> QueryContext:
-        """Embed a query into one unit vector (see ``search`` for the meaning of each field)."""
-        from .images import load_image
-
-        given = [n for n, v in (("text", text), ("image", image), ("image_id", image_id), ("vector", vector))
-                 if v is not None]
-        if not given:
-            raise InvalidQueryError("missing query: give text, image, image_id or vector")
-        if image is not None and image_id is not None:
-            raise InvalidQueryError("give either image or image_id, not both")
-        if vector is not None and len(given) > 1:
-            raise InvalidQueryError("a raw vector query cannot be combined with text or images")
-        if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
-            raise InvalidQueryError("instruction must be a non-empty string")
-        has_image = image is not None or image_id is not None
-        if instruction is not None and not has_image:
-            if text is None:
-                raise InvalidQueryError("an instruction needs an image (image or image_id) to apply to")
-        if text is not None and has_image and instruction is None:
-            # "this image, but ..." – the text acts as the instruction
-            if not isinstance(text, str):
-                raise InvalidQueryError("with an image, text must be one string (it acts as the instruction)")
-            instruction, text = text, None
-
-        # routing
-        if text is not None or instruction is not None:
-            named = self._entry(encoder) if encoder is not None else None
-            if named is not None and not named.supports_text and not (
-                    "colour" in named.modalities and text is not None and instruction is None):
-                # (colour-names answers colour phrases when named: encoder="colour-names", text="red")
-                raise UnsupportedModalityError(
-                    f"encoder {encoder!r} embeds images only; text goes to {self.text_encoder!r}"
-                    if self.text_encoder else f"encoder {encoder!r} embeds images only")
-            name = encoder or self.text_encoder
-            if name is None:
-                raise UnsupportedModalityError(
-                    "this index has no text-capable encoder; index with e.g. --encoder conse-effnet-lite0 "
-                    "or clip-vit-b-32 to search by text")
-        else:
-            name = encoder or self.default_encoder
-        entry = self._entry(name)
-
-        ctx = QueryContext(vector=np.zeros(entry.dim, np.float32), encoder=entry.name, image_id=image_id,
-                           instruction=instruction)
-        if vector is not None:
-            ctx.vector = as_query_vector(vector, entry.dim)
-            return ctx
-        if text is not None:
-            terms = parse_terms(text)
-            ctx.terms = terms
-            ctx.text = text if isinstance(text, str) else " ".join(text)
-            vecs = self.embed_texts(entry.name, [t for _, t in terms])
-            ctx.vector = combine(vecs, [w for w, _ in terms])
-            return ctx
-        # image (bytes / PIL) or indexed image
-        if image is not None:
-            pil = load_image(image)
-            ctx.image = pil
-            enc = self.encoder(entry.name)
-            fine = (entry.local_features or {}).get("layer") == "fine" and "fine" in enc.local_layers
-            if keep_local and fine:
-                # one forward pass: the global vector, the final map (regions) and the fine map (matching)
-                vecs, tokens, grid, ftok, fgrid = enc.encode_images_and_fine([pil])
-                img_vec, ctx.local, ctx.local_fine = vecs[0], (tokens[0], grid), (ftok[0], fgrid)
-            elif keep_local and enc.has_local_features and not enc.binary:
-                # one forward pass gives the global vector and the tokens re-ranking needs
-                vecs, tokens, grid = enc.encode_images_and_local([pil])
-                img_vec, ctx.local = vecs[0], (tokens[0], grid)
-            else:
-                img_vec = enc.encode_images([pil])[0]
-        else:
-            shard, row = self.locate(image_id)
-            img_vec = self._reconstruct(entry.name, shard, row)
-            ctx._image_loader = lambda iid=image_id: self.load_image(iid)
-        if instruction is not None:
-            from .compose import compose_query
-
-            ctx.terms = parse_terms(instruction) if instruction.lstrip()[:1] in "+-" else [(1.0, instruction.strip())]
-            txt = combine(self.embed_texts(entry.name, [t for _, t in ctx.terms]), [w for w, _ in ctx.terms])
-            method = instruction_method(method, weight)
-            kwargs: dict[str, Any] = {"method": method}
-            if method and method != "sum":   # arithmetic / caption / fused need the encoder and the words
-                kwargs.update(encoder=self.encoder(entry.name), instruction=instruction, index_dir=self.index_dir)
-            if weight is not None:
-                if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0.0 <= weight <= 1.0:
-                    raise InvalidQueryError("weight must be a number in [0, 1]")
-                kwargs["weight"] = float(weight)
-            ctx.vector = np.asarray(compose_query(img_vec, txt, **kwargs), dtype=np.float32).reshape(-1)
-            ctx.image_vector = (img_vec / max(float(np.linalg.norm(img_vec)), 1e-12)).astype(np.float32)
-        else:
-            norm = float(np.linalg.norm(img_vec))
-            ctx.vector = (img_vec / max(norm, 1e-12)).astype(np.float32)
-        return ctx
 
     # -- search -------------------------------------------------------------------------------------
     def _masks(self, filter: Any) -> list[np.ndarray] | None:
@@ -647,40 +375,10 @@ class Engine:
         self._local.clear()
 
 
-def instruction_method(method: str | None, weight: float | None) -> str:
-    """The composition method a query gets: ``auto`` (or none) means ``compose.DEFAULT_METHOD``, except
-    that an explicit ``weight`` (the image/text mix of ``sum``) asks for ``sum``."""
-    if method in (None, "", "auto") and weight is not None:
-        return "sum"
-    return method or "auto"
-
-
-def _is_fusion(method: Any) -> bool:
-    if method == "auto":
-        from .compose import DEFAULT_METHOD
-
-        method = DEFAULT_METHOD
-    return method == "fusion"
-
-
 def _mtime(path: Path) -> float | None:
     try:
         return path.stat().st_mtime_ns
     except OSError:
-        return None
-
-
-def _read_tar_member(source: str) -> bytes | None:
-    import tarfile
-
-    tar_path, sep, member = source.partition("#")
-    if not sep or not tar_path.lower().endswith(".tar") or not os.path.isfile(tar_path):
-        return None
-    try:
-        with tarfile.open(tar_path, "r:") as tar:
-            fh = tar.extractfile(member)
-            return fh.read() if fh is not None else None
-    except (tarfile.TarError, OSError, KeyError):
         return None
 
 
