@@ -1,7 +1,15 @@
 """Local-global re-ranking: local matching, spatial verification (RANSAC), αQE / DBA, score fusion.
 
-Everything below ``rerank_hits`` is a pure function over arrays; ``rerank_hits`` is the thin adapter
-the Engine calls (``Engine.search(rerank=True)``).
+Everything but ``rerank_hits`` is a pure function over arrays; ``rerank_hits`` is the thin adapter
+the Engine calls (``Engine.search(rerank=True)``). The pieces live in their own modules (all names are
+re-exported here):
+
+- ``retrieval.rerank_config``: ``RerankConfig`` and the defaults (``DEFAULT_CONFIG``, ``FINE_DEFAULT_CONFIG``);
+- ``retrieval.rerank_verify``: local matching (step 1) and spatial verification (step 2): ``verify_pair``,
+  ``ransac_affine``, the batched similarities and match counts;
+- ``retrieval.rerank_regions``: multi-region query descriptors and the query-crop windows (step 3);
+- ``retrieval.rerank_query``: the query's local descriptors and the index's PCA reducer, from an engine;
+- here: fusion, αQE / DBA, ``rerank_arrays`` (one query against its candidates) and ``rerank_hits``.
 
 Pipeline for an image query against the top ``N`` (default 100) global candidates:
 
@@ -55,21 +63,26 @@ projected patch tokens): each candidate gets ``mean of the top 1/8 patch similar
 vector (projected through the index's PCA), fused as ``global + w_text * patch_score``. Encoders whose
 local features are not in the text space (ConSE's CNN cells) keep the global order.
 
-``verify_pair`` is the standalone spatial check (used by copy detection).
+``verify_pair`` (``retrieval.rerank_verify``) is the standalone spatial check (used by copy detection).
 """
 
 from __future__ import annotations
 
-import itertools
-import os
-import threading
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .encoders.base import l2_normalize
+from .rerank_config import DEFAULT_CONFIG, FINE_DEFAULT_CONFIG, RerankConfig  # noqa: F401 - re-exported
+from .rerank_query import (  # noqa: F401 - re-exported: defined here before the split
+    _local_info,
+    _project_text,
+    _text_in_patch_space,
+    query_local_features,
+    query_tokens,
+    reduce_tokens,
+)
 from .rerank_regions import (  # noqa: F401 - re-exported: defined here before the split
     crop_windows,
     encoder_view,
@@ -77,6 +90,18 @@ from .rerank_regions import (  # noqa: F401 - re-exported: defined here before t
     region_scores,
     region_vectors,
     region_windows,
+)
+from .rerank_verify import (  # noqa: F401 - re-exported: defined here before the split
+    VerificationResult,
+    batched_match_counts,
+    batched_similarity,
+    grid_coordinates,
+    maxsim_score,
+    mutual_nearest_neighbors,
+    nearest_neighbors,
+    ransac_affine,
+    similarity,
+    verify_pair,
 )
 
 __all__ = ["RerankConfig", "DEFAULT_CONFIG", "FINE_DEFAULT_CONFIG",
@@ -86,67 +111,6 @@ __all__ = ["RerankConfig", "DEFAULT_CONFIG", "FINE_DEFAULT_CONFIG",
            "query_local_features", "query_tokens", "batched_similarity", "batched_match_counts", "nearest_neighbors",
            "region_windows", "region_vectors", "region_scores",
            "crop_windows", "encoder_view", "grid_box_to_pixels"]
-
-
-@dataclass(frozen=True)
-class RerankConfig:
-    """Knobs of the re-ranker (defaults tuned on benchmarks/bench_rerank.py, effnet-lite0)."""
-
-    n_candidates: int = 100        # re-rank this many global candidates
-    local: bool = True             # MaxSim local score
-    spatial: bool = True           # RANSAC spatial verification
-    qe: bool = False               # α-query expansion over the re-ranked shortlist
-    dba: bool = False              # database-side augmentation within the shortlist
-    w_local: float = 2.0
-    w_spatial: float = 0.1
-    w_text: float = 0.5
-    matching: str = "mutual"       # "mutual": mutual nearest neighbours; "nn": every query token's nearest
-    min_match_sim: float = 0.0     # matches below this similarity are dropped
-    local_norm_pct: float | None = 80.0   # per-token background percentile over the shortlist (None: off)
-    min_inliers: int = 5
-    min_inlier_ratio: float = 0.2  # ... and at least this fraction of the mutual-NN matches
-    inlier_cap: int = 10
-    ransac_iters: int = 512
-    ransac_threshold: float = 1.0  # residual threshold, in cells of the candidate's grid
-    max_scale: float = 4.0
-    max_aspect: float = 3.0
-    allow_reflection: bool = False
-    seed: int = 0
-    qe_k: int = 2
-    qe_alpha: float = 3.0
-    dba_k: int = 2
-    dba_alpha: float = 3.0
-    text_top_frac: float = 0.125
-    spatial_top: int | None = 20    # RANSAC only for this many candidates (by the score without it); None: all
-    regions: bool = True           # multi-region query descriptors (see region_vectors)
-    w_region: float = 1.0
-    region_sizes: tuple[int, ...] = (2, 3, 4, 5)   # window sides, in grid cells
-    region_stride: int = 1
-    region_expand: int = 0         # each region also fetches its own top-k candidates (0: rescore only)
-    crop: bool = True              # query-crop second pass (see crop_windows / grid_box_to_pixels)
-    crop_fuse: str = "max"         # "max": the region term becomes w_region·max(region, crop); "sum": + w_crop·crop
-    w_crop: float = 1.0            # only with crop_fuse="sum"
-    crop_count: int = 1            # crop this many query windows (one batched forward pass)
-    crop_select: str = "match"     # "match" | "gain" | "novel": how the windows to crop are chosen
-    crop_margin: float = 1.0       # cells added on every side of the window before cropping
-    crop_expand: int = 0           # each crop vector also fetches its own top-k candidates (0: rescore only)
-
-
-DEFAULT_CONFIG = RerankConfig()
-# An index whose local descriptors are the fine map (``loupe index --local-layer fine``): 4x the cells, so
-# local matching alone lifts crops and rotations as far as the crop pass and RANSAC did on the coarse map,
-# and those two would take the latency past 3x global search (benchmarks/results/rerank.md).
-FINE_DEFAULT_CONFIG = replace(DEFAULT_CONFIG, crop=False, spatial=False, w_local=4.0)
-
-
-@dataclass
-class VerificationResult:
-    inliers: int                    # RANSAC inlier count (0 when too few matches)
-    score: float                    # min(inliers, cap)/cap if inliers >= min_inliers else 0
-    matches: np.ndarray             # int [m, 2] (query token, candidate token) mutual-NN matches
-    inlier_mask: np.ndarray         # bool [m]
-    transform: np.ndarray | None    # float [2, 3] affine (query xy -> candidate xy, normalised coords)
-    match_sims: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
 
 @dataclass
@@ -159,162 +123,6 @@ class LocalScores:
     spatial: np.ndarray
     fused: np.ndarray
     verifications: list[VerificationResult | None]
-
-
-# -- local matching ----------------------------------------------------------------------------
-def grid_coordinates(pos: np.ndarray, grid: Sequence[int]) -> np.ndarray:
-    """(row, col) grid positions → (x, y) cell centres normalised to [0, 1]."""
-    pos = np.asarray(pos, dtype=np.float64).reshape(-1, 2)
-    h, w = int(grid[0]), int(grid[1])
-    return np.stack([(pos[:, 1] + 0.5) / w, (pos[:, 0] + 0.5) / h], axis=1)
-
-
-def similarity(q_desc: np.ndarray, c_desc: np.ndarray) -> np.ndarray:
-    return np.asarray(q_desc, np.float32) @ np.asarray(c_desc, np.float32).T
-
-
-def maxsim_score(sim: np.ndarray) -> float:
-    """Chamfer / MaxSim: the mean over query tokens of their best candidate-token similarity."""
-    if sim.size == 0:
-        return 0.0
-    return float(sim.max(axis=1).mean())
-
-
-def mutual_nearest_neighbors(sim: np.ndarray, min_sim: float = -np.inf) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (i, j) that are each other's nearest neighbour; returns (matches int [m, 2], sims [m])."""
-    if sim.size == 0:
-        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
-    nn_q = sim.argmax(axis=1)            # best candidate token of each query token
-    nn_c = sim.argmax(axis=0)            # best query token of each candidate token
-    i = np.arange(sim.shape[0])
-    keep = nn_c[nn_q] == i
-    i = i[keep]
-    j = nn_q[keep]
-    s = sim[i, j]
-    ok = (s >= min_sim) & np.isfinite(s)
-    return np.stack([i[ok], j[ok]], axis=1).astype(np.int64), s[ok].astype(np.float32)
-
-
-def nearest_neighbors(sim: np.ndarray, min_sim: float = -np.inf) -> tuple[np.ndarray, np.ndarray]:
-    """Every query token with its nearest candidate token; returns (matches int [m, 2], sims [m])."""
-    if sim.size == 0:
-        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
-    i = np.arange(sim.shape[0])
-    j = sim.argmax(axis=1)
-    s = sim[i, j]
-    ok = (s >= min_sim) & np.isfinite(s)
-    return np.stack([i[ok], j[ok]], axis=1).astype(np.int64), s[ok].astype(np.float32)
-
-
-# -- RANSAC ------------------------------------------------------------------------------------
-def _triples(m: int, iters: int, rng: np.random.Generator) -> np.ndarray:
-    total = m * (m - 1) * (m - 2) // 6
-    if total <= iters:
-        return np.array(list(itertools.combinations(range(m), 3)), dtype=np.int64).reshape(-1, 3)
-    # seeded random distinct triples (duplicates within a triple are resampled)
-    out = rng.integers(0, m, size=(iters * 2, 3))
-    out = out[(out[:, 0] != out[:, 1]) & (out[:, 0] != out[:, 2]) & (out[:, 1] != out[:, 2])]
-    while len(out) < iters:  # pragma: no cover - only for tiny m with many iterations
-        more = rng.integers(0, m, size=(iters, 3))
-        more = more[(more[:, 0] != more[:, 1]) & (more[:, 0] != more[:, 2]) & (more[:, 1] != more[:, 2])]
-        out = np.concatenate([out, more])
-    return out[:iters]
-
-
-def _plausible(linear: np.ndarray, max_scale: float, max_aspect: float, allow_reflection: bool) -> np.ndarray:
-    """linear: [k, 2, 2] → bool [k]: scales within bounds, limited anisotropy, optional reflection."""
-    sv = np.linalg.svd(linear, compute_uv=False)          # [k, 2], descending
-    ok = (sv[:, 1] > 1.0 / max_scale) & (sv[:, 0] < max_scale) & (sv[:, 0] <= max_aspect * sv[:, 1])
-    if not allow_reflection:
-        ok &= np.linalg.det(linear) > 0
-    return ok
-
-
-def _fit_affine_lstsq(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    a = np.concatenate([src, np.ones((len(src), 1))], axis=1)
-    sol, *_ = np.linalg.lstsq(a, dst, rcond=None)          # [3, 2]
-    return sol.T                                            # [2, 3]
-
-
-def ransac_affine(src: np.ndarray, dst: np.ndarray, *, threshold: float, iters: int = 512, seed: int = 0,
-                  max_scale: float = 4.0, max_aspect: float = 3.0, allow_reflection: bool = False,
-                  weights: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray]:
-    """Affine ``dst ≈ A @ [src, 1]`` by RANSAC. Returns (A [2, 3] or None, inlier mask bool [m]).
-
-    Hypotheses from 3-point samples are scored all at once (inlier count, ties broken by the smaller
-    summed inlier residual); the winner is refitted on its inliers (least squares) and its inlier set
-    recomputed once. Deterministic for a given ``seed``.
-    """
-    src = np.asarray(src, np.float64).reshape(-1, 2)
-    dst = np.asarray(dst, np.float64).reshape(-1, 2)
-    m = len(src)
-    if m < 3:
-        return None, np.zeros(m, bool)
-    rng = np.random.default_rng(seed)
-    tri = _triples(m, iters, rng)                                    # [k, 3]
-    s = np.concatenate([src[tri], np.ones((len(tri), 3, 1))], axis=2)  # [k, 3, 3]
-    d = dst[tri]                                                      # [k, 3, 2]
-    det = np.linalg.det(s)
-    good = np.abs(det) > 1e-9
-    if not good.any():
-        return None, np.zeros(m, bool)
-    s, d, tri = s[good], d[good], tri[good]
-    a_t = np.linalg.solve(s, d)                                      # [k, 3, 2]: [x y 1] @ a_t = [x' y']
-    linear = np.transpose(a_t[:, :2, :], (0, 2, 1))                  # [k, 2, 2]
-    plausible = _plausible(linear, max_scale, max_aspect, allow_reflection)
-    if not plausible.any():
-        return None, np.zeros(m, bool)
-    a_t = a_t[plausible]
-    src_h = np.concatenate([src, np.ones((m, 1))], axis=1)          # [m, 3]
-    pred = np.einsum("mi,kij->kmj", src_h, a_t)                      # [k, m, 2]
-    resid = np.linalg.norm(pred - dst[None], axis=2)                 # [k, m]
-    inl = resid <= threshold
-    w = np.ones(m) if weights is None else np.asarray(weights, np.float64)
-    counts = (inl * w).sum(axis=1)
-    cost = np.where(inl, resid, 0.0).sum(axis=1)
-    best = int(np.lexsort((cost, -counts))[0])
-    mask = inl[best]
-    transform = a_t[best].T                                          # [2, 3]
-    if mask.sum() >= 3:
-        refit = _fit_affine_lstsq(src[mask], dst[mask])
-        if _plausible(refit[None, :, :2], max_scale, max_aspect, allow_reflection)[0]:
-            mask2 = np.linalg.norm(src_h @ refit.T - dst, axis=1) <= threshold
-            if (mask2 * w).sum() >= (mask * w).sum():
-                transform, mask = refit, mask2
-    return transform, mask
-
-
-def verify_pair(q_desc: np.ndarray, q_pos: np.ndarray, c_desc: np.ndarray, c_pos: np.ndarray,
-                q_grid: Sequence[int], c_grid: Sequence[int] | None = None,
-                config: RerankConfig = DEFAULT_CONFIG, *, sim: np.ndarray | None = None) -> VerificationResult:
-    """Spatially verify a (query, candidate) pair of local features.
-
-    ``*_desc``: unit rows [p, c]; ``*_pos``: (row, col) on the grid ``*_grid`` (h, w). Mutual-NN matches
-    are fitted with an affine transform (RANSAC); ``inliers`` counts the consistent matches and
-    ``score`` maps them to [0, 1] (0 below ``config.min_inliers``).
-    """
-    c_grid = q_grid if c_grid is None else c_grid
-    if sim is None:
-        sim = similarity(q_desc, c_desc)
-    if config.matching == "nn":
-        matches, sims = nearest_neighbors(sim, config.min_match_sim)
-    else:
-        matches, sims = mutual_nearest_neighbors(sim, config.min_match_sim)
-    empty = VerificationResult(0, 0.0, matches, np.zeros(len(matches), bool), None, sims)
-    if len(matches) < 3:
-        return empty
-    src = grid_coordinates(np.asarray(q_pos)[matches[:, 0]], q_grid)
-    dst = grid_coordinates(np.asarray(c_pos)[matches[:, 1]], c_grid)
-    cell = 1.0 / max(int(c_grid[0]), int(c_grid[1]))
-    transform, mask = ransac_affine(src, dst, threshold=config.ransac_threshold * cell, iters=config.ransac_iters,
-                                    seed=config.seed, max_scale=config.max_scale, max_aspect=config.max_aspect,
-                                    allow_reflection=config.allow_reflection)
-    if transform is None:
-        return empty
-    n = int(mask.sum())
-    needed = max(config.min_inliers, int(np.ceil(config.min_inlier_ratio * len(matches))))
-    score = min(n, config.inlier_cap) / config.inlier_cap if n >= needed else 0.0
-    return VerificationResult(n, float(score), matches, mask, transform, sims)
 
 
 # -- query expansion / DBA ---------------------------------------------------------------------
@@ -371,56 +179,6 @@ def text_patch_scores(text_vec: np.ndarray, candidates: Sequence[np.ndarray], to
         top = max(1, int(round(len(s) * top_frac)))
         out[n] = float(s[:top].mean())
     return out
-
-
-def _stack_candidates(candidates: Sequence[tuple[np.ndarray, np.ndarray]], dim: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate descriptors padded into one array: ``(desc [n, p, c] float32, valid [n, p] bool)``."""
-    counts = [len(d) for d, _ in candidates]
-    p = max(counts, default=0)
-    if counts and all(c == p for c in counts):
-        desc = np.stack([np.asarray(d, np.float32).reshape(p, dim) for d, _ in candidates]) if p else \
-            np.zeros((len(counts), 0, dim), np.float32)
-        return desc, np.ones((len(counts), p), bool)
-    desc = np.zeros((len(counts), p, dim), np.float32)
-    valid = np.zeros((len(counts), p), bool)
-    for n, ((d, _), c) in enumerate(zip(candidates, counts)):
-        if c:
-            desc[n, :c] = np.asarray(d, np.float32)
-            valid[n, :c] = True
-    return desc, valid
-
-
-def batched_similarity(q_desc: np.ndarray, candidates: Sequence[tuple[np.ndarray, np.ndarray]]
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """All query–candidate token similarities in one matrix product.
-
-    Returns ``(sims [n, P, p] float32, valid [n, p])``: padding columns (candidates with fewer tokens)
-    hold ``-inf``."""
-    q = np.asarray(q_desc, np.float32)
-    desc, valid = _stack_candidates(candidates, q.shape[1] if q.ndim == 2 else 0)
-    n, p, c = desc.shape
-    # a batched matmul of small matrices: one BLAS call per candidate, no thread start-up (a single large
-    # product goes multi-threaded in OpenBLAS, which is far slower on a loaded machine)
-    sims = np.matmul(q[None], desc.transpose(0, 2, 1)) if n * p and len(q) else np.zeros((n, len(q), p), np.float32)
-    if not valid.all():
-        sims = np.where(valid[:, None, :], sims, -np.inf).astype(np.float32)
-    return sims, valid
-
-
-def batched_match_counts(sims: np.ndarray, config: RerankConfig = DEFAULT_CONFIG) -> np.ndarray:
-    """Per candidate, how many matches ``verify_pair`` would see (mutual NN or NN, ≥ ``min_match_sim``,
-    finite) — for all candidates at once from ``sims [n, P, p]``."""
-    n, P, p = sims.shape
-    if P == 0 or p == 0:
-        return np.zeros(n, np.int64)
-    nn_q = sims.argmax(axis=2)                                        # [n, P]
-    s = np.take_along_axis(sims, nn_q[:, :, None], axis=2)[:, :, 0]   # [n, P]
-    ok = (s >= config.min_match_sim) & np.isfinite(s)
-    if config.matching != "nn":
-        nn_c = sims.argmax(axis=1)                                    # [n, p]
-        ok &= np.take_along_axis(nn_c, nn_q, axis=1) == np.arange(P)[None, :]
-    return ok.sum(axis=1)
 
 
 def rerank_arrays(q_desc: np.ndarray, q_pos: np.ndarray, q_grid: Sequence[int], global_scores: np.ndarray,
@@ -491,121 +249,6 @@ def _expanded_scores(query: np.ndarray, vectors: np.ndarray, order: np.ndarray, 
 
 
 # -- Engine adapter ----------------------------------------------------------------------------
-_REDUCERS: dict[tuple[str, str, float], Any] = {}
-_REDUCERS_LOCK = threading.Lock()
-
-
-def _reducer(engine, encoder: str):
-    from . import store
-
-    path = store.pca_path(engine.index_dir, encoder)
-    if not os.path.isfile(path):
-        return None
-    key = (str(Path(path).resolve()), encoder, os.path.getmtime(path))
-    with _REDUCERS_LOCK:
-        if key not in _REDUCERS:
-            _REDUCERS[key] = store.LocalReducer.load(path)
-        return _REDUCERS[key]
-
-
-def _local_info(engine, encoder: str) -> dict | None:
-    entry = engine.manifest.encoders.get(encoder)
-    return entry.local_features if entry is not None else None
-
-
-def _grid_positions(grid: Sequence[int]) -> np.ndarray:
-    h, w = int(grid[0]), int(grid[1])
-    rr, cc = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    return np.stack([rr.ravel(), cc.ravel()], axis=1).astype(np.int64)
-
-
-def reduce_tokens(engine, encoder: str, tokens: np.ndarray) -> np.ndarray:
-    """Raw encoder tokens → the index's local descriptor space (its PCA, then unit rows)."""
-    red = _reducer(engine, encoder)
-    return l2_normalize(tokens) if red is None else red.transform(tokens)
-
-
-def query_tokens(engine, ctx, encoder_name: str | None = None) -> tuple[np.ndarray, tuple[int, int]] | None:
-    """The query image's encoder tokens ``(tokens [p, C], grid)``: ``ctx.local`` when the embedding step
-    kept them (one forward pass), else one ``encode_images_and_local`` pass on ``ctx.image`` (then kept in
-    ``ctx.local`` when ``encoder_name`` is the context's own encoder); None without an image in hand."""
-    name = encoder_name or ctx.encoder
-    local = getattr(ctx, "local", None)
-    if local is not None and name == ctx.encoder:
-        tokens, grid = local
-        return np.asarray(tokens), (int(grid[0]), int(grid[1]))
-    if getattr(ctx, "image", None) is not None:
-        enc = engine.encoder(name)
-        _, tokens, grid = enc.encode_images_and_local([ctx.image])
-        grid = (int(grid[0]), int(grid[1]))
-        if name == ctx.encoder:
-            try:
-                ctx.local = (tokens[0], grid)
-            except AttributeError:  # pragma: no cover - a read-only context
-                pass
-        return np.asarray(tokens[0]), grid
-    return None
-
-
-def _query_fine_tokens(engine, ctx, name: str) -> tuple[np.ndarray, tuple[int, int]] | None:
-    """The query image's fine-layer tokens (an index built with ``--local-layer fine``): kept from the
-    embedding pass (``ctx.local_fine``), else one ``encode_images_and_fine`` pass (which also keeps the
-    final map in ``ctx.local`` for the regions)."""
-    fine = getattr(ctx, "local_fine", None)
-    if fine is not None and name == ctx.encoder:
-        return np.asarray(fine[0]), (int(fine[1][0]), int(fine[1][1]))
-    image = getattr(ctx, "image", None)
-    if image is None:          # an indexed image_id query: its stored descriptors are read instead
-        return None
-    _, tokens, grid, ftok, fgrid = engine.encoder(name).encode_images_and_fine([image])
-    if name == ctx.encoder:
-        try:
-            ctx.local, ctx.local_fine = (tokens[0], (int(grid[0]), int(grid[1]))), (ftok[0], fgrid)
-        except AttributeError:  # pragma: no cover - a read-only context
-            pass
-    return np.asarray(ftok[0]), (int(fgrid[0]), int(fgrid[1]))
-
-
-def query_local_features(engine, ctx, encoder_name: str | None = None
-                         ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]] | None:
-    """The query's local descriptors in the index's space: ``(desc [p, c], pos [p, 2], grid)`` or None.
-
-    Uses ``ctx.local = (tokens, grid)`` when the embedding step kept them (one forward pass), else runs
-    the encoder's ``encode_images_and_local`` on ``ctx.image``, else reads an indexed ``ctx.image_id``'s."""
-    name = encoder_name or ctx.encoder
-    info = _local_info(engine, name) or {}
-    if info.get("layer") == "fine":
-        q = _query_fine_tokens(engine, ctx, name)
-    else:
-        q = query_tokens(engine, ctx, name)
-    if q is not None:
-        tokens, grid = q
-        return reduce_tokens(engine, name, tokens), _grid_positions(grid), grid
-    if getattr(ctx, "image_id", None):
-        hit = engine.hit_for_id(name, ctx.image_id)
-        desc, pos = engine.local_features(name, [hit])[0]
-        grid = tuple(info.get("grid") or (int(pos[:, 0].max()) + 1, int(pos[:, 1].max()) + 1))
-        return np.asarray(desc, np.float32), np.asarray(pos), (int(grid[0]), int(grid[1]))
-    return None
-
-
-def _text_in_patch_space(engine, name: str) -> bool:
-    try:
-        enc = engine.encoder(name)
-    except Exception:  # noqa: BLE001 - unloadable encoder: no text re-ranking
-        return False
-    return bool(enc.supports_text and enc.spec.local == "patch_tokens")
-
-
-def _project_text(engine, name: str, text_vec: np.ndarray) -> np.ndarray:
-    """A text vector into the index's local descriptor space (PCA directions, no centring)."""
-    red = _reducer(engine, name)
-    t = np.asarray(text_vec, np.float32).reshape(1, -1)
-    if red is None:
-        return l2_normalize(t)[0]
-    return l2_normalize(t @ red.components.T)[0]
-
-
 def _new_candidates(search: Callable[[np.ndarray, int], list], vectors: np.ndarray, n: int, hits: list) -> list:
     """Hits the ``search`` of each vector (top ``n``) finds that are not in ``hits`` yet, in order, once."""
     seen = {h.id for h in hits}

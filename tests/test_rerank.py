@@ -1,5 +1,6 @@
-"""Re-ranking: RANSAC, local scores against an exhaustive reference, buried copies rising, αQE/DBA,
-and ``rerank_hits`` through a minimal engine."""
+"""Re-ranking: local scores against an exhaustive reference, buried copies rising, αQE/DBA, and
+``rerank_hits`` through a minimal engine (multi-region scores, the query-crop second pass).
+RANSAC and pair verification: test_rerank_verify.py; region windows and crop boxes: test_rerank_regions.py."""
 
 from __future__ import annotations
 
@@ -13,72 +14,15 @@ from PIL import Image
 from retrieval.rerank import (
     RerankConfig,
     alpha_query_expansion,
-    batched_match_counts,
-    batched_similarity,
-    crop_windows,
     database_side_augmentation,
-    encoder_view,
-    grid_box_to_pixels,
-    grid_coordinates,
-    maxsim_score,
-    mutual_nearest_neighbors,
-    nearest_neighbors,
-    ransac_affine,
     region_scores,
     region_vectors,
     region_windows,
     rerank_arrays,
     rerank_hits,
     text_patch_scores,
-    verify_pair,
 )
-
-
-def _unit(x):
-    x = np.asarray(x, np.float64)
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def _affine(angle_deg, scale, tx, ty):
-    a = np.deg2rad(angle_deg)
-    return np.array([[scale * np.cos(a), -scale * np.sin(a), tx], [scale * np.sin(a), scale * np.cos(a), ty]])
-
-
-# -- RANSAC ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("angle,scale", [(0, 1.0), (25, 0.55), (-40, 1.6), (90, 0.8)])
-def test_ransac_recovers_known_affine(angle, scale):
-    rng = np.random.default_rng(1)
-    src = rng.uniform(0, 1, size=(60, 2))
-    true = _affine(angle, scale, 0.2, -0.1)
-    dst = src @ true[:, :2].T + true[:, 2] + rng.normal(0, 0.002, size=(60, 2))
-    outliers = rng.choice(60, 24, replace=False)          # 40% outliers
-    dst[outliers] = rng.uniform(-1, 2, size=(24, 2))
-    est, mask = ransac_affine(src, dst, threshold=0.02, iters=400, seed=0)
-    assert est is not None
-    np.testing.assert_allclose(est, true, atol=0.02)
-    inl = np.ones(60, bool)
-    inl[outliers] = False
-    assert mask[inl].all() and mask.sum() <= inl.sum() + 2
-
-
-def test_ransac_is_deterministic_and_rejects_reflections():
-    rng = np.random.default_rng(2)
-    src = rng.uniform(0, 1, size=(40, 2))
-    dst = src.copy()
-    dst[:, 0] = 1 - dst[:, 0]                              # a mirror image: no proper affine explains it
-    _, mask = ransac_affine(src, dst, threshold=0.02, iters=300, seed=0)
-    assert mask.sum() <= 3
-    _, mask_ok = ransac_affine(src, dst, threshold=0.02, iters=300, seed=0, allow_reflection=True)
-    assert mask_ok.all()
-    a = ransac_affine(src, src + 0.1, threshold=0.02, iters=50, seed=7)
-    b = ransac_affine(src, src + 0.1, threshold=0.02, iters=50, seed=7)
-    np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_array_equal(a[1], b[1])
-
-
-def test_ransac_too_few_points():
-    t, mask = ransac_affine(np.zeros((2, 2)), np.zeros((2, 2)), threshold=0.1)
-    assert t is None and mask.shape == (2,) and not mask.any()
+from tests._rerank_helpers import FakeSpec, unit
 
 
 # -- exhaustive reference ----------------------------------------------------------------------
@@ -133,14 +77,14 @@ def reference_scores(q_desc, q_pos, q_grid, g, candidates, cfg: RerankConfig):
 def _synthetic_candidates(rng, grid=(5, 5), dim=16, n=6, copy_at=3):
     h, w = grid
     pos = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 2)
-    q = _unit(rng.normal(size=(h * w, dim)))
+    q = unit(rng.normal(size=(h * w, dim)))
     cands = []
     for c in range(n):
-        d = _unit(rng.normal(size=(h * w, dim)))
+        d = unit(rng.normal(size=(h * w, dim)))
         if c == copy_at:      # a shifted copy: query cell (r, c) appears at (r + 1, c + 1), noisy
             for i, (r, cc) in enumerate(pos):
                 if r + 1 < h and cc + 1 < w:
-                    d[(r + 1) * w + cc + 1] = _unit(q[i] + 0.3 * rng.normal(size=dim))
+                    d[(r + 1) * w + cc + 1] = unit(q[i] + 0.3 * rng.normal(size=dim))
         cands.append((d, pos.copy()))
     return q, pos, cands
 
@@ -182,84 +126,6 @@ def test_scores_equal_reference_with_uneven_candidates_and_spatial_top():
     assert top1.spatial[first] == got.spatial[first]
 
 
-def test_batched_similarity_and_match_counts_equal_per_pair():
-    rng = np.random.default_rng(10)
-    q = _unit(rng.normal(size=(9, 8)))
-    cands = [(_unit(rng.normal(size=(n, 8))), np.zeros((n, 2), int)) for n in (9, 4, 0, 12)]
-    sims, valid = batched_similarity(q, cands)
-    assert sims.shape == (4, 9, 12) and valid.sum(axis=1).tolist() == [9, 4, 0, 12]
-    for c, (d, _) in enumerate(cands):
-        np.testing.assert_allclose(sims[c, :, :len(d)], q @ d.T, atol=1e-6)
-        assert np.isneginf(sims[c, :, len(d):]).all()
-    sims[0, :3] = -np.inf                       # query tokens below their background take no part
-    for cfg in (RerankConfig(), RerankConfig(matching="nn"), RerankConfig(min_match_sim=0.2)):
-        counts = batched_match_counts(sims, cfg)
-        for c, (d, _) in enumerate(cands):
-            fn = nearest_neighbors if cfg.matching == "nn" else mutual_nearest_neighbors
-            assert counts[c] == len(fn(sims[c, :, :len(d)], cfg.min_match_sim)[0])
-
-
-def test_region_windows_vectors_and_scores_equal_reference():
-    grid = (4, 5)
-    wins = region_windows(grid, sizes=(2, 3), stride=2)
-    expected = set()
-    for s in (2, 3):
-        for r in sorted(set(range(0, 4 - s + 1, 2)) | {4 - s}):
-            for c in sorted(set(range(0, 5 - s + 1, 2)) | {5 - s}):
-                expected.add((r, c, r + s, c + s))
-    assert set(map(tuple, wins.tolist())) == expected and len(wins) == len(expected)
-    assert region_windows((7, 7), (3, 4, 5), 1).shape == (25 + 16 + 9, 4)
-    rng = np.random.default_rng(7)
-    tokens = rng.normal(size=(20, 6)).astype(np.float32)
-    regions = region_vectors(tokens, grid, wins)
-    t = tokens.reshape(4, 5, 6)
-    for (r0, c0, r1, c1), got in zip(wins, regions):
-        m = t[r0:r1, c0:c1].reshape(-1, 6).mean(axis=0)
-        np.testing.assert_allclose(got, m / np.linalg.norm(m), atol=1e-5)
-    vecs = _unit(rng.normal(size=(9, 6)))
-    ref = [max(float(np.dot(v, r)) for r in regions) for v in vecs]
-    np.testing.assert_allclose(region_scores(regions, vecs), ref, atol=1e-6)
-
-
-def test_region_score_finds_a_pasted_object():
-    """A query = an object (a block of tokens) pasted into clutter: its region matches the object's image."""
-    rng = np.random.default_rng(8)
-    obj = _unit(rng.normal(size=(1, 32)) + 0.0)[0]
-    tokens = _unit(rng.normal(size=(49, 32)))
-    grid = tokens.reshape(7, 7, 32)
-    grid[1:4, 2:5] = _unit(obj + 0.3 * rng.normal(size=(3, 3, 32)))
-    regions = region_vectors(grid.reshape(49, 32), (7, 7), region_windows((7, 7), (3,), 1))
-    whole = _unit(tokens.mean(axis=0, keepdims=True))[0]
-    others = _unit(rng.normal(size=(20, 32)))
-    scores = region_scores(regions, np.concatenate([others, obj[None]]))
-    assert int(np.argmax(scores)) == 20 and scores[20] > 0.8 and float(obj @ whole) < 0.6
-
-
-def test_mutual_nn_and_maxsim_small():
-    sim = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.7], [0.1, 0.3, 0.75]], np.float32)
-    m, s = mutual_nearest_neighbors(sim)
-    assert m.tolist() == [[0, 0], [2, 2]] and np.allclose(s, [0.9, 0.75])
-    assert maxsim_score(sim) == pytest.approx((0.9 + 0.8 + 0.75) / 3)
-    assert grid_coordinates(np.array([[0, 0], [1, 3]]), (2, 4)).tolist() == [[0.125, 0.25], [0.875, 0.75]]
-
-
-def test_verify_pair_detects_rotated_scaled_copy():
-    rng = np.random.default_rng(4)
-    grid = (12, 12)
-    pos = np.stack(np.meshgrid(np.arange(12), np.arange(12), indexing="ij"), -1).reshape(-1, 2)
-    cand = _unit(rng.normal(size=(144, 32)))
-    A = _affine(30, 0.6, 0.25, 0.1)                       # query = rotated, enlarged crop of the candidate
-    src = grid_coordinates(pos, grid)
-    dst = src @ A[:, :2].T + A[:, 2]
-    cells = np.clip(np.floor(dst[:, ::-1] * 12).astype(int), 0, 11)
-    q = _unit(cand[cells[:, 0] * 12 + cells[:, 1]] + 0.2 * rng.normal(size=(144, 32)))
-    res = verify_pair(q, pos, cand, pos, grid, grid)
-    other = verify_pair(q, pos, _unit(rng.normal(size=(144, 32))), pos, grid, grid)
-    assert res.inliers >= 40 and res.score == 1.0
-    assert other.score == 0.0 and other.inliers < 8
-    np.testing.assert_allclose(res.transform[:, :2], A[:, :2], atol=0.1)
-
-
 # -- real images: a buried crop/rotated copy rises ----------------------------------------------
 def _crop_rotate(img, frac, angle, cx, cy):
     w, h = img.size
@@ -290,8 +156,8 @@ def test_buried_copy_rises_to_top_after_verification(effnet, photos):
 
 # -- αQE / DBA / text --------------------------------------------------------------------------
 def test_alpha_qe_and_dba():
-    q = _unit(np.array([1.0, 0.0, 0.0]))
-    v = _unit(np.array([[0.9, 0.1, 0.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.1]]))
+    q = unit(np.array([1.0, 0.0, 0.0]))
+    v = unit(np.array([[0.9, 0.1, 0.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.1]]))
     e = alpha_query_expansion(q, v, alpha=1.0)
     ref = q + (v @ q).clip(0) @ v
     np.testing.assert_allclose(e, ref / np.linalg.norm(ref), atol=1e-6)
@@ -376,7 +242,7 @@ def test_rerank_hits_with_engine(tmp_path):
     q, pos, cands = _synthetic_candidates(rng, n=8, copy_at=5)
     ids = ["q"] + [f"c{i}" for i in range(8)]
     locals_ = [(q, pos)] + cands
-    vecs = _unit(rng.normal(size=(9, 8)))
+    vecs = unit(rng.normal(size=(9, 8)))
     eng = FakeEngine(tmp_path, vecs, locals_, ids, (5, 5))
     hits = [_Hit(f"c{i}", 0.9 - 0.01 * i, 0, i + 1) for i in range(8)]
     ctx = _Ctx(vector=vecs[0], encoder="fake", image_id="q")
@@ -400,11 +266,11 @@ def test_rerank_hits_regions_expand_and_rescore(tmp_path):
     shortlist, and every fused score equals global + w_region · max-over-regions (exhaustive)."""
     rng = np.random.default_rng(9)
     dim, grid = 8, (5, 5)
-    vecs = _unit(rng.normal(size=(12, dim)))
-    tokens = _unit(rng.normal(size=(25, dim)))
+    vecs = unit(rng.normal(size=(12, dim)))
+    tokens = unit(rng.normal(size=(25, dim)))
     t = tokens.reshape(5, 5, dim)
     t[0:3, 2:5] = vecs[11]                        # the object of image 11, pasted in the query's corner
-    q_vec = _unit(tokens.mean(axis=0, keepdims=True))[0]
+    q_vec = unit(tokens.mean(axis=0, keepdims=True))[0]
     eng = FakeEngine(tmp_path, vecs, [None] * 12, [f"c{i}" for i in range(12)], grid)
     eng.manifest.encoders["fake"].local_features = None       # regions need only the global vectors
     hits, search = _hits_without_the_original(vecs, q_vec)   # image 11 is not among the 6 hits
@@ -416,7 +282,7 @@ def test_rerank_hits_regions_expand_and_rescore(tmp_path):
            "n_candidates": 6, "crop": False}
     out = rerank_hits(eng, ctx, hits, k=6, config=cfg, search=search)
     assert out[0].id == "c11"
-    regions = [_unit(t[r:r + 3, c:c + 3].reshape(-1, dim).mean(axis=0, keepdims=True))[0]
+    regions = [unit(t[r:r + 3, c:c + 3].reshape(-1, dim).mean(axis=0, keepdims=True))[0]
                for r in range(3) for c in range(3)]
     for h in out:
         i = int(h.id[1:])
@@ -429,71 +295,6 @@ def test_rerank_hits_regions_expand_and_rescore(tmp_path):
 
 
 # -- query-crop second pass ----------------------------------------------------------------------
-class _Spec:
-    def __init__(self, family, **extra):
-        self.family, self.image_size, self._extra = family, 224, extra
-
-    def get(self, key, default=None):
-        return self._extra.get(key, default)
-
-
-def test_encoder_view_and_grid_box_to_pixels_hand_computed():
-    # effnet-style centre crop (crop_pct 0.875) of a 448² image: a 392-pixel square from (28, 28), 56-pixel cells
-    view = encoder_view(_Spec("effnet", crop_pct=0.875), (448, 448))
-    assert view == pytest.approx((28, 28, 420, 420))
-    assert grid_box_to_pixels((1, 2, 4, 5), (7, 7), (448, 448), view) == (140, 84, 308, 252)
-    assert grid_box_to_pixels((1, 2, 4, 5), (7, 7), (448, 448), view, margin=0.5) == (112, 56, 336, 280)
-    # landscape 640×480: square of 420 from (110, 30), 60-pixel cells; the margin is clipped to the image
-    view = encoder_view(_Spec("effnet", crop_pct=0.875), (640, 480))
-    assert view == pytest.approx((110, 30, 530, 450))
-    assert grid_box_to_pixels((0, 0, 2, 2), (7, 7), (640, 480), view, margin=1.0) == (50, 0, 290, 210)
-    assert grid_box_to_pixels((5, 5, 7, 7), (7, 7), (640, 480), view, margin=1.0) == (350, 270, 590, 480)
-    # CLIP: the whole shorter side; DINOv2: image_size / resize of it; SSCD / PDQ: the whole (squashed) image
-    assert encoder_view(_Spec("clip"), (300, 200)) == pytest.approx((50, 0, 250, 200))
-    assert encoder_view(_Spec("dinov2", resize=256), (256, 256)) == pytest.approx((16, 16, 240, 240))
-    assert encoder_view(_Spec("sscd"), (300, 200)) == (0, 0, 300, 200)
-    assert grid_box_to_pixels((0, 0, 1, 1), (4, 4), (300, 200)) == (0, 0, 75, 50)
-
-
-def test_encoder_view_matches_the_effnet_transform(effnet):
-    """The box encoder_view reports is the part of the image the encoder's preprocessing keeps: red inside
-    it, blue outside, and the preprocessed input is red up to its (interpolated) outermost pixel."""
-    img = Image.new("RGB", (640, 480), (0, 0, 255))
-    x0, y0, x1, y1 = (int(round(v)) for v in encoder_view(effnet.spec, img.size))
-    assert (x0, y0, x1, y1) == (110, 30, 530, 450)
-    img.paste((255, 0, 0), (x0, y0, x1, y1))
-    x = effnet.preprocess(img).numpy()                  # [3, 224, 224], normalised
-    red = x[0] > x[2]
-    assert red[1:-1, 1:-1].all()
-    # a view 4 % too small would leave blue inside the input
-    img2 = Image.new("RGB", (640, 480), (0, 0, 255))
-    img2.paste((255, 0, 0), (x0 + 17, y0 + 17, x1 - 17, y1 - 17))
-    x2 = effnet.preprocess(img2).numpy()
-    assert not (x2[0] > x2[2])[1:-1, 1:-1].all()
-
-
-def test_crop_windows_gain_match_novel_and_overlap():
-    windows = np.array([[0, 0, 2, 2], [0, 1, 2, 3], [3, 3, 5, 5], [2, 0, 4, 2]])
-    e = np.eye(4, dtype=np.float32)
-    regions = e                                        # window i's vector = axis i
-    # candidate 0 = the indexed background (axis 0; the global vector already finds it, g = 0.9),
-    # candidate 1 = the object's original (axis 2, g = 0.1)
-    vecs = np.stack([e[0], _unit(0.8 * e[2] + 0.6 * e[3])])
-    g = np.array([0.9, 0.1])
-    assert list(crop_windows(windows, regions, vecs, g, select="match")) == [0]
-    assert list(crop_windows(windows, regions, vecs, g, select="gain")) == [2]
-    # two windows: the second best by gain that does not overlap the first by more than half
-    assert list(crop_windows(windows, regions, vecs, g, count=2, select="gain")) == [2, 3]
-    # window 1 overlaps window 0 by IoU 1/3 (kept) ...
-    assert list(crop_windows(windows, regions, vecs, g, count=2, select="match")) == [0, 3] or \
-        list(crop_windows(windows, regions, vecs, g, count=2, select="match"))[0] == 0
-    # ... and "novel" takes the window least like the query vector
-    q = _unit(np.array([1.0, 0.9, -0.5, 0.2]))
-    assert list(crop_windows(windows, regions, vecs, g, q, select="novel")) == [2]
-    with pytest.raises(ValueError):
-        crop_windows(windows, regions, vecs, g, select="nope")
-
-
 class _CropEncoder:
     """Embeds an image as ``unit(f · object + (1 - f) · background)``, f = its fraction of red pixels
     (the pasted object); records the crops it was given."""
@@ -507,7 +308,7 @@ class _CropEncoder:
             a = np.asarray(im.convert("RGB"), np.int32)
             f = float(((a[..., 0] > 200) & (a[..., 1] < 50)).mean())
             self.sizes.append(im.size)
-            out.append(_unit(f * self.obj + (1 - f) * self.bg))
+            out.append(unit(f * self.obj + (1 - f) * self.bg))
         return np.stack(out)
 
 
@@ -516,18 +317,18 @@ def _paste_scene(tmp_path):
     280² white picture whose 5×5 token grid (56-pixel cells) mostly describes the background."""
     rng = np.random.default_rng(21)
     dim, grid = 32, (5, 5)
-    vecs = _unit(rng.normal(size=(12, dim)))
-    bg = _unit(rng.normal(size=dim))                     # the background picture (not indexed)
+    vecs = unit(rng.normal(size=(12, dim)))
+    bg = unit(rng.normal(size=dim))                     # the background picture (not indexed)
     tokens = np.tile(bg, (25, 1)) + 0.05 * rng.normal(size=(25, dim))
     t = tokens.reshape(5, 5, dim)
-    t[1:3, 2:4] = _unit(0.35 * vecs[11] + bg)            # the object's cells: dominated by their surroundings
-    tokens = _unit(tokens)
-    q_vec = _unit(tokens.mean(axis=0, keepdims=True))[0]
+    t[1:3, 2:4] = unit(0.35 * vecs[11] + bg)            # the object's cells: dominated by their surroundings
+    tokens = unit(tokens)
+    q_vec = unit(tokens.mean(axis=0, keepdims=True))[0]
     img = Image.new("RGB", (280, 280), (255, 255, 255))
     img.paste((230, 10, 10), (112, 56, 224, 168))
     eng = FakeEngine(tmp_path, vecs, [None] * 12, [f"c{i}" for i in range(12)], grid)
     eng.manifest.encoders["fake"].local_features = None
-    enc = _CropEncoder(vecs[11], bg, _Spec("sscd"))
+    enc = _CropEncoder(vecs[11], bg, FakeSpec("sscd"))
     eng.encoder = lambda name: enc
     ctx = _Ctx(vector=q_vec, encoder="fake", image=img)
     ctx.local = (tokens, grid)
