@@ -34,14 +34,12 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,264 +49,15 @@ from copydetect_data import (  # noqa: E402
     FAMILIES,
     CopySet,
     embed_all,
-    load_fmnist,
     reference_groups,
     region_views,
     stratified_split,
 )
-
-
-# -- evaluation -------------------------------------------------------------------------------------
-def evaluate(data: CopySet, db, bg, views, cfg, *, normalize: str, verify_local=None, groups=None, queries=None):
-    """DISC21 µAP / recall at 90 % precision of the library's scoring (``retrieval.copydetect``).
-
-    ``views``: ``{"v": [V, d], "owner": [V]}``, each query's whole image first, then its regions.
-    ``normalize``: none | file (the background images) | index (``cfg.background_size`` rows sampled
-    from the database, the candidate and its twins skipped). ``groups``: reference equivalence groups
-    (a prediction of any reference of the true group is correct; predictions are collapsed to one per
-    group and query, the best); None = strict ground truth (only the exact reference). ``queries``:
-    evaluate these query numbers only (the scoring itself never looks at the ground truth)."""
-    from dataclasses import replace
-
-    from retrieval.copydetect import (
-        Background,
-        background_similarity,
-        knn,
-        micro_average_precision,
-        recall_at_precision,
-        score_views,
-        threshold_for_precision,
-    )
-
-    cfg = replace(cfg, normalize=normalize != "none")
-    vecs, owner = views["v"], views["owner"]
-    n_q = len(data.queries)
-    sims, rows = knn(vecs, db, cfg.k)
-    bgs = None
-    if normalize != "none":
-        cand_ids = [[str(r) for r in row if r >= 0] for row in rows]
-        cand_vecs = [db[row[row >= 0]] for row in rows]
-        if normalize == "file":
-            background = Background(bg)
-        else:
-            rng = np.random.default_rng(cfg.seed)
-            sample = np.sort(rng.choice(len(db), size=min(cfg.background_size, len(db)), replace=False))
-            background = Background(db[sample], np.asarray([str(i) for i in sample], dtype=object), "index-sample")
-        bgs = background_similarity(vecs, background, cfg.bg_k, cand_ids, candidate_vectors=cand_vecs,
-                                    twin_threshold=cfg.twin_threshold)
-    scored = score_views(sims, rows, owner, n_q, cfg, bgs)
-    final = scored.scores.copy()
-    if verify_local is not None:
-        for qi, ci in zip(*np.nonzero(scored.rows[:, : cfg.n_verify] >= 0)):
-            final[qi, ci] += cfg.w_verify * verify_local(int(scored.views[qi, ci]), int(scored.rows[qi, ci]))
-    group = np.arange(len(db)) if groups is None else np.r_[groups, np.arange(len(groups), len(db))]
-    qs = np.arange(n_q) if queries is None else np.asarray(queries)
-    scores, correct, top1 = [], [], {}
-    for qi in qs:
-        best: dict[int, tuple[float, bool]] = {}
-        for sc, r in zip(final[qi], scored.rows[qi]):
-            if r < 0 or not np.isfinite(sc):
-                continue
-            g = int(group[r])
-            ok = bool(data.gt[qi] >= 0 and g == group[data.gt[qi]])
-            if g not in best or sc > best[g][0]:
-                best[g] = (float(sc), ok)
-        ranked = sorted(best.values(), key=lambda t: -t[0])
-        top1[qi] = bool(ranked and ranked[0][1])
-        for sc, ok in ranked:
-            scores.append(sc)
-            correct.append(ok)
-    n_gt = int((data.gt[qs] >= 0).sum())
-    copies = [qi for qi in qs if data.gt[qi] >= 0]
-    per_family = {}
-    for fam in FAMILIES:
-        m = [top1[qi] for qi in copies if data.family[qi] == fam]
-        per_family[fam] = float(np.mean(m)) if m else float("nan")
-    return {
-        "uAP": micro_average_precision(scores, correct, n_gt),
-        "R@P90": recall_at_precision(scores, correct, n_gt, 0.9),
-        "thr@P90": threshold_for_precision(scores, correct, n_gt, 0.9),
-        "top1_acc": float(np.mean([top1[qi] for qi in copies])),
-        "per_family_top1": per_family,
-    }
-
-
-def query_views(q, regions=None):
-    """Views for ``evaluate``: whole images only, or whole images plus ``regions`` (``region_views``)."""
-    owner = np.arange(len(q))
-    if regions is None or len(regions["owner"]) == 0:
-        return {"v": q, "owner": owner}
-    all_owner = np.r_[owner, regions["owner"]]
-    order = np.argsort(all_owner, kind="stable")     # each query's whole image first
-    return {"v": np.concatenate([q, regions["v"]])[order], "owner": all_owner[order], "order": order}
-
-
-class LocalVerifier:
-    """effnet-lite0 local features (PCA-128, 7x7 grid) + retrieval.rerank.verify_pair."""
-
-    def __init__(self, db_l, q_l, grid=(7, 7)):
-        from dataclasses import replace
-
-        from retrieval.rerank import DEFAULT_CONFIG, verify_pair
-
-        self.db_l, self.q_l, self.grid = db_l, q_l, grid
-        p = grid[0] * grid[1]
-        rr, cc = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
-        self.pos = np.stack([rr.ravel(), cc.ravel()], 1)
-        self.p = p
-        self.fn = verify_pair
-        self.cfg = replace(DEFAULT_CONFIG, allow_reflection=True)
-        self.cache = {}
-
-    def __call__(self, qi: int, row: int) -> float:
-        key = (qi, row)
-        if key not in self.cache:
-            qd = np.asarray(self.q_l[qi], np.float32)
-            cd = np.asarray(self.db_l[row], np.float32)
-            self.cache[key] = self.fn(qd, self.pos, cd, self.pos, self.grid, self.grid, self.cfg).score
-        return self.cache[key]
+from copydetect_eval import LocalVerifier, evaluate, query_views  # noqa: E402
+from copydetect_scale import run_scale_cli, scale_worker  # noqa: E402
 
 
 # -- scale ------------------------------------------------------------------------------------------
-def scale_worker(kind: str, n: int, threshold: float) -> dict:
-    """Runs in a fresh process: embed N Fashion-MNIST images (pdq / pixels), dedup, report."""
-    from retrieval.dedup import DedupConfig, deduplicate
-
-    fm = load_fmnist()[:n]
-    t0 = time.perf_counter()
-    if kind == "pdq":
-        import torch
-
-        from retrieval import create_encoder
-
-        enc = create_encoder("pdq", device="cpu")
-        parts = []
-        for s in range(0, n, 2000):  # 64x64 input: PDQ's own working size (the index path uses 512)
-            batch = np.stack(
-                [np.asarray(Image.fromarray(255 - a).convert("RGB").resize((64, 64))) for a in fm[s : s + 2000]]
-            )
-            parts.append(enc.hash_bits(torch.from_numpy(batch)))
-        vecs = np.concatenate(parts)
-    else:
-        vecs = fm.reshape(n, -1).astype(np.float32)
-        vecs -= vecs.mean(axis=1, keepdims=True)
-        vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-9)
-    t_embed = time.perf_counter() - t0
-    blocks = [vecs[s : s + 10000] for s in range(0, n, 10000)]  # shards of 10,000, like an index
-    ids = [f"{i:015x}" for i in range(n)]
-    del fm
-    rss_before = _status_mb("VmRSS")
-    try:  # reset the peak-RSS counter so the peak below is the dedup's own
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    t0 = time.perf_counter()
-    res = deduplicate(blocks, ids, DedupConfig(threshold=threshold, batch_size=4096))
-    t_dedup = time.perf_counter() - t0
-    return {
-        "kind": kind,
-        "n": n,
-        "dim": int(vecs.shape[1]) * (8 if kind == "pdq" else 1),
-        "threshold": threshold,
-        "embed_s": round(t_embed, 1),
-        "dedup_s": round(t_dedup, 1),
-        "pairs": len(res.pairs),
-        "groups": len(res.groups),
-        "images_in_groups": res.summary()["images_in_groups"],
-        "rss_before_mb": rss_before,
-        "peak_rss_mb": _status_mb("VmHWM"),
-        "vectors_mb": round(vecs.nbytes / 2**20, 1),
-    }
-
-
-def _status_mb(key: str) -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def build_pdq_index(n: int, out: Path) -> float:
-    """A Loupe index of N Fashion-MNIST images with the pdq encoder (binary shards of 10,000), written
-    with retrieval.store (as `loupe index` would, without decoding 70,000 files). Returns seconds."""
-    import faiss
-    import torch
-
-    from retrieval import create_encoder, store
-
-    t0 = time.perf_counter()
-    fm = load_fmnist()[:n]
-    enc = create_encoder("pdq", device="cpu")
-    shards = []
-    for s_no, start in enumerate(range(0, n, 10000)):
-        part = fm[start : start + 10000]
-        batch = np.stack([np.asarray(Image.fromarray(255 - a).convert("RGB").resize((64, 64))) for a in part])
-        codes = enc.hash_bits(torch.from_numpy(batch))
-        index = faiss.IndexBinaryFlat(256)
-        index.add(codes)
-        name = store.shard_name(s_no)
-        rows = []
-        for i, a in enumerate(part):
-            sha = store.sha256_bytes(a.tobytes())
-            rows.append(
-                {
-                    "id": store.content_id(sha),
-                    "source": f"fashion-mnist:{start + i}",
-                    "path": None,
-                    "caption": None,
-                    "width": 28,
-                    "height": 28,
-                    "sha256": sha,
-                    "size": 784,
-                    "mtime": 0.0,
-                    "aliases": [],
-                    "extra": {},
-                }
-            )
-        store.write_metadata(out, name, rows)
-        store.write_vectors(out, "pdq", name, index)
-        shards.append(store.ShardEntry(name=name, count=len(part)))
-    entry = store.EncoderEntry(name="pdq", dim=256, index_type="binary", factory="BFlat")
-    store.write_manifest(out, store.Manifest(encoders={"pdq": entry}, shards=shards))
-    return time.perf_counter() - t0
-
-
-def run_scale_cli(n: int, threshold: float = 0.9) -> dict:
-    """`loupe dedup` on an index of N Fashion-MNIST images: wall time and peak RSS of the CLI process."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="loupe-dedup-bench-") as tmp:
-        idx = Path(tmp) / "idx"
-        build_s = build_pdq_index(n, idx)
-        out = Path(tmp) / "pairs.parquet"
-        cmd = [sys.executable, "-m", "cli.main", "dedup", str(idx), "--threshold", str(threshold), "--out", str(out)]
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        stdout, stderr = proc.communicate()
-        wall = time.perf_counter() - t0
-        peak = _child_peak_mb(proc)
-        proc.stderr = stderr
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr)
-        return {
-            "n": n,
-            "build_s": round(build_s, 1),
-            "wall_s": round(wall, 1),
-            "peak_rss_mb": peak,
-            "summary": proc.stderr.strip().splitlines()[-1],
-            "command": " ".join(cmd[1:]),
-        }
-
-
-def _child_peak_mb(proc) -> float:
-    """Peak RSS of a finished child. RUSAGE_CHILDREN is the max over all waited-for children, so the
-    scale-cli rows run smallest first and each row's figure is the largest child so far."""
-    return round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
-
-
 def run_scale(sizes, kinds, thresholds) -> list[dict]:
     out = []
     for kind in kinds:

@@ -30,6 +30,13 @@ def all_rows(out) -> list[dict]:
     return [r for s in m.shards for r in store.read_metadata(out, s.name).to_pylist()]
 
 
+def cos(a, b) -> float:
+    """Cosine similarity of two vectors."""
+    import numpy as np
+
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
 def main() -> int:
     sys.path.insert(0, ROOT)
     specs_file, sep, *argv = sys.argv[1:]
