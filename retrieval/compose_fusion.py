@@ -10,9 +10,17 @@ lists pooled and re-scored (see :mod:`retrieval.compose` for the methods and why
 
 Pool scores: ``zscore(text) + w_image * zscore(centred image cosine) + w_colour * zscore(colour)``
 (:func:`fuse_candidates`).
+
+Plain text queries that name a colour ("a red dress") get the same colour channel on such an index
+(:func:`colour_text_search`, called by the engine): text list and colour list pooled,
+``zscore(text) + TEXT_COLOUR_WEIGHT * zscore(colour)``; the weight (1.0) was the best of 0.25–3 on one
+tinted Fashion-MNIST gallery and is reported on another and on Tux Paint captions
+(``benchmarks/bench_colour_search.py``).
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -24,6 +32,7 @@ FUSION_ATTRIBUTE_WEIGHT = 2.0     # the same for attribute changes ("in red"), i
 FUSION_CANDIDATES = 100           # "fusion": top-N of each list pooled and re-scored
 FUSION_COLOUR_WEIGHT = 3.0        # colour changes ("in red"): weight of zscore(colour match), colour-names index
 FUSION_KEEP_COLOUR_WEIGHT = 1.0   # other changes: weight of zscore(colour likeness to the query image)
+TEXT_COLOUR_WEIGHT = 1.0          # text queries naming a colour ("a red dress"): weight of zscore(colour match)
 COLOUR_CANDIDATES = 400           # colour changes: depth of the image list (the new colour is rarer in its top)
 
 
@@ -54,15 +63,62 @@ def instruction_colour(instruction: Instruction | str) -> str | None:
     """The colour an instruction asks the results to have, as a phrase, or None: the colour words of an
     attribute change ("in navy blue" → "navy blue", "red" → "red") or of a new object ("as a red boot"
     → "red"). Materials that happen to be colour names in the survey ("in leather") are not colours."""
-    from . import colour
 
     ins = parse_instruction(instruction) if isinstance(instruction, str) else instruction
     if ins.kind not in ("attribute", "replace") or not ins.target or ins.preposition == "with":
         return None
-    words = ins.target.replace("-coloured", "").replace("-colored", "").split()
+    return colour_words(ins.target)
+
+
+def colour_words(text: str) -> str | None:
+    """The colour words of a phrase, as a colour phrase ("a dark red car" → "dark red"), or None. Only the
+    colour vocabulary counts (basic terms and common names such as navy, teal, gold, with light/dark/pale
+    modifiers), not every survey name ("leather", "banana" are things first)."""
+    from . import colour
+
+    words = re.findall(r"[a-z]+", str(text or "").lower().replace("-coloured", "").replace("-colored", ""))
     picked = [w for w in words if w in COLOURS or (w in _COLOUR_MODIFIERS and any(x in COLOURS for x in words))]
-    phrase = " ".join(picked)
+    phrase = " ".join(dict.fromkeys(picked))
     return phrase if phrase and colour.is_colour_phrase(phrase) else None
+
+
+def text_colour(ctx) -> str | None:
+    """The colour a plain text query names ("a red dress" → "red"), or None: only single-string or
+    all-positive weighted queries (a subtracted term's colour is not wanted)."""
+    if ctx.text is None or ctx.instruction is not None or ctx.image_vector is not None:
+        return None
+    if ctx.terms and any(w <= 0 for w, _ in ctx.terms):
+        return None
+    return colour_words(ctx.text)
+
+
+def colour_text_scores(text_scores, colour_scores, *, weight: float = TEXT_COLOUR_WEIGHT) -> np.ndarray:
+    """``zscore(text cosine) + weight * zscore(colour match)`` over one candidate pool."""
+    return zscore(text_scores) + float(weight) * zscore(colour_scores)
+
+
+def colour_text_search(engine, ctx, phrase: str, k: int, *, params=None, filter=None,
+                       weight: float = TEXT_COLOUR_WEIGHT, candidates: int = FUSION_CANDIDATES) -> list:
+    """A text query that names a colour, on an index with ``colour-names``: the text list (``COLOUR_CANDIDATES``
+    deep) and the colour list of the phrase pooled and re-scored ``zscore(text cosine) + weight *
+    zscore(colour match)``. "a red dress" must be a dress and be red; a text encoder that cannot see
+    colour (the offline ConSE) finds the dresses, the colour names pick the red ones."""
+    from .query import Hit
+
+    col_name = colour_encoder(engine)
+    col_q = engine.embed_texts(col_name, [phrase])[0]
+    n = max(int(candidates), int(k))
+    pool: dict[tuple[int, int], Hit] = {}
+    for name, vec, depth in ((ctx.encoder, ctx.vector, max(n, COLOUR_CANDIDATES)), (col_name, col_q, n)):
+        for h in engine.search_vector(name, vec, min(depth, max(engine.count, 1)), params=params, filter=filter):
+            pool.setdefault((h.shard, h.row), h)
+    hits = list(pool.values())
+    if not hits:
+        return []
+    tv = l2_normalize(engine.vectors(ctx.encoder, hits))
+    scores = colour_text_scores(tv @ _unit(ctx.vector), engine.vectors(col_name, hits) @ col_q, weight=weight)
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [Hit(hits[i].id, float(scores[i]), hits[i].shard, hits[i].row) for i in order]
 
 
 def colour_plan(instruction: Instruction | str, weights: dict[str, float] | None = None

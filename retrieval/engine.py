@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from . import store
+from .compose_fusion import colour_encoder, colour_text_search, text_colour
 from .engine_query import EngineQueries, _is_fusion, instruction_method
 from .engine_records import EngineRecords
 from .errors import InvalidQueryError, LoupeError, UnknownEncoderError
@@ -321,11 +322,16 @@ class Engine(EngineRecords, EngineQueries):
         timings: dict[str, float] = {"embed_ms": (t1 - t0) * 1e3}
         fusion = (ctx.instruction is not None and ctx.image_vector is not None
                   and _is_fusion(instruction_method(method, weight)))
+        colour = None
+        if not fusion and encoder is None and colour_encoder(self):
+            colour = text_colour(ctx)   # "a red dress" on an index with colour-names: text AND colour
         while True:
             if fusion:   # two lists (text, image) pooled and re-scored: retrieval.compose.fusion_search
                 from .compose import fusion_search
 
                 hits = fusion_search(self, ctx, max(fetch, 1), params=params, filter=filter)
+            elif colour:
+                hits = colour_text_search(self, ctx, colour, max(fetch, 1), params=params, filter=filter)
             else:
                 hits = self.search_vector(ctx.encoder, ctx.vector, max(fetch, 1), params=params, filter=filter)
             if threshold is None:

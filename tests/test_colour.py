@@ -13,7 +13,10 @@ from retrieval.compose import (
     FUSION_COLOUR_WEIGHT,
     FUSION_IMAGE_WEIGHT,
     FUSION_KEEP_COLOUR_WEIGHT,
+    TEXT_COLOUR_WEIGHT,
     colour_plan,
+    colour_text_scores,
+    colour_words,
     compose_instruction,
     fuse_candidates,
     instruction_colour,
@@ -270,3 +273,39 @@ def test_colour_attribution_is_an_exact_split_of_the_match():
     assert blue[30:70, 76:116].mean() > 5 * blue[30:70, 12:52].mean()
     with pytest.raises(InvalidQueryError):
         attribute(enc, img, red, method="integrated")
+
+
+def test_colour_words():
+    assert colour_words("a photo of a red sandal.") == "red"
+    assert colour_words("A Dark-Green fedora") == "dark green"
+    assert colour_words("a blue and yellow flag") == "blue yellow"
+    assert colour_words("a leather boot") is None and colour_words("a dark room") is None
+
+
+def test_text_queries_naming_a_colour_add_the_colour_list(tmp_path, colour_dir, tiny_clip):
+    """"a red shape" on an index with colour-names: text list and colour list pooled, re-scored
+    zscore(text) + w * zscore(colour) — checked against that formula over the whole (small) index; text
+    without a colour word, a subtracted term or an explicit encoder keep the plain text search."""
+    out = build_photo_index(tmp_path / "idx", sorted(colour_dir.iterdir()), [tiny_clip, "colour-names"])
+    engine = Engine(out, device="cpu")
+    clip, cenc = create_encoder(tiny_clip, device="cpu"), create_encoder("colour-names", device="cpu")
+    ids, clip_vecs = all_vectors(engine, tiny_clip)
+    _, cvecs = all_vectors(engine, "colour-names")
+    text_q = clip.encode_texts(["a red shape"])[0]
+    expected = colour_text_scores(clip_vecs @ text_q, cvecs @ cenc.encode_texts(["red"])[0], weight=TEXT_COLOUR_WEIGHT)
+    order = np.argsort(-expected, kind="stable")[:4]
+    resp = engine.search(text="a red shape", k=4)
+    assert [h.id for h in resp.hits] == [ids[i] for i in order]
+    np.testing.assert_allclose([h.score for h in resp.hits], expected[order], atol=1e-4)
+    # the random tiny CLIP cannot see "red"; the colour list lifts the red shapes above where text alone has them
+    def red_ranks(**kw):
+        names = [engine.source_file(h.id).name for h in engine.search(text="a red shape", k=len(ids), **kw).hits]
+        return sorted(names.index(n) for n in ("red-disc.png", "red-square.png"))
+
+    assert sum(red_ranks()) < sum(red_ranks(encoder=tiny_clip))
+    for kwargs in ({"text": "a shape"}, {"text": ["+a red shape", "-a blue shape"]},
+                   {"text": "a red shape", "encoder": tiny_clip}):
+        plain = engine.search(k=4, **kwargs)
+        vec = engine.embed(**kwargs).vector
+        ref = np.argsort(-(clip_vecs @ vec), kind="stable")[:4]
+        assert [h.id for h in plain.hits] == [ids[i] for i in ref], kwargs
