@@ -46,7 +46,8 @@ def add_arguments(p) -> None:
                         "(imagenet21k: minutes on a CPU, once; `loupe serve` does it in the background), "
                         "so later runs embed no names")
     p.add_argument("--json", action="store_true",
-                   help='print {"predictions": [{"image", "labels": [{"label", "score"}...]}...]}')
+                   help='print {"predictions": [{"image", "labels": [{"label", "score"}...], '
+                        '"colours": [{"colour", "score"}...]}...]}')
 
 
 def _clip_weights_cached(name: str) -> bool:
@@ -89,6 +90,7 @@ def _pick_encoder(args) -> str:
 def run(args) -> int:
     from retrieval import create_encoder
     from retrieval.classify import ClassifyConfig, Prediction, make_classifier
+    from retrieval.colour import describe_colours
     from retrieval.errors import InvalidImageError, InvalidQueryError
     from retrieval.images import load_image
 
@@ -126,11 +128,13 @@ def run(args) -> int:
                           progress=progress, precompute_names=True if args.precompute_names else None)
     labels = clf.classify(loaded, top=args.k)
     preds = [Prediction(str(p), lab) for p, lab in zip(images, labels)]
+    colours = describe_colours(loaded)     # the main colours too (retrieval.colour; no model, no index)
     if args.json:
-        print(json.dumps({"predictions": [p.to_json() for p in preds]}))
+        print(json.dumps({"predictions": [p.to_json() | {"colours": c} for p, c in zip(preds, colours)]}))
         return 0
-    for p in preds:
+    for p, c in zip(preds, colours):
         print(p.image)
         for lab in p.labels:
             print(f"  {lab.score:6.3f}  {lab.label}")
+        print("  colours: " + ", ".join(f"{x['colour']} {x['score']:.2f}" for x in c))
     return 0

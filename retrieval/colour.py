@@ -274,3 +274,21 @@ def phrase_vectors(texts) -> np.ndarray:
                                     f"words such as {', '.join(BASIC_TERMS)}, navy blue, teal or mustard")
         out.append(dist)
     return colour_vectors(np.stack(out)) if out else np.zeros((0, len(BASIC_TERMS)), np.float32)
+
+
+def top_colours(dist, *, top: int = 3, min_share: float = 0.1) -> list[dict[str, float]]:
+    """The main colours of a distribution: up to ``top`` terms holding at least ``min_share`` of it (the
+    first always), as ``[{"colour": "red", "score": 0.62}, ...]``."""
+    p = np.asarray(dist, np.float64).reshape(-1)
+    order = np.argsort(-p, kind="stable")[:max(1, int(top))]
+    return [{"colour": BASIC_TERMS[i], "score": round(float(p[i]), 4)} for n, i in enumerate(order)
+            if n == 0 or p[i] >= min_share]
+
+
+def describe_colours(images) -> list[list[dict[str, float]]]:
+    """:func:`top_colours` of each image (PIL images, paths or bytes), with the ``colour-names`` encoder."""
+    from .encoders import create_encoder
+
+    enc = create_encoder("colour-names", device="cpu")
+    return [top_colours(row) for row in enc.distributions(list(images))] if len(images) else []
+

@@ -3,7 +3,8 @@
 Request: ``image`` (multipart upload or base64 JSON) or ``image_id``; optional ``k`` (labels, default
 5), ``vocabulary`` (``captions`` = the served index's captions, ``imagenet21k``; default: the
 captions when the index has at least 50, else imagenet21k), ``encoder``.
-Response: ``{"labels": [{"label", "score"}...], "vocabulary", "encoder"}``. While ``loupe serve`` is
+Response: ``{"labels": [{"label", "score"}...], "vocabulary", "encoder", "colours": [{"colour", "score"}...]}``
+(the image's main colours, :func:`retrieval.colour.top_colours`). While ``loupe serve`` is
 still opening (or, the very first time, building) the text database in the background: 503
 ``{"error": {"code": "warming_up", ...}}``.
 """
@@ -58,13 +59,17 @@ def api_classify():
         raise InvalidQueryError("vocabulary must be 'captions' or 'imagenet21k'")
     import numpy as np
 
+    from retrieval.colour import describe_colours
+
     if q.image is not None:   # decode (and reject bad images) before any database is opened
         from retrieval.images import load_image
 
-        vec = engine.encoder(encoder_name).encode_images([load_image(q.image)])
+        image = load_image(q.image)
+        vec = engine.encoder(encoder_name).encode_images([image])
     else:
         vec = engine.vectors(encoder_name, [engine.hit_for_id(encoder_name, q.image_id)])
+        image = engine.load_image(q.image_id)
     clf, vocabulary = _classifier(engine, encoder_name, vocabulary)
     labels = clf.classify_vectors(np.asarray(vec, np.float32), top=k)[0]
     return jsonify({"labels": [lab.to_json() for lab in labels], "vocabulary": vocabulary,
-                    "encoder": encoder_name})
+                    "encoder": encoder_name, "colours": describe_colours([image])[0]})

@@ -255,6 +255,12 @@ def test_cli_classify_json_shape(tmp_path, photos, conse, capsys, monkeypatch):
         assert len(p["labels"]) == 2 and set(p["labels"][0]) == {"label", "score"}
     assert body["predictions"][0]["labels"][0]["label"] == "cat"
     assert body["predictions"][1]["labels"][0]["label"] == "rocket"
+    # and each image's main colours, from the colour-names encoder
+    from retrieval import create_encoder
+    from retrieval.colour import top_colours
+
+    dists = create_encoder("colour-names", device="cpu").distributions([photos["chelsea"], photos["rocket"]])
+    assert [p["colours"] for p in body["predictions"]] == [top_colours(d) for d in dists]
 
 
 def test_cli_classify_index_captions_and_bad_inputs(tmp_path, caption_index, photos, conse, capsys, monkeypatch):
@@ -299,6 +305,10 @@ def test_api_classify(tmp_path, caption_index, photos, conse, monkeypatch):
     body = resp.get_json()
     assert len(body["labels"]) == 2 and set(body["labels"][0]) == {"label", "score"}
     assert is_cat_like(body["labels"][0]["label"])
+    from retrieval.colour import describe_colours
+    from retrieval.images import load_image
+
+    assert body["colours"] == describe_colours([load_image(buf.getvalue())])[0]
     # multipart upload, default k
     resp = client.post("/api/classify", data={"image": (io.BytesIO(buf.getvalue()), "q.jpg"),
                                               "vocabulary": "captions"}, content_type="multipart/form-data")

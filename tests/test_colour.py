@@ -309,3 +309,11 @@ def test_text_queries_naming_a_colour_add_the_colour_list(tmp_path, colour_dir, 
         vec = engine.embed(**kwargs).vector
         ref = np.argsort(-(clip_vecs @ vec), kind="stable")[:4]
         assert [h.id for h in plain.hits] == [ids[i] for i in ref], kwargs
+
+
+def test_top_colours():
+    p = np.zeros(11)
+    p[[TERMS.index("red"), TERMS.index("pink"), TERMS.index("white")]] = (0.6, 0.32, 0.08)
+    assert colour.top_colours(p) == [{"colour": "red", "score": 0.6}, {"colour": "pink", "score": 0.32}]
+    assert colour.top_colours(np.full(11, 1 / 11))[0]["score"] == pytest.approx(1 / 11, abs=1e-4)  # first always
+    assert len(colour.top_colours(np.full(11, 1 / 11))) == 1
