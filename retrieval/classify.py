@@ -33,8 +33,10 @@ server reload (:func:`refresh_classifiers`).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -46,6 +48,7 @@ from .classify_names import (  # noqa: F401 - re-exported: the name store lived 
     NAME_STORE_BATCH,
     NAME_STORE_FORMAT,
     NAME_STORE_PROGRESS_MIN,
+    BuildCancelled,
     NameEmbedder,
     NameStore,
     database_names,
@@ -254,7 +257,11 @@ def _store_names_later(clf: VocabularyFreeClassifier) -> None:
         return
     log.info("embedding the candidate names of %s once (stored next to it; names are embedded on demand "
              "until this finishes)", clf.database.name)
-    store = name_store(clf.database, clf.encoder, clf.names.prompts, build=True)
+    try:
+        store = name_store(clf.database, clf.encoder, clf.names.prompts, build=True, stop=_STOP)
+    except BuildCancelled:
+        log.info("stopped embedding the names of %s (exiting); the next start resumes", clf.database.name)
+        return
     if store is not None:
         store.vectors = np.array(store.vectors)        # in memory, as warm-up reads an existing store
         clf.names.store = store
@@ -276,6 +283,8 @@ _WARMING: dict[tuple[str, str], threading.Thread] = {}
 _WARM_ERRORS: dict[tuple[str, str], BaseException] = {}
 _WARMED: set[tuple[str, str]] = set()
 _STAMPS: dict[tuple[str, str], Any] = {}    # source_stamp of each classifier's source when it was built
+_THREADS: set[threading.Thread] = set()   # every warm-up thread still running (joined at exit)
+_STOP = threading.Event()                  # set at exit: background builds stop between batches
 _LOCK = threading.Lock()           # guards the dicts above
 _BUILD_LOCK = threading.Lock()     # one database build at a time, even under concurrent first requests
 
@@ -339,7 +348,7 @@ def _build(encoder, source, key, cache_dir=None) -> VocabularyFreeClassifier:
         if _fresh(key):
             return _CLASSIFIERS[key]
     stamp = source_stamp(source)            # before reading the source: a change while building shows later
-    clf = make_classifier(encoder, source, cache_dir=cache_dir)
+    clf = make_classifier(encoder, source, cache_dir=cache_dir, progress=_stop_check)
     with _LOCK:
         _CLASSIFIERS[key] = clf
         _STAMPS[key] = stamp
@@ -409,6 +418,7 @@ def warm_classifier(encoder, source, *, cache_dir=None, background: bool = True,
             with _LOCK:
                 if _WARMING.get(key) is threading.current_thread():
                     _WARMING.pop(key, None)
+                _THREADS.discard(threading.current_thread())
 
     with _LOCK:
         _WARMED.add(key)
@@ -422,8 +432,25 @@ def warm_classifier(encoder, source, *, cache_dir=None, background: bool = True,
             return None
         thread = threading.Thread(target=work, name=f"loupe-warm-{source}", daemon=True)
         _WARMING[key] = thread
+        _THREADS.add(thread)
     thread.start()
     return thread
+
+
+def _stop_check(done: int, total: int) -> None:
+    """``make_classifier``'s progress callback in warm-ups: stops a database build when the process exits."""
+    if _STOP.is_set():
+        raise BuildCancelled("building the text database was stopped")
+
+
+@atexit.register
+def stop_background_builds(timeout: float = 10.0) -> None:
+    """At exit: ask warm-up threads to stop between batches and wait for them (up to ``timeout`` s), so
+    the process does not end while one is inside the model (an abort, "terminate called ...")."""
+    _STOP.set()
+    deadline = time.monotonic() + timeout
+    for thread in list(_THREADS):
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def refresh_classifiers(source, *, background: bool = True) -> list:

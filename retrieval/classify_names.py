@@ -46,6 +46,10 @@ def database_names(database: TextDatabase) -> list[str]:
                               for name in (" ".join(str(n).split()) for n in names) if name))
 
 
+class BuildCancelled(Exception):
+    """A background build was stopped (the process is exiting)."""
+
+
 class NameStore:
     """Name embeddings of a text database stored next to it (``names-<key>.npy`` + ``names-<key>.json``).
 
@@ -100,9 +104,11 @@ class NameStore:
 
     @classmethod
     def build(cls, database: TextDatabase, encoder, prompts: Sequence[str], *,
-              batch_size: int = NAME_STORE_BATCH) -> "NameStore":
+              batch_size: int = NAME_STORE_BATCH, stop=None) -> "NameStore":
         """Embed every name of ``database`` (batched, shortest first) and store them atomically next to
-        it; stores of other keys in that directory (other encoder/prompts/names) are removed."""
+        it; stores of other keys in that directory (other encoder/prompts/names) are removed. ``stop``
+        (a ``threading.Event``): checked between batches; when set, :class:`BuildCancelled` is raised and
+        nothing is written (a server shutting down does not wait minutes for the 21k vocabulary)."""
         from . import store
 
         names = database_names(database)
@@ -119,6 +125,8 @@ class NameStore:
                        mininterval=2.0, disable=None)
         try:
             for start in range(0, len(order), step):
+                if stop is not None and stop.is_set():
+                    raise BuildCancelled(f"embedding the names of {database.name} was stopped")
                 rows = order[start:start + step]
                 vecs[rows] = embed_names(encoder, prompts, [names[i] for i in rows])
                 if bar is not None:
@@ -185,7 +193,7 @@ def stores_names(database: TextDatabase) -> bool:
 
 
 def name_store(database: TextDatabase, encoder, prompts: Sequence[str] | None = None, *,
-               build: bool = True) -> NameStore | None:
+               build: bool = True, stop=None) -> NameStore | None:
     """The database's stored name embeddings for ``encoder`` and ``prompts`` (default: as
     :class:`NameEmbedder` picks them), built and written next to the database if missing and
     ``build``; None when there is none (or the directory is read-only: names are then embedded on
@@ -195,7 +203,7 @@ def name_store(database: TextDatabase, encoder, prompts: Sequence[str] | None = 
     if found is not None or not build:
         return found
     try:
-        return NameStore.build(database, encoder, prompts)
+        return NameStore.build(database, encoder, prompts, stop=stop)
     except OSError as exc:
         log.warning("cannot store the name embeddings of %s in %s (%s); names are embedded on demand",
                     database.name, database.dir, exc)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
-from retrieval.errors import InvalidQueryError
+from retrieval.colour import describe_colours, top_colours
+from retrieval.compose import colour_encoder
+from retrieval.errors import InvalidQueryError, LoupeError
 
 from .common import get_engine, parse_query
 
@@ -59,17 +61,28 @@ def api_classify():
         raise InvalidQueryError("vocabulary must be 'captions' or 'imagenet21k'")
     import numpy as np
 
-    from retrieval.colour import describe_colours
-
     if q.image is not None:   # decode (and reject bad images) before any database is opened
         from retrieval.images import load_image
 
         image = load_image(q.image)
         vec = engine.encoder(encoder_name).encode_images([image])
+        colours = describe_colours([image])[0]
     else:
         vec = engine.vectors(encoder_name, [engine.hit_for_id(encoder_name, q.image_id)])
-        image = engine.load_image(q.image_id)
+        colours = _indexed_colours(engine, q.image_id)
     clf, vocabulary = _classifier(engine, encoder_name, vocabulary)
     labels = clf.classify_vectors(np.asarray(vec, np.float32), top=k)[0]
     return jsonify({"labels": [lab.to_json() for lab in labels], "vocabulary": vocabulary,
-                    "encoder": encoder_name, "colours": describe_colours([image])[0]})
+                    "encoder": encoder_name, "colours": colours})
+
+
+def _indexed_colours(engine, image_id: str) -> list:
+    """An indexed image's colours: its stored colour-names vector (squared: the distribution), else from its
+    file; an empty list when the file is gone (the labels come from stored vectors and still answer)."""
+    colour_name = colour_encoder(engine)
+    if colour_name is not None:
+        return top_colours(engine.vectors(colour_name, [engine.hit_for_id(colour_name, image_id)])[0] ** 2)
+    try:
+        return describe_colours([engine.load_image(image_id)])[0]
+    except (LoupeError, OSError):
+        return []

@@ -317,8 +317,14 @@ def test_api_classify(tmp_path, caption_index, photos, conse, monkeypatch):
     resp = client.post("/api/classify", json={"image": base64.b64encode(b"nope").decode(), "vocabulary": "captions"})
     assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "invalid_image"
     assert client.post("/api/classify", json={"k": 3, "vocabulary": "captions"}).status_code == 400
-    resp = client.post("/api/classify", json={"image_id": engine_ids(caption_index)[0], "vocabulary": "captions"})
+    first = engine_ids(caption_index)[0]
+    resp = client.post("/api/classify", json={"image_id": first, "vocabulary": "captions"})
     assert resp.status_code == 200 and is_cat_like(resp.get_json()["labels"][0]["label"])
+    assert resp.get_json()["colours"] == describe_colours([Engine(caption_index).load_image(first)])[0]
+    # the source file gone: labels still come from the stored vectors, colours are left empty
+    Engine(caption_index).source_file(first).unlink()
+    resp = client.post("/api/classify", json={"image_id": first, "vocabulary": "captions"})
+    assert resp.status_code == 200 and resp.get_json()["labels"] and resp.get_json()["colours"] == []
     resp = client.post("/api/classify", json={"image": base64.b64encode(buf.getvalue()).decode(),
                                               "vocabulary": "klingon"})
     assert resp.status_code == 400

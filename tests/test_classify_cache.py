@@ -257,3 +257,43 @@ def test_default_source_reads_the_captions_once_per_indexing_run(tmp_path, fresh
     _caption_index(index, enc, NEW_CAPTIONS)                           # re-indexed: read again
     assert classify.default_source(index) == "imagenet21k" and len(calls) == 2
     assert classify.default_source(None) == "imagenet21k"
+
+
+def test_background_builds_stop_at_exit(tmp_path, fresh_classifier_cache, monkeypatch):
+    """At exit (``stop_background_builds``, an atexit hook) a warm-up building a name store stops between
+    batches and the hook waits for its thread: the process does not end while a thread is inside the
+    model (which aborts: "terminate called without an active exception"). Nothing half-built is written."""
+    import threading
+
+    import pytest
+
+    from retrieval.classify_names import BuildCancelled
+
+    classify = fresh_classifier_cache
+    enc = CountingEncoder()
+    db = make_classifier(enc, _names_file(tmp_path), cache_dir=tmp_path / "cache",
+                         config=ClassifyConfig(prompts=PROMPTS, k_retrieve=3), precompute_names=False).database
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(BuildCancelled):
+        NameStore.build(db, enc, PROMPTS, batch_size=2, stop=stop)
+    assert _store_files(db.dir) == []
+
+    # a warm-up thread blocked inside a build: the hook sets the stop event and joins it
+    monkeypatch.setattr(classify, "_STOP", threading.Event())
+    monkeypatch.setattr(classify, "_THREADS", set())
+    entered, seen = threading.Event(), []
+
+    def slow_build(encoder, source, **kw):
+        entered.set()
+        while True:                       # a long database build, reporting progress per batch
+            kw["progress"](1, 10)
+            seen.append(1)
+            time.sleep(0.01)
+
+    monkeypatch.setattr(classify, "make_classifier", slow_build)
+    thread = classify.warm_classifier(enc, "imagenet21k")
+    assert entered.wait(10) and thread in classify._THREADS
+    classify.stop_background_builds(timeout=10)
+    assert not thread.is_alive() and seen and thread not in classify._THREADS
+    assert isinstance(classify._WARM_ERRORS[(enc.name, "imagenet21k")], BuildCancelled)
