@@ -292,3 +292,18 @@ def describe_colours(images) -> list[list[dict[str, float]]]:
     enc = create_encoder("colour-names", device="cpu")
     return [top_colours(row) for row in enc.distributions(list(images))] if len(images) else []
 
+
+#: the filter field that asks for a colour: ``{"colour-names": "red"}`` (named after the encoder, so it cannot
+#: clash with a manifest column such as ``colour``)
+FILTER_FIELD = "colour-names"
+#: a colour filter keeps images where the colour holds at least this share of the object's pixels
+FILTER_MIN_SHARE = 0.25
+
+
+def colour_filter_mask(vectors: np.ndarray, phrases, min_share: float = FILTER_MIN_SHARE) -> np.ndarray:
+    """Rows of colour-names ``vectors`` (``sqrt`` of distributions) that show any of ``phrases``: the share
+    ``BC(p, q)²`` (for one basic term, ``p[term]``) is at least ``min_share``."""
+    q = phrase_vectors(list(phrases))                                          # [m, 11]
+    share = (np.clip(np.asarray(vectors, np.float32), 0, None) @ q.T) ** 2    # [n, m]
+    return (share >= float(min_share)).any(axis=1) if len(q) else np.zeros(len(vectors), bool)
+

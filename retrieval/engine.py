@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from . import store
+from . import colour, store
 from .compose_fusion import colour_encoder, colour_text_search, text_colour
 from .engine_query import EngineQueries, _is_fusion, instruction_method
 from .engine_records import EngineRecords
@@ -209,12 +209,30 @@ class Engine(EngineRecords, EngineQueries):
             if masks is not None:
                 self._mask_cache.move_to_end(key)
                 return masks
-        masks = [filter_mask(t, conditions, self._extra_cache[i]) for i, t in enumerate(self.tables)]
+        masks = [filter_mask(t, [c for c in conditions if c.field != colour.FILTER_FIELD], self._extra_cache[i])
+                 for i, t in enumerate(self.tables)]
+        for cond in (c for c in conditions if c.field == colour.FILTER_FIELD):
+            masks = self._colour_masks(cond, masks)
         with self._lock:
             self._mask_cache[key] = masks
             while len(self._mask_cache) > 64:
                 self._mask_cache.popitem(last=False)
         return masks
+
+    def _colour_masks(self, cond, masks: list[np.ndarray]) -> list[np.ndarray]:
+        """``{"colour-names": "red" | ["red", "pink"]}``: keep images showing one of the colours
+        (:func:`retrieval.colour.colour_filter_mask`, from the stored colour-names vectors)."""
+        name = colour_encoder(self)
+        if name is None:
+            raise InvalidQueryError(f"filter {colour.FILTER_FIELD!r} needs an index with the colour-names encoder "
+                                    "(loupe index ... --encoder colour-names)")
+        if cond.op not in ("eq", "in") or not all(isinstance(v, str) for v in
+                                                  (cond.value if cond.op == "in" else (cond.value,))):
+            raise InvalidQueryError(f"filter {colour.FILTER_FIELD!r} takes a colour or a list of colours, "
+                                    'e.g. {"colour-names": "red"}')
+        phrases = list(cond.value) if cond.op == "in" else [cond.value]
+        return [m & colour.colour_filter_mask(vecs, phrases) if len(vecs) else m
+                for m, (_, vecs, _) in zip(masks, self.all_vectors(name))]
 
     def search_vector(self, encoder: str, vector: Any, k: int, *, params: Any = None,
                       filter: Any = None) -> list[Hit]:
@@ -322,16 +340,16 @@ class Engine(EngineRecords, EngineQueries):
         timings: dict[str, float] = {"embed_ms": (t1 - t0) * 1e3}
         fusion = (ctx.instruction is not None and ctx.image_vector is not None
                   and _is_fusion(instruction_method(method, weight)))
-        colour = None
+        colour_phrase = None
         if not fusion and encoder is None and colour_encoder(self):
-            colour = text_colour(ctx)   # "a red dress" on an index with colour-names: text AND colour
+            colour_phrase = text_colour(ctx)   # "a red dress" on an index with colour-names: text AND colour
         while True:
             if fusion:   # two lists (text, image) pooled and re-scored: retrieval.compose.fusion_search
                 from .compose import fusion_search
 
                 hits = fusion_search(self, ctx, max(fetch, 1), params=params, filter=filter)
-            elif colour:
-                hits = colour_text_search(self, ctx, colour, max(fetch, 1), params=params, filter=filter)
+            elif colour_phrase:
+                hits = colour_text_search(self, ctx, colour_phrase, max(fetch, 1), params=params, filter=filter)
             else:
                 hits = self.search_vector(ctx.encoder, ctx.vector, max(fetch, 1), params=params, filter=filter)
             if threshold is None:

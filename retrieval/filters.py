@@ -6,7 +6,9 @@ A filter is a JSON object ``{field: condition, ...}``; all conditions must hold 
 * ``{"width": {"gte": 100, "lt": 2000}}`` – ranges (``gt``, ``gte``, ``lt``, ``lte``, ``eq``, ``ne``);
 * ``{"caption": {"contains": "cat"}}`` – case-insensitive substring; ``prefix`` also works;
 * fields are metadata columns (``id source path caption width height sha256 size mtime``) or keys of
-  the ``extra`` object (columns of the indexed manifest), written plainly or as ``extra.KEY``.
+  the ``extra`` object (columns of the indexed manifest), written plainly or as ``extra.KEY``;
+* ``{"colour-names": "red"}`` / ``["red", "pink"]`` – images showing that colour (an index with the
+  colour-names encoder; the engine computes it from the stored colour vectors, not from this module).
 
 ``filter_mask(table, conditions)`` gives one boolean per metadata row; the engine turns it into a
 FAISS ``IDSelector`` so filtered search loses no recall.

@@ -317,3 +317,28 @@ def test_top_colours():
     assert colour.top_colours(p) == [{"colour": "red", "score": 0.6}, {"colour": "pink", "score": 0.32}]
     assert colour.top_colours(np.full(11, 1 / 11))[0]["score"] == pytest.approx(1 / 11, abs=1e-4)  # first always
     assert len(colour.top_colours(np.full(11, 1 / 11))) == 1
+
+
+def test_colour_filter(tmp_path, colour_dir, tiny_clip):
+    """``{"colour-names": "red"}`` keeps exactly the images whose red share is >= FILTER_MIN_SHARE (checked
+    against the stored vectors), with any query; lists mean any of; bad values and indexes without
+    colour-names are 4xx errors."""
+    out = build_photo_index(tmp_path / "idx", sorted(colour_dir.iterdir()), [tiny_clip, "colour-names"])
+    engine = Engine(out, device="cpu")
+    ids, cvecs = all_vectors(engine, "colour-names")
+    red_share = cvecs[:, TERMS.index("red")] ** 2
+    want = {ids[i] for i in np.flatnonzero(red_share >= colour.FILTER_MIN_SHARE)}
+    assert {engine.source_file(i).name for i in want} == {"red-disc.png", "red-square.png"}
+    got = engine.search(text="a shape", k=8, filter={"colour-names": "red"})
+    assert {h.id for h in got.hits} == want
+    by_image = engine.search(image=png_bytes(_shape(RGB["blue"])), k=8, filter={"colour-names": ["red", "yellow"]})
+    assert {engine.source_file(h.id).name.split("-")[0] for h in by_image.hits} == {"red", "yellow"}
+    assert len(by_image.hits) == 4
+    both = engine.search(text="a shape", k=8, filter={"colour-names": "red", "path": {"contains": "disc"}})
+    assert [engine.source_file(h.id).name for h in both.hits] == ["red-disc.png"]
+    for bad in ({"colour-names": {"gte": 0.3}}, {"colour-names": "a cat"}, {"colour-names": [1, 2]}):
+        with pytest.raises(InvalidQueryError):
+            engine.search(text="a shape", k=3, filter=bad)
+    plain = Engine(build_photo_index(tmp_path / "plain", sorted(colour_dir.iterdir()), [tiny_clip]), device="cpu")
+    with pytest.raises(InvalidQueryError, match="colour-names encoder"):
+        plain.search(text="a shape", k=3, filter={"colour-names": "red"})
