@@ -15,6 +15,11 @@ EPILOG = """examples:
   loupe search ~/idx --text "+a cat" --text "-a dog" --json
   loupe search ~/idx --image photo.jpg --instruction "in winter"
   loupe search ~/idx --id 3fa9c0d2e1b4a57 --filter '{"width": {"gte": 1000}}'
+  loupe search ~/idx --image shirt.jpg --instruction "the same, but red"
+  loupe search ~/idx --text "a dress" --filter '{"colour-names": ["red", "pink"]}'
+
+On an index with the colour-names encoder, colour words count: "a red dress" must be red, "in red"
+changes the colour of an image query, and the colour-names filter keeps only images of that colour.
 """
 
 
