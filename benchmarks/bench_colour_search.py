@@ -11,6 +11,9 @@ re-scored ``zscore(text cosine) + w * zscore(colour match)``; mirrored here over
 2. **Tux Paint stamps** (real pictures): every captioned stamp is the gallery; the captions that name a
    basic colour are the queries ("A red apple."); relevant = the stamp itself. R@1 / R@10. Captions
    without a colour word are unaffected by construction (plain text search).
+3. **"The same, but C" on Tux Paint stamps** (:func:`tux_recolour`): stamps whose captions differ only in
+   the colour word; each + "in C" must find its sibling of colour C — instruction ``fusion`` with and
+   without colour-names vs image-only and text-only.
 
     python benchmarks/bench_colour_search.py
 """
