@@ -61,8 +61,11 @@ def run(args) -> int:
                          encoder=args.encoder, k=args.k, rerank=args.rerank, filter=filt, dedup=args.dedup,
                          method=args.method)
     results = [engine.describe_hit(h) for h in resp.hits]
+    for note in resp.notes:
+        print(f"note: {note}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"results": results, "encoder": resp.encoder, "took_ms": round(resp.took_ms, 2)}))
+        body = {"results": results, "encoder": resp.encoder, "took_ms": round(resp.took_ms, 2)}
+        print(json.dumps(body | ({"notes": resp.notes} if resp.notes else {})))
         return 0
     if not results:
         print("no results", file=sys.stderr)

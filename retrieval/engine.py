@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from . import colour, store
-from .compose_fusion import colour_encoder, colour_text_search, text_colour
+from .compose_fusion import colour_encoder, colour_text_search, colour_words, text_colour
 from .engine_query import EngineQueries, _is_fusion, instruction_method
 from .engine_records import EngineRecords
 from .errors import InvalidQueryError, LoupeError, UnknownEncoderError
@@ -343,6 +343,7 @@ class Engine(EngineRecords, EngineQueries):
         colour_phrase = None
         if not fusion and encoder is None and colour_encoder(self):
             colour_phrase = text_colour(ctx)   # "a red dress" on an index with colour-names: text AND colour
+        notes = self._colour_notes(ctx)
         while True:
             if fusion:   # two lists (text, image) pooled and re-scored: retrieval.compose.fusion_search
                 from .compose import fusion_search
@@ -375,7 +376,23 @@ class Engine(EngineRecords, EngineQueries):
             timings["rerank_ms"] = (time.perf_counter() - t2) * 1e3
         hits = hits[:k]
         took = (time.perf_counter() - t0) * 1e3
-        return SearchResponse(hits=hits, query=ctx, encoder=ctx.encoder, took_ms=took, timings=timings)
+        return SearchResponse(hits=hits, query=ctx, encoder=ctx.encoder, took_ms=took, timings=timings, notes=notes)
+
+    def _colour_notes(self, ctx) -> list[str]:
+        """A note when a query asks for a colour this index cannot see: no colour-names encoder and a text
+        encoder that is not CLIP (the offline ConSE encoder cannot tell colours apart)."""
+        if colour_encoder(self) is not None or self._entry(ctx.encoder).name.startswith("clip"):
+            return []
+        if ctx.instruction is not None:
+            from .compose_fusion import instruction_colour
+
+            asked = instruction_colour(ctx.instruction)
+        else:
+            asked = colour_words(ctx.text) if ctx.text else None
+        if not asked:
+            return []
+        return [f"this index cannot see colours ({ctx.encoder} does not tell {asked!r} from other colours); "
+                "re-index with --encoder colour-names to search by colour"]
 
     def changed_on_disk(self) -> bool:
         """True when ``manifest.json`` was replaced since this engine opened it (a new indexing run)."""

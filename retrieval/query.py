@@ -65,6 +65,7 @@ class SearchResponse:
     encoder: str
     took_ms: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)   # embed_ms, search_ms, rerank_ms, ...
+    notes: list[str] = field(default_factory=list)             # what the user should know about this answer
 
     def __iter__(self):
         return iter(self.hits)

@@ -45,6 +45,7 @@ def api_search():
         "took_ms": round(resp.took_ms, 2),
         "encoder": resp.encoder,
         "timings": {k: round(v, 2) for k, v in resp.timings.items()},
+        **({"notes": resp.notes} if resp.notes else {}),
     })
 
 

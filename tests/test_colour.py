@@ -342,3 +342,32 @@ def test_colour_filter(tmp_path, colour_dir, tiny_clip):
     plain = Engine(build_photo_index(tmp_path / "plain", sorted(colour_dir.iterdir()), [tiny_clip]), device="cpu")
     with pytest.raises(InvalidQueryError, match="colour-names encoder"):
         plain.search(text="a shape", k=3, filter={"colour-names": "red"})
+
+
+def test_colour_queries_on_an_index_that_cannot_see_colour_get_a_note(tmp_path, colour_dir, conse, capsys):
+    """No colour-names and a text encoder that cannot see colour (ConSE): a colour query still answers,
+    with a note saying how to fix it (engine, CLI --json, HTTP); other queries get no note."""
+    from server import create_app
+    from tests._engine_helpers import build_index, image_rows
+
+    paths = sorted(colour_dir.iterdir())
+    out = build_index(tmp_path / "idx", {"conse-effnet-lite0": conse.encode_images([str(p) for p in paths])},
+                      rows=image_rows(paths), modalities={"conse-effnet-lite0": list(conse.modalities)})
+    engine = Engine(out, device="cpu")
+    resp = engine.search(text="a red shape", k=3)
+    assert len(resp.hits) == 3 and len(resp.notes) == 1 and "--encoder colour-names" in resp.notes[0]
+    assert engine.search(text="a shape", k=3).notes == []
+    assert engine.search(image=png_bytes(_shape(RGB["blue"])), instruction="in red", k=3).notes
+    assert engine.search(image=png_bytes(_shape(RGB["blue"])), instruction="as a boot", k=3).notes == []
+    client = create_app({"TESTING": False}, engine=engine).test_client()
+    body = client.post("/api/search", json={"text": "a red shape", "k": 2}).get_json()
+    assert body["notes"] == resp.notes and len(body["results"]) == 2
+    assert "notes" not in client.post("/api/search", json={"text": "a shape", "k": 2}).get_json()
+    import json
+
+    from cli.main import main
+
+    capsys.readouterr()
+    assert main(["search", str(out), "--text", "a red shape", "-k", "2", "--json", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["notes"] == resp.notes and "note: this index cannot see colours" in captured.err

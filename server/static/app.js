@@ -79,7 +79,8 @@
 
   function render(body) {
     const items = body.results || [];
-    status.textContent = `${items.length} result${items.length === 1 ? "" : "s"} · ${body.took_ms} ms · ${body.encoder}`;
+    status.textContent = `${items.length} result${items.length === 1 ? "" : "s"} · ${body.took_ms} ms · ${body.encoder}` +
+      (body.notes && body.notes.length ? ` · note: ${body.notes.join(" · ")}` : "");
     const frag = document.createDocumentFragment();
     items.forEach((r, i) => {
       const li = document.createElement("li");
