@@ -246,7 +246,10 @@ def fusion_search(engine, ctx, k: int, *, params=None, filter=None, weights: dic
     for name, vec, depth in lists:
         for h in engine.search_vector(name, vec, min(depth, max(engine.count, 1)), params=params, filter=filter):
             pool.setdefault((h.shard, h.row), h)
-    hits = list(pool.values())
+    # an instruction asks for a change: the query image itself (an indexed id, or uploaded bytes identical to
+    # an indexed file) is not an answer (as in GeneCIS, where the reference image is never a target)
+    itself = {ctx.image_id, getattr(ctx, "upload_id", None)} - {None}
+    hits = [h for h in pool.values() if h.id not in itself]
     if not hits:
         return []
     scores = fuse_candidates(ctx.vector, engine.vectors(ctx.encoder, hits), img_q,

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from . import store
 from .errors import InvalidQueryError, UnsupportedModalityError
 from .query import QueryContext, as_query_vector, combine, parse_terms
 
@@ -111,6 +112,8 @@ class EngineQueries:
         if image is not None:
             pil = load_image(image)
             ctx.image = pil
+            if isinstance(image, (bytes, bytearray)):
+                ctx.upload_id = store.content_id(store.sha256_bytes(bytes(image)))
             enc = self.encoder(entry.name)
             fine = (entry.local_features or {}).get("layer") == "fine" and "fine" in enc.local_layers
             if keep_local and fine:

@@ -41,6 +41,7 @@ class QueryContext:
     text: str | None = None
     image: Image.Image | None = None   # the decoded query image, if any (see get_image for image_id)
     image_id: str | None = None
+    upload_id: str | None = None       # the content id of uploaded image bytes (what the index would call them)
     instruction: str | None = None
     terms: list[tuple[float, str]] = field(default_factory=list)
     local: tuple[np.ndarray, tuple[int, int]] | None = None   # (raw tokens [p, C], grid) from the same pass

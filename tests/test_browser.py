@@ -105,7 +105,10 @@ def test_type_query_then_upload_image_then_more_like_this(browser, server):
         assert resp.value.ok and seen[-1] == "in red"
         assert page.input_value("#instruction") == "in red"
         page.wait_for_function("() => !document.body.classList.contains('loading')", timeout=20000)
-        assert page.locator("#results .result").count() == len(paths)
+        # every other image (the uploaded file is itself indexed, and an instruction asks for a change)
+        assert page.locator("#results .result").count() == len(paths) - 1
+        captions = page.locator("#results .result .caption").all_text_contents()
+        assert "coffee" not in captions
         page.fill("#instruction", "")
         page.wait_for_function(
             "() => { const r = document.querySelector('#results .result .caption');"

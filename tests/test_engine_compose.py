@@ -66,22 +66,29 @@ def test_fusion_search_matches_brute_force(tmp_path, photo_dir, photos, tiny_cli
     ids_d, dino_vecs = all_vectors(engine, tiny_dino)
     assert ids == ids_d
     img_clip = clip.encode_images([photos["chelsea"]])[0]
+    # the uploaded bytes are an indexed file: an instruction asks for a change, so the query itself is no answer
+    from retrieval import store
+
+    itself = store.content_id(store.sha256_bytes(query))
+    assert itself in ids
+    keep = np.array([i for i, x in enumerate(ids) if x != itself])
     for instruction, image_q, image_vecs, weight in (
             ("as a dog", dino.encode_images([photos["chelsea"]])[0], dino_vecs, FUSION_IMAGE_WEIGHT),
             ("in red", img_clip, clip_vecs, FUSION_ATTRIBUTE_WEIGHT)):
         text_q = compose_instruction(clip, img_clip, instruction, method="fusion").vector
-        expected = fuse_candidates(text_q, clip_vecs, image_q, image_vecs, weight=weight)
-        order = np.argsort(-expected, kind="stable")[:4]
+        expected = fuse_candidates(text_q, clip_vecs[keep], image_q, image_vecs[keep], weight=weight)
+        order = keep[np.argsort(-expected, kind="stable")[:4]]
+        expected = dict(zip(keep, expected))
         resp = engine.search(image=query, instruction=instruction, method="fusion", k=4)
         assert [h.id for h in resp.hits] == [ids[i] for i in order], instruction
-        np.testing.assert_allclose([h.score for h in resp.hits], expected[order], atol=1e-4)
+        np.testing.assert_allclose([h.score for h in resp.hits], [expected[i] for i in order], atol=1e-4)
         np.testing.assert_allclose(resp.query.vector, text_q, atol=1e-5)
-    # an indexed image as the query: its stored vectors are used; "auto" follows DEFAULT_METHOD
-    by_id = engine.search(image_id=ids[0], instruction="as a dog", method="fusion", k=3)
-    assert len(by_id.hits) == 3
+    # an indexed image as the query: its stored vectors are used, and it is not among the answers
+    by_id = engine.search(image_id=ids[0], instruction="as a dog", method="fusion", k=len(ids))
+    assert len(by_id.hits) == len(ids) - 1 and ids[0] not in {h.id for h in by_id.hits}
     # without an image-only encoder the image list comes from the text encoder
     solo = Engine(build_photo_index(tmp_path / "solo", sorted(photo_dir.iterdir()), [tiny_clip]), device="cpu")
     text_q = compose_instruction(clip, img_clip, "as a dog", method="fusion").vector
-    expected = fuse_candidates(text_q, clip_vecs, img_clip, clip_vecs, weight=FUSION_IMAGE_WEIGHT)
+    expected = fuse_candidates(text_q, clip_vecs[keep], img_clip, clip_vecs[keep], weight=FUSION_IMAGE_WEIGHT)
     resp = solo.search(image=query, instruction="as a dog", method="fusion", k=3)
-    assert [h.id for h in resp.hits] == [ids[i] for i in np.argsort(-expected, kind="stable")[:3]]
+    assert [h.id for h in resp.hits] == [ids[i] for i in keep[np.argsort(-expected, kind="stable")[:3]]]
