@@ -154,6 +154,9 @@ def assemble(batch: dict[str, Any], kept: list[int], decoded: dict, fallback: di
         offset = sum(len(p) for p in parts)
         parts.append(normalize(torch.stack([fallback[idx][g] for idx in fb]), stats[g], device))
         where.update({idx: offset + i for i, idx in enumerate(fb)})
+    if len(parts) > 1 and any(p.dtype == torch.uint8 for p in parts) and any(p.is_floating_point() for p in parts):
+        # colour-names: the GPU gives [0, 1] floats, the CPU path uint8 pixels (no Normalize to apply)
+        parts = [p.float().div_(255.0) if p.dtype == torch.uint8 else p for p in parts]
     x = parts[0] if len(parts) == 1 else torch.cat(parts)
     order = [where[idx] for idx in kept]
     if order != list(range(len(x))):

@@ -306,8 +306,10 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
         gpu_decode = cfg.decode == "gpu" and bool(encoders)
         if cfg.decode not in ("cpu", "gpu"):
             raise LoupeError(f"unknown --decode {cfg.decode!r}: use cpu or gpu")
-        if gpu_decode and any(e.binary for e in encoders.values()):
-            log.warning("--decode gpu does not apply to binary encoders (PDQ); decoding on the CPU")
+        if gpu_decode and any(not gpu_decodable(n, e, stats, group_of) for n, e in encoders.items()):
+            log.warning("--decode gpu applies to encoders with a resize/crop/normalise preprocess (CLIP, DINOv2, "
+                        "effnet, ConSE, colour-names); %s decode on the CPU, so the whole run does",
+                        ", ".join(n for n, e in encoders.items() if not gpu_decodable(n, e, stats, group_of)))
             gpu_decode = False
         if gpu_decode:
             from .gpu_batch import decode_raw
@@ -380,6 +382,13 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
         summary.shards = len(manifest.shards)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def gpu_decodable(name: str, enc, stats: list, group_of: dict[str, int]) -> bool:
+    """Whether ``--decode gpu`` can stand in for this encoder's CPU preprocess: a ``[..., ToTensor,
+    Normalize]`` transform (resize + crop + normalise, done on the GPU), or colour-names (the whole image in
+    [0, 1]); not SSCD's or PDQ's uint8 HWC inputs."""
+    return enc.spec.family == "colour" or (not enc.binary and stats[group_of[name]] is not None)
 
 
 def _faiss_gpu() -> bool:

@@ -27,10 +27,13 @@ class GpuTransformConfig:
     crop: int            # centre crop (square)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    squash: bool = False  # resize the whole image to crop × crop (no centre crop): colour-names
 
     @classmethod
     def from_spec(cls, spec: EncoderSpec) -> "GpuTransformConfig":
         crop = int(spec.image_size)
+        if spec.family == "colour":          # [0, 1] pixels of the whole image, as its CPU ColourTransform
+            return cls(crop, crop, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), squash=True)
         crop_pct = float(spec.get("crop_pct", 1.0) or 1.0)
         resize = int(spec.get("resize") or int(crop / crop_pct))
         mean = tuple(spec.get("mean") or (0.48145466, 0.4578275, 0.40821073))
@@ -45,6 +48,9 @@ def is_jpeg(data: bytes | memoryview) -> bool:
 def resize_crop(img: torch.Tensor, cfg: GpuTransformConfig) -> torch.Tensor:
     """uint8 [3, H, W] → float [3, crop, crop]: shortest edge to ``resize``, centre crop, [0, 1]."""
     _, h, w = img.shape
+    if cfg.squash:
+        x = F.interpolate(img[None].float(), size=(cfg.crop, cfg.crop), mode="area")[0]
+        return x.clamp_(0, 255).div_(255.0)
     if h <= w:
         nh, nw = cfg.resize, max(1, int(cfg.resize * w / h))
     else:

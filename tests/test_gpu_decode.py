@@ -46,6 +46,24 @@ def test_decode_batch_matches_cpu_preprocess(effnet, photos):
     assert np.all(cos > 0.98), cos
 
 
+def test_colour_names_gets_whole_images_in_0_1(photos):
+    """--decode gpu for colour-names: the whole image, squashed, pixels in [0, 1] (not a normalised crop),
+    so its colour distributions match the CPU path's."""
+    from PIL import Image
+
+    from retrieval import create_encoder
+
+    enc = create_encoder("colour-names", device="cpu")
+    cfg = GpuTransformConfig.from_spec(enc.spec)
+    assert cfg.squash and (cfg.crop, cfg.mean, cfg.std) == (64, (0.0,) * 3, (1.0,) * 3)
+    imgs = [photos["chelsea"], photos["coffee"]]
+    blobs = [_jpeg(im) for im in imgs]
+    batch, ok, _ = decode_batch(blobs, cfg, "cpu")
+    assert ok == [0, 1] and batch.shape == (2, 3, 64, 64) and 0.0 <= float(batch.min()) <= float(batch.max()) <= 1.0
+    cpu = enc.distributions([Image.open(io.BytesIO(b)).convert("RGB") for b in blobs])
+    np.testing.assert_allclose(enc.distributions(batch), cpu, atol=0.02)
+
+
 def test_bad_jpeg_falls_back(photos):
     good = _jpeg(photos["coffee"])
     bad = good[:200]  # truncated: the decoder fails, the caller decodes on the CPU (and reports it)

@@ -85,6 +85,24 @@ def test_gpu_decode_path_matches_cpu_path(tmp_path, photos, tiny_clip, monkeypat
     np.testing.assert_allclose(vf[[i_f.index(i) for i in ic]], vc, atol=1e-6)
 
 
+def test_gpu_decode_with_colour_names(tmp_path, photos, tiny_clip):
+    """--decode gpu with a second transform (colour-names: the whole image in [0, 1]) next to CLIP: both
+    encoders' vectors stay close to the CPU path's, PNGs (CPU path) identical."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in ("astronaut", "coffee", "rocket"):
+        photos[n].save(src / f"{n}.jpg", quality=92)
+    photos["camera"].save(src / "camera.png")
+    encoders = [tiny_clip, "colour-names"]
+    assert _index([src], tmp_path / "cpu", encoders, batch_size=2).indexed == 4
+    assert _index([src], tmp_path / "gpu", encoders, batch_size=2, decode="gpu").indexed == 4
+    for name, floor in ((tiny_clip, 0.97), ("colour-names", 0.995)):
+        vc, ic = stored_vectors(tmp_path / "cpu", name)
+        vg, ig = stored_vectors(tmp_path / "gpu", name)
+        cos = np.sum(vc * vg[[ig.index(i) for i in ic]], axis=1)
+        assert np.all(cos > floor), (name, cos)
+
+
 def test_a_file_that_kills_its_worker_is_skipped(tmp_path, photos, tiny_clip, monkeypatch):
     """A decoder crash (simulated: SIGKILL inside the worker for one file) costs that file only."""
     import signal
@@ -156,3 +174,21 @@ def test_iter_batches_passes_the_depth_to_the_loader(monkeypatch, depth):
     batches = list(iter_batches(list(range(5)), batch_size=2, workers=2, pin=False, prefetch=depth))
     assert [b["records"] for b in batches] == [[0, 1], [2, 3], [4]]
     assert seen == [depth]
+
+
+def test_which_encoders_the_gpu_decoder_can_feed(effnet):
+    """--decode gpu stands in for resize/crop/normalise transforms and colour-names; PDQ and SSCD take uint8
+    HWC inputs, so with them the run decodes on the CPU."""
+    from indexer.pipeline import _transform_groups, gpu_decodable
+    from retrieval import create_encoder
+
+    encoders = {"effnet-lite0": effnet, "colour-names": create_encoder("colour-names", device="cpu")}
+    for extra in ("pdq", "sscd"):
+        try:
+            encoders[extra] = create_encoder(extra, device="cpu")
+        except Exception:  # noqa: BLE001 - an optional extra that is not installed: nothing to check
+            pass
+    _, stats, group_of = _transform_groups(encoders)
+    got = {n: gpu_decodable(n, e, stats, group_of) for n, e in encoders.items()}
+    assert got["effnet-lite0"] and got["colour-names"]
+    assert not got.get("pdq", False) and not got.get("sscd", False)
