@@ -39,6 +39,9 @@ def add_arguments(p) -> None:
     p.add_argument("--encoder", help="encoder of the index to use for image queries")
     p.add_argument("--filter", metavar="JSON", help='metadata filter, e.g. \'{"caption": {"contains": "cat"}}\'')
     p.add_argument("--dedup", action="store_true", help="drop near-identical results")
+    p.add_argument("--no-colour", action="store_true",
+                   help="ignore colour words (on an index with colour-names, \"a red car\" and \"in red\" "
+                        "are colour-aware)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
     p.add_argument("--json", action="store_true", help="print {\"results\": [...]} as JSON")
 
@@ -59,7 +62,7 @@ def run(args) -> int:
     engine = Engine(args.dir, device=args.device)
     resp = engine.search(text=text, image=image, image_id=args.id, instruction=args.instruction,
                          encoder=args.encoder, k=args.k, rerank=args.rerank, filter=filt, dedup=args.dedup,
-                         method=args.method)
+                         method=args.method, colour=not args.no_colour)
     results = [engine.describe_hit(h) for h in resp.hits]
     for note in resp.notes:
         print(f"note: {note}", file=sys.stderr)

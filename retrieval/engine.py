@@ -305,7 +305,7 @@ class Engine(EngineRecords, EngineQueries):
                image_id: str | None = None, vector: Any = None, instruction: str | None = None,
                encoder: str | None = None, k: int = 20, rerank: bool = False, filter: Any = None,
                dedup: bool | float = False, params: Any = None, weight: float | None = None,
-               method: str = "auto") -> SearchResponse:
+               method: str = "auto", colour: bool = True) -> SearchResponse:
         """Embed a query and return the global top-``k``.
 
         * ``text``: a string, or a list of weighted terms (``"+a cat"``, ``"-a dog"``, ``"0.5:snow"``);
@@ -315,7 +315,9 @@ class Engine(EngineRecords, EngineQueries):
           together with an image acts as the instruction;
         * ``filter``: metadata conditions (see ``retrieval.filters``), exact (FAISS id selectors);
         * ``dedup``: drop near-identical results (True = cosine ≥ 0.98, or a threshold in (0, 1]);
-        * ``rerank``: re-rank the top candidates with ``retrieval.rerank.rerank_hits``.
+        * ``rerank``: re-rank the top candidates with ``retrieval.rerank.rerank_hits``;
+        * ``colour``: on an index with colour-names, colour words count (a text query naming a colour, a colour
+          instruction, an object change keeping the colour); ``False`` searches without the colour scores.
         """
         t0 = time.perf_counter()
         k = _check_k(k, MAX_K)
@@ -340,15 +342,18 @@ class Engine(EngineRecords, EngineQueries):
         timings: dict[str, float] = {"embed_ms": (t1 - t0) * 1e3}
         fusion = (ctx.instruction is not None and ctx.image_vector is not None
                   and _is_fusion(instruction_method(method, weight)))
+        if not isinstance(colour, bool):
+            raise InvalidQueryError("colour must be true or false")
         colour_phrase = None
-        if not fusion and encoder is None and colour_encoder(self):
+        if colour and not fusion and encoder is None and colour_encoder(self):
             colour_phrase = text_colour(ctx)   # "a red dress" on an index with colour-names: text AND colour
         notes = self._colour_notes(ctx)
         while True:
             if fusion:   # two lists (text, image) pooled and re-scored: retrieval.compose.fusion_search
                 from .compose import fusion_search
 
-                hits = fusion_search(self, ctx, max(fetch, 1), params=params, filter=filter)
+                hits = fusion_search(self, ctx, max(fetch, 1), params=params, filter=filter,
+                                     weights=None if colour else {"colour": 0.0, "keep_colour": 0.0})
             elif colour_phrase:
                 hits = colour_text_search(self, ctx, colour_phrase, max(fetch, 1), params=params, filter=filter)
             else:

@@ -64,6 +64,7 @@ class QueryPayload:
     dedup: bool | float = False
     weight: float | None = None
     method: str | None = None
+    colour: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -82,7 +83,7 @@ class QueryPayload:
     def search_kwargs(self) -> dict[str, Any]:
         """Arguments for ``Engine.search``."""
         return {**self.query_kwargs(), "k": self.k, "rerank": self.rerank, "filter": self.filter,
-                "dedup": self.dedup}
+                "dedup": self.dedup, "colour": self.colour}
 
 
 # -- app state -------------------------------------------------------------------------------------
@@ -296,6 +297,8 @@ def parse_query(request=None, *, require_query: bool = True, require_image: bool
                 raise InvalidQueryError(f"k must be in 1..{MAX_K}, got {p.k}")
         elif key == "rerank":
             p.rerank = _as_bool("rerank", value, form)
+        elif key == "colour":
+            p.colour = _as_bool("colour", value, form)
         elif key == "dedup":
             if isinstance(value, bool) or (form and isinstance(value, str) and not _looks_number(value)):
                 p.dedup = _as_bool("dedup", value, form)

@@ -371,3 +371,38 @@ def test_colour_queries_on_an_index_that_cannot_see_colour_get_a_note(tmp_path, 
     assert main(["search", str(out), "--text", "a red shape", "-k", "2", "--json", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["notes"] == resp.notes and "note: this index cannot see colours" in captured.err
+
+
+def test_colour_can_be_switched_off_per_request(tmp_path, colour_dir, tiny_clip, tiny_dino, capsys):
+    """colour=false (engine, HTTP field, --no-colour): the plain text search and the colour-free fusion."""
+    from server import create_app
+
+    out = build_photo_index(tmp_path / "idx", sorted(colour_dir.iterdir()), [tiny_clip, "colour-names", tiny_dino])
+    engine = Engine(out, device="cpu")
+    plain = Engine(build_photo_index(tmp_path / "plain", sorted(colour_dir.iterdir()), [tiny_clip, tiny_dino]),
+                   device="cpu")
+
+    def ids(resp):
+        return [h.id for h in resp.hits]
+
+    assert ids(engine.search(text="a red shape", k=8, colour=False)) == ids(plain.search(text="a red shape", k=8))
+    assert ids(engine.search(text="a red shape", k=8)) != ids(plain.search(text="a red shape", k=8))
+    query = png_bytes(_shape(RGB["blue"], size=80))
+    for instruction in ("in red", "as a dog"):
+        assert ids(engine.search(image=query, instruction=instruction, k=8, colour=False)) == ids(
+            plain.search(image=query, instruction=instruction, k=8)), instruction
+    client = create_app({"TESTING": False}, engine=engine).test_client()
+    body = client.post("/api/search", json={"text": "a red shape", "k": 8, "colour": False}).get_json()
+    assert [r["id"] for r in body["results"]] == ids(plain.search(text="a red shape", k=8))
+    assert client.post("/api/search", json={"text": "a red shape", "colour": "maybe"}).status_code == 400
+    import json
+
+    from cli.main import main
+
+    capsys.readouterr()
+    assert main(["search", str(out), "--text", "a red shape", "-k", "8", "--json", "--no-colour", "--device",
+                 "cpu"]) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)["results"]] == ids(plain.search(text="a red shape",
+                                                                                                  k=8))
+    with pytest.raises(InvalidQueryError):
+        engine.search(text="a red shape", colour="no")
