@@ -63,7 +63,6 @@ def instruction_colour(instruction: Instruction | str) -> str | None:
     """The colour an instruction asks the results to have, as a phrase, or None: the colour words of an
     attribute change ("in navy blue" → "navy blue", "red" → "red") or of a new object ("as a red boot"
     → "red"). Materials that happen to be colour names in the survey ("in leather") are not colours."""
-
     ins = parse_instruction(instruction) if isinstance(instruction, str) else instruction
     if ins.kind not in ("attribute", "replace") or not ins.target or ins.preposition == "with":
         return None
