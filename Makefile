@@ -28,10 +28,10 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not browser" tests
 
 lint: setup
-	$(VENV)/bin/ruff check retrieval indexer server cli tests benchmarks
+	$(VENV)/bin/ruff check retrieval indexer server loupe tests benchmarks
 
 demo: setup
-	$(PY) -m cli.demo --out $(DEMO_DIR) --port $(PORT)
+	$(PY) -m loupe.cli.demo --out $(DEMO_DIR) --port $(PORT)
 
 bench: setup
 	$(PY) benchmarks/run_all.py

@@ -155,9 +155,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     import bench_rerank as br
 
-    from retrieval import create_encoder
-    from retrieval.attribution import attribute, crop_box
-    from retrieval.overlay import overlay_png
+    from retrieval.encoders import create_encoder
+    from retrieval.explain.attribution import attribute, crop_box
+    from retrieval.explain.overlay import overlay_png
 
     rng = np.random.default_rng(args.seed)
     t_start = time.perf_counter()

@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval import colour, create_encoder  # noqa: E402
+from retrieval.colour import naming as colour
 from retrieval.device import resolve_device  # noqa: E402
+from retrieval.encoders import create_encoder
 
 
 def timed(fn, batches, runs: int, sync) -> float:

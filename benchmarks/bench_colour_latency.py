@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.engine import Engine  # noqa: E402
+from retrieval.engine.engine import Engine
 
 e = Engine(sys.argv[1], device="cpu")
 img = open("/usr/share/tuxpaint/stamps/town/flags/redflag.png", "rb").read()

@@ -36,14 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_instruction import DISPLAY, article, cached, tinted_gallery  # noqa: E402
 from bench_vocabfree import FMNIST_NAMES, TUX  # noqa: E402
 
-from retrieval import create_encoder  # noqa: E402
-from retrieval.compose_fusion import (  # noqa: E402
+from retrieval.compose.fusion import (
     COLOUR_CANDIDATES,
     FUSION_CANDIDATES,
     TEXT_COLOUR_WEIGHT,
     colour_text_scores,
     colour_words,
 )
+from retrieval.encoders import create_encoder
 from retrieval.images import load_image  # noqa: E402
 
 WEIGHTS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
@@ -100,8 +100,8 @@ def tux_recolour(enc, cenc, items, tvecs, tc) -> list[str]:
     against image-only and text-only given the target's own caption (an oracle)."""
     from bench_instruction import fusion_ranking
 
-    from retrieval.compose import compose_instruction, fusion_plan
-    from retrieval.compose_fusion import colour_plan
+    from retrieval.compose.compose import compose_instruction
+    from retrieval.compose.fusion import colour_plan, fusion_plan
 
     basic = {"red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "grey"}
     groups: dict[str, list[tuple[int, str]]] = {}

@@ -88,7 +88,7 @@ def _fmt(r) -> str:
 def run_copy_detection(args) -> list[str]:
     from dataclasses import replace
 
-    from retrieval.copydetect import MatchConfig
+    from retrieval.copydetect.scores import MatchConfig
 
     t0 = time.perf_counter()
     data = CopySet(args.copies, args.distractors, args.seed)
@@ -217,9 +217,10 @@ def latency(data, cache: Path, n: int) -> list[str]:
     """End-to-end ``retrieval.copydetect.match_images`` seconds per query (one image per call, as a
     server answers it), with and without query regions, on an index of the references built by
     `loupe index --encoder sscd --encoder effnet-lite0 --local-features` (cached under ``cache``)."""
-    from cli.main import main as loupe
-    from retrieval.copydetect import MatchConfig, match_images
-    from retrieval.engine import Engine
+    from loupe.cli.main import main as loupe
+    from retrieval.copydetect.match import match_images
+    from retrieval.copydetect.scores import MatchConfig
+    from retrieval.engine.engine import Engine
 
     idx = cache / f"latency-index-s{data.seed}"
     if not (idx / "manifest.json").is_file():

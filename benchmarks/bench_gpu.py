@@ -114,8 +114,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from indexer.pipeline import IndexConfig, build_index
-    from retrieval import create_encoder
-    from retrieval.encoders import get_spec, register_encoder
+    from retrieval.encoders import create_encoder, get_spec, register_encoder
 
     dev = args.device
     result: dict = {"gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "none",

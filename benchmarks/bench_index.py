@@ -109,7 +109,7 @@ def make_photos(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 def read_idx_images(stem: str, limit: int) -> np.ndarray:
     """``STEM-images-idx3-ubyte`` from FMNIST_DIR, gzip (Debian's) or xz (a smaller copy to carry)."""
-    from retrieval.samples import read_idx
+    from retrieval.testing.samples import read_idx
 
     for ext in (".gz", ".xz", ""):
         path = FMNIST_DIR / f"{stem}-images-idx3-ubyte{ext}"
@@ -189,8 +189,8 @@ def peak_rss_mb() -> tuple[float, float]:
 def bench_pipeline(args, encoder_name: str, tmp: Path) -> dict:
     import torch
 
-    from indexer import IndexConfig, build_index
-    from retrieval import create_encoder
+    from indexer.pipeline import IndexConfig, build_index
+    from retrieval.encoders import create_encoder
     from retrieval.images import load_image
 
     paths = make_photos(tmp / "photos", args.photos)
@@ -227,7 +227,7 @@ def bench_pipeline(args, encoder_name: str, tmp: Path) -> dict:
 
 def bench_fmnist_child(args) -> None:
     """Runs in a fresh process so its peak RSS is its own."""
-    from indexer import IndexConfig, build_index
+    from indexer.pipeline import IndexConfig, build_index
 
     tmp = Path(args.child_dir)
     pngs = Path(args.child_pngs)

@@ -50,26 +50,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_vocabfree import FMNIST, FMNIST_NAMES, read_idx  # noqa: E402
 
-from retrieval import create_encoder  # noqa: E402
-from retrieval.classify import ClassifyConfig, VocabularyFreeClassifier  # noqa: E402
-from retrieval.compose import (  # noqa: E402
+from retrieval.classify.classifier import ClassifyConfig, VocabularyFreeClassifier
+from retrieval.classify.vocab import open_vocabulary
+from retrieval.compose.compose import (
     ARITHMETIC_WEIGHT,
     CAPTION_WEIGHT,
-    COLOUR_CANDIDATES,
     DEFAULT_INSTRUCTION_WEIGHT,
+    OLD_WEIGHT,
+    _TextVectors,
+    compose_instruction,
+)
+from retrieval.compose.fusion import (
+    COLOUR_CANDIDATES,
     FUSION_ATTRIBUTE_WEIGHT,
     FUSION_CANDIDATES,
     FUSION_COLOUR_WEIGHT,
     FUSION_IMAGE_WEIGHT,
     FUSION_KEEP_COLOUR_WEIGHT,
-    OLD_WEIGHT,
-    _TextVectors,
     colour_plan,
-    compose_instruction,
     fuse_candidates,
     fusion_plan,
 )
-from retrieval.vocab import open_vocabulary  # noqa: E402
+from retrieval.encoders import create_encoder
 
 COLOURS = {"red": (210, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 210), "yellow": (230, 200, 20)}
 DISPLAY = {"t-shirt": "t-shirt", "trouser": "pair of trousers", "pullover": "pullover", "dress": "dress",
@@ -106,7 +108,7 @@ def tux_colour_naming(enc, cenc) -> str:
 
     from bench_vocabfree import TUX
 
-    from retrieval.colour import BASIC_TERMS
+    from retrieval.colour.naming import BASIC_TERMS
     from retrieval.images import load_image
 
     items = []

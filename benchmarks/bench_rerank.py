@@ -80,9 +80,11 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from retrieval import create_encoder
-    from retrieval.engine import Engine, QueryContext
-    from retrieval.rerank import DEFAULT_CONFIG, FINE_DEFAULT_CONFIG, rerank_hits
+    from retrieval.encoders import create_encoder
+    from retrieval.engine.engine import Engine
+    from retrieval.engine.query import QueryContext
+    from retrieval.rerank.config import DEFAULT_CONFIG, FINE_DEFAULT_CONFIG
+    from retrieval.rerank.reranker import rerank_hits
 
     rng = np.random.default_rng(args.seed)
     enc = create_encoder(args.encoder, device="cpu")
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
         build_index(idx_dir, enc, images, keys, layer=args.local_layer)
     build_s = time.perf_counter() - t0
     engine = Engine(idx_dir, device="cpu")
-    from retrieval import store
+    from retrieval.index import store
 
     key_to_id = {k: store.content_id(hashlib.sha256(k.encode()).hexdigest()) for k in keys}
 

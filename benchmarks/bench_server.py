@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from retrieval import store  # noqa: E402
+from retrieval.index import store  # noqa: E402
 
 
 def unit(x):
@@ -95,7 +95,7 @@ def build_load_index(out: Path, n: int, encoder: str, shards: int = 1) -> tuple[
     """``n`` images: the real photos (embedded for real) + synthetic unit vectors in the same space."""
     import faiss
 
-    from retrieval import create_encoder
+    from retrieval.encoders import create_encoder
 
     enc = create_encoder(encoder, device="cpu")
     photos = sample_photos()
@@ -144,7 +144,7 @@ def free_port() -> int:
 
 def start_server(index_dir: Path, port: int, threads: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", str(index_dir), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "loupe", "serve", str(index_dir), "--port", str(port),
                              "--threads", str(threads), "--device", "cpu"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -268,7 +268,7 @@ def run_sequential_overhead(port: int, n: int, dim: int):
 def engine_vs_faiss(index_dir: Path, encoder: str, nq: int = 1000, k: int = 20, repeats: int = 3):
     import faiss
 
-    from retrieval.engine import Engine
+    from retrieval.engine.engine import Engine
 
     engine = Engine(index_dir, device="cpu")
     vecs = np.concatenate([v for _, v, _ in engine.all_vectors(encoder)])
@@ -316,7 +316,7 @@ def run_scale(n: int, dim: int, work: Path, nq: int = 500, shard_size: int = 1_0
     import faiss
 
     from indexer.index_types import choose_index_type, new_index, train
-    from retrieval.engine import Engine
+    from retrieval.engine.engine import Engine
 
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()

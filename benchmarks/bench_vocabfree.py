@@ -37,10 +37,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval import create_encoder  # noqa: E402
-from retrieval.classify import ClassifyConfig, NameEmbedder, VocabularyFreeClassifier, zero_shot_classify  # noqa: E402
+from retrieval.classify.classifier import ClassifyConfig, VocabularyFreeClassifier, zero_shot_classify
+from retrieval.classify.names import NameEmbedder
+from retrieval.classify.vocab import extract_noun_phrases, imagenet21k_entries, normalize_name, open_vocabulary
+from retrieval.encoders import create_encoder
 from retrieval.images import load_image  # noqa: E402
-from retrieval.vocab import extract_noun_phrases, imagenet21k_entries, normalize_name, open_vocabulary  # noqa: E402
 
 TUX = Path("/usr/share/tuxpaint/stamps")
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -68,7 +69,7 @@ def tux_samples(limit: int, seed: int = 0) -> list[tuple[Image.Image, str, str]]
 
 
 def read_idx(path: Path) -> np.ndarray:
-    from retrieval.samples import read_idx as _read_idx
+    from retrieval.testing.samples import read_idx as _read_idx
 
     return _read_idx(path)
 

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from retrieval.images import load_image  # noqa: E402
-from retrieval.samples import fashion_mnist  # noqa: E402
-from retrieval.samples import skimage_photos as sample_photos  # noqa: E402
+from retrieval.testing.samples import fashion_mnist  # noqa: E402
+from retrieval.testing.samples import skimage_photos as sample_photos  # noqa: E402
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -264,7 +264,7 @@ class Embedder:
     """Global vectors (float, or packed codes for PDQ) and, for effnet, PCA-128 local features."""
 
     def __init__(self, name: str, cache: Path, tag: str):
-        from retrieval import create_encoder
+        from retrieval.encoders import create_encoder
 
         self.name = name
         self.enc = create_encoder(name, device="cpu")
@@ -319,7 +319,7 @@ class Embedder:
         return v, (np.concatenate(locs) if self.local and locs else None)
 
     def fit_reducer(self, tokens):
-        from retrieval.store import LocalReducer
+        from retrieval.index.store import LocalReducer
 
         path = self.cache / f"{self.name}-pca.npz"
         if path.is_file():
@@ -332,7 +332,7 @@ class Embedder:
     def load_reducer(self):
         path = self.cache / f"{self.name}-pca.npz"
         if self.local and path.is_file():
-            from retrieval.store import LocalReducer
+            from retrieval.index.store import LocalReducer
 
             self.reducer = LocalReducer.load(path)
 
@@ -389,7 +389,7 @@ def region_views(data: CopySet, name: str, cache: Path, max_regions: int, local:
     """Region views of every query (``retrieval.copy_regions.query_regions``, whole image excluded):
     ``owner [r]``, ``boxes [r, 4]``, vectors ``[r, d]`` and (``local``) PCA-reduced effnet-lite0 local
     features of the crops, cached per encoder and region settings. Also the seconds spent per query."""
-    from retrieval.copy_regions import RegionConfig, query_regions
+    from retrieval.copydetect.regions import RegionConfig, query_regions
 
     cfg = RegionConfig(max_regions=max_regions)
     key = f"{name}-views-s{data.seed}-n{len(data.queries)}-{zlib.crc32(repr(cfg).encode()):08x}.npz"

@@ -28,15 +28,8 @@ def evaluate(data: CopySet, db, bg, views, cfg, *, normalize: str, verify_local=
     evaluate these query numbers only (the scoring itself never looks at the ground truth)."""
     from dataclasses import replace
 
-    from retrieval.copydetect import (
-        Background,
-        background_similarity,
-        knn,
-        micro_average_precision,
-        recall_at_precision,
-        score_views,
-        threshold_for_precision,
-    )
+    from retrieval.copydetect.metrics import micro_average_precision, recall_at_precision, threshold_for_precision
+    from retrieval.copydetect.scores import Background, background_similarity, knn, score_views
 
     cfg = replace(cfg, normalize=normalize != "none")
     vecs, owner = views["v"], views["owner"]
@@ -107,7 +100,8 @@ class LocalVerifier:
     def __init__(self, db_l, q_l, grid=(7, 7)):
         from dataclasses import replace
 
-        from retrieval.rerank import DEFAULT_CONFIG, verify_pair
+        from retrieval.rerank.config import DEFAULT_CONFIG
+        from retrieval.rerank.verify import verify_pair
 
         self.db_l, self.q_l, self.grid = db_l, q_l, grid
         p = grid[0] * grid[1]

@@ -24,14 +24,14 @@ from copydetect_data import load_fmnist  # noqa: E402
 # -- scale ------------------------------------------------------------------------------------------
 def scale_worker(kind: str, n: int, threshold: float) -> dict:
     """Runs in a fresh process: embed N Fashion-MNIST images (pdq / pixels), dedup, report."""
-    from retrieval.dedup import DedupConfig, deduplicate
+    from retrieval.copydetect.dedup import DedupConfig, deduplicate
 
     fm = load_fmnist()[:n]
     t0 = time.perf_counter()
     if kind == "pdq":
         import torch
 
-        from retrieval import create_encoder
+        from retrieval.encoders import create_encoder
 
         enc = create_encoder("pdq", device="cpu")
         parts = []
@@ -89,7 +89,8 @@ def build_pdq_index(n: int, out: Path) -> float:
     import faiss
     import torch
 
-    from retrieval import create_encoder, store
+    from retrieval.encoders import create_encoder
+    from retrieval.index import store
 
     t0 = time.perf_counter()
     fm = load_fmnist()[:n]
@@ -136,7 +137,7 @@ def run_scale_cli(n: int, threshold: float = 0.9) -> dict:
         idx = Path(tmp) / "idx"
         build_s = build_pdq_index(n, idx)
         out = Path(tmp) / "pairs.parquet"
-        cmd = [sys.executable, "-m", "cli.main", "dedup", str(idx), "--threshold", str(threshold), "--out", str(out)]
+        cmd = [sys.executable, "-m", "loupe", "dedup", str(idx), "--threshold", str(threshold), "--out", str(out)]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         stdout, stderr = proc.communicate()

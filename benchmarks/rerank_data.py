@@ -114,7 +114,7 @@ def build_index(out: Path, enc, images: list[Image.Image], keys: list[str], batc
     import faiss
 
     from indexer.writer import LOCAL_DIM  # the dimension `loupe index --local-features` uses
-    from retrieval import store
+    from retrieval.index import store
 
     suffix = "" if layer == "final" else f"-{layer}"
     cache = out.parent / f"{out.name}-encoded{suffix}.npz"     # the encoder's outputs, reused by later runs

@@ -5,6 +5,6 @@ Stages: ``sources`` (read) → ``decode`` (DataLoader workers) → ``pipeline`` 
 index; ``lock`` keeps one writer per index directory.
 """
 
-from .pipeline import IndexConfig, IndexSummary, build_index, stored_vectors
+from indexer.pipeline import IndexConfig, IndexSummary, build_index, stored_vectors
 
 __all__ = ["IndexConfig", "IndexSummary", "build_index", "stored_vectors"]

@@ -20,11 +20,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from retrieval import store
+from indexer.sources import Item, ReadConfig, read_bytes
 from retrieval.errors import LoupeError
 from retrieval.images import load_image
-
-from .sources import Item, ReadConfig, read_bytes
+from retrieval.index import store
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ class DecodeDataset(torch.utils.data.Dataset):
                 rec.duplicate = True
                 return rec
             if self.gpu_jpeg:
-                from .gpu_batch import gpu_decodable
+                from indexer.gpu_batch import gpu_decodable
 
                 size = gpu_decodable(data, self.max_pixels)
                 if size is not None:
@@ -142,7 +141,7 @@ def assemble(batch: dict[str, Any], kept: list[int], decoded: dict, fallback: di
         parts.append(normalize(batch["tensors"][g], stats[g], device))
         where.update({idx: pos for pos, idx in enumerate(batch["ok"])})
     if decoded:
-        from retrieval.gpu_decode import GpuTransformConfig
+        from indexer.gpu_decode import GpuTransformConfig
 
         tensor, rows = decoded[GpuTransformConfig.from_spec(enc.spec)]
         offset = sum(len(p) for p in parts)

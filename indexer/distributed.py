@@ -43,10 +43,9 @@ class EmbedActor:
                  precision: str, batch_size: int, read_cfg, max_pixels: int | None, threads: int):
         import ray
 
+        from indexer.decode import DecodeDataset
+        from indexer.pipeline import _transform_groups
         from retrieval.encoders import create_encoder, register_encoder
-
-        from .decode import DecodeDataset
-        from .pipeline import _transform_groups
 
         for name, spec in specs.items():           # encoders registered in the driver (custom ones too)
             register_encoder(name, spec, replace=True)
@@ -60,8 +59,8 @@ class EmbedActor:
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads))
 
     def embed_batch(self, number: int) -> dict[str, Any]:
-        from .decode import assemble, collate
-        from .pipeline import _embed
+        from indexer.decode import assemble, collate
+        from indexer.pipeline import _embed
 
         n = len(self.dataset)
         indices = range(number * self.batch_size, min(n, (number + 1) * self.batch_size))

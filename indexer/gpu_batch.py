@@ -23,7 +23,7 @@ from retrieval import images
 
 def gpu_decodable(data: bytes, max_pixels: int | None) -> tuple[int, int] | None:
     """(width, height) when ``data`` is a JPEG the GPU path decodes exactly like the CPU path, else None."""
-    from retrieval.gpu_decode import is_jpeg
+    from indexer.gpu_decode import is_jpeg
 
     if not is_jpeg(data) or not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
         return None
@@ -47,8 +47,8 @@ def decode_raw(records, encoders: dict, transforms: list, max_pixels: int | None
     and ``fallback[record index] = tensors per CPU transform group`` for JPEGs the GPU refused.
     Records that fail on the CPU as well get ``error`` set.
     """
+    from indexer.gpu_decode import GpuTransformConfig, decode_batch
     from retrieval.errors import LoupeError
-    from retrieval.gpu_decode import GpuTransformConfig, decode_batch
 
     raw = [r for r in records if r.raw is not None]
     decoded: dict = {}

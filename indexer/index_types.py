@@ -173,7 +173,7 @@ def all_codes(index) -> np.ndarray:
     """Every stored vector of a shard index (exact for flat/HNSW/binary, decoded for IVF-PQ)."""
     import faiss
 
-    from retrieval.store import reconstruct_all
+    from retrieval.index.store import reconstruct_all
 
     if isinstance(index, faiss.IndexBinary):
         return faiss.vector_to_array(faiss.downcast_IndexBinary(index).xb).reshape(index.ntotal, index.d // 8)

@@ -26,27 +26,22 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from retrieval import store
-from retrieval.errors import LoupeError
-
-from . import index_types
-from .decode import (  # noqa: F401
-    IN_FLIGHT_BYTES,
-    WORKER_CRASH,
+from indexer import index_types
+from indexer.decode import (
     DecodeDataset,
     Record,
     assemble,
     batch_bytes,
-    collate,
     iter_batches,
-    normalize,
     prefetch_factor,
     split_transform,
     worker_errors_in_iteration,
 )
-from .lock import IndexLock
-from .sources import Failure, Item, ReadConfig, enumerate_sources
-from .writer import BackgroundWriter, IndexState, IndexWriter, clean_stray_files, load_state
+from indexer.lock import IndexLock
+from indexer.sources import Failure, Item, ReadConfig, enumerate_sources
+from indexer.writer import BackgroundWriter, IndexState, IndexWriter, clean_stray_files, load_state
+from retrieval.errors import LoupeError
+from retrieval.index import store
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +307,7 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
                         ", ".join(n for n, e in encoders.items() if not gpu_decodable(n, e, stats, group_of)))
             gpu_decode = False
         if gpu_decode:
-            from .gpu_batch import decode_raw
+            from indexer.gpu_batch import decode_raw
         workers = default_workers() if cfg.workers is None else max(0, int(cfg.workers))
         dataset = DecodeDataset(todo, transforms, frozenset(state.ids), ReadConfig(allow_download=cfg.allow_download),
                                 cfg.max_pixels, gpu_jpeg=gpu_decode)
@@ -322,7 +317,7 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
         t_read = t_encode = 0.0
         done = 0
         if cfg.ray:
-            from .distributed import ray_batches
+            from indexer.distributed import ray_batches
 
             batches = ray_batches(dataset, encoders, writer.local_layers, batch_size=max(1, cfg.batch_size),
                                   address=cfg.ray, actors=cfg.ray_actors, device=cfg.device,

@@ -29,18 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from retrieval.errors import LoupeError
+from retrieval.errors import InputError, LoupeError
 from retrieval.images import IMAGE_EXTENSIONS
 
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".jsonl", ".ndjson")
 MAX_FILE_BYTES = int(os.environ.get("LOUPE_MAX_FILE_BYTES", 512 * 1024 * 1024))   # bigger files are skipped
 CAPTION_MAX_BYTES = 64 * 1024
-
-
-class InputError(LoupeError):
-    """One input cannot be read (the run goes on; the reason lands in the summary's ``failed``)."""
-
-    code = "bad_input"
 
 
 @dataclass(frozen=True)

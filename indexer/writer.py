@@ -35,10 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from retrieval import store
+from indexer import index_types
 from retrieval.errors import IndexFormatError
-
-from . import index_types
+from retrieval.index import store
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ def resolve_device(device: str | torch.device | None = "auto", precision: str = 
     ``auto`` picks CUDA when there is one, else CPU; precision ``auto`` is fp16 autocast on CUDA and
     fp32 on CPU. Asking for CUDA on a machine without one raises a clear error.
     """
-    from .errors import LoupeError
+    from retrieval.errors import LoupeError
 
     name = "auto" if device is None else str(device)
     if name == "auto":

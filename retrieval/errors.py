@@ -69,3 +69,33 @@ class IndexFormatError(LoupeError):
 class IndexLockedError(LoupeError):
     code = "index_locked"
     http_status = 409
+
+
+class EmptyTextDatabaseError(LoupeError, ValueError):
+    code = "empty_text_database"
+    http_status = 400
+
+
+class UnknownVocabularyError(LoupeError, KeyError):
+    code = "unknown_vocabulary"
+    http_status = 400
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class BuildCancelled(Exception):
+    """A background build was stopped (the process is exiting)."""
+
+
+class WarmingUpError(LoupeError):
+    """A text database is still being built or opened in the background (``warm_classifier``)."""
+
+    code = "warming_up"
+    http_status = 503
+
+
+class InputError(LoupeError):
+    """One input cannot be read (the run goes on; the reason lands in the summary's ``failed``)."""
+
+    code = "bad_input"

@@ -26,7 +26,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import ImageTooLargeError, InvalidImageError
+from retrieval.errors import ImageTooLargeError, InvalidImageError
 
 MAX_PIXELS = int(os.environ.get("LOUPE_MAX_PIXELS", 100_000_000))
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def create_app(config=None, *, engine=None):
-    from .app import create_app as _create_app
+    from server.app import create_app as _create_app
 
     return _create_app(config, engine=engine)
 

@@ -26,9 +26,10 @@ from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 
-from .common import EXT_KEY, MAX_UPLOAD_BYTES, register_error_handlers, state
-from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .thumbnails import ThumbnailCache
+from server.common import EXT_KEY, MAX_UPLOAD_BYTES, state
+from server.errors import register_error_handlers
+from server.metrics import CONTENT_TYPE_LATEST, Metrics
+from server.thumbnails import ThumbnailCache
 
 log = logging.getLogger("loupe.server")
 
@@ -85,7 +86,7 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
     app.json.sort_keys = False
 
     if engine is None and app.config.get("INDEX_DIR"):
-        from retrieval.engine import Engine
+        from retrieval.engine.engine import Engine
 
         engine = Engine(app.config["INDEX_DIR"], device=app.config.get("DEVICE", "auto"))
     metrics = Metrics()
@@ -107,7 +108,7 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
         for name in {engine.default_encoder, engine.text_encoder} - {None}:
             engine.encoder(name)
     if engine is not None and engine.text_encoder and app.config.get("WARM_CLASSIFIER"):
-        from retrieval.classify import default_source, warm_classifier
+        from retrieval.classify.classifier import default_source, warm_classifier
 
         warm_classifier(engine.encoder(engine.text_encoder), default_source(engine.index_dir))
 
@@ -143,7 +144,7 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
         classifiers over the index's captions, and warm the default text database, which may now be
         the captions (an index that reached ``MIN_INDEX_CAPTIONS``)."""
         try:
-            from retrieval.classify import default_source, refresh_classifiers, warm_classifier
+            from retrieval.classify.classifier import default_source, refresh_classifiers, warm_classifier
         except ImportError:
             return
         try:
@@ -177,13 +178,13 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
                                 "images": eng.count if eng is not None else 0,
                                 "features": state()["features"]}
         if eng is not None:
-            from retrieval.compose import colour_encoder
+            from retrieval.compose.fusion import colour_encoder
 
             body.update({"encoders": eng.encoder_names, "text_encoder": eng.text_encoder,
                          "default_encoder": eng.default_encoder, "shards": len(eng.shard_names),
                          "colour_encoder": colour_encoder(eng)})
             if app.config.get("WARM_CLASSIFIER") and eng.text_encoder:
-                from retrieval.classify import warm_status
+                from retrieval.classify.classifier import warm_status
 
                 body["classifier"] = warm_status()    # warming | ready | failed
         return jsonify(body), (200 if eng is not None else 503)

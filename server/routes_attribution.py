@@ -15,8 +15,8 @@ import re
 from flask import Blueprint, current_app, jsonify, request
 
 from retrieval.errors import InvalidQueryError, UnknownIdError
-
-from .common import BadRequestError, get_engine, parse_query
+from server.common import get_engine, parse_query
+from server.errors import BadRequestError
 
 bp = Blueprint("attribution", __name__)
 
@@ -47,8 +47,8 @@ def _number(extra: dict, name: str, default: float | None, lo: float, hi: float)
 
 @bp.route("/api/attribution", methods=["POST", "GET"])
 def api_attribution():
-    from retrieval.attribution import METHODS, explain
-    from retrieval.overlay import heatmap_json, overlay_png
+    from retrieval.explain.attribution import METHODS, explain
+    from retrieval.explain.overlay import heatmap_json, overlay_png
 
     q = parse_query(request)
     result_id = q.extra.get("result_id")

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
-from retrieval.colour import describe_colours, top_colours
-from retrieval.compose import colour_encoder
+from retrieval.colour.naming import describe_colours, top_colours
+from retrieval.compose.fusion import colour_encoder
 from retrieval.errors import InvalidQueryError, LoupeError
-
-from .common import get_engine, parse_query
+from server.common import get_engine, parse_query
 
 bp = Blueprint("classify", __name__)
 
@@ -26,7 +25,7 @@ DEFAULT_LABELS = 5
 
 def classifier_source(engine, vocabulary: str | None) -> tuple[str, str]:
     """(source for ``retrieval.classify.get_classifier``, vocabulary name reported to the client)."""
-    from retrieval.classify import default_source
+    from retrieval.classify.classifier import default_source
 
     if vocabulary in (None, "", "auto"):
         source = default_source(engine.index_dir)
@@ -39,7 +38,7 @@ def classifier_source(engine, vocabulary: str | None) -> tuple[str, str]:
 def _classifier(engine, encoder_name: str, vocabulary: str | None):
     """The shared classifier (built once per process, its text database cached on disk); while
     ``loupe serve`` is still warming it up this raises ``WarmingUpError`` → 503 ``warming_up``."""
-    from retrieval.classify import get_classifier
+    from retrieval.classify.classifier import get_classifier
 
     source, vocabulary = classifier_source(engine, vocabulary)
     return get_classifier(engine.encoder(encoder_name), source), vocabulary

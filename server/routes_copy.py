@@ -14,7 +14,8 @@ import time
 
 from flask import Blueprint, jsonify, request
 
-from .common import BadRequestError, get_engine, parse_query
+from server.common import get_engine, parse_query
+from server.errors import BadRequestError
 
 bp = Blueprint("copy", __name__)
 FEATURE = "duplicates"
@@ -41,7 +42,8 @@ def _flag(name, value) -> bool:
 
 @bp.post("/api/duplicates")
 def api_duplicates():
-    from retrieval.copydetect import MatchConfig, choose_encoder, match_images, verification_enabled
+    from retrieval.copydetect.match import choose_encoder, match_images, verification_enabled
+    from retrieval.copydetect.scores import MatchConfig
 
     t0 = time.perf_counter()
     q = parse_query(request, require_image=True)

@@ -8,9 +8,9 @@ import re
 from flask import Blueprint, current_app, jsonify, request, send_file
 
 from retrieval.errors import UnknownIdError
-
-from .common import BadRequestError, get_engine, parse_query, result_json, state
-from .thumbnails import MAX_SIZE, MIN_SIZE, make_thumbnail
+from server.common import get_engine, parse_query, result_json, state
+from server.errors import BadRequestError
+from server.thumbnails import MAX_SIZE, MIN_SIZE, make_thumbnail
 
 bp = Blueprint("search", __name__)
 

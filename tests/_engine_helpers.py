@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from retrieval import store
+from retrieval.index import store
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -81,7 +81,7 @@ def image_rows(paths: Sequence[Path], captions: dict[str, str] | None = None) ->
 def build_photo_index(out: str | Path, photo_paths: Sequence[Path], encoders: Sequence[str], *,
                       shard_sizes: Sequence[int] | None = None, device: str = "cpu") -> Path:
     """Embed real image files with the named encoders and write an index (what the indexer does)."""
-    from retrieval import create_encoder
+    from retrieval.encoders import create_encoder
 
     paths = sorted(Path(p) for p in photo_paths)
     rows = image_rows(paths)

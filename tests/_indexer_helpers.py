@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def index(sources, out, encoders, **kw):
     """``build_index`` in-process, single-process decode and small batches unless told otherwise."""
-    from indexer import IndexConfig, build_index
+    from indexer.pipeline import IndexConfig, build_index
 
     kw.setdefault("workers", 0)
     kw.setdefault("batch_size", 4)
@@ -24,7 +24,7 @@ def index(sources, out, encoders, **kw):
 
 def all_rows(out) -> list[dict]:
     """Every metadata row of every shard the manifest lists."""
-    from retrieval import store
+    from retrieval.index import store
 
     m = store.read_manifest(out)
     return [r for s in m.shards for r in store.read_metadata(out, s.name).to_pylist()]
@@ -51,7 +51,7 @@ def main() -> int:
         if row.get("family") == "clip" and row.get("model_config"):
             _register_arch(row["arch"], row["model_config"])
         register_encoder(name, row, replace=True)
-    from cli.main import main as loupe_main
+    from loupe.cli.main import main as loupe_main
 
     return loupe_main(argv)
 

@@ -142,7 +142,7 @@ def tiny_dino_weights(tiny_dino) -> str:
 
 # -- images ----------------------------------------------------------------------------------
 def skimage_photos() -> dict[str, Image.Image]:
-    from retrieval.samples import skimage_photos as photos
+    from retrieval.testing.samples import skimage_photos as photos
 
     return photos()
 
@@ -165,14 +165,14 @@ def photo_dir(tmp_path, photos):
 
 @pytest.fixture(scope="session")
 def effnet():
-    from retrieval import create_encoder
+    from retrieval.encoders import create_encoder
 
     return create_encoder("effnet-lite0", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def conse():
-    from retrieval import create_encoder
+    from retrieval.encoders import create_encoder
 
     return create_encoder("conse-effnet-lite0", device="cpu")
 
@@ -180,7 +180,7 @@ def conse():
 @pytest.fixture
 def fresh_classifier_cache(monkeypatch):
     """retrieval.classify with empty process-wide classifier state (shared classifiers, warm-ups, stamps)."""
-    import retrieval.classify as classify
+    from retrieval.classify import classifier as classify
 
     for name, value in (("_CLASSIFIERS", {}), ("_WARMING", {}), ("_WARM_ERRORS", {}), ("_WARMED", set()),
                         ("_STAMPS", {}), ("_DEFAULT_SOURCES", {})):

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval import create_encoder
-from retrieval.attribution import (
+from retrieval.encoders import create_encoder
+from retrieval.errors import InvalidQueryError, UnsupportedModalityError
+from retrieval.explain.attribution import (
     attribute,
     conse_vector_torch,
     crop_box,
@@ -19,8 +20,7 @@ from retrieval.attribution import (
     to_image_map,
     token_contributions,
 )
-from retrieval.errors import InvalidQueryError, UnsupportedModalityError
-from retrieval.overlay import blend, colormap_lut, heatmap_json, overlay_png
+from retrieval.explain.overlay import blend, colormap_lut, heatmap_json, overlay_png
 
 BOX = (250, 120, 430, 270)   # where the object is pasted on the 480x360 canvas
 
@@ -124,7 +124,7 @@ def test_match_maps_for_image_query(effnet, photos):
 def test_unsupported_encoder():
     from types import SimpleNamespace
 
-    from retrieval.attribution import default_method
+    from retrieval.explain.attribution import default_method
 
     assert default_method(SimpleNamespace(spec=SimpleNamespace(family="effnet"), name="e")) == "integrated"
     assert default_method(SimpleNamespace(spec=SimpleNamespace(family="conse"), name="c")) == "occlusion"
@@ -160,7 +160,7 @@ def test_overlay_png_and_json(photos):
 
 # -- occlusion -------------------------------------------------------------------------------------
 def test_occlusion_positions_cover_the_side():
-    from retrieval.attribution import occlusion_positions
+    from retrieval.explain.attribution import occlusion_positions
 
     assert occlusion_positions(224, 81, 40) == [0, 40, 80, 120, 143]
     assert occlusion_positions(10, 20, 5) == [0]
@@ -174,7 +174,7 @@ def test_occlusion_positions_cover_the_side():
 
 @pytest.mark.parametrize("fill", ["mean", "blur"])
 def test_occlusion_highlights_planted_object(effnet, composite, fill):
-    from retrieval.attribution import AttributionConfig
+    from retrieval.explain.attribution import AttributionConfig
 
     obj, canvas, mask = composite
     q = effnet.encode_images([obj])[0]
@@ -190,7 +190,7 @@ def test_occlusion_highlights_planted_object(effnet, composite, fill):
 
 def test_occlusion_map_is_the_measured_drop(effnet, photos):
     """Each grid value is the mean cosine drop of the windows covering it: check one window by hand."""
-    from retrieval.attribution import AttributionConfig, occlusion_map
+    from retrieval.explain.attribution import AttributionConfig, occlusion_map
 
     img = photos["coffee"]
     q = effnet.encode_images([photos["chelsea"]])[0]
@@ -216,7 +216,7 @@ def test_conse_occlusion_text_query(conse, composite):
 
 
 def test_occlusion_rejects_unknown_fill(effnet, photos):
-    from retrieval.attribution import AttributionConfig
+    from retrieval.explain.attribution import AttributionConfig
 
     with pytest.raises(InvalidQueryError):
         attribute(effnet, photos["coffee"], effnet.encode_images([photos["coffee"]])[0], "occlusion",
@@ -251,7 +251,7 @@ def test_deletion_benchmark_masks_have_exactly_the_area():
 
 
 def test_gradinput_layers(effnet, conse, composite):
-    from retrieval.attribution import AttributionConfig, attribute_grid
+    from retrieval.explain.attribution import AttributionConfig, attribute_grid
 
     obj, canvas, mask = composite
     q = effnet.encode_images([obj])[0]
@@ -270,7 +270,7 @@ def test_integrated_gradients_completeness_and_localisation(effnet, conse, compo
     """Integrated gradients: the signed input attributions sum to f(image) - f(baseline) (the
     method's completeness axiom, checked against the encoder's own forward pass), the batched path
     equals a step-by-step reference, and the planted object lights up for image and text queries."""
-    from retrieval.attribution import AttributionConfig, _fill_image, _integrated_maps, attribute_grid
+    from retrieval.explain.attribution import AttributionConfig, _fill_image, _integrated_maps, attribute_grid
 
     obj, canvas, mask = composite
     q = effnet.encode_images([obj])[0]

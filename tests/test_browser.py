@@ -38,7 +38,7 @@ def browser():
 def server(tmp_path_factory, tiny_clip, photos):
     from werkzeug.serving import make_server
 
-    from retrieval.engine import Engine
+    from retrieval.engine.engine import Engine
     from server.app import create_app
 
     folder = tmp_path_factory.mktemp("browser-photos")

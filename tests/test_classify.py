@@ -8,8 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from retrieval import store
-from retrieval.classify import (
+from retrieval.classify.classifier import (
     ClassifyConfig,
     VocabularyFreeClassifier,
     candidate_names,
@@ -17,8 +16,7 @@ from retrieval.classify import (
     make_classifier,
     zero_shot_classify,
 )
-from retrieval.errors import InvalidImageError, LoupeError
-from retrieval.vocab import (
+from retrieval.classify.vocab import (
     EmptyTextDatabaseError,
     TextDatabase,
     UnknownVocabularyError,
@@ -32,6 +30,8 @@ from retrieval.vocab import (
     open_vocabulary,
     subset_entries,
 )
+from retrieval.errors import InvalidImageError, LoupeError, WarmingUpError
+from retrieval.index import store
 from tests._engine_helpers import BagOfWordsEncoder
 
 CAT_WORDS = ("cat", "tabby", "kitten", "feline", "kitty", "tom", "mouser")
@@ -232,7 +232,7 @@ def test_caption_database_of_an_index(caption_index, conse, photos, tmp_path):
 
 
 def run_cli(argv, capsys):
-    from cli.main import main
+    from loupe.cli.main import main
 
     rc = main(argv)
     out = capsys.readouterr()
@@ -256,8 +256,8 @@ def test_cli_classify_json_shape(tmp_path, photos, conse, capsys, monkeypatch):
     assert body["predictions"][0]["labels"][0]["label"] == "cat"
     assert body["predictions"][1]["labels"][0]["label"] == "rocket"
     # and each image's main colours, from the colour-names encoder
-    from retrieval import create_encoder
-    from retrieval.colour import top_colours
+    from retrieval.colour.naming import top_colours
+    from retrieval.encoders import create_encoder
 
     dists = create_encoder("colour-names", device="cpu").distributions([photos["chelsea"], photos["rocket"]])
     assert [p["colours"] for p in body["predictions"]] == [top_colours(d) for d in dists]
@@ -290,7 +290,7 @@ def test_api_classify(tmp_path, caption_index, photos, conse, monkeypatch):
     import base64
     import io
 
-    from retrieval.engine import Engine
+    from retrieval.engine.engine import Engine
     from server.app import create_app
 
     monkeypatch.setenv("LOUPE_CACHE_DIR", str(tmp_path / "cache"))
@@ -305,7 +305,7 @@ def test_api_classify(tmp_path, caption_index, photos, conse, monkeypatch):
     body = resp.get_json()
     assert len(body["labels"]) == 2 and set(body["labels"][0]) == {"label", "score"}
     assert is_cat_like(body["labels"][0]["label"])
-    from retrieval.colour import describe_colours
+    from retrieval.colour.naming import describe_colours
     from retrieval.images import load_image
 
     assert body["colours"] == describe_colours([load_image(buf.getvalue())])[0]
@@ -332,8 +332,8 @@ def test_api_classify(tmp_path, caption_index, photos, conse, monkeypatch):
 
 def test_clip_family_encoder_runs_end_to_end(tiny_clip, photos, tmp_path):
     """The CLIP path (open_clip tokenizer, logit-scale temperature) with the tiny random CLIP."""
-    from retrieval import create_encoder
-    from retrieval.classify import default_temperature
+    from retrieval.classify.classifier import default_temperature
+    from retrieval.encoders import create_encoder
 
     enc = create_encoder(tiny_clip, device="cpu")
     assert default_temperature(enc) == pytest.approx(1.0 / enc.logit_scale)
@@ -376,7 +376,7 @@ def test_warm_classifier_then_get(fresh_classifier_cache, monkeypatch, conse, vo
     thread = classify.warm_classifier(conse, "imagenet21k")
     assert classify.warm_classifier(conse, "imagenet21k") is thread      # one warm-up per database
     assert classify.warm_status() == "warming"
-    with pytest.raises(classify.WarmingUpError) as err:
+    with pytest.raises(WarmingUpError) as err:
         classify.get_classifier(conse, "imagenet21k")
     assert err.value.http_status == 503 and err.value.code == "warming_up"
     release.set()
@@ -401,7 +401,7 @@ def test_api_classify_answers_503_while_warming(tmp_path, fresh_classifier_cache
     import base64
     import io
 
-    from retrieval.engine import Engine
+    from retrieval.engine.engine import Engine
     from server.app import create_app
 
     classify = fresh_classifier_cache

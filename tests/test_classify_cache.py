@@ -10,16 +10,11 @@ import time
 
 import numpy as np
 
-from retrieval import store
-from retrieval.classify import (
-    ClassifyConfig,
-    NameStore,
-    VocabularyFreeClassifier,
-    database_names,
-    make_classifier,
-)
+from retrieval.classify.classifier import ClassifyConfig, VocabularyFreeClassifier, make_classifier
+from retrieval.classify.names import NameStore, database_names
+from retrieval.classify.vocab import TextDatabase
 from retrieval.encoders.base import l2_normalize
-from retrieval.vocab import TextDatabase
+from retrieval.index import store
 from tests._engine_helpers import BagOfWordsEncoder
 
 
@@ -48,7 +43,7 @@ def _store_files(directory):
 
 def test_stored_name_vectors_equal_the_encoders_own(tiny_clip, tmp_path):
     """(a) every stored vector is the unit mean of encode_texts over the prompted name."""
-    from retrieval import create_encoder
+    from retrieval.encoders import create_encoder
 
     enc = create_encoder(tiny_clip, device="cpu")
     clf = make_classifier(enc, _names_file(tmp_path), cache_dir=tmp_path / "cache",
@@ -154,7 +149,7 @@ def _caption_index(directory, enc, captions: dict[str, str]):
 
 
 def _names_of(captions):
-    from retrieval.vocab import extract_noun_phrases
+    from retrieval.classify.vocab import extract_noun_phrases
 
     return {n for cap in captions.values() for n in extract_noun_phrases(cap)}
 
@@ -178,7 +173,7 @@ def test_get_classifier_rebuilds_after_new_captions(tmp_path, fresh_classifier_c
 
 def test_server_reload_refreshes_the_caption_classifier(tmp_path, fresh_classifier_cache, monkeypatch):
     """(d) after the server reloads a re-indexed DIR, /api/classify names from the new captions."""
-    from retrieval.engine import Engine
+    from retrieval.engine.engine import Engine
     from server.app import create_app
 
     classify = fresh_classifier_cache
@@ -241,7 +236,7 @@ def test_large_vocabularies_store_names_in_the_background(tmp_path, fresh_classi
 def test_default_source_reads_the_captions_once_per_indexing_run(tmp_path, fresh_classifier_cache, monkeypatch):
     """default_source (called by every classify / caption-route request) reads an index's captions once,
     and again only after the index is re-indexed."""
-    import retrieval.vocab as vocab
+    from retrieval.classify import vocab
 
     classify = fresh_classifier_cache
     monkeypatch.setattr(classify, "MIN_INDEX_CAPTIONS", 2)
@@ -267,7 +262,7 @@ def test_background_builds_stop_at_exit(tmp_path, fresh_classifier_cache, monkey
 
     import pytest
 
-    from retrieval.classify_names import BuildCancelled
+    from retrieval.errors import BuildCancelled
 
     classify = fresh_classifier_cache
     enc = CountingEncoder()

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from retrieval import colour, create_encoder
-from retrieval.compose import (
+from retrieval.colour import naming as colour
+from retrieval.compose.compose import compose_instruction
+from retrieval.compose.fusion import (
     FUSION_ATTRIBUTE_WEIGHT,
     FUSION_COLOUR_WEIGHT,
     FUSION_IMAGE_WEIGHT,
@@ -17,12 +18,12 @@ from retrieval.compose import (
     colour_plan,
     colour_text_scores,
     colour_words,
-    compose_instruction,
     fuse_candidates,
     instruction_colour,
     pick_image_encoder,
 )
-from retrieval.engine import Engine
+from retrieval.encoders import create_encoder
+from retrieval.engine.engine import Engine
 from retrieval.errors import InvalidQueryError
 from tests._engine_helpers import all_vectors, build_photo_index, png_bytes
 
@@ -218,7 +219,7 @@ def test_indexer_stores_colour_names_in_a_flat_index(tmp_path, colour_dir):
     """The real indexing pipeline (DataLoader worker, uint8 thumbnails): vectors equal the encoder's own
     on the files, and the 11-d index stays exact even when another index type is asked for."""
     from indexer.pipeline import IndexConfig, build_index
-    from retrieval import store
+    from retrieval.index import store
 
     out = tmp_path / "idx"
     summary = build_index(IndexConfig(sources=[str(colour_dir)], out=out, encoders=["colour-names"],
@@ -254,7 +255,7 @@ def test_server_colour_search(tmp_path, colour_dir, tiny_clip):
 def test_colour_attribution_is_an_exact_split_of_the_match():
     """The per-pixel shares sum to half the Bhattacharyya coefficient (first order, exact), and a red
     query lights up the red half of a red/blue picture."""
-    from retrieval.attribution import attribute, default_method
+    from retrieval.explain.attribution import attribute, default_method
 
     enc = create_encoder("colour-names", device="cpu")
     img = Image.new("RGB", (128, 96), (255, 255, 255))
@@ -365,7 +366,7 @@ def test_colour_queries_on_an_index_that_cannot_see_colour_get_a_note(tmp_path, 
     assert "notes" not in client.post("/api/search", json={"text": "a shape", "k": 2}).get_json()
     import json
 
-    from cli.main import main
+    from loupe.cli.main import main
 
     capsys.readouterr()
     assert main(["search", str(out), "--text", "a red shape", "-k", "2", "--json", "--device", "cpu"]) == 0
@@ -397,7 +398,7 @@ def test_colour_can_be_switched_off_per_request(tmp_path, colour_dir, tiny_clip,
     assert client.post("/api/search", json={"text": "a red shape", "colour": "maybe"}).status_code == 400
     import json
 
-    from cli.main import main
+    from loupe.cli.main import main
 
     capsys.readouterr()
     assert main(["search", str(out), "--text", "a red shape", "-k", "8", "--json", "--no-colour", "--device",

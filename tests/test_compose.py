@@ -5,26 +5,27 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.compose import (
-    FUSION_ATTRIBUTE_WEIGHT,
-    FUSION_IMAGE_WEIGHT,
+from retrieval.compose.compose import (
     METHODS,
     ComposedQuery,
-    centred_cosine,
     compose_arithmetic,
     compose_caption,
     compose_instruction,
     compose_query,
     compose_sum,
+)
+from retrieval.compose.fusion import (
+    FUSION_ATTRIBUTE_WEIGHT,
+    FUSION_IMAGE_WEIGHT,
+    centred_cosine,
     fuse_candidates,
     fusion_plan,
     fusion_scores,
     fusion_text,
-    parse_instruction,
-    rewrite_name,
     zscore,
 )
-from retrieval.errors import InvalidQueryError
+from retrieval.compose.instructions import parse_instruction, rewrite_name
+from retrieval.errors import InvalidQueryError, WarmingUpError
 
 
 def unit(v):
@@ -140,7 +141,7 @@ def test_compose_instruction_methods_with_a_label():
 
 
 def test_compose_instruction_names_the_image_with_a_classifier():
-    from retrieval.classify import Label
+    from retrieval.classify.classifier import Label
 
     class FakeClassifier:
         def __init__(self):
@@ -175,7 +176,7 @@ def test_caption_route_names_the_image_with_the_default_vocabulary(conse, photos
     """compose_query with an encoder and no classifier names the image from imagenet21k (cached on disk)."""
     img = conse.encode_images([photos["chelsea"]])[0]
     txt = conse.encode_texts(["as a dog"])[0]
-    from retrieval.classify import default_classifier
+    from retrieval.classify.classifier import default_classifier
 
     q = compose_instruction(conse, img, "as a dog", method="caption", classifier=default_classifier(conse))
     assert "cat" in (q.label or "").lower() and q.rewritten == "dog"
@@ -265,7 +266,7 @@ def test_caption_route_waits_for_no_one_while_the_database_warms(monkeypatch):
     at once; fusion needs no classifier and still works."""
     import threading
 
-    import retrieval.classify as classify
+    from retrieval.classify import classifier as classify
 
     for name, value in (("_CLASSIFIERS", {}), ("_WARMING", {}), ("_WARM_ERRORS", {}), ("_WARMED", set())):
         monkeypatch.setattr(classify, name, value)
@@ -274,7 +275,7 @@ def test_caption_route_waits_for_no_one_while_the_database_warms(monkeypatch):
     enc = WordEncoder()
     thread = classify.warm_classifier(enc, "imagenet21k")
     try:
-        with pytest.raises(classify.WarmingUpError):
+        with pytest.raises(WarmingUpError):
             compose_query(axis("sandal"), axis("boot"), method="caption", encoder=enc, instruction="as a boot")
         out = compose_query(axis("sandal"), axis("boot"), method="fusion", encoder=enc, instruction="as a boot")
         np.testing.assert_allclose(out, axis("boot"), atol=1e-5)
@@ -286,7 +287,7 @@ def test_caption_route_waits_for_no_one_while_the_database_warms(monkeypatch):
 def test_pick_image_encoder_prefers_a_general_image_encoder():
     from types import SimpleNamespace
 
-    from retrieval.compose import pick_image_encoder
+    from retrieval.compose.fusion import pick_image_encoder
 
     def engine(*entries):
         encoders = {name: SimpleNamespace(supports_text=text, index_type=kind,

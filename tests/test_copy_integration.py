@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from cli.main import main as loupe
+from loupe.cli.main import main as loupe
 
 INDEXED = ("astronaut", "chelsea", "coffee", "rocket", "camera", "horse", "page")
 HELD_OUT = ("immunohistochemistry", "hubble_deep_field", "brick", "grass", "text", "moon")   # not "cat": it is chelsea
@@ -70,13 +70,14 @@ def copy_index(tmp_path_factory, photos, effnet):
 
 @pytest.fixture(scope="module")
 def engine(copy_index):
-    from retrieval.engine import Engine
+    from retrieval.engine.engine import Engine
 
     return Engine(copy_index, device="cpu")
 
 
 def test_planted_copies_match_and_unrelated_do_not(engine, photos):
-    from retrieval.copydetect import MatchConfig, match_images
+    from retrieval.copydetect.match import match_images
+    from retrieval.copydetect.scores import MatchConfig
 
     queries, expected = [], []
     for name in ("chelsea", "astronaut"):
@@ -113,8 +114,9 @@ def screenshot_of(img, scale=0.4, at=(230, 120)):
 
 
 def test_a_copy_inside_a_screenshot_is_matched_through_its_region(engine, photos):
-    from retrieval.copy_regions import box_iou
-    from retrieval.copydetect import MatchConfig, match_images
+    from retrieval.copydetect.match import match_images
+    from retrieval.copydetect.regions import box_iou
+    from retrieval.copydetect.scores import MatchConfig
 
     shot, box = screenshot_of(photos["astronaut"])
     unrelated, _ = screenshot_of(photos["grass"])
@@ -147,8 +149,9 @@ def test_match_cli_json(copy_index, photos, tmp_path, capsys):
 
 
 def test_build_background_is_used(copy_index, photos, tmp_path, capsys):
-    from retrieval.copydetect import MatchConfig, background_path, load_background
-    from retrieval.engine import Engine
+    from retrieval.copydetect.match import background_path, load_background
+    from retrieval.copydetect.scores import MatchConfig
+    from retrieval.engine.engine import Engine
 
     folder = tmp_path / "unrelated"
     folder.mkdir()
@@ -220,8 +223,9 @@ def test_api_duplicates(engine, photos):
 @pytest.mark.skipif(importlib.util.find_spec("pdqhash") is None, reason="optional extra 'pdq' not installed")
 def test_pdq_binary_index_match_and_dedup(tmp_path, photos, capsys):
     """PDQ: the index stores binary codes; match and dedup search them by Hamming distance."""
-    from retrieval.copydetect import MatchConfig, match_images
-    from retrieval.engine import Engine
+    from retrieval.copydetect.match import match_images
+    from retrieval.copydetect.scores import MatchConfig
+    from retrieval.engine.engine import Engine
 
     src = tmp_path / "src"
     src.mkdir()

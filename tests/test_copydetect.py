@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageOps
 
-from retrieval.copy_regions import RegionConfig, box_iou, flat_mask, query_regions, trim_box
-from retrieval.copydetect import (
+from retrieval.copydetect.match import sample_background
+from retrieval.copydetect.metrics import micro_average_precision, recall_at_precision, threshold_for_precision
+from retrieval.copydetect.regions import RegionConfig, box_iou, flat_mask, query_regions, trim_box
+from retrieval.copydetect.scores import (
     Background,
     MatchConfig,
     background_similarity,
@@ -16,12 +18,8 @@ from retrieval.copydetect import (
     knn,
     match_arrays,
     merge_views,
-    micro_average_precision,
     normalize_scores,
     pair_similarity,
-    recall_at_precision,
-    sample_background,
-    threshold_for_precision,
     view_penalties,
 )
 from retrieval.errors import InvalidQueryError

@@ -8,10 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from retrieval.dedup import (
+from retrieval.copydetect.dedup import (
     DedupConfig,
     Pairs,
-    brute_force_pairs,
     connected_groups,
     deduplicate,
     exact_duplicates,
@@ -23,6 +22,7 @@ from retrieval.dedup import (
     write_result,
 )
 from retrieval.errors import InvalidQueryError
+from retrieval.testing.oracles import brute_force_pairs
 
 
 def clustered_vectors(n_clusters=12, per=(1, 5), d=24, noise=0.08, n_single=40, seed=0):

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval import create_encoder, list_encoders
-from retrieval.encoders import get_spec
+from retrieval.encoders import create_encoder, get_spec, list_encoders
 from retrieval.errors import MissingWeightsError, UnknownEncoderError, UnsupportedModalityError
 
 INTERFACE_NAMES = ["clip-vit-b-32", "clip-vit-l-14", "dinov2-small", "dinov2-base", "effnet-lite0",
@@ -33,7 +32,7 @@ def test_registry_lists_interface_names():
 
 
 def test_cli_encoders_json():
-    out = subprocess.run([sys.executable, "-m", "cli.main", "encoders", "--json"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "loupe", "encoders", "--json"], capture_output=True,
                          text=True, check=True).stdout
     rows = json.loads(out)
     assert {r["name"] for r in rows} >= set(INTERFACE_NAMES)

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from _engine_helpers import build_index, build_photo_index, png_bytes, unit
 
-from retrieval import store
-from retrieval.engine import Engine, Hit, RerankUnavailableError
+from retrieval.engine.engine import Engine, RerankUnavailableError
+from retrieval.engine.query import parse_term, parse_terms
 from retrieval.errors import InvalidQueryError, UnknownEncoderError, UnknownIdError, UnsupportedModalityError
-from retrieval.filters import filter_mask, parse_filter
-from retrieval.query import parse_term, parse_terms
-from retrieval.search import exact_search
+from retrieval.index import store
+from retrieval.index.filters import filter_mask, parse_filter
+from retrieval.testing.oracles import exact_search
+from retrieval.types import Hit
 
 D = 24
 
@@ -297,7 +298,7 @@ def test_weighted_terms_match_manual_combination(photo_engine, tiny_clip):
 
 
 def test_image_query_finds_itself_and_instruction_composes(photo_engine, photos):
-    from retrieval.compose import compose_query
+    from retrieval.compose.compose import compose_query
 
     data = png_bytes(photos["astronaut"])
     resp = photo_engine.search(image=data, k=3)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from _engine_helpers import build_index, build_photo_index, unit
 
-from cli.main import main as loupe_main
+from loupe.cli.main import main as loupe_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_loupe_search_json_subprocess(tmp_path):
     vecs = unit(np.random.default_rng(0).standard_normal((40, 8)))
     out = build_index(tmp_path / "idx", {"e": vecs}, shard_sizes=[15, 25])
-    from retrieval.engine import Engine
+    from retrieval.engine.engine import Engine
 
     target = Engine(out).shard_ids[1][4]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "search", str(out), "--id", target, "-k", "3", "--json"],
+    proc = subprocess.run([sys.executable, "-m", "loupe", "search", str(out), "--id", target, "-k", "3", "--json"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     body = json.loads(proc.stdout)
@@ -32,10 +32,10 @@ def test_loupe_search_json_subprocess(tmp_path):
     assert body["results"][0]["id"] == target and body["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert body["results"][0]["caption"] == "image 19"
     # errors: one line on stderr, exit 2
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "search", str(out), "--id", "0123456789abcde"],
+    proc = subprocess.run([sys.executable, "-m", "loupe", "search", str(out), "--id", "0123456789abcde"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert proc.returncode == 2 and "unknown image id" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "search", str(tmp_path / "none"), "--id", target],
+    proc = subprocess.run([sys.executable, "-m", "loupe", "search", str(tmp_path / "none"), "--id", target],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert proc.returncode == 2 and "not a Loupe index" in proc.stderr
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrieval import create_encoder
-from retrieval.compose import compose_instruction, compose_sum
-from retrieval.engine import Engine
+from retrieval.compose.compose import compose_instruction, compose_sum
+from retrieval.encoders import create_encoder
+from retrieval.engine.engine import Engine
 from tests._engine_helpers import all_vectors, build_photo_index, png_bytes
 
 
@@ -55,7 +55,12 @@ def test_fusion_search_matches_brute_force(tmp_path, photo_dir, photos, tiny_cli
     """method="fusion": text list (text encoder) and image list (the image-only encoder for an object
     change, the text encoder for an attribute change) pooled and re-scored, checked against a
     brute-force fusion over every indexed image (the pool covers the whole small index)."""
-    from retrieval.compose import FUSION_ATTRIBUTE_WEIGHT, FUSION_IMAGE_WEIGHT, fuse_candidates, pick_image_encoder
+    from retrieval.compose.fusion import (
+        FUSION_ATTRIBUTE_WEIGHT,
+        FUSION_IMAGE_WEIGHT,
+        fuse_candidates,
+        pick_image_encoder,
+    )
 
     out = build_photo_index(tmp_path / "idx", sorted(photo_dir.iterdir()), [tiny_clip, tiny_dino])
     engine = Engine(out, device="cpu")
@@ -67,7 +72,7 @@ def test_fusion_search_matches_brute_force(tmp_path, photo_dir, photos, tiny_cli
     assert ids == ids_d
     img_clip = clip.encode_images([photos["chelsea"]])[0]
     # the uploaded bytes are an indexed file: an instruction asks for a change, so the query itself is no answer
-    from retrieval import store
+    from retrieval.index import store
 
     itself = store.content_id(store.sha256_bytes(query))
     assert itself in ids

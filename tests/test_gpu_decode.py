@@ -10,8 +10,8 @@ import io
 import numpy as np
 import torch
 
+from indexer.gpu_decode import GpuTransformConfig, decode_batch, is_jpeg
 from retrieval.encoders import get_spec
-from retrieval.gpu_decode import GpuTransformConfig, decode_batch, is_jpeg
 
 
 def _jpeg(img, quality=92) -> bytes:
@@ -51,7 +51,7 @@ def test_colour_names_gets_whole_images_in_0_1(photos):
     so its colour distributions match the CPU path's."""
     from PIL import Image
 
-    from retrieval import create_encoder
+    from retrieval.encoders import create_encoder
 
     enc = create_encoder("colour-names", device="cpu")
     cfg = GpuTransformConfig.from_spec(enc.spec)

@@ -136,7 +136,7 @@ def test_atomic_writes_get_normal_file_permissions(tmp_path):
     import os
     import stat
 
-    from retrieval import store
+    from retrieval.index import store
 
     old = os.umask(0o022)
     try:

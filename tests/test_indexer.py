@@ -15,10 +15,11 @@ import pytest
 from _indexer_helpers import all_rows, cos, index  # tests/ is on sys.path
 from PIL import Image
 
-from indexer import index_types, stored_vectors
+from indexer import index_types
 from indexer.lock import IndexLock
-from retrieval import store
+from indexer.pipeline import stored_vectors
 from retrieval.errors import IndexLockedError, LoupeError
+from retrieval.index import store
 
 _index, _all_rows, _cos = index, all_rows, cos
 
@@ -84,7 +85,7 @@ def test_each_image_is_its_own_top1(tmp_path, photo_dir, effnet):
 
 
 def test_summary_line_from_cli(tmp_path, photo_dir, tiny_clip, capsys):
-    from cli.main import main
+    from loupe.cli.main import main
 
     out = tmp_path / "idx"
     (photo_dir / "broken.jpg").write_bytes(b"not an image")
@@ -149,7 +150,7 @@ def test_incremental_add_prune_and_alias_promotion(tmp_path, photos, tiny_clip):
     assert on_disk == listed
     # vectors follow their rows through the rewrite
     vecs, ids = stored_vectors(out, tiny_clip)
-    from retrieval import create_encoder
+    from retrieval.encoders import create_encoder
 
     enc = create_encoder(tiny_clip, device="cpu")
     for r in rows:
@@ -176,7 +177,7 @@ def test_changed_file_replaces_its_old_content(tmp_path, photos, tiny_clip):
 
 # -- multi-encoder, local features ---------------------------------------------------------------
 def test_multi_encoder_shards_hold_the_same_images(tmp_path, photo_dir, tiny_clip, tiny_dino):
-    from retrieval import create_encoder
+    from retrieval.encoders import create_encoder
 
     out = tmp_path / "idx"
     s = _index([photo_dir], out, [tiny_clip, tiny_dino], shard_size=5, workers=1)

@@ -13,8 +13,9 @@ import torch
 from _indexer_helpers import all_rows, index  # tests/ is on sys.path
 from PIL import Image
 
-from indexer import decode, stored_vectors
+from indexer import decode
 from indexer.decode import IN_FLIGHT_BYTES, batch_bytes, iter_batches, prefetch_factor
+from indexer.pipeline import stored_vectors
 
 _index, _all_rows = index, all_rows
 
@@ -23,7 +24,7 @@ def test_uint8_transfer_matches_the_encoders_preprocess(photos, tiny_clip, effne
     import torch
 
     from indexer.decode import normalize, split_transform
-    from retrieval import create_encoder
+    from retrieval.encoders import create_encoder
 
     img = photos["coffee"]
     for enc in (create_encoder(tiny_clip, device="cpu"), effnet):
@@ -50,7 +51,7 @@ def test_gpu_decode_path_matches_cpu_path(tmp_path, photos, tiny_clip, monkeypat
     photos["coffee"].resize((96, 64)).save(src / "rotated.jpg", exif=exif)
     data = (src / "rocket.jpg").read_bytes()
     (src / "truncated.jpg").write_bytes(data[: len(data) // 2])
-    import retrieval.gpu_decode as gd
+    import indexer.gpu_decode as gd
 
     blobs_seen = []
     real = gd.decode_batch
@@ -180,7 +181,7 @@ def test_which_encoders_the_gpu_decoder_can_feed(effnet):
     """--decode gpu stands in for resize/crop/normalise transforms and colour-names; PDQ and SSCD take uint8
     HWC inputs, so with them the run decodes on the CPU."""
     from indexer.pipeline import _transform_groups, gpu_decodable
-    from retrieval import create_encoder
+    from retrieval.encoders import create_encoder
 
     encoders = {"effnet-lite0": effnet, "colour-names": create_encoder("colour-names", device="cpu")}
     for extra in ("pdq", "sscd"):

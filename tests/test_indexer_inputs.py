@@ -17,8 +17,8 @@ import pytest
 from _indexer_helpers import all_rows, cos, index  # tests/ is on sys.path
 from PIL import Image
 
-from indexer import stored_vectors
-from retrieval import store
+from indexer.pipeline import stored_vectors
+from retrieval.index import store
 
 _index, _all_rows, _cos = index, all_rows, cos
 
@@ -89,7 +89,7 @@ def test_bomb_limit_is_configurable(tmp_path, photos, tiny_clip):
 
 # -- tricky but valid images -----------------------------------------------------------------------
 def test_tricky_images_are_decoded_correctly(tmp_path, photos, tiny_clip):
-    from retrieval import create_encoder
+    from retrieval.encoders import create_encoder
 
     enc = create_encoder(tiny_clip, device="cpu")
     src = tmp_path / "src"

@@ -8,7 +8,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from indexer.pipeline import IndexConfig, build_index, stored_vectors  # noqa: E402
-from retrieval import store  # noqa: E402
+from retrieval.index import store  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

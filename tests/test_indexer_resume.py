@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval import store
+from retrieval.index import store
 
 HELPER = Path(__file__).with_name("_indexer_helpers.py")
 pytestmark = pytest.mark.slow   # subprocesses: each run imports torch afresh

@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.rerank import (
-    RerankConfig,
+from retrieval.rerank.config import RerankConfig
+from retrieval.rerank.regions import region_scores, region_vectors, region_windows
+from retrieval.rerank.reranker import (
     alpha_query_expansion,
     database_side_augmentation,
-    region_scores,
-    region_vectors,
-    region_windows,
     rerank_arrays,
     rerank_hits,
     text_patch_scores,

@@ -33,7 +33,7 @@ def test_encode_images_and_fine_matches_the_models_own_forward(effnet, photos):
 
 @pytest.fixture(scope="module")
 def fine_index(tmp_path_factory, effnet):
-    from cli.main import main
+    from loupe.cli.main import main
     from tests._engine_helpers import photo_folder_and_crop_query
 
     root = tmp_path_factory.mktemp("rerank-fine")
@@ -42,14 +42,14 @@ def fine_index(tmp_path_factory, effnet):
     out = root / "idx"
     assert main(["index", str(src), "--out", str(out), "--encoder", "effnet-lite0", "--local-features",
                  "--local-layer", "fine", "--device", "cpu"]) == 0
-    from retrieval.engine import Engine
+    from retrieval.engine.engine import Engine
 
     return Engine(out, device="cpu"), root, photos
 
 
 def test_fine_index_stores_the_fine_map_and_reranks(fine_index, effnet):
-    from retrieval.query import QueryContext
-    from retrieval.rerank import query_local_features
+    from retrieval.engine.query import QueryContext
+    from retrieval.rerank.query import query_local_features
 
     engine, root, photos = fine_index
     info = engine.manifest.encoders["effnet-lite0"].local_features
@@ -80,8 +80,9 @@ def test_fine_index_uses_its_own_defaults(fine_index, effnet):
     on top of it."""
     from dataclasses import replace
 
-    from retrieval.query import QueryContext
-    from retrieval.rerank import DEFAULT_CONFIG, FINE_DEFAULT_CONFIG, rerank_hits
+    from retrieval.engine.query import QueryContext
+    from retrieval.rerank.config import DEFAULT_CONFIG, FINE_DEFAULT_CONFIG
+    from retrieval.rerank.reranker import rerank_hits
 
     engine, root, photos = fine_index
     assert not FINE_DEFAULT_CONFIG.crop and not FINE_DEFAULT_CONFIG.spatial

@@ -15,7 +15,7 @@ from PIL import Image
 def built(tmp_path_factory, tiny_clip, effnet):
     from skimage import data  # noqa: F401  (photos come from conftest's helper)
 
-    from cli.main import main
+    from loupe.cli.main import main
     from tests._engine_helpers import photo_folder_and_crop_query
 
     root = tmp_path_factory.mktemp("rerank-int")
@@ -24,7 +24,7 @@ def built(tmp_path_factory, tiny_clip, effnet):
     rc = main(["index", str(src), "--out", str(out), "--encoder", tiny_clip, "--encoder", "effnet-lite0",
                "--local-features", "--device", "cpu"])
     assert rc == 0
-    from retrieval.engine import Engine
+    from retrieval.engine.engine import Engine
 
     return Engine(out, device="cpu"), root
 
@@ -54,7 +54,7 @@ def test_engine_rerank_image_and_text(built):
 
 
 def test_explain_cli(built, tmp_path, capsys):
-    from cli.main import main
+    from loupe.cli.main import main
 
     engine, root = built
     idx = engine.index_dir
@@ -118,8 +118,9 @@ def test_query_crop_pass_on_the_real_engine(built):
     that crop, so the original's fused score rises by ``w_crop ×`` that cosine."""
     from dataclasses import replace
 
-    from retrieval.query import QueryContext
-    from retrieval.rerank import DEFAULT_CONFIG, rerank_hits
+    from retrieval.engine.query import QueryContext
+    from retrieval.rerank.config import DEFAULT_CONFIG
+    from retrieval.rerank.reranker import rerank_hits
 
     engine, root = built
     photos = {n: Image.open(p).convert("RGB") for n, p in

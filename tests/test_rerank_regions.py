@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.rerank import (
+from retrieval.rerank.regions import (
     crop_windows,
     encoder_view,
     grid_box_to_pixels,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.rerank import (
-    RerankConfig,
+from retrieval.rerank.config import RerankConfig
+from retrieval.rerank.verify import (
     batched_match_counts,
     batched_similarity,
     grid_coordinates,

@@ -13,7 +13,7 @@ import pytest
 from _engine_helpers import build_photo_index, png_bytes
 from PIL import Image
 
-from retrieval.engine import Engine
+from retrieval.engine.engine import Engine
 from server.app import create_app
 
 
@@ -337,7 +337,7 @@ def test_server_picks_up_a_reindexed_directory(tmp_path):
 
     from _engine_helpers import build_index, unit
 
-    from retrieval import store
+    from retrieval.index import store
 
     vecs = unit(np.random.default_rng(0).standard_normal((20, 8)))
     out = build_index(tmp_path / "idx", {"e": vecs[:10]})

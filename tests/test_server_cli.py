@@ -38,7 +38,7 @@ def test_serve_answers_then_stops_gracefully_on_sigterm(tmp_path):
     vecs = unit(np.random.default_rng(0).standard_normal((30, 8)))
     out = build_index(tmp_path / "idx", {"e": vecs}, shard_sizes=[10, 20])
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", str(out), "--port", str(port), "--no-preload"],
+    proc = subprocess.Popen([sys.executable, "-m", "loupe", "serve", str(out), "--port", str(port), "--no-preload"],
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

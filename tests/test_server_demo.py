@@ -8,9 +8,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_index_answers_a_cat_with_the_cat(tmp_path, conse, effnet):
-    from cli import demo
-    from retrieval import store
-    from retrieval.engine import Engine
+    from loupe.cli import demo
+    from retrieval.engine.engine import Engine
+    from retrieval.index import store
 
     # a demo index left by an older Loupe (other encoders) is rebuilt, not an error
     stale = tmp_path / "demo" / "index"
@@ -30,7 +30,7 @@ def test_demo_index_answers_a_cat_with_the_cat(tmp_path, conse, effnet):
 
 
 def test_tuxpaint_stamps_have_captions():
-    from cli import demo
+    from loupe.cli import demo
 
     stamps = demo.tuxpaint_stamps(5)
     if not demo.STAMPS.is_dir():

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..device import resolve_device
-from ..errors import UnknownEncoderError
-from .base import Encoder, EncoderSpec, l2_normalize
+from retrieval.device import resolve_device
+from retrieval.encoders.base import Encoder, EncoderSpec, l2_normalize
+from retrieval.errors import UnknownEncoderError
 
 __all__ = ["Encoder", "EncoderSpec", "create_encoder", "get_spec", "list_encoders", "register_encoder",
            "l2_normalize", "DEFAULT_ENCODER"]

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..device import DeviceConfig
-from ..errors import UnsupportedModalityError
-from ..images import load_image
-from ..types import Vectors
+from retrieval.device import DeviceConfig
+from retrieval.errors import UnsupportedModalityError
+from retrieval.images import load_image
+from retrieval.types import Vectors
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..types import Vectors
-from .base import Encoder, l2_normalize
-from .weights import local_weights, missing_weights
+from retrieval.encoders.base import Encoder, l2_normalize
+from retrieval.encoders.weights import local_weights, missing_weights
+from retrieval.types import Vectors
 
 _WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors", "model.pt")
 

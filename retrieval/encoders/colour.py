@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import colour
-from ..types import Vectors
-from .base import Encoder
+from retrieval.colour import naming as colour
+from retrieval.encoders.base import Encoder
+from retrieval.types import Vectors
 
 
 class ColourTransform:

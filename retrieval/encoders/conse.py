@@ -18,10 +18,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..types import Vectors
-from .base import Encoder, l2_normalize
-from .effnet import effnet_transform, load_effnet_lite0
-from .minilm import MiniLMTextEncoder
+from retrieval.encoders.base import Encoder, l2_normalize
+from retrieval.encoders.effnet import effnet_transform, load_effnet_lite0
+from retrieval.encoders.minilm import MiniLMTextEncoder
+from retrieval.types import Vectors
 
 
 def imagenet_classnames() -> list[str]:

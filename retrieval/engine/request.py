@@ -1,0 +1,262 @@
+"""``SearchRequest``: one search, validated once.
+
+The server builds it from JSON or a multipart form (:meth:`SearchRequest.from_fields`), the CLI from its
+flags, a Python caller directly; :meth:`retrieval.engine.Engine.search` receives it unchanged. Every
+limit and rule lives here: ``MAX_K``, the query fields that may be combined, the filter's syntax, the
+ranges of ``weight`` and ``dedup``. An unknown field is an error that names it.
+
+>>> SearchRequest(text="a cat", k=10)
+>>> SearchRequest(image=jpeg_bytes, instruction="in red", filter={"width": {"gte": 640}})
+>>> SearchRequest.from_fields({"text": "a cat", "k": "5"}, form=True)     # a web form's strings
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from retrieval.errors import InvalidQueryError
+from retrieval.index.filters import parse_filter
+
+MAX_K = 1000                  # results per query
+DEFAULT_K = 20
+MAX_TEXT_CHARS = 1000         # one text, instruction or term
+MAX_VECTOR_DIM = 8192
+DEFAULT_DEDUP_THRESHOLD = 0.98
+METHODS = ("auto", "fusion", "sum", "arithmetic", "caption", "fused")   # retrieval.compose.METHODS + auto
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+# -- field validators: each takes (name, value) and returns the clean value or raises -----------------
+def check_int(name: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidQueryError(f"{name} must be an integer in {lo}..{hi}")
+    if not lo <= int(value) <= hi:
+        raise InvalidQueryError(f"{name} must be in {lo}..{hi}, got {value}")
+    return int(value)
+
+
+def check_number(name: str, value: Any, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(float(value)):
+        raise InvalidQueryError(f"{name} must be a number in [{lo:g}, {hi:g}]")
+    if not lo <= float(value) <= hi:
+        raise InvalidQueryError(f"{name} must be in [{lo:g}, {hi:g}], got {value}")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidQueryError(f"{name} must be true or false")
+    return value
+
+
+def check_str(name: str, value: Any, max_len: int = MAX_TEXT_CHARS) -> str:
+    if not isinstance(value, str):
+        raise InvalidQueryError(f"{name} must be a string")
+    if len(value) > max_len:
+        raise InvalidQueryError(f"{name} is too long (max {max_len} characters)")
+    return value
+
+
+def check_choice(name: str, value: Any, choices) -> str:
+    if value not in choices:
+        raise InvalidQueryError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+# -- form coercion: a multipart form sends every field as a string --------------------------------------
+def form_bool(name: str, value: Any) -> Any:
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in _TRUE or low in _FALSE:
+            return low in _TRUE
+        raise InvalidQueryError(f"{name} must be true or false")
+    return value
+
+
+def form_number(name: str, value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise InvalidQueryError(f"{name} must be a number") from None
+        return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+    return value
+
+
+def form_json(name: str, value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise InvalidQueryError(f"{name} must be JSON") from None
+    return value
+
+
+def form_flag_or_number(name: str, value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return form_number(name, value)
+        except InvalidQueryError:
+            return form_bool(name, value)
+    return value
+
+
+def fields_of(cls, fields: dict[str, Any], *, form: bool, coerce: dict[str, Callable], what: str) -> dict[str, Any]:
+    """``fields`` (a JSON object or a form) → keyword arguments of the request dataclass ``cls``.
+    Unknown names are an error that names them; blank form fields and JSON nulls mean "not given"."""
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(str(k) for k in fields if k not in known)
+    if unknown:
+        raise InvalidQueryError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                                f"for {what}; it takes {', '.join(sorted(known))}")
+    out = {}
+    for key, value in fields.items():
+        if value is None or (form and isinstance(value, str) and not value.strip()):
+            continue
+        if form and key in coerce:
+            value = coerce[key](key, value)
+        out[key] = value
+    return out
+
+
+@dataclass
+class SearchRequest:
+    """One query. Exactly one of ``text`` / ``image`` / ``image_id`` / ``vector`` (text may join an image:
+    it then acts as the instruction).
+
+    * ``text``: a string, or weighted terms ``["+a cat", "-a dog", "0.5:snow"]``;
+    * ``image``: encoded bytes or a PIL image; ``image_id``: an indexed image; ``vector``: a raw embedding
+      in ``encoder``'s space;
+    * ``instruction``: "this image, but ..." (needs an image); ``method``/``weight``: how it is composed;
+    * ``encoder``: which of the index's encoders answers (default: the text encoder for text, else the
+      index's default);
+    * ``filter``: metadata conditions (:mod:`retrieval.index.filters`); ``params``: ``{"nprobe", "efSearch"}``;
+    * ``rerank``: re-rank with local features; ``dedup``: drop near-identical results (true = cosine ≥ 0.98,
+      or a threshold in (0, 1]); ``colour``: colour words count on an index with colour-names.
+    """
+
+    text: str | list[str] | None = None
+    image: bytes | Image.Image | None = field(default=None, repr=False)
+    image_id: str | None = None
+    vector: Any = field(default=None, repr=False)
+    instruction: str | None = None
+    encoder: str | None = None
+    k: int = DEFAULT_K
+    rerank: bool = False
+    filter: dict[str, Any] | None = None
+    dedup: bool | float = False
+    params: Any = None
+    weight: float | None = None
+    method: str = "auto"
+    colour: bool = True
+
+    # how a multipart form's strings become values (JSON sends typed values)
+    FORM: ClassVar[dict[str, Callable]] = {
+        "k": form_number, "rerank": form_bool, "colour": form_bool, "weight": form_number,
+        "dedup": form_flag_or_number, "filter": form_json, "vector": form_json, "params": form_json}
+
+    def __post_init__(self) -> None:
+        self._check_query()
+        self.k = check_int("k", self.k, 1, MAX_K)
+        self.rerank = check_bool("rerank", self.rerank)
+        self.colour = check_bool("colour", self.colour)
+        if self.encoder is not None:
+            self.encoder = check_str("encoder", self.encoder, 200)
+        self.method = check_choice("method", "auto" if self.method in (None, "") else self.method, METHODS)
+        if self.weight is not None:
+            self.weight = check_number("weight", self.weight, 0.0, 1.0)
+        if self.dedup is None or self.dedup is False or (self.dedup == 0 and not isinstance(self.dedup, bool)):
+            self.dedup = False
+        elif self.dedup is not True:
+            if isinstance(self.dedup, str):
+                raise InvalidQueryError("dedup must be true/false or a cosine threshold in (0, 1]")
+            self.dedup = check_number("dedup", self.dedup, 0.0, 1.0)
+            if self.dedup <= 0.0:
+                raise InvalidQueryError("dedup must be true/false or a cosine threshold in (0, 1]")
+        if self.filter is not None:
+            if not isinstance(self.filter, dict):
+                raise InvalidQueryError("filter must be a JSON object {field: condition}")
+            parse_filter(self.filter)          # syntax now, before the (slower) embedding
+            self.filter = self.filter or None
+        if self.params is not None and not isinstance(self.params, dict) and \
+                type(self.params).__name__ != "SearchConfig":
+            raise InvalidQueryError('params must be an object {"nprobe": N, "efSearch": N}')
+
+    def _check_query(self) -> None:
+        if isinstance(self.text, str):
+            check_str("text", self.text)
+            if not self.text.strip():
+                self.text = None
+        elif isinstance(self.text, (list, tuple)):
+            if not self.text or not all(isinstance(t, str) for t in self.text):
+                raise InvalidQueryError("text must be a string or a list of strings")
+            self.text = [check_str("text", t) for t in self.text]
+        elif self.text is not None:
+            raise InvalidQueryError("text must be a string or a list of strings")
+        if self.image is not None and not isinstance(self.image, (bytes, bytearray, Image.Image)):
+            raise InvalidQueryError("image must be encoded image bytes (or a PIL image)")
+        if self.image_id is not None:
+            self.image_id = check_str("image_id", self.image_id, 64).strip()
+        if self.instruction is not None:
+            check_str("instruction", self.instruction)
+            if not self.instruction.strip():
+                raise InvalidQueryError("instruction must be a non-empty string")
+        if self.vector is not None:
+            if isinstance(self.vector, np.ndarray):
+                if self.vector.size == 0 or self.vector.size > MAX_VECTOR_DIM:
+                    raise InvalidQueryError("vector must be a non-empty list of numbers")
+            elif not isinstance(self.vector, (list, tuple)) or not self.vector or len(self.vector) > MAX_VECTOR_DIM \
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in self.vector):
+                raise InvalidQueryError("vector must be a non-empty list of numbers")
+        given = [n for n in ("text", "image", "image_id", "vector") if getattr(self, n) is not None]
+        if not given:
+            raise InvalidQueryError("missing query: give text, image (upload or base64), image_id or vector")
+        if self.image is not None and self.image_id is not None:
+            raise InvalidQueryError("give either image or image_id, not both")
+        if self.vector is not None and len(given) > 1:
+            raise InvalidQueryError("a raw vector query cannot be combined with text or images")
+        has_image = self.image is not None or self.image_id is not None
+        if self.instruction is not None and not has_image and self.text is None:
+            raise InvalidQueryError("an instruction needs an image (image or image_id) to apply to")
+        if self.text is not None and has_image and self.instruction is None:
+            if not isinstance(self.text, str):
+                raise InvalidQueryError("with an image, text must be one string (it acts as the instruction)")
+            self.instruction, self.text = self.text, None      # "this image, but ..."
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], *, form: bool = False, **given: Any) -> "SearchRequest":
+        """A request from a JSON object or a form's fields (``form``: values are strings to convert);
+        ``given`` adds fields the caller decoded itself (an uploaded ``image``)."""
+        return cls(**fields_of(cls, fields, form=form, coerce=cls.FORM, what="a search"), **given)
+
+    # -- derived ---------------------------------------------------------------------------------------
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None or self.image_id is not None
+
+    @property
+    def dedup_threshold(self) -> float | None:
+        """The cosine above which a result counts as a duplicate of a better one (None: keep all)."""
+        if self.dedup is True:
+            return DEFAULT_DEDUP_THRESHOLD
+        return float(self.dedup) if self.dedup else None
+
+    @property
+    def composition(self) -> str:
+        """The composition method the instruction gets: ``auto`` with an explicit ``weight`` (the image/text
+        mix of ``sum``) means ``sum``."""
+        return "sum" if self.method == "auto" and self.weight is not None else self.method
+
+    def replace(self, **changes: Any) -> "SearchRequest":
+        return dataclasses.replace(self, **changes)

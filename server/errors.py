@@ -1,0 +1,75 @@
+"""Server errors and their JSON form: ``{"error": {"code": "...", "message": "..."}}`` with a 4xx status.
+
+Library ``LoupeError``s keep their ``code``/``http_status``; invalid input raises ``BadRequestError``
+(400); HTTP errors become JSON; anything unexpected is a JSON 500 with no traceback (logged).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import current_app, jsonify
+from flask import request as flask_request
+from werkzeug.exceptions import HTTPException
+
+from retrieval.errors import LoupeError
+
+log = logging.getLogger("loupe.server")
+
+
+class BadRequestError(LoupeError):
+    code = "bad_request"
+    http_status = 400
+
+
+class InvalidJsonError(BadRequestError):
+    code = "invalid_json"
+
+
+class NoIndexError(LoupeError):
+    code = "no_index"
+    http_status = 503
+
+
+def error_response(code: str, message: str, status: int = 400):
+    """A JSON error response ``{"error": {"code", "message"}}``."""
+    resp = jsonify({"error": {"code": code, "message": message}})
+    resp.status_code = status
+    return resp
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 406: "not_acceptable", 408: "request_timeout", 409: "conflict",
+               413: "payload_too_large", 415: "unsupported_media_type", 429: "too_many_requests"}
+
+
+def register_error_handlers(app) -> None:
+    """LoupeError → its 4xx JSON; HTTP errors → JSON; anything else → JSON 500 without traceback."""
+
+    @app.errorhandler(LoupeError)
+    def _loupe_error(exc: LoupeError):
+        status = int(getattr(exc, "http_status", 400) or 400)
+        if status == 503:       # expected and temporary (e.g. warming up): not an error to page anyone for
+            log.info("unavailable for now: %s", exc)
+        elif status >= 500:
+            log.error("server-side error: %s", exc)
+        return error_response(getattr(exc, "code", "loupe_error"), str(exc) or exc.__class__.__name__, status)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        status = exc.code or 500
+        message = exc.description or exc.name
+        if status == 413:
+            limit = int(current_app.config["MAX_UPLOAD_BYTES"])
+            message = f"request too large: uploads are limited to {limit // (1024 * 1024)} MB"
+        resp = error_response(_HTTP_CODES.get(status, exc.name.lower().replace(" ", "_")), message, status)
+        if status == 405 and getattr(exc, "valid_methods", None):
+            resp.headers["Allow"] = ", ".join(exc.valid_methods)
+        return resp
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        if isinstance(exc, HTTPException):
+            return _http_error(exc)
+        log.exception("unhandled error on %s %s", flask_request.method, flask_request.path)
+        return error_response("internal_error", "internal server error (details are in the server log)", 500)
