@@ -291,7 +291,7 @@ def engine_vs_faiss(index_dir: Path, encoder: str, nq: int = 1000, k: int = 20, 
     best_raw, best_eng = float(np.median(t_raw)) * nq, float(np.median(t_eng)) * nq
     same = all(
         [h.id for h in engine.search_vector(encoder, q, k)] ==
-        [engine.shard_ids[engine._split(int(i))[0]][engine._split(int(i))[1]] for i in raw.search(q[None], k)[1][0]]
+        [engine.records.shard_ids[sh][r] for sh, r in zip(*engine.shards.split(raw.search(q[None], k)[1][0]))]
         for q in queries[:50])
     return {"raw_qps": nq / best_raw, "engine_qps": nq / best_eng, "ratio": best_raw / best_eng,
             "raw_p50_ms": float(np.median(t_raw)) * 1e3, "engine_p50_ms": float(np.median(t_eng)) * 1e3,
@@ -363,7 +363,7 @@ def run_scale(n: int, dim: int, work: Path, nq: int = 500, shard_size: int = 1_0
             t1 = time.perf_counter()
             hits = engine.search_vector("synthetic", q, 10, params=params)
             lat.append(time.perf_counter() - t1)
-            got = {engine.offsets[h.shard] + h.row for h in hits}
+            got = {engine.records.offsets[h.shard] + h.row for h in hits}
             recall.append(len(got & set(t.tolist())) / 10)
         rows.append({"params": params or {}, "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
                      "recall@10": float(np.mean(recall))})

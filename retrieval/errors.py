@@ -53,6 +53,12 @@ class InvalidQueryError(LoupeError, ValueError):
     http_status = 400
 
 
+class InvalidFieldError(InvalidQueryError):
+    """A request field of the wrong type or out of its range, or a field the request does not take."""
+
+    code = "bad_request"
+
+
 class UnknownIdError(LoupeError, KeyError):
     code = "not_found"
     http_status = 404

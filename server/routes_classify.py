@@ -16,7 +16,8 @@ from flask import Blueprint, jsonify, request
 from retrieval.colour.naming import describe_colours, top_colours
 from retrieval.compose.fusion import colour_encoder
 from retrieval.errors import InvalidQueryError, LoupeError
-from server.common import get_engine, parse_query
+from server.common import get_engine
+from server.requests import ClassifyRequest
 
 bp = Blueprint("classify", __name__)
 
@@ -46,18 +47,13 @@ def _classifier(engine, encoder_name: str, vocabulary: str | None):
 
 @bp.post("/api/classify")
 def api_classify():
-    q = parse_query(request, require_query=False, require_image=True)
-    k = q.k if "k" in (request.get_json(silent=True) or request.form or {}) else DEFAULT_LABELS
-    vocabulary = q.extra.get("vocabulary")
-    if vocabulary is not None and not isinstance(vocabulary, str):
-        raise InvalidQueryError("vocabulary must be a string")
+    q = ClassifyRequest.parse(request)
+    k, vocabulary = q.k, q.vocabulary
     engine = get_engine()
     encoder_name = q.encoder or engine.text_encoder
     if encoder_name is None:
         raise InvalidQueryError("this index has no text-capable encoder to classify with "
                                 "(index with conse-effnet-lite0 or clip-vit-b-32)")
-    if vocabulary not in (None, "", "auto", "captions", "imagenet21k"):
-        raise InvalidQueryError("vocabulary must be 'captions' or 'imagenet21k'")
     import numpy as np
 
     if q.image is not None:   # decode (and reject bad images) before any database is opened

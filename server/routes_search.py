@@ -8,8 +8,9 @@ import re
 from flask import Blueprint, current_app, jsonify, request, send_file
 
 from retrieval.errors import UnknownIdError
-from server.common import get_engine, parse_query, result_json, state
+from server.common import get_engine, result_json, state
 from server.errors import BadRequestError
+from server.requests import search_request
 from server.thumbnails import MAX_SIZE, MIN_SIZE, make_thumbnail
 
 bp = Blueprint("search", __name__)
@@ -32,11 +33,9 @@ def index_page():
 
 @bp.post("/api/search")
 def api_search():
-    q = parse_query(request)
-    if q.extra:
-        _check_extra(q.extra)
+    q = search_request(request)
     engine = get_engine()
-    resp = engine.search(**q.search_kwargs())
+    resp = engine.search(q)
     metrics = state()["metrics"]
     for stage, ms in resp.timings.items():
         metrics.search_stage.labels(stage.removesuffix("_ms")).observe(ms / 1e3)
@@ -47,13 +46,6 @@ def api_search():
         "timings": {k: round(v, 2) for k, v in resp.timings.items()},
         **({"notes": resp.notes} if resp.notes else {}),
     })
-
-
-def _check_extra(extra: dict) -> None:
-    """Search takes no other fields; unknown ones are tolerated (forward compatible) but never fetched."""
-    for key in extra:
-        if not isinstance(key, str) or len(key) > 100:
-            raise BadRequestError("invalid field name")
 
 
 @bp.get("/api/images/<image_id>")

@@ -181,7 +181,7 @@ def test_server_reload_refreshes_the_caption_classifier(tmp_path, fresh_classifi
     enc = CountingEncoder()
     index = _caption_index(tmp_path / "idx", enc, OLD_CAPTIONS)
     engine = Engine(index, device="cpu")
-    engine._encoders[enc.name] = enc                  # the fake encoder stands in for a loaded model
+    engine.embedder.encoders[enc.name] = enc                  # the fake encoder stands in for a loaded model
     app = create_app({"RELOAD_INTERVAL": 0.001}, engine=engine)
     client = app.test_client()
 

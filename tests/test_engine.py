@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 from _engine_helpers import build_index, build_photo_index, png_bytes, unit
 
-from retrieval.engine.engine import Engine, RerankUnavailableError
+from retrieval.engine.engine import Engine
 from retrieval.engine.query import parse_term, parse_terms
 from retrieval.errors import InvalidQueryError, UnknownEncoderError, UnknownIdError, UnsupportedModalityError
 from retrieval.index import store
@@ -31,7 +29,7 @@ def sharded(tmp_path_factory, vecs):
 
 
 def _global(engine, hits):
-    return [int(engine.offsets[h.shard]) + h.row for h in hits]
+    return [int(engine.records.offsets[h.shard]) + h.row for h in hits]
 
 
 def test_sharded_exact_equals_single_flat_index(sharded, vecs):
@@ -50,7 +48,7 @@ def test_sharded_exact_equals_single_flat_index(sharded, vecs):
 def test_k_larger_than_index_and_tiny_shards(sharded, vecs):
     hits = sharded.search_vector("e", vecs[0], 1000)
     assert len(hits) == 700 and len({h.id for h in hits}) == 700
-    assert hits[0].id == sharded.shard_ids[0][0] and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert hits[0].id == sharded.records.shard_ids[0][0] and hits[0].score == pytest.approx(1.0, abs=1e-5)
     assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
 
 
@@ -71,13 +69,13 @@ def test_ivf_params_per_call_do_not_mutate_shared_index(tmp_path, vecs):
 
     out = build_index(tmp_path / "ivf", {"e": vecs}, shard_sizes=[350, 350], factory="IVF8,Flat", index_type="ivfpq")
     engine = Engine(out)
-    before = [faiss.extract_index_ivf(ix).nprobe for ix in engine.indexes["e"]]
+    before = [faiss.extract_index_ivf(ix).nprobe for ix in engine.shards.indexes["e"]]
     q = unit(np.random.default_rng(3).standard_normal(D))
     ref = list(exact_search(vecs, q[None], 10)[1][0])
     full = engine.search_vector("e", q, 10, params={"nprobe": 8})     # all lists probed: exact
     assert _global(engine, full) == ref
     engine.search_vector("e", q, 10, params={"nprobe": 1})
-    assert [faiss.extract_index_ivf(ix).nprobe for ix in engine.indexes["e"]] == before
+    assert [faiss.extract_index_ivf(ix).nprobe for ix in engine.shards.indexes["e"]] == before
     # reconstruct from an IVF shard (direct map built once) gives the stored vector
     np.testing.assert_allclose(engine.vectors("e", full[:2]), vecs[ref[:2]], atol=1e-6)
 
@@ -134,7 +132,7 @@ def _brute_filtered(engine, vecs, q, k, mask):
 ])
 def test_filters_equal_brute_force_over_matching_rows(sharded, vecs, flt):
     conditions = parse_filter(flt)
-    mask = np.concatenate([filter_mask(t, conditions) for t in sharded.tables])
+    mask = np.concatenate([filter_mask(t, conditions) for t in sharded.records.tables])
     assert 0 < mask.sum() < len(mask)
     q = unit(np.random.default_rng(11).standard_normal(D))
     hits = sharded.search_vector("e", q, 20, filter=flt)
@@ -191,17 +189,11 @@ def test_validation_errors(sharded, vecs):
     with pytest.raises(UnknownIdError):
         sharded.metadata("../../etc/passwd")
     with pytest.raises(InvalidQueryError):
-        sharded.search(image_id=sharded.shard_ids[0][0], image=b"x")
-
-
-def test_rerank_unavailable_is_a_clear_error(sharded, vecs, monkeypatch):
-    monkeypatch.setitem(sys.modules, "retrieval.rerank", None)
-    with pytest.raises(RerankUnavailableError, match="re-ranking"):
-        sharded.search(vector=vecs[0], rerank=True)
+        sharded.search(image_id=sharded.records.shard_ids[0][0], image=b"x")
 
 
 def test_rerank_calls_rerank_hits_with_candidates(sharded, vecs, monkeypatch):
-    import types
+    from retrieval.rerank import reranker
 
     seen = {}
 
@@ -211,7 +203,7 @@ def test_rerank_calls_rerank_hits_with_candidates(sharded, vecs, monkeypatch):
         assert [h.id for h in search(vecs[0], 3)] == [h.id for h in engine.search_vector("e", vecs[0], 3)]
         return list(reversed(hits))[:k]
 
-    monkeypatch.setitem(sys.modules, "retrieval.rerank", types.SimpleNamespace(rerank_hits=fake_rerank))
+    monkeypatch.setattr(reranker, "rerank_hits", fake_rerank)
     resp = sharded.search(vector=vecs[0], k=7, rerank=True)
     assert seen == {"n": 100, "k": 7, "encoder": "e"} and len(resp.hits) == 7
     assert "rerank_ms" in resp.timings
@@ -232,8 +224,8 @@ def test_all_vectors_and_local_features(tmp_path, vecs):
     got = np.concatenate([v for _, v, _ in engine.all_vectors("e")])
     np.testing.assert_allclose(got, vecs[:30], atol=1e-6)
     ids = [i for _, _, ids in engine.all_vectors("e") for i in ids]
-    assert ids == engine.shard_ids[0] + engine.shard_ids[1]
-    hits = [Hit(engine.shard_ids[1][3], 0.0, 1, 3)]
+    assert ids == engine.records.shard_ids[0] + engine.records.shard_ids[1]
+    hits = [Hit(engine.records.shard_ids[1][3], 0.0, 1, 3)]
     (desc, pos), = engine.local_features("e", hits)
     np.testing.assert_allclose(desc, locals_[13][0], atol=1e-3)
     assert pos.tolist() == locals_[13][1].tolist()

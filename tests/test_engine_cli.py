@@ -22,7 +22,7 @@ def test_loupe_search_json_subprocess(tmp_path):
     out = build_index(tmp_path / "idx", {"e": vecs}, shard_sizes=[15, 25])
     from retrieval.engine.engine import Engine
 
-    target = Engine(out).shard_ids[1][4]
+    target = Engine(out).records.shard_ids[1][4]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "loupe", "search", str(out), "--id", target, "-k", "3", "--json"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)

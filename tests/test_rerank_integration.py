@@ -31,7 +31,7 @@ def built(tmp_path_factory, tiny_clip, effnet):
 
 def _id_of(engine, name):
     for shard in range(len(engine.shard_names)):
-        table = engine.tables[shard].to_pylist()
+        table = engine.records.tables[shard].to_pylist()
         for rec in table:
             if rec["path"] and rec["path"].endswith(f"/{name}.png"):
                 return rec["id"]

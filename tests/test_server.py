@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import sys
 import threading
 
 import numpy as np
@@ -44,7 +43,7 @@ def client(app):
 
 
 def _id_of(engine, caption):
-    for ids, table in zip(engine.shard_ids, engine.tables):
+    for ids, table in zip(engine.records.shard_ids, engine.records.tables):
         for i, cap in zip(ids, table.column("caption").to_pylist()):
             if cap == caption:
                 return i
@@ -271,11 +270,6 @@ def test_methods_and_unknown_routes(client):
     _assert_error(client.put("/healthz"), 405)
 
 
-def test_rerank_unavailable_is_4xx(client, monkeypatch):
-    monkeypatch.setitem(sys.modules, "retrieval.rerank", None)
-    _assert_error(client.post("/api/search", json={"text": "x", "rerank": True}), 400, "rerank_unavailable")
-
-
 def test_garbage_never_gives_500(client):
     rng = np.random.default_rng(0)
     types = ["application/json", "multipart/form-data", "multipart/form-data; boundary=xyz",
@@ -323,7 +317,7 @@ def test_concurrent_requests_share_one_model(app, engine):
     for t in threads:
         t.join()
     assert not errors and codes == [200] * 40
-    assert len(engine._encoders) == 1
+    assert len(engine.embedder.encoders) == 1
 
 
 def test_no_index_is_503_json():

@@ -49,7 +49,7 @@ def run(args) -> int:
     for _, vecs, vids in (binary_blocks(engine, name) if binary else engine.all_vectors(name)):
         blocks.append(vecs)
         ids.extend(vids)
-    rows = _exact_candidate_rows(engine.tables)
+    rows = _exact_candidate_rows(engine.records.tables)
     bar = None
     progress = None
     if sys.stderr.isatty():

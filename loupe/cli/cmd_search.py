@@ -46,9 +46,10 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print {\"results\": [...]} as JSON")
 
 
-def run(args) -> int:
+def search_request(args):
+    """The command line's flags → a ``SearchRequest`` (the same type the HTTP API builds)."""
     from loupe.cli.common import read_image_file
-    from retrieval.engine.engine import Engine
+    from retrieval.engine import SearchRequest
     from retrieval.errors import InvalidQueryError
 
     filt = None
@@ -57,12 +58,18 @@ def run(args) -> int:
             filt = json.loads(args.filter)
         except ValueError as exc:
             raise InvalidQueryError(f"--filter is not valid JSON: {exc}") from None
-    image = read_image_file(args.image) if args.image else None
     text = args.text[0] if args.text and len(args.text) == 1 else args.text
+    return SearchRequest(text=text, image=read_image_file(args.image) if args.image else None, image_id=args.id,
+                         instruction=args.instruction, encoder=args.encoder, k=args.k, rerank=args.rerank,
+                         filter=filt, dedup=args.dedup, method=args.method, colour=not args.no_colour)
+
+
+def run(args) -> int:
+    from retrieval.engine import Engine
+
+    request = search_request(args)            # validated before the index is opened
     engine = Engine(args.dir, device=args.device)
-    resp = engine.search(text=text, image=image, image_id=args.id, instruction=args.instruction,
-                         encoder=args.encoder, k=args.k, rerank=args.rerank, filter=filt, dedup=args.dedup,
-                         method=args.method, colour=not args.no_colour)
+    resp = engine.search(request)
     results = [engine.describe_hit(h) for h in resp.hits]
     for note in resp.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -272,5 +272,4 @@ def _query_image_vector(engine, ctx, name: str):
         return ctx.image_vector
     if ctx.image is not None:
         return engine.encoder(name).encode_images([ctx.image])[0]
-    shard, row = engine.locate(ctx.image_id)
-    return engine._reconstruct(name, shard, row)
+    return engine.stored_vector(name, ctx.image_id)

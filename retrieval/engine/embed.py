@@ -1,31 +1,80 @@
-"""Query embedding and routing: the part of :class:`retrieval.engine.Engine` that turns a request
-(text, weighted terms, image bytes, an indexed image, a raw vector, an instruction) into one unit query
-vector (``QueryContext``).
+"""``Embedder``: turns a ``SearchRequest`` into one unit query vector (a ``QueryContext``).
 
+* Encoders load once, on first use (``encoder(name)``), and are safe to call from many threads.
 * Text goes to the index's first text-capable encoder (or the one named, if it embeds text); image
-  queries to the encoder chosen per request (default: the index's default encoder).
+  queries to the encoder named in the request (default: the index's default encoder).
 * Text vectors are cached (LRU of ``TEXT_CACHE_SIZE``), so repeated queries skip the text model.
-* An instruction composes with the image through ``retrieval.compose.compose_query``
-  (:func:`instruction_method` picks the method).
+* An instruction composes with the image through ``retrieval.compose.compose_query``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import logging
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from retrieval.engine.query import QueryContext, as_query_vector, combine, parse_terms
-from retrieval.errors import InvalidQueryError, UnsupportedModalityError
+from retrieval.engine.request import SearchRequest
+from retrieval.errors import IndexFormatError, UnsupportedModalityError
 from retrieval.index import store
+
+log = logging.getLogger("loupe.engine")
 
 TEXT_CACHE_SIZE = 2048
 
 
-class EngineQueries:
-    """Engine methods that embed queries. Uses ``Engine._entry``, ``Engine.encoder``, ``_text_cache``
-    and ``_lock``, and the id/vector methods of :class:`retrieval.engine_records.EngineRecords`."""
+class Embedder:
+    """The encoders of one index and the caches in front of them.
+
+    ``stored_vector(encoder, image_id)`` and ``load_image(image_id)`` give an indexed image's vector and
+    pixels (an ``image_id`` query); ``composer`` (optional) builds the keyword arguments that instruction
+    composition needs beyond the vectors (``retrieval.compose.compose_query``)."""
+
+    def __init__(self, manifest: store.Manifest, *, device: str = "auto", index_dir: Path | None = None,
+                 stored_vector: Callable[[str, str], np.ndarray] | None = None,
+                 load_image: Callable[[str], Image.Image] | None = None,
+                 composer: Callable[[], dict[str, Any]] | None = None):
+        self.manifest = manifest
+        self.device = device
+        self.index_dir = index_dir
+        self._stored_vector = stored_vector
+        self._load_image = load_image
+        self._composer = composer
+        self.encoders: dict[str, Any] = {}
+        self.text_cache: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def adopt(self, other: "Embedder") -> None:
+        """Share ``other``'s loaded encoders (same names and dims) and text cache (a reopened index)."""
+        for name, enc in other.encoders.items():
+            if name in self.manifest.encoders and self.manifest.encoders[name].dim == enc.dim:
+                self.encoders[name] = enc
+        self.text_cache = other.text_cache
+
+    def encoder(self, name: str | None = None):
+        """The encoder ``name`` of this index (``None`` = default), loaded once and cached."""
+        entry = self.manifest.entry(name)
+        enc = self.encoders.get(entry.name)
+        if enc is None:
+            with self._lock:
+                enc = self.encoders.get(entry.name)
+                if enc is None:
+                    from retrieval.encoders import create_encoder
+
+                    t0 = time.perf_counter()
+                    enc = create_encoder(entry.name, device=self.device)
+                    if enc.dim != entry.dim:
+                        raise IndexFormatError(
+                            f"encoder {entry.name} gives {enc.dim}-d vectors but the index holds {entry.dim}-d")
+                    log.info("loaded encoder %s in %.1f s", entry.name, time.perf_counter() - t0)
+                    self.encoders[entry.name] = enc
+        return enc
 
     def embed_texts(self, encoder: str, texts: Sequence[str]) -> np.ndarray:
         """Text vectors (cached: repeated queries skip the text model)."""
@@ -34,134 +83,100 @@ class EngineQueries:
         missing = []
         with self._lock:
             for t in texts:
-                v = self._text_cache.get((enc.name, t))
+                v = self.text_cache.get((enc.name, t))
                 if v is not None:
-                    self._text_cache.move_to_end((enc.name, t))
+                    self.text_cache.move_to_end((enc.name, t))
                 else:
                     missing.append(t)
                 out.append(v)
         if missing:
-            new = enc.encode_texts(list(dict.fromkeys(missing)))
-            fresh = dict(zip(dict.fromkeys(missing), new))
+            fresh = dict(zip(dict.fromkeys(missing), enc.encode_texts(list(dict.fromkeys(missing)))))
             with self._lock:
                 for t, v in fresh.items():
-                    self._text_cache[(enc.name, t)] = v
-                while len(self._text_cache) > TEXT_CACHE_SIZE:
-                    self._text_cache.popitem(last=False)
+                    self.text_cache[(enc.name, t)] = v
+                while len(self.text_cache) > TEXT_CACHE_SIZE:
+                    self.text_cache.popitem(last=False)
             out = [v if v is not None else fresh[t] for v, t in zip(out, texts)]
         return np.stack(out).astype(np.float32)
 
-    def embed(self, *, text: str | Sequence[str] | None = None, image: bytes | Image.Image | None = None,
-              image_id: str | None = None, vector: Any = None, instruction: str | None = None,
-              encoder: str | None = None, weight: float | None = None, method: str = "auto",
-              keep_local: bool = False, **opts: Any) -> QueryContext:
-        """Embed a query into one unit vector (see ``search`` for the meaning of each field)."""
-        from retrieval.images import load_image
-
-        given = [n for n, v in (("text", text), ("image", image), ("image_id", image_id), ("vector", vector))
-                 if v is not None]
-        if not given:
-            raise InvalidQueryError("missing query: give text, image, image_id or vector")
-        if image is not None and image_id is not None:
-            raise InvalidQueryError("give either image or image_id, not both")
-        if vector is not None and len(given) > 1:
-            raise InvalidQueryError("a raw vector query cannot be combined with text or images")
-        if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
-            raise InvalidQueryError("instruction must be a non-empty string")
-        has_image = image is not None or image_id is not None
-        if instruction is not None and not has_image:
-            if text is None:
-                raise InvalidQueryError("an instruction needs an image (image or image_id) to apply to")
-        if text is not None and has_image and instruction is None:
-            # "this image, but ..." – the text acts as the instruction
-            if not isinstance(text, str):
-                raise InvalidQueryError("with an image, text must be one string (it acts as the instruction)")
-            instruction, text = text, None
-
-        # routing
-        if text is not None or instruction is not None:
-            named = self._entry(encoder) if encoder is not None else None
-            if named is not None and not named.supports_text and not (
-                    "colour" in named.modalities and text is not None and instruction is None):
-                # (colour-names answers colour phrases when named: encoder="colour-names", text="red")
+    def route(self, req: SearchRequest) -> store.EncoderEntry:
+        """The encoder that answers ``req``: text → the text encoder (or the one named, if it embeds
+        text; colour-names answers colour phrases when named); images → the one named, else the default."""
+        if req.text is None and req.instruction is None:
+            return self.manifest.entry(req.encoder)
+        if req.encoder is not None:
+            named = self.manifest.entry(req.encoder)
+            if not named.supports_text and not ("colour" in named.modalities and req.text is not None
+                                                and req.instruction is None):
+                text_encoder = self.manifest.text_encoder
                 raise UnsupportedModalityError(
-                    f"encoder {encoder!r} embeds images only; text goes to {self.text_encoder!r}"
-                    if self.text_encoder else f"encoder {encoder!r} embeds images only")
-            name = encoder or self.text_encoder
-            if name is None:
-                raise UnsupportedModalityError(
-                    "this index has no text-capable encoder; index with e.g. --encoder conse-effnet-lite0 "
-                    "or clip-vit-b-32 to search by text")
-        else:
-            name = encoder or self.default_encoder
-        entry = self._entry(name)
+                    f"encoder {req.encoder!r} embeds images only; text goes to {text_encoder!r}"
+                    if text_encoder else f"encoder {req.encoder!r} embeds images only")
+            return named
+        if self.manifest.text_encoder is None:
+            raise UnsupportedModalityError(
+                "this index has no text-capable encoder; index with e.g. --encoder conse-effnet-lite0 "
+                "or clip-vit-b-32 to search by text")
+        return self.manifest.entry(self.manifest.text_encoder)
 
-        ctx = QueryContext(vector=np.zeros(entry.dim, np.float32), encoder=entry.name, image_id=image_id,
-                           instruction=instruction)
-        if vector is not None:
-            ctx.vector = as_query_vector(vector, entry.dim)
+    def embed(self, req: SearchRequest, *, keep_local: bool = False) -> QueryContext:
+        """Embed a query into one unit vector; ``keep_local``: keep the query image's local features from
+        the same forward pass (re-ranking)."""
+        entry = self.route(req)
+        ctx = QueryContext(vector=np.zeros(entry.dim, np.float32), encoder=entry.name, image_id=req.image_id,
+                           instruction=req.instruction)
+        if req.vector is not None:
+            ctx.vector = as_query_vector(req.vector, entry.dim)
             return ctx
-        if text is not None:
-            terms = parse_terms(text)
-            ctx.terms = terms
-            ctx.text = text if isinstance(text, str) else " ".join(text)
-            vecs = self.embed_texts(entry.name, [t for _, t in terms])
-            ctx.vector = combine(vecs, [w for w, _ in terms])
+        if req.text is not None:
+            ctx.terms = parse_terms(req.text)
+            ctx.text = req.text if isinstance(req.text, str) else " ".join(req.text)
+            ctx.vector = combine(self.embed_texts(entry.name, [t for _, t in ctx.terms]), [w for w, _ in ctx.terms])
             return ctx
-        # image (bytes / PIL) or indexed image
-        if image is not None:
-            pil = load_image(image)
-            ctx.image = pil
-            if isinstance(image, (bytes, bytearray)):
-                ctx.upload_id = store.content_id(store.sha256_bytes(bytes(image)))
-            enc = self.encoder(entry.name)
-            fine = (entry.local_features or {}).get("layer") == "fine" and "fine" in enc.local_layers
-            if keep_local and fine:
-                # one forward pass: the global vector, the final map (regions) and the fine map (matching)
-                vecs, tokens, grid, ftok, fgrid = enc.encode_images_and_fine([pil])
-                img_vec, ctx.local, ctx.local_fine = vecs[0], (tokens[0], grid), (ftok[0], fgrid)
-            elif keep_local and enc.has_local_features and not enc.binary:
-                # one forward pass gives the global vector and the tokens re-ranking needs
-                vecs, tokens, grid = enc.encode_images_and_local([pil])
-                img_vec, ctx.local = vecs[0], (tokens[0], grid)
-            else:
-                img_vec = enc.encode_images([pil])[0]
+        img_vec = self._image_vector(req, entry, ctx, keep_local)
+        unit = (img_vec / max(float(np.linalg.norm(img_vec)), 1e-12)).astype(np.float32)
+        if req.instruction is None:
+            ctx.vector = unit
         else:
-            shard, row = self.locate(image_id)
-            img_vec = self._reconstruct(entry.name, shard, row)
-            ctx._image_loader = lambda iid=image_id: self.load_image(iid)
-        if instruction is not None:
-            from retrieval.compose.compose import compose_query
-
-            ctx.terms = parse_terms(instruction) if instruction.lstrip()[:1] in "+-" else [(1.0, instruction.strip())]
-            txt = combine(self.embed_texts(entry.name, [t for _, t in ctx.terms]), [w for w, _ in ctx.terms])
-            method = instruction_method(method, weight)
-            kwargs: dict[str, Any] = {"method": method}
-            if method and method != "sum":   # arithmetic / caption / fused need the encoder and the words
-                kwargs.update(encoder=self.encoder(entry.name), instruction=instruction, index_dir=self.index_dir)
-            if weight is not None:
-                if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0.0 <= weight <= 1.0:
-                    raise InvalidQueryError("weight must be a number in [0, 1]")
-                kwargs["weight"] = float(weight)
-            ctx.vector = np.asarray(compose_query(img_vec, txt, **kwargs), dtype=np.float32).reshape(-1)
-            ctx.image_vector = (img_vec / max(float(np.linalg.norm(img_vec)), 1e-12)).astype(np.float32)
-        else:
-            norm = float(np.linalg.norm(img_vec))
-            ctx.vector = (img_vec / max(norm, 1e-12)).astype(np.float32)
+            ctx.image_vector, ctx.vector = unit, self._compose(req, entry, ctx, img_vec)
         return ctx
 
+    def _image_vector(self, req: SearchRequest, entry: store.EncoderEntry, ctx: QueryContext,
+                      keep_local: bool) -> np.ndarray:
+        """The query image's vector: uploaded bytes / PIL embedded now, an indexed image's stored vector."""
+        if req.image is None:
+            ctx._image_loader = lambda iid=req.image_id: self._load_image(iid)
+            return self._stored_vector(entry.name, req.image_id)
+        from retrieval.images import load_image
 
-def instruction_method(method: str | None, weight: float | None) -> str:
-    """The composition method a query gets: ``auto`` (or none) means ``compose.DEFAULT_METHOD``, except
-    that an explicit ``weight`` (the image/text mix of ``sum``) asks for ``sum``."""
-    if method in (None, "", "auto") and weight is not None:
-        return "sum"
-    return method or "auto"
+        pil = load_image(req.image)
+        ctx.image = pil
+        if isinstance(req.image, (bytes, bytearray)):
+            ctx.upload_id = store.content_id(store.sha256_bytes(bytes(req.image)))
+        enc = self.encoder(entry.name)
+        if keep_local and (entry.local_features or {}).get("layer") == "fine" and "fine" in enc.local_layers:
+            # one forward pass: the global vector, the final map (regions) and the fine map (matching)
+            vecs, tokens, grid, ftok, fgrid = enc.encode_images_and_fine([pil])
+            ctx.local, ctx.local_fine = (tokens[0], grid), (ftok[0], fgrid)
+            return vecs[0]
+        if keep_local and enc.has_local_features and not enc.binary:
+            vecs, tokens, grid = enc.encode_images_and_local([pil])   # the global vector and the tokens
+            ctx.local = (tokens[0], grid)
+            return vecs[0]
+        return enc.encode_images([pil])[0]
 
+    def _compose(self, req: SearchRequest, entry: store.EncoderEntry, ctx: QueryContext,
+                 img_vec: np.ndarray) -> np.ndarray:
+        from retrieval.compose.compose import compose_query
 
-def _is_fusion(method: Any) -> bool:
-    if method == "auto":
-        from retrieval.compose.compose import DEFAULT_METHOD
-
-        method = DEFAULT_METHOD
-    return method == "fusion"
+        instruction = req.instruction
+        ctx.terms = parse_terms(instruction) if instruction.lstrip()[:1] in "+-" else [(1.0, instruction.strip())]
+        txt = combine(self.embed_texts(entry.name, [t for _, t in ctx.terms]), [w for w, _ in ctx.terms])
+        method = req.composition
+        kwargs: dict[str, Any] = {"method": method}
+        if method != "sum":   # arithmetic / caption / fused need the encoder and the words
+            kwargs.update(encoder=self.encoder(entry.name), instruction=instruction, index_dir=self.index_dir,
+                          **(self._composer() if self._composer else {}))
+        if req.weight is not None:
+            kwargs["weight"] = req.weight
+        return np.asarray(compose_query(img_vec, txt, **kwargs), dtype=np.float32).reshape(-1)

@@ -21,8 +21,9 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 from PIL import Image
 
-from retrieval.errors import InvalidQueryError
+from retrieval.errors import InvalidFieldError, InvalidQueryError
 from retrieval.index.filters import parse_filter
+from retrieval.index.params import SearchConfig
 
 MAX_K = 1000                  # results per query
 DEFAULT_K = 20
@@ -39,7 +40,7 @@ def check_int(name: str, value: Any, lo: int, hi: int) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InvalidQueryError(f"{name} must be an integer in {lo}..{hi}")
+        raise InvalidFieldError(f"{name} must be an integer in {lo}..{hi}")
     if not lo <= int(value) <= hi:
         raise InvalidQueryError(f"{name} must be in {lo}..{hi}, got {value}")
     return int(value)
@@ -48,29 +49,29 @@ def check_int(name: str, value: Any, lo: int, hi: int) -> int:
 def check_number(name: str, value: Any, lo: float, hi: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
             or not math.isfinite(float(value)):
-        raise InvalidQueryError(f"{name} must be a number in [{lo:g}, {hi:g}]")
+        raise InvalidFieldError(f"{name} must be a number in [{lo:g}, {hi:g}]")
     if not lo <= float(value) <= hi:
-        raise InvalidQueryError(f"{name} must be in [{lo:g}, {hi:g}], got {value}")
+        raise InvalidFieldError(f"{name} must be in [{lo:g}, {hi:g}], got {value}")
     return float(value)
 
 
 def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise InvalidQueryError(f"{name} must be true or false")
+        raise InvalidFieldError(f"{name} must be true or false")
     return value
 
 
 def check_str(name: str, value: Any, max_len: int = MAX_TEXT_CHARS) -> str:
     if not isinstance(value, str):
-        raise InvalidQueryError(f"{name} must be a string")
+        raise InvalidFieldError(f"{name} must be a string")
     if len(value) > max_len:
-        raise InvalidQueryError(f"{name} is too long (max {max_len} characters)")
+        raise InvalidFieldError(f"{name} is too long (max {max_len} characters)")
     return value
 
 
 def check_choice(name: str, value: Any, choices) -> str:
     if value not in choices:
-        raise InvalidQueryError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        raise InvalidFieldError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
     return value
 
 
@@ -80,7 +81,7 @@ def form_bool(name: str, value: Any) -> Any:
         low = value.strip().lower()
         if low in _TRUE or low in _FALSE:
             return low in _TRUE
-        raise InvalidQueryError(f"{name} must be true or false")
+        raise InvalidFieldError(f"{name} must be true or false")
     return value
 
 
@@ -89,7 +90,7 @@ def form_number(name: str, value: Any) -> Any:
         try:
             number = float(value.strip())
         except ValueError:
-            raise InvalidQueryError(f"{name} must be a number") from None
+            raise InvalidFieldError(f"{name} must be a number") from None
         return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
     return value
 
@@ -99,7 +100,7 @@ def form_json(name: str, value: Any) -> Any:
         try:
             return json.loads(value)
         except ValueError:
-            raise InvalidQueryError(f"{name} must be JSON") from None
+            raise InvalidFieldError(f"{name} must be JSON") from None
     return value
 
 
@@ -118,7 +119,7 @@ def fields_of(cls, fields: dict[str, Any], *, form: bool, coerce: dict[str, Call
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(str(k) for k in fields if k not in known)
     if unknown:
-        raise InvalidQueryError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+        raise InvalidFieldError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
                                 f"for {what}; it takes {', '.join(sorted(known))}")
     out = {}
     for key, value in fields.items():
@@ -173,25 +174,26 @@ class SearchRequest:
         self.colour = check_bool("colour", self.colour)
         if self.encoder is not None:
             self.encoder = check_str("encoder", self.encoder, 200)
-        self.method = check_choice("method", "auto" if self.method in (None, "") else self.method, METHODS)
+        self.method = "auto" if self.method in (None, "") else check_str("method", self.method, 50)
+        if self.method not in METHODS:
+            raise InvalidQueryError(f"unknown composition method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.weight is not None:
             self.weight = check_number("weight", self.weight, 0.0, 1.0)
         if self.dedup is None or self.dedup is False or (self.dedup == 0 and not isinstance(self.dedup, bool)):
             self.dedup = False
         elif self.dedup is not True:
             if isinstance(self.dedup, str):
-                raise InvalidQueryError("dedup must be true/false or a cosine threshold in (0, 1]")
+                raise InvalidFieldError("dedup must be true/false or a cosine threshold in (0, 1]")
             self.dedup = check_number("dedup", self.dedup, 0.0, 1.0)
             if self.dedup <= 0.0:
-                raise InvalidQueryError("dedup must be true/false or a cosine threshold in (0, 1]")
+                raise InvalidFieldError("dedup must be true/false or a cosine threshold in (0, 1]")
         if self.filter is not None:
             if not isinstance(self.filter, dict):
-                raise InvalidQueryError("filter must be a JSON object {field: condition}")
+                raise InvalidFieldError("filter must be a JSON object {field: condition}")
             parse_filter(self.filter)          # syntax now, before the (slower) embedding
             self.filter = self.filter or None
-        if self.params is not None and not isinstance(self.params, dict) and \
-                type(self.params).__name__ != "SearchConfig":
-            raise InvalidQueryError('params must be an object {"nprobe": N, "efSearch": N}')
+        if self.params is not None and not isinstance(self.params, (dict, SearchConfig)):
+            raise InvalidFieldError('params must be an object {"nprobe": N, "efSearch": N}')
 
     def _check_query(self) -> None:
         if isinstance(self.text, str):
@@ -200,25 +202,25 @@ class SearchRequest:
                 self.text = None
         elif isinstance(self.text, (list, tuple)):
             if not self.text or not all(isinstance(t, str) for t in self.text):
-                raise InvalidQueryError("text must be a string or a list of strings")
+                raise InvalidFieldError("text must be a string or a list of strings")
             self.text = [check_str("text", t) for t in self.text]
         elif self.text is not None:
-            raise InvalidQueryError("text must be a string or a list of strings")
+            raise InvalidFieldError("text must be a string or a list of strings")
         if self.image is not None and not isinstance(self.image, (bytes, bytearray, Image.Image)):
-            raise InvalidQueryError("image must be encoded image bytes (or a PIL image)")
+            raise InvalidFieldError("image must be encoded image bytes (or a PIL image)")
         if self.image_id is not None:
             self.image_id = check_str("image_id", self.image_id, 64).strip()
         if self.instruction is not None:
             check_str("instruction", self.instruction)
             if not self.instruction.strip():
-                raise InvalidQueryError("instruction must be a non-empty string")
+                self.instruction = None          # a blank instruction is no instruction
         if self.vector is not None:
             if isinstance(self.vector, np.ndarray):
                 if self.vector.size == 0 or self.vector.size > MAX_VECTOR_DIM:
-                    raise InvalidQueryError("vector must be a non-empty list of numbers")
+                    raise InvalidFieldError("vector must be a non-empty list of numbers")
             elif not isinstance(self.vector, (list, tuple)) or not self.vector or len(self.vector) > MAX_VECTOR_DIM \
                     or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in self.vector):
-                raise InvalidQueryError("vector must be a non-empty list of numbers")
+                raise InvalidFieldError("vector must be a non-empty list of numbers")
         given = [n for n in ("text", "image", "image_id", "vector") if getattr(self, n) is not None]
         if not given:
             raise InvalidQueryError("missing query: give text, image (upload or base64), image_id or vector")

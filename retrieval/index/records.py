@@ -1,32 +1,62 @@
-"""Ids, metadata, source images and stored vectors of an opened index: the part of
-:class:`retrieval.engine.Engine` that reads what the index holds about its images.
+"""``RecordStore``: what an opened index holds about its images — ids, metadata, source files, local
+features.
 
 * An image id maps to ``(shard number, row)`` through a sorted array of the ids' integer values.
 * Metadata rows come from the Parquet shards (``aliases`` and ``extra`` are JSON columns); an image's
   bytes from its source file, or from a webdataset tar member (``/abs/shard.tar#KEY.jpg``).
-* Stored vectors are reconstructed from the FAISS shards (binary codes as ±1/sqrt(d) vectors; an IVF
-  index gets its direct map once, at first use); local descriptors come from ``store.LocalShard``.
+* Local descriptors (re-ranking) come from ``store.LocalShard``, opened once per shard.
+* ``masks(conditions)``: a metadata filter as one boolean array per shard (``retrieval.index.filters``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
-from retrieval.errors import UnknownIdError, UnsupportedModalityError
+from retrieval.errors import IndexFormatError, UnknownIdError, UnsupportedModalityError
 from retrieval.index import store
+from retrieval.index.filters import Condition, filter_mask
 from retrieval.types import Hit
 
 
-class EngineRecords:
-    """Engine methods over ids, metadata and stored vectors. Uses the attributes ``Engine.__init__``
-    sets (``index_dir``, ``tables``, ``offsets``, ``shard_ids``, ``indexes``, ``_id_sorted`` ...) and
-    ``Engine._entry``."""
+class RecordStore:
+    """The metadata shards of an index, read once when the index is opened."""
+
+    def __init__(self, index_dir: Path, manifest: store.Manifest):
+        self.index_dir = index_dir
+        self.manifest = manifest
+        self.shard_names = [s.name for s in manifest.shards]
+        self.tables = []
+        for entry in manifest.shards:
+            table = store.read_metadata(index_dir, entry.name)
+            if table.num_rows != entry.count:
+                raise IndexFormatError(
+                    f"{entry.name}: metadata has {table.num_rows} rows, the manifest says {entry.count}; "
+                    "rerun `loupe index` to repair the index")
+            self.tables.append(table)
+        counts = [t.num_rows for t in self.tables]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64) if counts else np.zeros(1, np.int64)
+        self.shard_ids: list[list[str]] = [t.column("id").to_pylist() for t in self.tables]
+        ints = np.array([store.id_to_int(i) for ids in self.shard_ids for i in ids], dtype=np.int64)
+        self._id_order = np.argsort(ints, kind="stable")
+        self._id_sorted = ints[self._id_order]
+        self._extra_cache: list[dict] = [{} for _ in self.tables]
+        self._local: dict[tuple[str, int], store.LocalShard] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def count(self) -> int:
+        return int(self.offsets[-1])
+
+    def masks(self, conditions: list[Condition]) -> list[np.ndarray]:
+        """One boolean array per shard: the rows that meet every metadata condition."""
+        return [filter_mask(t, conditions, self._extra_cache[i]) for i, t in enumerate(self.tables)]
 
     # -- ids and metadata ---------------------------------------------------------------------------
     def locate(self, image_id: str) -> tuple[int, int]:
@@ -47,16 +77,8 @@ class EngineRecords:
         shard = int(np.searchsorted(self.offsets, global_row, side="right") - 1)
         return shard, int(global_row - self.offsets[shard])
 
-    def has_id(self, image_id: str) -> bool:
-        try:
-            self.locate(image_id)
-            return True
-        except UnknownIdError:
-            return False
-
-    def hit_for_id(self, encoder: str, image_id: str) -> Hit:
+    def hit_for_id(self, image_id: str) -> Hit:
         """A ``Hit`` for an indexed image, scored against nothing (score 0)."""
-        self._entry(encoder)
         shard, row = self.locate(image_id)
         return Hit(image_id, 0.0, shard, row)
 
@@ -112,50 +134,9 @@ class EngineRecords:
         except UnknownIdError:
             return load_image(self.source_bytes(image_id))
 
-    # -- vectors ------------------------------------------------------------------------------------
-    def _reconstruct(self, encoder: str, shard: int, row: int) -> np.ndarray:
-        import faiss
-
-        entry = self._entry(encoder)
-        index = self.indexes[entry.name][shard]
-        if entry.index_type == "binary":
-            bits = np.unpackbits(index.reconstruct(int(row)))
-            return (np.where(bits > 0, 1.0, -1.0) / np.sqrt(bits.size)).astype(np.float32)
-        try:
-            return np.asarray(index.reconstruct(int(row)), dtype=np.float32)
-        except RuntimeError:
-            key = (entry.name, shard)
-            with self._lock:
-                if key not in self._direct_map_done:
-                    ivf = faiss.try_extract_index_ivf(index)
-                    if ivf is None:
-                        raise
-                    ivf.make_direct_map()   # once, at first use; never per request
-                    self._direct_map_done.add(key)
-            return np.asarray(index.reconstruct(int(row)), dtype=np.float32)
-
-    def vectors(self, encoder: str, hits: Sequence[Hit]) -> np.ndarray:
-        """Stored vectors of ``hits`` in ``encoder``'s space, [n, d] float32."""
-        entry = self._entry(encoder)
-        if not hits:
-            return np.zeros((0, entry.dim), dtype=np.float32)
-        return np.stack([self._reconstruct(entry.name, h.shard, h.row) for h in hits]).astype(np.float32)
-
-    def all_vectors(self, encoder: str | None = None) -> Iterator[tuple[int, np.ndarray, list[str]]]:
-        """Every shard's vectors: ``(shard number, [n, d] float32, ids)`` (for de-duplication)."""
-        entry = self._entry(encoder)
-        for i, index in enumerate(self.indexes[entry.name]):
-            if entry.index_type == "binary":
-                codes = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d // 8), np.uint8)
-                bits = np.unpackbits(codes, axis=1)
-                vecs = (np.where(bits > 0, 1.0, -1.0) / np.sqrt(max(bits.shape[1], 1))).astype(np.float32)
-            else:
-                vecs = store.reconstruct_all(index)
-            yield i, vecs, list(self.shard_ids[i])
-
     def local_features(self, encoder: str, hits: Sequence[Hit]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Stored local descriptors of ``hits``: ``(desc [p, c] float32, pos [p, 2] (row, col))`` each."""
-        entry = self._entry(encoder)
+        entry = self.manifest.encoders[encoder]
         if not entry.local_features:
             raise UnsupportedModalityError(
                 f"the index has no local features for {entry.name}; rebuild with `loupe index --local-features`")

@@ -35,7 +35,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from retrieval.errors import IndexFormatError
+from retrieval.errors import IndexFormatError, UnknownEncoderError
 
 FORMAT_NAME = "loupe-index"
 FORMAT_VERSION = 1
@@ -145,6 +145,13 @@ class Manifest:
     @property
     def default_encoder(self) -> str:
         return self.text_encoder or next(iter(self.encoders))
+
+    def entry(self, name: str | None = None) -> EncoderEntry:
+        """The entry of encoder ``name`` (``None``: the default one); raises ``UnknownEncoderError``."""
+        name = name or self.default_encoder
+        if not isinstance(name, str) or name not in self.encoders:
+            raise UnknownEncoderError(f"encoder {name!r} is not in this index; it has: {', '.join(self.encoders)}")
+        return self.encoders[name]
 
     def to_json(self) -> dict[str, Any]:
         return {
