@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from _engine_helpers import build_index, build_photo_index, png_bytes, unit
 
+from retrieval.engine.embed import parse_term, parse_terms
 from retrieval.engine.engine import Engine
-from retrieval.engine.query import parse_term, parse_terms
 from retrieval.errors import InvalidQueryError, UnknownEncoderError, UnknownIdError, UnsupportedModalityError
 from retrieval.index import store
 from retrieval.index.filters import filter_mask, parse_filter

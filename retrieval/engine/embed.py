@@ -3,6 +3,8 @@
 * Encoders load once, on first use (``encoder(name)``), and are safe to call from many threads.
 * Text goes to the index's first text-capable encoder (or the one named, if it embeds text); image
   queries to the encoder named in the request (default: the index's default encoder).
+* Weighted terms follow rclip: ``"+a cat"`` adds, ``"-a dog"`` subtracts, ``"0.5:snow"`` adds with weight
+  0.5; the query vector is the normalised weighted sum of the normalised term vectors.
 * Text vectors are cached (LRU of ``TEXT_CACHE_SIZE``), so repeated queries skip the text model.
 * An instruction composes with the image through ``retrieval.compose.compose_query``.
 """
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -19,14 +22,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from retrieval.engine.query import QueryContext, as_query_vector, combine, parse_terms
-from retrieval.engine.request import SearchRequest
-from retrieval.errors import IndexFormatError, UnsupportedModalityError
+from retrieval.engine.query import QueryContext
+from retrieval.engine.request import MAX_TEXT_CHARS, SearchRequest
+from retrieval.errors import IndexFormatError, InvalidQueryError, UnsupportedModalityError
 from retrieval.index import store
 
 log = logging.getLogger("loupe.engine")
 
 TEXT_CACHE_SIZE = 2048
+MAX_TERMS = 16
+_WEIGHTED = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*:\s*(.*)$", re.S)
 
 
 class Embedder:
@@ -180,3 +185,64 @@ class Embedder:
         if req.weight is not None:
             kwargs["weight"] = req.weight
         return np.asarray(compose_query(img_vec, txt, **kwargs), dtype=np.float32).reshape(-1)
+
+
+# -- weighted text terms (rclip style) --------------------------------------------------------------
+def parse_term(term: str) -> tuple[float, str]:
+    """``"+a cat"`` → (1, "a cat"); ``"-a dog"`` → (-1, "a dog"); ``"0.5:snow"`` → (0.5, "snow")."""
+    if not isinstance(term, str):
+        raise InvalidQueryError(f"text terms must be strings, got {type(term).__name__}")
+    raw = term.strip()
+    weight = 1.0
+    m = _WEIGHTED.match(raw)
+    if m:
+        weight, raw = float(m.group(1)), m.group(2).strip()
+    elif raw[:1] in "+-" and raw[:1]:
+        weight, raw = (1.0 if raw[0] == "+" else -1.0), raw[1:].strip()
+    if not raw:
+        raise InvalidQueryError(f"empty text term {term!r}")
+    if len(raw) > MAX_TEXT_CHARS:
+        raise InvalidQueryError(f"text term is {len(raw)} characters, over the limit of {MAX_TEXT_CHARS}")
+    if not np.isfinite(weight):
+        raise InvalidQueryError(f"bad weight in {term!r}")
+    return weight, raw
+
+
+def parse_terms(text: str | Sequence[str]) -> list[tuple[float, str]]:
+    """A text query (one string, or a list of weighted terms) → [(weight, text), ...]."""
+    if isinstance(text, str):
+        items = [text]
+    elif isinstance(text, (list, tuple)):
+        items = list(text)
+    else:
+        raise InvalidQueryError("text must be a string or a list of strings")
+    if not items:
+        raise InvalidQueryError("empty text query")
+    if len(items) > MAX_TERMS:
+        raise InvalidQueryError(f"at most {MAX_TERMS} text terms per query, got {len(items)}")
+    return [parse_term(t) for t in items]
+
+
+def combine(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """Normalised weighted sum of normalised rows; raises if the terms cancel out."""
+    v = np.asarray(vectors, dtype=np.float32)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    out = (np.asarray(weights, dtype=np.float32)[:, None] * v).sum(axis=0)
+    norm = float(np.linalg.norm(out))
+    if not np.isfinite(norm) or norm < 1e-6:
+        raise InvalidQueryError("the weighted query terms cancel out (zero vector); change the weights")
+    return (out / norm).astype(np.float32)
+
+
+def as_query_vector(vector: Any, dim: int) -> np.ndarray:
+    """Validate a raw query embedding (list or array of ``dim`` finite numbers) → unit float32."""
+    try:
+        arr = np.asarray(vector, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise InvalidQueryError(f"vector must be a list of {dim} numbers") from exc
+    if arr.shape[0] != dim:
+        raise InvalidQueryError(f"vector has {arr.shape[0]} dimensions; this encoder needs {dim}")
+    norm = float(np.linalg.norm(arr))
+    if not np.isfinite(norm) or norm < 1e-12:
+        raise InvalidQueryError("vector must be finite and non-zero")
+    return (arr / norm).astype(np.float32)

@@ -38,9 +38,8 @@ from retrieval.engine.request import MAX_K, SearchRequest, check_int
 from retrieval.errors import IndexFormatError, InvalidQueryError
 from retrieval.index import store
 from retrieval.index.filters import filter_key, parse_filter
-from retrieval.index.params import SearchConfig
 from retrieval.index.records import RecordStore
-from retrieval.index.shards import ShardSet
+from retrieval.index.shards import SearchConfig, ShardSet
 from retrieval.types import Hit
 
 __all__ = ["Engine"]

@@ -23,7 +23,7 @@ from PIL import Image
 
 from retrieval.errors import InvalidFieldError, InvalidQueryError
 from retrieval.index.filters import parse_filter
-from retrieval.index.params import SearchConfig
+from retrieval.index.shards import SearchConfig
 
 MAX_K = 1000                  # results per query
 DEFAULT_K = 20

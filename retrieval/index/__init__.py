@@ -4,7 +4,8 @@ features), per-call search parameters, metadata filters and the records of an op
 
 
 from .filters import parse_filter
-from .params import SearchConfig
+from .records import RecordStore
+from .shards import SearchConfig, ShardSet
 from .store import Manifest, read_manifest
 
-__all__ = ["Manifest", "read_manifest", "SearchConfig", "parse_filter"]
+__all__ = ["Manifest", "read_manifest", "SearchConfig", "ShardSet", "RecordStore", "parse_filter"]
