@@ -144,7 +144,7 @@ def main() -> None:
             wall = time.perf_counter() - t
             result[f"pipeline_workers_{workers}_decode_{decode}"] = {
                 "indexed": summary.indexed, "failed": len(summary.failed), "wall_s": wall,
-                "images_per_s": summary.indexed / wall, "timings": summary.timings}
+                "images_per_s": summary.indexed / wall, "stages": summary.stages.to_json()}
     if not args.skip_search:
         result["search"] = bench_search(args.search_n, 512, 1000, 10, dev)
     text = json.dumps(result, indent=2, default=str)

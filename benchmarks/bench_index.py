@@ -222,7 +222,7 @@ def bench_pipeline(args, encoder_name: str, tmp: Path) -> dict:
     bare_s = time.perf_counter() - t
     return {"images": len(paths), "pipeline_s": pipe_s, "pipeline_ips": len(paths) / pipe_s,
             "bare_s": bare_s, "bare_ips": len(paths) / bare_s, "ratio": (len(paths) / pipe_s) / (len(paths) / bare_s),
-            "timings": {k: round(v, 2) for k, v in s.timings.items()}}
+            "stages": s.stages.to_json()}
 
 
 def bench_fmnist_child(args) -> None:
@@ -247,7 +247,7 @@ def bench_fmnist_child(args) -> None:
     own, children = peak_rss_mb()
     print(json.dumps({"images": n, "indexed": s.indexed, "failed": len(s.failed), "shards": s.shards,
                       "wall_s": wall, "ips": s.indexed / wall, "peak_rss_mb": own, "workers_peak_rss_mb": children,
-                      "rss_quarters_mb": course, "timings": {k: round(v, 2) for k, v in s.timings.items()}}))
+                      "rss_quarters_mb": course, "stages": s.stages.to_json()}))
 
 
 def main() -> None:
@@ -294,7 +294,7 @@ def main() -> None:
             print("|---:|---:|---:|---:|---:|---:|")
             print(f"| {r['images']} | {r['pipeline_s']:.1f} | {r['pipeline_ips']:.1f} | {r['bare_s']:.1f} | "
                   f"{r['bare_ips']:.1f} | {r['ratio']:.2f} |")
-            print(f"pipeline stage timings (s): {r['timings']}")
+            print(f"stage seconds (read, embed, write): {r['stages']}")
         sizes = [int(x) for x in args.fmnist_sizes.split(",")] if args.fmnist_sizes else (
             [args.fmnist] if args.fmnist else [])
         if sizes and not FMNIST_DIR.is_dir():
@@ -327,7 +327,7 @@ def main() -> None:
                 print(f"| {r['images']} | {r['indexed']} | {r['shards']} | {r['wall_s']:.1f} | {r['ips']:.1f} | "
                       f"{r['peak_rss_mb']:.0f} | {r['workers_peak_rss_mb']:.0f} | "
                       f"{' / '.join(str(x) for x in r['rss_quarters_mb'])} |")
-            print(f"stage timings (s), last run: {rows[-1]['timings']}")
+            print(f"stage seconds (read, embed, write), last run: {rows[-1]['stages']}")
 
 
 if __name__ == "__main__":

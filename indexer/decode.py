@@ -1,17 +1,16 @@
-"""The decode stage of ``loupe index``: DataLoader workers read, hash, decode and preprocess each item.
+"""The indexer's reader, decode part: DataLoader workers read, hash, decode and preprocess each item.
 
 Each worker reads an item's bytes, hashes them (SHA-256 → stable id), skips content already indexed,
 decodes once with ``retrieval.images.load_image`` and applies every encoder group's transform up to
 the float conversion (``split_transform``): batches travel as uint8 and are normalised on the encoder's
 device (``normalize``). ``iter_batches`` survives worker crashes (a C decoder's segfault) and caps the
-decoded batches in flight (``prefetch_factor``, ``IN_FLIGHT_BYTES``).
+decoded batches in flight (``prefetch_factor``: ``retrieval.settings.in_flight_bytes()``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -21,17 +20,12 @@ import numpy as np
 import torch
 
 from indexer.sources import Item, ReadConfig, read_bytes
+from retrieval import settings
 from retrieval.errors import LoupeError
 from retrieval.images import load_image
 from retrieval.index import store
 
 log = logging.getLogger(__name__)
-
-# Decoded batches waiting in the DataLoader (in shared memory, plus their pinned copies on a GPU) are
-# capped near this many bytes: with 15 workers × 4 prefetched batches of 256 images at 224 px they
-# would hold 4.6 GB of host memory. LOUPE_IN_FLIGHT_MB overrides the cap (MiB).
-IN_FLIGHT_BYTES = int(float(os.environ.get("LOUPE_IN_FLIGHT_MB", 1024)) * (1 << 20))
-
 
 @dataclass
 class Record:
@@ -187,11 +181,18 @@ def _worker_died(exc: BaseException) -> bool:
     return "DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text)
 
 
-def prefetch_factor(batch_bytes: int, workers: int, budget: int = IN_FLIGHT_BYTES) -> int | None:
+def prefetch_factor(batch_bytes: int, workers: int, budget: int | None = None) -> int | None:
     """Batches each DataLoader worker prepares ahead: 4 while ``workers`` × 4 batches stay within
-    ``budget`` bytes, fewer (down to 1) for large batches or many workers; None without workers."""
+    ``budget`` bytes, fewer (down to 1) for large batches or many workers; None without workers.
+
+    Decoded batches waiting in the DataLoader (in shared memory, plus their pinned copies on a GPU) are
+    capped this way: with 15 workers × 4 prefetched batches of 256 images at 224 px they would hold
+    4.6 GB of host memory. The default budget is ``retrieval.settings.in_flight_bytes()``
+    (``LOUPE_IN_FLIGHT_MB``, 1 GiB), read at each call."""
     if workers <= 0:
         return None
+    if budget is None:
+        budget = settings.in_flight_bytes()
     return int(max(1, min(4, budget // max(1, workers * batch_bytes))))
 
 

@@ -1,12 +1,14 @@
 """Scale-out indexing on Ray (``loupe index ... --ray [ADDRESS]``), with Ray Data.
 
-When one machine's cores cannot decode fast enough for its GPU, or one GPU is not enough, the read →
-decode → encode stages run on a Ray cluster: Ray Data splits the work into batches and feeds them
-to a pool of actors (``--ray-actors``, one GPU each with ``--device cuda``). Each actor builds the
-encoders once, reads and decodes its batch with a thread pool, embeds it, and sends back only the
-records and vectors. The driver keeps everything that makes an index trustworthy: it alone writes
-shards and commits the manifest (same writer, same on-disk format, same resume and lock semantics
-as a local run), so a killed driver resumes exactly like a local run.
+When one machine's cores cannot decode fast enough for its GPU, or one GPU is not enough, the reader
+and the embedding run on a Ray cluster: Ray Data splits the work into batches and feeds them to a
+pool of actors (``--ray-actors``, one GPU each with ``--device cuda``). Each actor builds the
+encoders once, reads and decodes its batch with a thread pool, embeds it with the local run's
+``indexer.embed.Embedder``, and sends back only the records and vectors; the driver's mapper
+(``select_embedded``) picks the rows of the records it keeps. The driver keeps everything that makes
+an index trustworthy: it alone writes shards and commits the manifest (same writer, same on-disk
+format, same resume and lock semantics as a local run), so a killed driver resumes exactly like a
+local run.
 
 Files must be readable at the same paths from every Ray node (a shared filesystem or object-store
 mount), as with any Ray Data job.
@@ -17,11 +19,14 @@ from __future__ import annotations
 import logging
 import pickle
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from retrieval.errors import MissingExtraError
+
+if TYPE_CHECKING:
+    from indexer.runner import ReadBatch
 
 log = logging.getLogger(__name__)
 
@@ -44,35 +49,26 @@ class EmbedActor:
         import ray
 
         from indexer.decode import DecodeDataset
-        from indexer.pipeline import _transform_groups
+        from indexer.embed import Embedder
         from retrieval.encoders import create_encoder, register_encoder
 
         for name, spec in specs.items():           # encoders registered in the driver (custom ones too)
             register_encoder(name, spec, replace=True)
         items = ray.get(items_ref) if isinstance(items_ref, ray.ObjectRef) else items_ref
         known = ray.get(known_ids_ref) if isinstance(known_ids_ref, ray.ObjectRef) else known_ids_ref
-        self.encoders = {n: create_encoder(n, device=device, precision=precision) for n in names}
-        self.transforms, self.stats, self.group_of = _transform_groups(self.encoders)
-        self.dataset = DecodeDataset(items, self.transforms, frozenset(known), read_cfg, max_pixels)
-        self.local = dict(local)                 # encoder -> local layer
+        self.embedder = Embedder({n: create_encoder(n, device=device, precision=precision) for n in names}, local)
+        self.dataset = DecodeDataset(items, self.embedder.transforms, frozenset(known), read_cfg, max_pixels)
         self.batch_size = batch_size
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads))
 
     def embed_batch(self, number: int) -> dict[str, Any]:
-        from indexer.decode import assemble, collate
-        from indexer.pipeline import _embed
+        from indexer.decode import collate
 
         n = len(self.dataset)
         indices = range(number * self.batch_size, min(n, (number + 1) * self.batch_size))
         records = list(self.pool.map(self.dataset.__getitem__, indices))
         batch = collate(records)
-        vectors, local = {}, {}
-        if batch["ok"]:
-            for name, enc in self.encoders.items():
-                x = assemble(batch, batch["ok"], {}, {}, self.group_of[name], self.stats, enc)
-                vectors[name], loc = _embed(enc, x, self.local.get(name))
-                if loc is not None:
-                    local[name] = loc
+        vectors, local = self.embedder.embed(batch, batch["ok"]) if batch["ok"] else ({}, {})
         return {"records": batch["records"], "ok": batch["ok"], "vectors": vectors, "local": local}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -114,3 +110,13 @@ def ray_batches(dataset, encoders: dict, local: dict[str, str], *, batch_size: i
     for out in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2):
         for payload in out["payload"]:
             yield pickle.loads(payload)
+
+
+def select_embedded(batch: ReadBatch) -> tuple[dict, dict]:
+    """The mapper of a Ray run: the rows of the actors' vectors (one per record in ``ok``, decoded without
+    error) that belong to the kept records, in order."""
+    position = {idx: i for i, idx in enumerate(batch.data["ok"])}
+    sel = np.asarray([position[idx] for idx in batch.kept], dtype=np.int64)
+    vectors = {n: v[sel] for n, v in batch.data["vectors"].items()}
+    local = {n: (tokens[sel], grid) for n, (tokens, grid) in batch.data["local"].items()}
+    return vectors, local

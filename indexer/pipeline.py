@@ -1,45 +1,42 @@
-"""The indexing run: read → decode (DataLoader workers) → encode (batches) → write (background thread).
+"""The indexing run behind ``loupe index``: plan it, then reader → mapper → writer (``indexer.runner``).
 
-``build_index(IndexConfig(...))`` is the library entry point behind ``loupe index``:
+``build_index(IndexConfig(...))``:
 
-1. take the index lock, read the manifest (if any) and the ids/sources already indexed, delete files a
-   killed run left behind;
-2. enumerate the SOURCEs; unchanged sources already in the index are skipped without being read;
-   ``--prune`` (and changed files) drop the old rows first;
-3. DataLoader workers read each item's bytes, hash them (SHA-256 → stable id), skip content already
-   indexed (recorded as an alias), decode once with ``retrieval.images.load_image`` and apply every
-   encoder's ``preprocess`` (encoders with the same transform share it);
-4. the main thread embeds each batch with every encoder (global + local features in one forward pass);
-5. a background thread writes shards (``indexer.writer``) and commits the manifest after each one.
+1. plan: take the index lock, read the manifest (if any) and the ids/sources already indexed, delete
+   files a killed run left behind; enumerate the SOURCEs (``indexer.sources``): unchanged sources
+   already in the index are skipped without being read; load the encoders, choose each one's index
+   type; ``--prune`` (and changed files) drop the old rows first;
+2. reader (``indexer.decode``): DataLoader workers read each item's bytes, hash them (SHA-256 → stable
+   id), skip content already indexed, decode once with ``retrieval.images.load_image`` and apply every
+   encoder group's transform (``--decode gpu``: JPEGs are decoded on the device, ``indexer.gpu_batch``);
+   ``runner.triage`` sorts the records into new images, aliases and failures;
+3. mapper (``indexer.embed``): every encoder embeds each batch (global + local features in one pass);
+4. writer (``indexer.writer``): a background thread writes shards and commits the manifest after each.
+
+``runner.run_stages`` joins the three and times each (the summary's ``stages``). With ``--ray`` the
+reader and the embedding run on Ray actors (``indexer.distributed``), the mapper here only picks the
+rows they embedded, and the writer is the same.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from indexer import index_types
-from indexer.decode import (
-    DecodeDataset,
-    Record,
-    assemble,
-    batch_bytes,
-    iter_batches,
-    prefetch_factor,
-    split_transform,
-    worker_errors_in_iteration,
-)
+from indexer.decode import DecodeDataset, batch_bytes, iter_batches, prefetch_factor, worker_errors_in_iteration
+from indexer.embed import Embedder, gpu_decodable
 from indexer.lock import IndexLock
-from indexer.sources import Failure, Item, ReadConfig, enumerate_sources
+from indexer.runner import IndexSummary, Mapper, ReadBatch, run_stages, triage
+from indexer.sources import Item, ReadConfig, enumerate_sources
 from indexer.writer import BackgroundWriter, IndexState, IndexWriter, clean_stray_files, load_state
+from retrieval.device import DeviceConfig, resolve_device
 from retrieval.errors import LoupeError
 from retrieval.index import store
 
@@ -79,22 +76,135 @@ class IndexConfig:
 
 
 @dataclass
-class IndexSummary:
-    indexed: int = 0
-    skipped: int = 0
-    failed: list[Failure] = field(default_factory=list)
-    shards: int = 0
-    seconds: float = 0.0
-    pruned: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
+class _Plan:
+    """What a run reads, with what, into what (the result of ``_plan``)."""
 
-    def to_json(self) -> dict[str, Any]:
-        """The summary line of ``loupe index`` (keys fixed by INTERFACE.md)."""
-        return {"indexed": self.indexed, "skipped": self.skipped, "failed": [f.to_json() for f in self.failed],
-                "shards": self.shards, "seconds": round(self.seconds, 3)}
+    todo: list[Item]                        # items to read, in order
+    known_ids: frozenset[str]               # content already in the index
+    encoders: dict                          # name -> Encoder (empty when there is nothing to embed)
+    writer: IndexWriter
+    device: DeviceConfig                    # the encoders' device
 
 
-# -- helpers ------------------------------------------------------------------------------------
+# -- the run ------------------------------------------------------------------------------------
+def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None = None,
+                progress_total: Callable[[int], None] | None = None,
+                checkpoint: Callable[[str], None] | None = None) -> IndexSummary:
+    """Index ``cfg.sources`` into ``cfg.out`` (see module docstring). ``progress(done, indexed)`` is
+    called after every batch, ``progress_total(n)`` once with the number of items to read, and
+    ``checkpoint(point)`` at each named point of the writer's commit protocol (``indexer.writer``;
+    tests crash the run there)."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = IndexSummary()
+    with IndexLock(out, wait=cfg.wait), worker_errors_in_iteration():
+        plan = _plan(cfg, out, summary, checkpoint)
+        reader, mapper = _stages(cfg, plan)
+        if progress_total:
+            progress_total(len(plan.todo))
+        run_stages(reader, mapper, lambda: BackgroundWriter(plan.writer), summary, progress)
+        summary.shards = len(plan.writer.manifest.shards)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _plan(cfg: IndexConfig, out: Path, summary: IndexSummary, checkpoint: Callable[[str], None] | None) -> _Plan:
+    """Step 1 of the module docstring: what to read, the encoders, and a writer with gone sources dropped."""
+    manifest = store.read_manifest(out) if (out / store.MANIFEST).is_file() else None
+    names = _resolve_encoders(cfg, manifest)
+    clean_stray_files(out, manifest, names)
+    state = load_state(out, manifest) if manifest else IndexState()
+
+    # enumerate (the reader's first step); skip what is already indexed and unchanged
+    with summary.stages.timing("read"):
+        listing = enumerate_sources(cfg.sources)
+    summary.failed.extend(listing.failures)
+    todo: list[Item] = []
+    changed: set[str] = set()
+    for item in listing.items:
+        known = state.sources.get(item.source)
+        if known is not None and _is_unchanged(item, known):
+            summary.skipped += 1
+            continue
+        if known is not None:
+            changed.add(item.source)
+        todo.append(item)
+
+    # encoders and their manifest entries; a run with nothing new loads no model
+    from retrieval.encoders import create_encoder
+
+    need_models = manifest is None or bool(todo)
+    encoders = ({n: create_encoder(n, device=cfg.device, precision=cfg.precision) for n in names}
+                if need_models else {})
+    manifest = _plan_manifest(cfg, manifest, encoders, expected=len(state.ids) + len(todo))
+    local = _local_encoders(cfg, manifest, encoders)
+    dev = next(iter(encoders.values())).device if encoders else resolve_device(cfg.device, cfg.precision)
+    writer = IndexWriter(out, manifest, state, shard_size=cfg.shard_size, local=local,
+                         use_gpu=dev.is_cuda and _faiss_gpu(), commit_seconds=cfg.commit_seconds,
+                         checkpoint=checkpoint)
+
+    # drop sources that disappeared (--prune) or whose content changed
+    gone = set(changed)
+    if cfg.prune:
+        seen = {it.source for it in listing.items}
+        read_tars = {it.path for it in listing.items if it.kind == "tar"}
+        gone |= {s for s in state.sources if _source_gone(s, seen, read_tars)}
+    if gone:
+        summary.pruned = writer.drop_sources(gone)
+        log.info("removed %d images whose source is gone or changed", summary.pruned)
+    return _Plan(todo, frozenset(state.ids), encoders, writer, dev)
+
+
+def _stages(cfg: IndexConfig, plan: _Plan) -> tuple[Iterator[ReadBatch], Mapper]:
+    """The reader and the mapper: DataLoader workers + ``Embedder`` here, or Ray actors (``--ray``)."""
+    embedder = Embedder(plan.encoders, plan.writer.local_layers)
+    gpu_decode = _use_gpu_decode(cfg, embedder)
+    workers = default_workers() if cfg.workers is None else max(0, int(cfg.workers))
+    dataset = DecodeDataset(plan.todo, embedder.transforms, plan.known_ids,
+                            ReadConfig(allow_download=cfg.allow_download), cfg.max_pixels, gpu_jpeg=gpu_decode)
+    bsz = max(1, cfg.batch_size)
+    if cfg.ray:
+        from indexer.distributed import ray_batches, select_embedded
+
+        batches = ray_batches(dataset, plan.encoders, plan.writer.local_layers, batch_size=bsz, address=cfg.ray,
+                              actors=cfg.ray_actors, device=cfg.device, precision=cfg.precision,
+                              threads=max(1, workers))
+        return triage(batches, plan.todo, plan.known_ids), select_embedded
+    prefetch = prefetch_factor(batch_bytes(plan.encoders, bsz, gpu_decode), workers)
+    batches = iter_batches(dataset, batch_size=bsz, workers=workers, pin=plan.device.is_cuda, prefetch=prefetch or 1)
+    if gpu_decode:
+        batches = _decode_on_device(batches, embedder, cfg.max_pixels, plan.device.device)
+    return triage(batches, plan.todo, plan.known_ids), embedder
+
+
+def _use_gpu_decode(cfg: IndexConfig, embedder: Embedder) -> bool:
+    """``--decode gpu`` when every encoder's preprocess can run on the GPU (else a warning: CPU decode)."""
+    if cfg.decode not in ("cpu", "gpu"):
+        raise LoupeError(f"unknown --decode {cfg.decode!r}: use cpu or gpu")
+    if cfg.decode != "gpu" or not embedder.encoders:
+        return False
+    cpu_only = [n for n, e in embedder.encoders.items() if not gpu_decodable(n, e, embedder.stats, embedder.group_of)]
+    if cpu_only:
+        log.warning("--decode gpu applies to encoders with a resize/crop/normalise preprocess (CLIP, DINOv2, "
+                    "effnet, ConSE, colour-names); %s decode on the CPU, so the whole run does", ", ".join(cpu_only))
+        return False
+    return True
+
+
+def _decode_on_device(batches: Iterator[dict], embedder: Embedder, max_pixels: int | None, device
+                      ) -> Iterator[dict]:
+    """``--decode gpu``: each batch's raw JPEGs decoded on the encoders' device (``decoded``), and the
+    JPEGs it refused on the CPU (``fallback``); records that fail on both get their ``error``."""
+    from indexer.gpu_batch import decode_raw
+
+    for batch in batches:
+        batch["decoded"], batch["fallback"] = decode_raw(batch["records"], embedder.encoders, embedder.transforms,
+                                                         max_pixels, device)
+        yield batch
+
+
+# -- planning helpers ---------------------------------------------------------------------------------
 def _is_unchanged(item: Item, known: tuple[str, int, float | None]) -> bool:
     _, size, mtime = known
     if item.size < 0 or size is None or item.size != size:
@@ -124,19 +234,6 @@ def _resolve_encoders(cfg: IndexConfig, manifest: store.Manifest | None) -> list
         raise LoupeError(f"{cfg.out} was built with encoders {', '.join(existing)}; "
                          f"an index cannot change encoders (asked: {', '.join(cfg.encoders)}) — use a new --out")
     return existing
-
-
-def _embed(enc, x: torch.Tensor, local: str | None):
-    """Global vectors, and with ``local`` (a layer: "final" or "fine") the local tokens + grid to store."""
-    if enc.binary:
-        return enc.hash_bits(x), None
-    if local == "fine":
-        vecs, _, _, tokens, grid = enc.encode_images_and_fine(x)
-        return vecs, (tokens, grid)
-    if local:
-        vecs, tokens, grid = enc.encode_images_and_local(x)
-        return vecs, (tokens, grid)
-    return enc.encode_images(x), None
 
 
 def _plan_manifest(cfg: IndexConfig, manifest: store.Manifest | None, encoders: dict, expected: int
@@ -184,206 +281,6 @@ def _local_encoders(cfg: IndexConfig, manifest: store.Manifest, encoders: dict) 
         if e.local_features is not None:
             local[n] = e.local_features.get("layer", "final")
     return local
-
-
-def _transform_groups(encoders: dict) -> tuple[list, list, dict[str, int]]:
-    """Worker transforms, their normalisation stats, and each encoder's group: encoders with the same
-    preprocessing share one decode + transform."""
-    transforms, stats, group_of, keys = [], [], {}, []
-    for n, enc in encoders.items():
-        head, norm = split_transform(enc.preprocess) if not enc.binary else (enc.preprocess, None)
-        key = repr(head) + repr(None if norm is None else (norm[0].flatten().tolist(), norm[1].flatten().tolist()))
-        if key in keys and "object at 0x" not in key:
-            group_of[n] = keys.index(key)
-        else:
-            group_of[n] = len(transforms)
-            keys.append(key)
-            transforms.append(head)
-            stats.append(norm)
-    return transforms, stats, group_of
-
-
-def _triage(records: list[Record], todo: list[Item], seen_ids: set[str], summary: IndexSummary
-            ) -> tuple[list[int], list[dict[str, Any]], list[tuple[str, str]]]:
-    """Split a batch's records into (kept record indices, their metadata rows, aliases): failures go
-    to the summary; content already indexed (or seen earlier in this run) becomes an alias."""
-    kept, rows, aliases = [], [], []
-    for rec in records:
-        item = todo[rec.index]
-        if rec.error is not None:
-            summary.failed.append(Failure(item.source, rec.error))
-        elif rec.duplicate or rec.id in seen_ids:
-            aliases.append((rec.id, item.source))   # sent after this batch's rows
-            summary.skipped += 1
-        else:
-            seen_ids.add(rec.id)
-            kept.append(rec.index)
-            rows.append(_row(rec, item))
-    return kept, rows, aliases
-
-
-def _select_embedded(batch: dict[str, Any], kept: list[int]) -> tuple[dict, dict]:
-    """Rows of remotely embedded vectors (one per record in ``batch["ok"]``) for the kept records."""
-    position = {idx: i for i, idx in enumerate(batch["ok"])}
-    sel = np.asarray([position[idx] for idx in kept], dtype=np.int64)
-    vectors = {n: v[sel] for n, v in batch["vectors"].items()}
-    local = {n: (tokens[sel], grid) for n, (tokens, grid) in batch["local"].items()}
-    return vectors, local
-
-
-def _row(rec: Record, item: Item) -> dict[str, Any]:
-    return {"id": rec.id, "source": item.source, "path": item.path if item.kind == "file" else None,
-            "caption": item.caption, "width": rec.width, "height": rec.height, "sha256": rec.sha256,
-            "size": rec.size, "mtime": item.mtime, "aliases": [], "extra": item.extra}
-
-
-# -- the run ------------------------------------------------------------------------------------
-def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None = None,
-                progress_total: Callable[[int], None] | None = None) -> IndexSummary:
-    """Index ``cfg.sources`` into ``cfg.out`` (see module docstring). ``progress(done, indexed)`` is
-    called after every batch, ``progress_total(n)`` once with the number of items to read."""
-    t0 = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = IndexSummary()
-    with IndexLock(out, wait=cfg.wait), worker_errors_in_iteration():
-        manifest = store.read_manifest(out) if (out / store.MANIFEST).is_file() else None
-        names = _resolve_encoders(cfg, manifest)
-        clean_stray_files(out, manifest, names)
-        state = load_state(out, manifest) if manifest else IndexState()
-
-        # 1. enumerate; skip what is already indexed and unchanged
-        t = time.perf_counter()
-        listing = enumerate_sources(cfg.sources)
-        summary.failed.extend(listing.failures)
-        todo: list[Item] = []
-        changed: set[str] = set()
-        for item in listing.items:
-            known = state.sources.get(item.source)
-            if known is not None and _is_unchanged(item, known):
-                summary.skipped += 1
-                continue
-            if known is not None:
-                changed.add(item.source)
-            todo.append(item)
-        summary.timings["enumerate"] = time.perf_counter() - t
-
-        # 2. encoders and their manifest entries
-        from retrieval.encoders import create_encoder
-
-        need_models = manifest is None or bool(todo)   # a run with nothing new loads no model
-        encoders = ({n: create_encoder(n, device=cfg.device, precision=cfg.precision) for n in names}
-                    if need_models else {})
-        manifest = _plan_manifest(cfg, manifest, encoders, expected=len(state.ids) + len(todo))
-        local = _local_encoders(cfg, manifest, encoders)
-
-        if encoders:
-            dev = next(iter(encoders.values())).device
-        else:
-            from retrieval.device import resolve_device
-
-            dev = resolve_device(cfg.device, cfg.precision)
-        writer = IndexWriter(out, manifest, state, shard_size=cfg.shard_size, local=local,
-                             use_gpu=dev.is_cuda and _faiss_gpu(), commit_seconds=cfg.commit_seconds)
-
-        # 3. drop sources that disappeared (--prune) or whose content changed
-        seen = {it.source for it in listing.items}
-        gone = set(changed)
-        if cfg.prune:
-            read_tars = {it.path for it in listing.items if it.kind == "tar"}
-            gone |= {s for s in state.sources if _source_gone(s, seen, read_tars)}
-        if gone:
-            summary.pruned = writer.drop_sources(gone)
-            log.info("removed %d images whose source is gone or changed", summary.pruned)
-
-        # 4. read/decode → encode → write
-        transforms, stats, group_of = _transform_groups(encoders)
-        gpu_decode = cfg.decode == "gpu" and bool(encoders)
-        if cfg.decode not in ("cpu", "gpu"):
-            raise LoupeError(f"unknown --decode {cfg.decode!r}: use cpu or gpu")
-        if gpu_decode and any(not gpu_decodable(n, e, stats, group_of) for n, e in encoders.items()):
-            log.warning("--decode gpu applies to encoders with a resize/crop/normalise preprocess (CLIP, DINOv2, "
-                        "effnet, ConSE, colour-names); %s decode on the CPU, so the whole run does",
-                        ", ".join(n for n, e in encoders.items() if not gpu_decodable(n, e, stats, group_of)))
-            gpu_decode = False
-        if gpu_decode:
-            from indexer.gpu_batch import decode_raw
-        workers = default_workers() if cfg.workers is None else max(0, int(cfg.workers))
-        dataset = DecodeDataset(todo, transforms, frozenset(state.ids), ReadConfig(allow_download=cfg.allow_download),
-                                cfg.max_pixels, gpu_jpeg=gpu_decode)
-        if progress_total:
-            progress_total(len(todo))
-        seen_ids = set(state.ids)
-        t_read = t_encode = 0.0
-        done = 0
-        if cfg.ray:
-            from indexer.distributed import ray_batches
-
-            batches = ray_batches(dataset, encoders, writer.local_layers, batch_size=max(1, cfg.batch_size),
-                                  address=cfg.ray, actors=cfg.ray_actors, device=cfg.device,
-                                  precision=cfg.precision, threads=max(1, workers))
-        else:
-            bsz = max(1, cfg.batch_size)
-            prefetch = prefetch_factor(batch_bytes(encoders, bsz, gpu_decode), workers)
-            batches = iter_batches(dataset, batch_size=bsz, workers=workers, pin=dev.is_cuda, prefetch=prefetch or 1)
-            first = next(batches, None)         # the first workers fork before the writer thread starts
-            batches = itertools.chain([first] if first is not None else [], batches)
-        background = BackgroundWriter(writer)
-        finished = False
-        try:
-            while True:
-                t = time.perf_counter()
-                batch = next(batches, None)
-                t_read += time.perf_counter() - t
-                if batch is None:
-                    break
-                embedded = "vectors" in batch     # embedded remotely (--ray)
-                decoded, fallback = {}, {}
-                if gpu_decode and not embedded:
-                    decoded, fallback = decode_raw(batch["records"], encoders, transforms, cfg.max_pixels,
-                                                   dev.device)
-                kept, rows, aliases = _triage(batch["records"], todo, seen_ids, summary)
-                if rows:
-                    t = time.perf_counter()
-                    if embedded:
-                        vectors, local_out = _select_embedded(batch, kept)
-                    else:
-                        vectors, local_out = {}, {}
-                        for n, enc in encoders.items():
-                            x = assemble(batch, kept, decoded, fallback, group_of[n], stats, enc)
-                            vectors[n], loc = _embed(enc, x, writer.local_layers.get(n))
-                            if loc is not None:
-                                local_out[n] = loc
-                    t_encode += time.perf_counter() - t
-                    background.add(rows, vectors, local_out)
-                    summary.indexed += len(rows)
-                for image_id, source in aliases:
-                    background.add_alias(image_id, source)
-                done += len(batch["records"])
-                if progress:
-                    progress(done, summary.indexed)
-            t = time.perf_counter()
-            background.close()
-            finished = True
-            summary.timings["write_wait"] = time.perf_counter() - t
-        except KeyboardInterrupt:
-            background.close()   # commit what was embedded, then stop
-            finished = True
-            raise
-        finally:
-            if not finished:
-                background.close(finish=False)
-        summary.timings.update(read_wait=t_read, encode=t_encode)
-        summary.shards = len(manifest.shards)
-    summary.seconds = time.perf_counter() - t0
-    return summary
-
-
-def gpu_decodable(name: str, enc, stats: list, group_of: dict[str, int]) -> bool:
-    """Whether ``--decode gpu`` can stand in for this encoder's CPU preprocess: a ``[..., ToTensor,
-    Normalize]`` transform (resize + crop + normalise, done on the GPU), or colour-names (the whole image in
-    [0, 1]); not SSCD's or PDQ's uint8 HWC inputs."""
-    return enc.spec.family == "colour" or (not enc.binary and stats[group_of[name]] is not None)
 
 
 def _faiss_gpu() -> bool:

@@ -1,4 +1,4 @@
-"""Stage 1 of the indexer — read: turn SOURCE arguments into a list of ``Item``s, and read one item's bytes.
+"""The indexer's reader, listing part: turn SOURCE arguments into a list of ``Item``s, and read one item's bytes.
 
 A SOURCE is one of
 
@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from retrieval import settings
 from retrieval.errors import InputError, LoupeError
 from retrieval.images import IMAGE_EXTENSIONS
 
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".jsonl", ".ndjson")
-MAX_FILE_BYTES = int(os.environ.get("LOUPE_MAX_FILE_BYTES", 512 * 1024 * 1024))   # bigger files are skipped
 CAPTION_MAX_BYTES = 64 * 1024
 
 
@@ -263,7 +263,7 @@ def _read_tar(path: Path, out: Enumeration) -> None:
 @dataclass(frozen=True)
 class ReadConfig:
     allow_download: bool = False
-    max_bytes: int = MAX_FILE_BYTES
+    max_bytes: int = field(default_factory=settings.max_file_bytes)   # bigger files are skipped
     timeout: float = 10.0
     retries: int = 2
 

@@ -1,4 +1,4 @@
-"""Stage 3 of the indexer — write: shards through ``retrieval.store``, committed so a crash loses nothing.
+"""The indexer's writer stage: shards through ``retrieval.index.store``, committed so a crash loses nothing.
 
 Commit protocol for one shard ``shard-NNNNN`` (every file is written to a temporary name and renamed):
 
@@ -17,6 +17,11 @@ write), then deletes the previous version's files; once it holds ``shard_size`` 
 and the next rows start a new shard. Only a crash leaves a shard smaller than ``shard_size``.
 Pruning writes the surviving rows of a shard under a *new* shard number, swaps it in the manifest,
 then deletes the old files, so no shard file is ever modified in place with a different row count.
+
+``IndexWriter(..., checkpoint=f)`` calls ``f(point)`` right after each step of the protocol:
+``"vectors"`` / ``"local"`` (an encoder's shard file, local features), ``"meta"``, ``"alias"`` (an older
+shard's metadata rewritten), ``"manifest"``, and ``"prune"`` (a pruned shard swapped in the manifest,
+its old files not yet deleted). Tests pass one that kills the process at the k-th call of a point.
 """
 
 from __future__ import annotations
@@ -26,12 +31,11 @@ import logging
 import os
 import queue
 import re
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -48,23 +52,8 @@ TRAINED_NAME = "trained.faiss"  # per encoder: the trained empty IVF index new s
 _SHARD_RE = re.compile(r"^shard-\d{5}\b")
 
 
-# -- test hooks: deterministic crash points and a slow-write window ----------------------------
-_crash_counts: dict[str, int] = {}
-
-
-def crash_point(name: str) -> None:
-    """``LOUPE_TEST_CRASH=name:k`` SIGKILLs this process the k-th time ``name`` is reached;
-    ``LOUPE_TEST_SLOW_WRITE=s`` sleeps ``s`` seconds at every point (widens kill windows in tests)."""
-    slow = os.environ.get("LOUPE_TEST_SLOW_WRITE")
-    if slow:
-        time.sleep(float(slow))
-    want = os.environ.get("LOUPE_TEST_CRASH")
-    if not want:
-        return
-    _crash_counts[name] = _crash_counts.get(name, 0) + 1
-    target, _, nth = want.partition(":")
-    if target == name and _crash_counts[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+def _no_checkpoint(point: str) -> None:
+    """The default checkpoint: nothing to do between commit steps."""
 
 
 # -- reading the existing index ----------------------------------------------------------------
@@ -201,7 +190,7 @@ class IndexWriter:
 
     def __init__(self, index_dir: Path, manifest: store.Manifest, state: IndexState, *, shard_size: int,
                  local: dict[str, str] | set[str] | frozenset[str] = frozenset(), use_gpu: bool = False,
-                 commit_seconds: float | None = None):
+                 commit_seconds: float | None = None, checkpoint: Callable[[str], None] | None = None):
         self.dir = Path(index_dir)
         self.manifest = manifest
         self.state = state
@@ -226,6 +215,7 @@ class IndexWriter:
         self.dirty = False                      # self.rows changed since the last commit
         self.commit_seconds = commit_seconds
         self.last_commit = time.monotonic()
+        self.checkpoint = checkpoint or _no_checkpoint     # called after each commit step (module docstring)
 
     def _local_for(self, name: str, entry: store.EncoderEntry, layer: str = "final") -> LocalFeatures:
         if entry.local_features is None:
@@ -334,20 +324,20 @@ class IndexWriter:
             self.vectors[name] = []
             self.open_index[name] = index
             store.write_vectors(self.dir, name, shard, index)
-            crash_point("vectors")
+            self.checkpoint("vectors")
             if name in self.local:
                 store.write_local(self.dir, name, shard, self.pending_local[name])
                 self.manifest.encoders[name].local_features = self.local[name].describe()
-                crash_point("local")
+                self.checkpoint("local")
         store.write_metadata(self.dir, shard, self.rows)
-        crash_point("meta")
+        self.checkpoint("meta")
         self._commit_aliases()
         previous = self.open_shard
         if previous is not None:
             self.manifest.shards = [s for s in self.manifest.shards if s.name != previous]
         self.manifest.shards.append(store.ShardEntry(shard, n))
         store.write_manifest(self.dir, self.manifest)
-        crash_point("manifest")
+        self.checkpoint("manifest")
         if previous is not None:                # its rows live on in the new version
             for path in shard_files(self.dir, self.manifest, previous):
                 path.unlink(missing_ok=True)
@@ -373,7 +363,7 @@ class IndexWriter:
                     known = aliases_of(row["aliases"])
                     row["aliases"] = known + [s for s in extra if s not in known and s != row["source"]]
             store.write_metadata(self.dir, shard, rows)
-            crash_point("alias")
+            self.checkpoint("alias")
         self.alias_updates = {}
 
     # -- pruning ---------------------------------------------------------------------------------
@@ -422,7 +412,7 @@ class IndexWriter:
             else:
                 del self.manifest.shards[position]
             store.write_manifest(self.dir, self.manifest)
-            crash_point("prune")
+            self.checkpoint("prune")
             for path in old_files:
                 path.unlink(missing_ok=True)
         return removed

@@ -7,7 +7,8 @@ variable                  what it sets                                          
 ``LOUPE_CACHE_DIR``       caches Loupe builds (text databases, ConSE label vectors)           ~/.cache/loupe
 ``LOUPE_MAX_PIXELS``      the largest image (width × height) Loupe decodes                    100,000,000
 ``LOUPE_THREADS``         CPU threads for torch                                               all cores
-``LOUPE_IN_FLIGHT_MB``    indexer: bytes of undecoded images held in flight                   1024
+``LOUPE_IN_FLIGHT_MB``    indexer: bytes of decoded batches waiting for the encoder           1024
+``LOUPE_MAX_FILE_BYTES``  indexer: larger input files are skipped (and reported)              512 MiB
 ========================  ==================================================================  ==============
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_IN_FLIGHT_MB = 1024.0
+DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
 
 
 def weights_dir() -> Path | None:
@@ -41,6 +43,11 @@ def threads() -> int | None:
 
 def in_flight_bytes() -> int:
     return int(_number("LOUPE_IN_FLIGHT_MB", DEFAULT_IN_FLIGHT_MB, float) * (1 << 20))
+
+
+
+def max_file_bytes() -> int:
+    return _number("LOUPE_MAX_FILE_BYTES", DEFAULT_MAX_FILE_BYTES, int)
 
 
 def _number(name: str, default, kind):

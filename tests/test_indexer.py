@@ -1,6 +1,6 @@
 """The indexer, in-process: layout, manifest, self-retrieval, incremental/prune, multi-encoder, local
-features, index types, the lock and refusals, time-based commits. Its inputs (bad inputs, tricky images,
-sources) are in test_indexer_inputs.py."""
+features, index types, the lock and refusals, time-based commits, the stage runner with fake stages.
+Its inputs (bad inputs, tricky images, sources) are in test_indexer_inputs.py."""
 
 from __future__ import annotations
 
@@ -94,7 +94,9 @@ def test_summary_line_from_cli(tmp_path, photo_dir, tiny_clip, capsys):
     assert rc == 0
     lines = cap.out.strip().splitlines()
     summary = json.loads(lines[-1])
-    assert list(summary) == ["indexed", "skipped", "failed", "shards", "seconds"]
+    assert list(summary) == ["indexed", "skipped", "failed", "shards", "seconds", "stages"]
+    assert list(summary["stages"]) == ["read", "embed", "write"]
+    assert summary["stages"]["embed"] > 0 and sum(summary["stages"].values()) <= summary["seconds"]
     assert summary["failed"] == [{"source": str(photo_dir / "broken.jpg"), "reason": "not a recognised image format"}]
     assert summary["indexed"] == store.read_manifest(out).count and summary["shards"] == 1
     assert "indexing" not in cap.err  # no progress bar when stderr is not a terminal
@@ -380,3 +382,65 @@ def test_time_based_commits(tmp_path, photo_dir, tiny_clip):
     assert counts == [5] * (k // 5) + ([k % 5] if k % 5 else []) and s5.shards == len(counts)
     s2 = _index([photo_dir], tmp_path / "idx2", [tiny_clip], batch_size=4, shard_size=1000)
     assert s2.shards == 1                                             # default: 300 s, one shard here
+
+
+# -- the runner: reader -> mapper -> writer, with fake stages -------------------------------------------
+class _RecordingWriter:
+    def __init__(self, log):
+        self.log = log
+
+    def add(self, rows, vectors, local=None):
+        self.log.append(("add", [r["id"] for r in rows], vectors["enc"].tolist()))
+
+    def add_alias(self, image_id, source):
+        self.log.append(("alias", image_id, source))
+
+    def close(self, *, finish=True):
+        self.log.append(("close", finish))
+
+
+def _fake_batches():
+    from indexer.decode import Record
+    from indexer.runner import ReadBatch
+    from indexer.sources import Failure
+
+    return iter([
+        ReadBatch(records=[Record(0), Record(1), Record(2)], data={}, kept=[0, 2],
+                  rows=[{"id": "a"}, {"id": "c"}], failures=[Failure("b.jpg", "broken")]),
+        ReadBatch(records=[Record(3)], data={}, aliases=[("a", "copy-of-a.jpg")]),
+    ])
+
+
+def test_runner_joins_swappable_stages_and_times_each():
+    from indexer.runner import IndexSummary, run_stages
+
+    log, progress, summary = [], [], IndexSummary()
+
+    def mapper(batch):
+        log.append(("map", batch.kept))
+        return {"enc": np.asarray(batch.kept, dtype=np.float32)}, {}
+
+    def open_writer():
+        log.append(("open",))          # after the first batch is read: workers fork before the writer thread
+        return _RecordingWriter(log)
+
+    run_stages(_fake_batches(), mapper, open_writer, summary, lambda done, new: progress.append((done, new)))
+    assert log == [("open",), ("map", [0, 2]), ("add", ["a", "c"], [0.0, 2.0]),
+                   ("alias", "a", "copy-of-a.jpg"), ("close", True)]
+    assert (summary.indexed, summary.skipped, [f.source for f in summary.failed]) == (2, 1, ["b.jpg"])
+    assert progress == [(3, 2), (4, 2)]
+    assert all(t >= 0 for t in summary.stages.to_json().values())
+
+
+def test_runner_commits_on_ctrl_c_and_aborts_on_errors():
+    from indexer.runner import IndexSummary, run_stages
+
+    for error, finish in ((KeyboardInterrupt, [True]), (RuntimeError, [False])):
+        log = []
+
+        def mapper(batch, error=error):
+            raise error("stop")
+
+        with pytest.raises(error):
+            run_stages(_fake_batches(), mapper, lambda log=log: _RecordingWriter(log), IndexSummary())
+        assert [entry[1] for entry in log if entry[0] == "close"] == finish

@@ -14,8 +14,10 @@ from _indexer_helpers import all_rows, index  # tests/ is on sys.path
 from PIL import Image
 
 from indexer import decode
-from indexer.decode import IN_FLIGHT_BYTES, batch_bytes, iter_batches, prefetch_factor
-from indexer.pipeline import stored_vectors
+from indexer.decode import batch_bytes, iter_batches, prefetch_factor
+from indexer.embed import gpu_decodable
+from indexer.pipeline import _use_gpu_decode, stored_vectors
+from retrieval import settings
 
 _index, _all_rows = index, all_rows
 
@@ -143,16 +145,26 @@ def _enc(size):
     return SimpleNamespace(spec=SimpleNamespace(image_size=size))
 
 
-def test_prefetch_factor_caps_bytes_in_flight():
+def test_prefetch_factor_caps_bytes_in_flight(monkeypatch):
+    monkeypatch.delenv("LOUPE_IN_FLIGHT_MB", raising=False)
+    budget = settings.in_flight_bytes()
     one = 256 * 3 * 224 * 224                         # a batch of 256 uint8 images at 224 px
     assert prefetch_factor(one, 0) is None            # no workers: no prefetching
     assert prefetch_factor(10_000, 1) == 4            # small batches: the DataLoader's usual depth
     assert prefetch_factor(one, 15) == 1              # 15 workers × 38.5 MB: one batch each
-    assert prefetch_factor(one, 7) == IN_FLIGHT_BYTES // (7 * one) == 3
+    assert prefetch_factor(one, 7) == budget // (7 * one) == 3
     for workers in (1, 3, 7, 15, 31):
         depth = prefetch_factor(one, workers)
         assert 1 <= depth <= 4
-        assert depth == 1 or workers * depth * one <= IN_FLIGHT_BYTES
+        assert depth == 1 or workers * depth * one <= budget
+
+
+def test_in_flight_budget_is_read_at_call_time(monkeypatch):
+    one = 256 * 3 * 224 * 224
+    monkeypatch.setenv("LOUPE_IN_FLIGHT_MB", "4096")
+    assert prefetch_factor(one, 7) == 4
+    monkeypatch.setenv("LOUPE_IN_FLIGHT_MB", "100")
+    assert prefetch_factor(one, 7) == 1
 
 
 def test_batch_bytes_counts_every_encoder_input():
@@ -179,17 +191,26 @@ def test_iter_batches_passes_the_depth_to_the_loader(monkeypatch, depth):
 
 def test_which_encoders_the_gpu_decoder_can_feed(effnet):
     """--decode gpu stands in for resize/crop/normalise transforms and colour-names; PDQ and SSCD take uint8
-    HWC inputs, so with them the run decodes on the CPU."""
-    from indexer.pipeline import _transform_groups, gpu_decodable
-    from retrieval.encoders import create_encoder
+    HWC inputs, so with them the run decodes on the CPU. PDQ and SSCD are built from their registry specs
+    and real transforms without their models, so the check runs whether or not their extras are installed."""
+    from indexer.embed import Embedder
+    from retrieval.device import resolve_device
+    from retrieval.encoders import create_encoder, get_spec
+    from retrieval.encoders.base import Encoder
+    from retrieval.encoders.pdq import PdqTransform
+    from retrieval.encoders.sscd import SscdTransform
 
-    encoders = {"effnet-lite0": effnet, "colour-names": create_encoder("colour-names", device="cpu")}
-    for extra in ("pdq", "sscd"):
-        try:
-            encoders[extra] = create_encoder(extra, device="cpu")
-        except Exception:  # noqa: BLE001 - an optional extra that is not installed: nothing to check
-            pass
-    _, stats, group_of = _transform_groups(encoders)
-    got = {n: gpu_decodable(n, e, stats, group_of) for n, e in encoders.items()}
-    assert got["effnet-lite0"] and got["colour-names"]
-    assert not got.get("pdq", False) and not got.get("sscd", False)
+    def without_model(name, transform):
+        enc = Encoder(get_spec(name), resolve_device("cpu"))
+        enc.preprocess = transform(enc.spec.image_size)
+        return enc
+
+    encoders = {"effnet-lite0": effnet, "colour-names": create_encoder("colour-names", device="cpu"),
+                "pdq": without_model("pdq", PdqTransform), "sscd": without_model("sscd", SscdTransform)}
+    embedder = Embedder(encoders, {})
+    got = {n: gpu_decodable(n, e, embedder.stats, embedder.group_of) for n, e in encoders.items()}
+    assert got == {"effnet-lite0": True, "colour-names": True, "pdq": False, "sscd": False}
+    # and so a run with PDQ next to a GPU-decodable encoder decodes on the CPU (not in the GPU's JPEG path)
+    assert not _use_gpu_decode(SimpleNamespace(decode="gpu"), embedder)
+    del encoders["pdq"], encoders["sscd"]
+    assert _use_gpu_decode(SimpleNamespace(decode="gpu"), Embedder(encoders, {}))

@@ -1,11 +1,11 @@
-"""`loupe index` killed with SIGKILL at many moments, then re-run: every input exactly once.
+"""The indexer killed with SIGKILL at many moments, then re-run: every input exactly once.
 
-The CLI runs as a subprocess (``tests/_indexer_helpers.py`` registers the tiny CLIP there); most runs
-use the PDQ encoder, which needs no model and starts in a couple of seconds.
-``LOUPE_TEST_CRASH=point:k`` makes the indexer SIGKILL itself the k-th time it reaches ``point``
-(after a shard's vectors / local features / metadata / alias rewrite / manifest, or during prune),
-so each window of the commit protocol is hit deterministically; a further test kills it from outside
-at random moments while ``LOUPE_TEST_SLOW_WRITE`` widens the windows.
+``build_index`` runs in a subprocess (the driver in ``tests/_indexer_helpers.py``, which registers the
+tiny CLIP there); most runs use the PDQ encoder, which needs no model and starts in a couple of
+seconds. ``crash="point:k"`` makes the driver's ``checkpoint`` callback SIGKILL the process the k-th
+time the writer reaches ``point`` (after a shard's vectors / local features / metadata / alias rewrite
+/ manifest, or during prune), so each window of the commit protocol is hit deterministically; a
+further test kills it from outside at random moments while ``slow`` widens the windows.
 """
 
 from __future__ import annotations
@@ -48,15 +48,15 @@ def corpus(photo_dir):
     return photo_dir
 
 
-def run_index(specs_file, source, out, *extra, crash=None, slow=None, wait=True, encoder="pdq"):
+def run_index(specs_file, source, out, *, crash=None, slow=None, wait=True, encoder="pdq", **config):
+    """The driver in a subprocess: ``build_index`` with ``config`` (IndexConfig fields) over small shards
+    and batches; ``crash``/``slow`` go to its checkpoint callback."""
     env = dict(os.environ, PYTHONPATH=str(HELPER.parent.parent), OMP_NUM_THREADS="1")
-    env.pop("LOUPE_TEST_CRASH", None)
-    if crash:
-        env["LOUPE_TEST_CRASH"] = crash
-    if slow:
-        env["LOUPE_TEST_SLOW_WRITE"] = str(slow)
-    cmd = [sys.executable, str(HELPER), str(specs_file), "--", "index", str(source), "--out", str(out),
-           "--encoder", encoder, "--shard-size", "2", "--batch-size", "2", "--workers", "0", *extra]
+    config = {"sources": [str(source)], "out": str(out), "encoders": [encoder], "shard_size": 2, "batch_size": 2,
+              "workers": 0, **config}
+    cmd = [sys.executable, str(HELPER), str(specs_file), json.dumps(config)]
+    cmd += ["--crash", crash] if crash else []
+    cmd += ["--slow", str(slow)] if slow else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     if not wait:
         return proc
@@ -101,8 +101,8 @@ def check_complete(out, source) -> list[dict]:
     return rows
 
 
-def _crash_then_check(specs_file, corpus, out, crash, *extra, encoder="pdq"):
-    rc, _, err = run_index(specs_file, corpus, out, *extra, crash=crash, encoder=encoder)
+def _crash_then_check(specs_file, corpus, out, crash, encoder="pdq", **config):
+    rc, _, err = run_index(specs_file, corpus, out, crash=crash, encoder=encoder, **config)
     assert rc == -signal.SIGKILL, (crash, err)
     return check_readable(out)              # the state a reader sees after the crash
 
@@ -128,8 +128,8 @@ def test_resume_after_sigkill_at_every_commit_point(tmp_path, specs_file, corpus
     victims = sorted(p for p in corpus.iterdir() if not p.name.startswith("zz"))[1:6]
     for p in victims:
         p.unlink()
-    _crash_then_check(specs_file, corpus, out, "prune:2", "--prune")
-    rc, stdout, err = run_index(specs_file, corpus, out, "--prune", encoder="pdq")
+    _crash_then_check(specs_file, corpus, out, "prune:2", prune=True)
+    rc, stdout, err = run_index(specs_file, corpus, out, prune=True, encoder="pdq")
     assert rc == 0, err
     assert json.loads(stdout.strip().splitlines()[-1])["indexed"] == 0
     check_complete(out, corpus)
@@ -142,10 +142,9 @@ def test_resume_after_sigkill_during_time_based_commits(tmp_path, specs_file, co
     out = tmp_path / "idx"
     counts = []
     for crash in ("manifest:2", "meta:2"):
-        counts.append(len(_crash_then_check(specs_file, corpus, out, crash, "--commit-every", "0",
-                                            "--shard-size", "5")))
+        counts.append(len(_crash_then_check(specs_file, corpus, out, crash, commit_seconds=0, shard_size=5)))
     assert counts[0] == 4                    # two batches of 2, both in the open shard's second version
-    rc, stdout, err = run_index(specs_file, corpus, out, "--commit-every", "0", "--shard-size", "5")
+    rc, stdout, err = run_index(specs_file, corpus, out, commit_seconds=0, shard_size=5)
     assert rc == 0, err
     rows = check_complete(out, corpus)       # also: no files of replaced versions left behind
     sizes = [sh.count for sh in store.read_manifest(out).shards]
@@ -155,9 +154,9 @@ def test_resume_after_sigkill_during_time_based_commits(tmp_path, specs_file, co
 
 def test_resume_after_sigkill_while_writing_local_features(tmp_path, specs_file, corpus):
     out = tmp_path / "idx"
-    assert len(_crash_then_check(specs_file, corpus, out, "local:2", "--local-features",
+    assert len(_crash_then_check(specs_file, corpus, out, "local:2", local_features=True,
                                  encoder="test-clip-tiny")) == 2
-    rc, stdout, err = run_index(specs_file, corpus, out, "--local-features", encoder="test-clip-tiny")
+    rc, stdout, err = run_index(specs_file, corpus, out, local_features=True, encoder="test-clip-tiny")
     assert rc == 0, err
     rows = check_complete(out, corpus)
     assert json.loads(stdout.strip().splitlines()[-1])["indexed"] == len(rows) - 2

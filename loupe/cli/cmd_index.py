@@ -11,7 +11,8 @@ SOURCE is a folder (recursive), a manifest (.parquet/.csv/.jsonl with a `path` o
 optional `caption`, other columns kept as metadata), a webdataset .tar, or an image file.
 Re-running the same command resumes an interrupted run and embeds only new images; --prune drops
 images whose source is gone. Bad files are skipped and listed in the summary. The last line on
-stdout is a JSON summary: {"indexed", "skipped", "failed", "shards", "seconds"}."""
+stdout is a JSON summary: {"indexed", "skipped", "failed", "shards", "seconds", "stages"}
+(seconds spent reading, embedding and writing)."""
 
 EPILOG = """examples:
   loupe index ~/Pictures --out ~/loupe-index --encoder conse-effnet-lite0
