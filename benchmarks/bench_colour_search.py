@@ -1,6 +1,6 @@
 """Text queries that name a colour ("a red sandal") on an index with ``colour-names``, vs the text encoder alone.
 
-What ``Engine.search`` does for such a query (:func:`retrieval.compose_fusion.colour_text_search`): the
+What ``Engine.search`` does for such a query (:func:`retrieval.compose.fusion.colour_text_search`): the
 text list (``COLOUR_CANDIDATES`` deep) and the colour list of the query's colour words are pooled and
 re-scored ``zscore(text cosine) + w * zscore(colour match)``; mirrored here over precomputed vectors.
 

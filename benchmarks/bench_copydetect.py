@@ -7,7 +7,7 @@ Copy detection
                 many non-copy queries: the same transformations of stamps from held-out folders (20 %)
   background  = stamps of the remaining 20 % of folders + 500 Fashion-MNIST test images, never queried,
                 never in the database (the "unrelated images" of score normalisation)
-  views       = each query whole, or whole + the regions retrieval.copy_regions proposes (content boxes,
+  views       = each query whole, or whole + the regions retrieval.copydetect.regions proposes (content boxes,
                 trimmed borders); a candidate keeps its best score over the views (the library's scoring)
   metrics     = µAP (DISC21: all top-k predictions of all queries pooled, AP against the number of
                 copy queries) and recall at 90 % precision, per encoder, with and without query
@@ -18,7 +18,7 @@ Copy detection
   tuning      = a small grid on a seeded half of the queries (stratified by family), reported on the
                 held-out half; latency = match_images end to end on an index of the references.
 
-Scale (--scale N): `retrieval.dedup` over N Fashion-MNIST images, each run in a fresh subprocess to
+Scale (--scale N): `retrieval.copydetect.dedup` over N Fashion-MNIST images, each run in a fresh subprocess to
 read its peak RSS: PDQ (binary Hamming range search) and raw-pixel float vectors (784-d) — the cost of
 an exact all-pairs range search depends on N and d, not on which encoder made the vectors.
 
@@ -313,7 +313,7 @@ def main(argv=None) -> int:
             "",
             "## Dedup at scale (Fashion-MNIST)",
             "",
-            "Each row is a fresh process: load Fashion-MNIST, embed, `retrieval.dedup.deduplicate` over "
+            "Each row is a fresh process: load Fashion-MNIST, embed, `retrieval.copydetect.dedup.deduplicate` over "
             "shards of 10,000 (exact range search, batches of 4,096 queries). PDQ: 256-bit codes from 64x64 "
             "inputs, Hamming range search (threshold 0.9 = Hamming <= 12). pixels: 784-d centred, "
             "L2-normalised pixel vectors, cosine range search (threshold 0.98).",
@@ -332,7 +332,7 @@ def main(argv=None) -> int:
             "",
             "## `loupe dedup` end to end (Fashion-MNIST, pdq index)",
             "",
-            "Index written with `retrieval.store` (pdq codes of 64x64 inputs in binary shards of 10,000), then "
+            "Index written with `retrieval.index.store` (pdq codes of 64x64 inputs in binary shards of 10,000), then "
             "`loupe dedup IDX --threshold 0.9 --out pairs.parquet` as a subprocess (fresh process per row, so "
             "its peak RSS includes Python, torch and every CLI import; the 1,000-image row is that baseline).",
             "",

@@ -9,7 +9,7 @@ as distractors. Queries: one per reference, a seeded hard transformation of it, 
 ``paste`` (the reference shrunk to 35–55 % of the side and pasted on another photo/stamp).
 Each query has exactly one relevant image: AP = 1/rank within the top N (0 beyond).
 
-The index is written with the public ``retrieval.store`` API (flat FAISS shard, PCA-reduced local
+The index is written with the public ``retrieval.index.store`` API (flat FAISS shard, PCA-reduced local
 features, the same format ``loupe index --local-features`` writes) and searched with
 ``retrieval.engine.Engine``; re-ranking uses ``retrieval.rerank``. Fusion weights are tuned on the
 even-numbered queries and reported on the odd ones (and on all).

@@ -386,7 +386,7 @@ def stratified_split(families, gt, seed: int = 0) -> np.ndarray:
 
 # -- query views (regions) -------------------------------------------------------------------------
 def region_views(data: CopySet, name: str, cache: Path, max_regions: int, local: bool = False):
-    """Region views of every query (``retrieval.copy_regions.query_regions``, whole image excluded):
+    """Region views of every query (``retrieval.copydetect.regions.query_regions``, whole image excluded):
     ``owner [r]``, ``boxes [r, 4]``, vectors ``[r, d]`` and (``local``) PCA-reduced effnet-lite0 local
     features of the crops, cached per encoder and region settings. Also the seconds spent per query."""
     from retrieval.copydetect.regions import RegionConfig, query_regions

@@ -1,5 +1,5 @@
 """Dedup at scale for the copy-detection benchmark (``bench_copydetect.py --scale / --scale-cli``):
-``retrieval.dedup`` over N Fashion-MNIST images in a fresh process (``scale_worker``, run through
+``retrieval.copydetect.dedup`` over N Fashion-MNIST images in a fresh process (``scale_worker``, run through
 ``bench_copydetect.py --scale-worker``), and ``loupe dedup`` end to end on a pdq index of them
 (``build_pdq_index``, ``run_scale_cli``), with their peak RSS."""
 
@@ -85,7 +85,7 @@ def _status_mb(key: str) -> float:
 
 def build_pdq_index(n: int, out: Path) -> float:
     """A Loupe index of N Fashion-MNIST images with the pdq encoder (binary shards of 10,000), written
-    with retrieval.store (as `loupe index` would, without decoding 70,000 files). Returns seconds."""
+    with retrieval.index.store (as `loupe index` would, without decoding 70,000 files). Returns seconds."""
     import faiss
     import torch
 

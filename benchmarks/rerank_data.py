@@ -1,6 +1,6 @@
 """Data for the re-ranking benchmark (``bench_rerank.py``): the references, distractors and photos
 (Tux Paint stamps, Fashion-MNIST, scikit-image), the hard transformations that make its queries, and the
-index it writes with ``retrieval.store``."""
+index it writes with ``retrieval.index.store``."""
 
 from __future__ import annotations
 

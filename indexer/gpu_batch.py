@@ -1,4 +1,4 @@
-"""``--decode gpu``: JPEGs decoded in batches on the encoder's device (``retrieval.gpu_decode``, nvJPEG on CUDA).
+"""``--decode gpu``: JPEGs decoded in batches on the encoder's device (``indexer.gpu_decode``, nvJPEG on CUDA).
 
 DataLoader workers then only read, hash and parse the JPEG header (``gpu_decodable``); the main
 process decodes, resizes, crops and normalises each batch on the GPU. Anything the GPU path should not

@@ -108,9 +108,10 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
         for name in {engine.default_encoder, engine.text_encoder} - {None}:
             engine.encoder(name)
     if engine is not None and engine.text_encoder and app.config.get("WARM_CLASSIFIER"):
-        from retrieval.classify.classifier import default_source, warm_classifier
+        from retrieval.classify.registry import classifiers_of
 
-        warm_classifier(engine.encoder(engine.text_encoder), default_source(engine.index_dir))
+        classifiers = classifiers_of(engine)
+        classifiers.warm_classifier(engine.encoder(engine.text_encoder), classifiers.default_source(engine.index_dir))
 
     reload_state = {"next": time.monotonic() + float(app.config.get("RELOAD_INTERVAL") or 0), "lock": threading.Lock()}
 
@@ -132,25 +133,27 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
                 log.exception("index %s changed but could not be reopened; still serving the previous state",
                               eng.index_dir)
                 return
+            _refresh_classifiers(eng, new)     # before `new` serves: it takes over `eng`'s classifiers
             state(app)["engine"] = new
             metrics.set_index(new)
             log.info("reloaded %s: %d images", new.index_dir, new.count)
-            _refresh_classifiers(new)
         finally:
             reload_state["lock"].release()
 
-    def _refresh_classifiers(new) -> None:
-        """After a reload: rebuild (in the background; the previous one answers meanwhile) the
-        classifiers over the index's captions, and warm the default text database, which may now be
-        the captions (an index that reached ``MIN_INDEX_CAPTIONS``)."""
+    def _refresh_classifiers(old, new) -> None:
+        """On a reload: the reopened engine takes over the previous one's classifier registry; rebuild
+        (in the background; the previous one answers meanwhile) the classifiers over the index's captions,
+        and warm the default text database, which may now be the captions (an index that reached
+        ``MIN_INDEX_CAPTIONS``)."""
         try:
-            from retrieval.classify.classifier import default_source, refresh_classifiers, warm_classifier
+            from retrieval.classify.registry import share_classifiers
         except ImportError:
             return
         try:
-            refresh_classifiers(str(new.index_dir))
+            classifiers = share_classifiers(old, new)
+            classifiers.refresh_classifiers(str(new.index_dir))
             if new.text_encoder and app.config.get("WARM_CLASSIFIER"):
-                warm_classifier(new.encoder(new.text_encoder), default_source(new.index_dir))
+                classifiers.warm_classifier(new.encoder(new.text_encoder), classifiers.default_source(new.index_dir))
         except Exception:  # noqa: BLE001 - the next classify request rebuilds what is stale
             log.exception("could not refresh the classifiers of %s after the reload", new.index_dir)
 
@@ -184,9 +187,9 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
                          "default_encoder": eng.default_encoder, "shards": len(eng.shard_names),
                          "colour_encoder": colour_encoder(eng)})
             if app.config.get("WARM_CLASSIFIER") and eng.text_encoder:
-                from retrieval.classify.classifier import warm_status
+                from retrieval.classify.registry import classifiers_of
 
-                body["classifier"] = warm_status()    # warming | ready | failed
+                body["classifier"] = classifiers_of(eng).warm_status()    # warming | ready | failed
         return jsonify(body), (200 if eng is not None else 503)
 
     @app.get("/metrics")

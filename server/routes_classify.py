@@ -4,7 +4,7 @@ Request: ``image`` (multipart upload or base64 JSON) or ``image_id``; optional `
 5), ``vocabulary`` (``captions`` = the served index's captions, ``imagenet21k``; default: the
 captions when the index has at least 50, else imagenet21k), ``encoder``.
 Response: ``{"labels": [{"label", "score"}...], "vocabulary", "encoder", "colours": [{"colour", "score"}...]}``
-(the image's main colours, :func:`retrieval.colour.top_colours`). While ``loupe serve`` is
+(the image's main colours, :func:`retrieval.colour.naming.top_colours`). While ``loupe serve`` is
 still opening (or, the very first time, building) the text database in the background: 503
 ``{"error": {"code": "warming_up", ...}}``.
 """
@@ -25,11 +25,11 @@ DEFAULT_LABELS = 5
 
 
 def classifier_source(engine, vocabulary: str | None) -> tuple[str, str]:
-    """(source for ``retrieval.classify.get_classifier``, vocabulary name reported to the client)."""
-    from retrieval.classify.classifier import default_source
+    """(source for ``ClassifierRegistry.get_classifier``, vocabulary name reported to the client)."""
+    from retrieval.classify.registry import classifiers_of
 
     if vocabulary in (None, "", "auto"):
-        source = default_source(engine.index_dir)
+        source = classifiers_of(engine).default_source(engine.index_dir)
         return source, ("imagenet21k" if source == "imagenet21k" else "captions")
     if vocabulary not in ("captions", "imagenet21k"):
         raise InvalidQueryError("vocabulary must be 'captions' or 'imagenet21k'")
@@ -37,12 +37,13 @@ def classifier_source(engine, vocabulary: str | None) -> tuple[str, str]:
 
 
 def _classifier(engine, encoder_name: str, vocabulary: str | None):
-    """The shared classifier (built once per process, its text database cached on disk); while
-    ``loupe serve`` is still warming it up this raises ``WarmingUpError`` → 503 ``warming_up``."""
-    from retrieval.classify.classifier import get_classifier
+    """The index's shared classifier (built once, kept in the engine's ``ClassifierRegistry``; its text
+    database cached on disk); while ``loupe serve`` is still warming it up this raises ``WarmingUpError``
+    → 503 ``warming_up``."""
+    from retrieval.classify.registry import classifiers_of
 
     source, vocabulary = classifier_source(engine, vocabulary)
-    return get_classifier(engine.encoder(encoder_name), source), vocabulary
+    return classifiers_of(engine).get_classifier(engine.encoder(encoder_name), source), vocabulary
 
 
 @bp.post("/api/classify")

@@ -178,11 +178,11 @@ def conse():
 
 
 @pytest.fixture
-def fresh_classifier_cache(monkeypatch):
-    """retrieval.classify with empty process-wide classifier state (shared classifiers, warm-ups, stamps)."""
-    from retrieval.classify import classifier as classify
+def fresh_classifier_cache():
+    """A new ``ClassifierRegistry`` (no classifiers, warm-ups or stamps yet; ``registry.make_classifier``
+    may be replaced by a fake builder); its background builds are stopped at teardown."""
+    from retrieval.classify.registry import ClassifierRegistry
 
-    for name, value in (("_CLASSIFIERS", {}), ("_WARMING", {}), ("_WARM_ERRORS", {}), ("_WARMED", set()),
-                        ("_STAMPS", {}), ("_DEFAULT_SOURCES", {})):
-        monkeypatch.setattr(classify, name, value)
-    return classify
+    registry = ClassifierRegistry()
+    yield registry
+    registry.stop_background_builds(timeout=10)

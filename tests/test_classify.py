@@ -401,12 +401,15 @@ def test_api_classify_answers_503_while_warming(tmp_path, fresh_classifier_cache
     import base64
     import io
 
+    from retrieval.classify.registry import classifiers_of
     from retrieval.engine.engine import Engine
     from server.app import create_app
 
     classify = fresh_classifier_cache
     release, calls = _blocking_builder(monkeypatch, classify, VocabularyFreeClassifier(conse, vocab_subset_db))
-    app = create_app({"WARM_CLASSIFIER": True}, engine=Engine(caption_index, device="cpu"))
+    engine = Engine(caption_index, device="cpu")
+    assert engine.cache("classifiers", lambda: classify) is classifiers_of(engine) is classify   # the server's
+    app = create_app({"WARM_CLASSIFIER": True}, engine=engine)
     client = app.test_client()
     assert client.get("/healthz").get_json()["classifier"] == "warming"
     buf = io.BytesIO()

@@ -171,17 +171,20 @@ def test_get_classifier_rebuilds_after_new_captions(tmp_path, fresh_classifier_c
     assert new <= _names_of(NEW_CAPTIONS) and {"dog", "tiger"} <= new
 
 
-def test_server_reload_refreshes_the_caption_classifier(tmp_path, fresh_classifier_cache, monkeypatch):
-    """(d) after the server reloads a re-indexed DIR, /api/classify names from the new captions."""
+def test_server_reload_refreshes_the_caption_classifier(tmp_path, monkeypatch):
+    """(d) after the server reloads a re-indexed DIR, /api/classify names from the new captions: the
+    reopened engine takes over the previous engine's classifier registry, which rebuilds the stale one."""
+    from retrieval.classify.registry import classifiers_of
     from retrieval.engine.engine import Engine
     from server.app import create_app
+    from server.common import state
 
-    classify = fresh_classifier_cache
     monkeypatch.setenv("LOUPE_CACHE_DIR", str(tmp_path / "cache"))
     enc = CountingEncoder()
     index = _caption_index(tmp_path / "idx", enc, OLD_CAPTIONS)
     engine = Engine(index, device="cpu")
     engine.embedder.encoders[enc.name] = enc                  # the fake encoder stands in for a loaded model
+    classify = classifiers_of(engine)
     app = create_app({"RELOAD_INTERVAL": 0.001}, engine=engine)
     client = app.test_client()
 
@@ -197,8 +200,9 @@ def test_server_reload_refreshes_the_caption_classifier(tmp_path, fresh_classifi
     _caption_index(index, enc, NEW_CAPTIONS)
     time.sleep(0.01)
     assert client.get("/healthz").get_json()["images"] == 3   # this request reloads the index ...
-    for thread in list(classify._WARMING.values()):           # ... and rebuilds the caption classifier
-        thread.join(30)
+    reopened = state(app)["engine"]
+    assert reopened is not engine and classifiers_of(reopened) is classify   # ... which keeps the registry
+    assert classify.join(30)                                   # ... that rebuilds the caption classifier
     assert classify.classifier_state(enc.name, str(engine.index_dir)) == "ready"
     assert classify.get_classifier(enc, str(engine.index_dir)) is not cached
     got = labels(ids[0])                                       # row 0 is now the "dog with a boot" image
@@ -208,8 +212,12 @@ def test_server_reload_refreshes_the_caption_classifier(tmp_path, fresh_classifi
 def test_large_vocabularies_store_names_in_the_background(tmp_path, fresh_classifier_cache, monkeypatch):
     """Above NAME_STORE_SYNC_MAX names a classifier is not held up by the store: names are embedded on
     demand; the warm-up builds the store after the classifier is in service and switches to it."""
+    import functools
+
+    from retrieval.classify import classifier
+
     classify = fresh_classifier_cache
-    monkeypatch.setattr(classify, "NAME_STORE_SYNC_MAX", 2)
+    monkeypatch.setattr(classifier, "NAME_STORE_SYNC_MAX", 2)
     enc = CountingEncoder()
     path = _names_file(tmp_path)
     cache = tmp_path / "cache"
@@ -222,7 +230,7 @@ def test_large_vocabularies_store_names_in_the_background(tmp_path, fresh_classi
     for f in clf.database.dir.glob("names-*"):
         f.unlink()
 
-    monkeypatch.setattr(classify, "ClassifyConfig", lambda *a, **k: cfg)      # the warm-up's default config
+    classify.make_classifier = functools.partial(make_classifier, config=cfg)   # the warm-up's config
     thread = classify.warm_classifier(enc, str(path), cache_dir=cache)
     thread.join(30)
     warmed = classify.get_classifier(enc, str(path), cache_dir=cache)
@@ -236,10 +244,10 @@ def test_large_vocabularies_store_names_in_the_background(tmp_path, fresh_classi
 def test_default_source_reads_the_captions_once_per_indexing_run(tmp_path, fresh_classifier_cache, monkeypatch):
     """default_source (called by every classify / caption-route request) reads an index's captions once,
     and again only after the index is re-indexed."""
-    from retrieval.classify import vocab
+    from retrieval.classify import registry, vocab
 
     classify = fresh_classifier_cache
-    monkeypatch.setattr(classify, "MIN_INDEX_CAPTIONS", 2)
+    monkeypatch.setattr(registry, "MIN_INDEX_CAPTIONS", 2)
     enc = CountingEncoder()
     index = _caption_index(tmp_path / "idx", enc, OLD_CAPTIONS)
     calls = []
@@ -247,7 +255,7 @@ def test_default_source_reads_the_captions_once_per_indexing_run(tmp_path, fresh
     monkeypatch.setattr(vocab, "caption_entries", lambda d, *a, **k: calls.append(d) or real(d, *a, **k))
     assert classify.default_source(index) == str(index) == classify.default_source(str(index))
     assert len(calls) == 1
-    monkeypatch.setattr(classify, "MIN_INDEX_CAPTIONS", 10_000)
+    monkeypatch.setattr(registry, "MIN_INDEX_CAPTIONS", 10_000)
     assert classify.default_source(index) == str(index)             # remembered: no new read
     _caption_index(index, enc, NEW_CAPTIONS)                           # re-indexed: read again
     assert classify.default_source(index) == "imagenet21k" and len(calls) == 2
@@ -255,13 +263,16 @@ def test_default_source_reads_the_captions_once_per_indexing_run(tmp_path, fresh
 
 
 def test_background_builds_stop_at_exit(tmp_path, fresh_classifier_cache, monkeypatch):
-    """At exit (``stop_background_builds``, an atexit hook) a warm-up building a name store stops between
-    batches and the hook waits for its thread: the process does not end while a thread is inside the
-    model (which aborts: "terminate called without an active exception"). Nothing half-built is written."""
+    """At exit (``stop_all_background_builds``, an atexit hook, for every live ``ClassifierRegistry``) a
+    warm-up building a text database stops between batches and the hook waits for its thread: the process
+    does not end while a thread is inside the model (which aborts: "terminate called without an active
+    exception"). Nothing half-built is written."""
     import threading
+    import weakref
 
     import pytest
 
+    from retrieval.classify import registry
     from retrieval.errors import BuildCancelled
 
     classify = fresh_classifier_cache
@@ -274,21 +285,30 @@ def test_background_builds_stop_at_exit(tmp_path, fresh_classifier_cache, monkey
         NameStore.build(db, enc, PROMPTS, batch_size=2, stop=stop)
     assert _store_files(db.dir) == []
 
-    # a warm-up thread blocked inside a build: the hook sets the stop event and joins it
-    monkeypatch.setattr(classify, "_STOP", threading.Event())
-    monkeypatch.setattr(classify, "_THREADS", set())
-    entered, seen = threading.Event(), []
+    # warm-up threads of two registries, each blocked inside a build: the exit hook sets every live
+    # registry's stop event and joins their threads
+    other = registry.ClassifierRegistry()
+    assert classify in registry._LIVE and other in registry._LIVE           # every registry is seen at exit
+    monkeypatch.setattr(registry, "_LIVE", weakref.WeakSet([classify, other]))   # (not other tests' ones)
+    seen = []
 
-    def slow_build(encoder, source, **kw):
-        entered.set()
-        while True:                       # a long database build, reporting progress per batch
-            kw["progress"](1, 10)
-            seen.append(1)
-            time.sleep(0.01)
+    def slow_build(entered):
+        def build(encoder, source, **kw):
+            entered.set()
+            while True:                       # a long database build, reporting progress per batch
+                kw["progress"](1, 10)
+                seen.append(1)
+                time.sleep(0.01)
+        return build
 
-    monkeypatch.setattr(classify, "make_classifier", slow_build)
-    thread = classify.warm_classifier(enc, "imagenet21k")
-    assert entered.wait(10) and thread in classify._THREADS
-    classify.stop_background_builds(timeout=10)
-    assert not thread.is_alive() and seen and thread not in classify._THREADS
-    assert isinstance(classify._WARM_ERRORS[(enc.name, "imagenet21k")], BuildCancelled)
+    threads = []
+    for reg in (classify, other):
+        entered = threading.Event()
+        reg.make_classifier = slow_build(entered)
+        threads.append(reg.warm_classifier(enc, "imagenet21k"))
+        assert entered.wait(10) and threads[-1] in reg._threads
+    registry.stop_all_background_builds(timeout=10)
+    assert seen and not any(t.is_alive() for t in threads)
+    for reg in (classify, other):
+        assert reg._threads == set() and reg.classifier_state(enc.name, "imagenet21k") == "failed"
+        assert isinstance(reg._warm_errors[(enc.name, "imagenet21k")], BuildCancelled)

@@ -142,6 +142,7 @@ def test_compose_instruction_methods_with_a_label():
 
 def test_compose_instruction_names_the_image_with_a_classifier():
     from retrieval.classify.classifier import Label
+    from retrieval.classify.registry import ClassifierRegistry
 
     class FakeClassifier:
         def __init__(self):
@@ -161,6 +162,14 @@ def test_compose_instruction_names_the_image_with_a_classifier():
     q = compose_instruction(enc, axis("sandal"), "boot instead of sandal", method="arithmetic", classifier=clf)
     assert isinstance(q, ComposedQuery) and clf.calls == 1   # the instruction named the old object itself
     assert set(q.to_json()) == {"method", "instruction", "label", "rewritten"}
+    # without a classifier: the default one of the index's registry (what the engine passes), built once
+    built = []
+    registry = ClassifierRegistry(make=lambda encoder, source, **_: built.append(source) or clf)
+    for _ in range(2):
+        shared = compose_query(axis("sandal"), axis("boot"), method="caption", encoder=enc,
+                               instruction="as a boot", classifiers=registry)
+        np.testing.assert_allclose(shared, out, atol=1e-6)
+    assert built == ["imagenet21k"] and clf.calls == 3
 
 
 def test_real_encoder_moves_toward_the_instruction(conse, photos):
@@ -176,9 +185,10 @@ def test_caption_route_names_the_image_with_the_default_vocabulary(conse, photos
     """compose_query with an encoder and no classifier names the image from imagenet21k (cached on disk)."""
     img = conse.encode_images([photos["chelsea"]])[0]
     txt = conse.encode_texts(["as a dog"])[0]
-    from retrieval.classify.classifier import default_classifier
+    from retrieval.classify.registry import ClassifierRegistry
 
-    q = compose_instruction(conse, img, "as a dog", method="caption", classifier=default_classifier(conse))
+    q = compose_instruction(conse, img, "as a dog", method="caption",
+                            classifier=ClassifierRegistry().default_classifier(conse))
     assert "cat" in (q.label or "").lower() and q.rewritten == "dog"
     out = compose_query(img, txt, method="caption", encoder=conse, instruction="as a dog")
     np.testing.assert_allclose(out, q.vector, atol=1e-5)
@@ -261,23 +271,24 @@ def test_compose_instruction_fusion_is_the_text_side():
     np.testing.assert_allclose(compose_query(img, 3 * axis("boot"), method="fusion"), axis("boot"), atol=1e-6)
 
 
-def test_caption_route_waits_for_no_one_while_the_database_warms(monkeypatch):
-    """While loupe serve warms the default classifier, the caption route answers WarmingUpError (503)
-    at once; fusion needs no classifier and still works."""
+def test_caption_route_waits_for_no_one_while_the_database_warms():
+    """While loupe serve warms the default classifier of the index's registry (``classifiers``: what the
+    engine passes), the caption route answers WarmingUpError (503) at once; fusion needs no classifier and
+    still works."""
     import threading
 
-    from retrieval.classify import classifier as classify
+    from retrieval.classify.registry import ClassifierRegistry
 
-    for name, value in (("_CLASSIFIERS", {}), ("_WARMING", {}), ("_WARM_ERRORS", {}), ("_WARMED", set())):
-        monkeypatch.setattr(classify, name, value)
     release = threading.Event()
-    monkeypatch.setattr(classify, "make_classifier", lambda *a, **k: release.wait(30) and None)
+    classifiers = ClassifierRegistry(make=lambda *a, **k: release.wait(30) and None)
     enc = WordEncoder()
-    thread = classify.warm_classifier(enc, "imagenet21k")
+    thread = classifiers.warm_classifier(enc, "imagenet21k")
     try:
         with pytest.raises(WarmingUpError):
-            compose_query(axis("sandal"), axis("boot"), method="caption", encoder=enc, instruction="as a boot")
-        out = compose_query(axis("sandal"), axis("boot"), method="fusion", encoder=enc, instruction="as a boot")
+            compose_query(axis("sandal"), axis("boot"), method="caption", encoder=enc, instruction="as a boot",
+                          classifiers=classifiers)
+        out = compose_query(axis("sandal"), axis("boot"), method="fusion", encoder=enc, instruction="as a boot",
+                            classifiers=classifiers)
         np.testing.assert_allclose(out, axis("boot"), atol=1e-5)
     finally:
         release.set()

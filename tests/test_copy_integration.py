@@ -14,6 +14,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from loupe.cli.main import main as loupe
+from tests.test_copydetect import screenshot
 
 INDEXED = ("astronaut", "chelsea", "coffee", "rocket", "camera", "horse", "page")
 HELD_OUT = ("immunohistochemistry", "hubble_deep_field", "brick", "grass", "text", "moon")   # not "cat": it is chelsea
@@ -100,16 +101,11 @@ def test_planted_copies_match_and_unrelated_do_not(engine, photos):
 
 
 def screenshot_of(img, scale=0.4, at=(230, 120)):
-    """``img`` pasted, small, into a made-up application window (title bar, side panel, menu text)."""
-    canvas = Image.new("RGB", (1000, 700), (240, 240, 245))
-    d = ImageDraw.Draw(canvas)
-    d.rectangle((0, 0, 1000, 40), fill=(60, 90, 160))
-    d.rectangle((0, 40, 180, 700), fill=(220, 222, 230))
-    for i in range(12):
-        d.text((12, 60 + 30 * i), f"menu item {i}", fill=(40, 40, 40))
-    d.text((230, 600), "Posted by someone, 3 hours ago. 12 comments", fill=(40, 40, 40))
+    """``img`` pasted, small, into a made-up application window (title bar, side panel, menu text), and
+    the box it covers."""
     small = img.resize((int(img.width * scale), int(img.height * scale)))
-    canvas.paste(small, at)
+    canvas = screenshot(small, at, (1000, 700), panel=180, menu=12, margin=12,
+                        footer=((230, 600), "Posted by someone, 3 hours ago. 12 comments"))
     return canvas, (at[0], at[1], at[0] + small.width, at[1] + small.height)
 
 

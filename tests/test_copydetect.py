@@ -147,13 +147,17 @@ def _texture(w, h, seed):
     return Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR)
 
 
-def _screenshot(picture, at):
-    canvas = Image.new("RGB", (800, 600), (240, 240, 245))
+def screenshot(picture, at, size=(800, 600), *, panel=160, menu=8, margin=10, footer=None):
+    """``picture`` pasted at ``at`` into a made-up application window of ``size``: a title bar, a side
+    panel ``panel`` pixels wide with ``menu`` lines of text, and ``footer = (xy, text)`` if given."""
+    canvas = Image.new("RGB", size, (240, 240, 245))
     d = ImageDraw.Draw(canvas)
-    d.rectangle((0, 0, 800, 40), fill=(60, 90, 160))
-    d.rectangle((0, 40, 160, 600), fill=(220, 222, 230))
-    for i in range(8):
-        d.text((10, 60 + 30 * i), f"menu item {i}", fill=(40, 40, 40))
+    d.rectangle((0, 0, size[0], 40), fill=(60, 90, 160))
+    d.rectangle((0, 40, panel, size[1]), fill=(220, 222, 230))
+    for i in range(menu):
+        d.text((margin, 60 + 30 * i), f"menu item {i}", fill=(40, 40, 40))
+    if footer is not None:
+        d.text(footer[0], footer[1], fill=(40, 40, 40))
     canvas.paste(picture, at)
     return canvas
 
@@ -161,7 +165,7 @@ def _screenshot(picture, at):
 @pytest.mark.parametrize("size,at", [((120, 90), (300, 200)), ((60, 40), (600, 500)), ((400, 300), (250, 60))])
 def test_query_regions_find_a_picture_embedded_in_a_screenshot(size, at):
     pic = _texture(*size, seed=size[0])
-    shot = _screenshot(pic, at)
+    shot = screenshot(pic, at)
     boxes = query_regions(shot)
     assert boxes[0] == (0, 0, 800, 600)                      # the whole image first
     truth = (at[0], at[1], at[0] + size[0], at[1] + size[1])
@@ -180,7 +184,7 @@ def test_query_regions_trim_a_uniform_border():
 
 def test_query_regions_of_a_full_frame_picture_are_just_the_whole_image():
     assert query_regions(_texture(400, 300, seed=2)) == [(0, 0, 400, 300)]
-    assert len(query_regions(_screenshot(_texture(60, 40, 3), (300, 300)), RegionConfig(max_regions=1))) == 1
+    assert len(query_regions(screenshot(_texture(60, 40, 3), (300, 300)), RegionConfig(max_regions=1))) == 1
 
 
 def test_flat_mask_matches_brute_force():

@@ -103,9 +103,15 @@ def test_crop_windows_gain_match_novel_and_overlap():
     assert list(crop_windows(windows, regions, vecs, g, select="gain")) == [2]
     # two windows: the second best by gain that does not overlap the first by more than half
     assert list(crop_windows(windows, regions, vecs, g, count=2, select="gain")) == [2, 3]
-    # window 1 overlaps window 0 by IoU 1/3 (kept) ...
-    assert list(crop_windows(windows, regions, vecs, g, count=2, select="match")) == [0, 3] or \
-        list(crop_windows(windows, regions, vecs, g, count=2, select="match"))[0] == 0
+    # "match" scores the windows 1, 0, 0.8, 0.6: window 1 (IoU 1/3 with window 0) comes last, kept under
+    # max_overlap 0.5 and skipped under 0.3 ...
+    assert list(crop_windows(windows, regions, vecs, g, count=2, select="match")) == [0, 2]
+    assert list(crop_windows(windows, regions, vecs, g, count=4, select="match")) == [0, 2, 3, 1]
+    assert list(crop_windows(windows, regions, vecs, g, count=4, select="match", max_overlap=0.3)) == [0, 2, 3]
+    # ... and, second best for a candidate that matches windows 0 and 1, it is chosen second or skipped
+    both = unit(e[0] + 0.9 * e[1])[None]
+    assert list(crop_windows(windows, regions, both, g[:1], count=2, select="match")) == [0, 1]
+    assert list(crop_windows(windows, regions, both, g[:1], count=2, select="match", max_overlap=0.3)) == [0, 2]
     # ... and "novel" takes the window least like the query vector
     q = unit(np.array([1.0, 0.9, -0.5, 0.2]))
     assert list(crop_windows(windows, regions, vecs, g, q, select="novel")) == [2]

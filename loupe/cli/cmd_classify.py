@@ -128,7 +128,7 @@ def run(args) -> int:
                           progress=progress, precompute_names=True if args.precompute_names else None)
     labels = clf.classify(loaded, top=args.k)
     preds = [Prediction(str(p), lab) for p, lab in zip(images, labels)]
-    colours = describe_colours(loaded)     # the main colours too (retrieval.colour; no model, no index)
+    colours = describe_colours(loaded)     # the main colours too (retrieval.colour.naming; no model, no index)
     if args.json:
         print(json.dumps({"predictions": [p.to_json() | {"colours": c} for p, c in zip(preds, colours)]}))
         return 0

@@ -128,7 +128,7 @@ def _drop_if_other_encoders(index_dir: Path) -> None:
 
 
 def build_direct(index_dir: Path, items: list[tuple[Path, str]], device: str) -> None:
-    """Fallback without the indexer package: one flat shard written with ``retrieval.store``."""
+    """Fallback without the indexer package: one flat shard written with ``retrieval.index.store``."""
     import faiss
 
     from retrieval.encoders import create_encoder

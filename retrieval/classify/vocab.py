@@ -14,7 +14,7 @@ Sources:
   (up to 4 words) is taken as a category name as it is; a longer one as a caption (noun phrases).
 
 A database is embedded once per encoder and stored in the ordinary index format of
-:mod:`retrieval.store` (``manifest.json`` + ``meta/shard-*.parquet`` + ``<encoder>/shard-*.faiss``):
+:mod:`retrieval.index.store` (``manifest.json`` + ``meta/shard-*.parquet`` + ``<encoder>/shard-*.faiss``):
 metadata row ``caption`` = the entry's text, ``source`` = where it came from (e.g. ``imagenet21k:n02124075``),
 ``extra`` = ``{"names": [...]}``. ``manifest.extra`` = ``{"kind": "text-database", "name",
 "fingerprint"}``; the fingerprint (hash of the entries and the encoder) decides when to rebuild.

@@ -15,12 +15,12 @@ Methods (``method=``; ``DEFAULT_METHOD`` when the caller does not choose):
   ``normalise((1 - w_c) * image + w_c * text(rewritten) - w_old * text(removed))``.
 * ``"fused"`` — the normalised mean of the arithmetic and caption vectors.
 * ``"fusion"`` — score fusion of ranked lists, "must match the text AND keep what the image shows"
-  (:mod:`retrieval.compose_fusion`): the text list ranks by the instruction's words (:func:`fusion_text`:
+  (:mod:`retrieval.compose.fusion`): the text list ranks by the instruction's words (:func:`fusion_text`:
   "as a boot" → "boot", "in red" → "red") in the text encoder's space; the image list ranks by the query
   image in an image-only encoder's space (e.g. ``effnet-lite0``, ``dinov2-*``: appearance — colour,
   texture, style) for object changes, or in the text encoder's own space for attribute changes (keep
   *what* it is, not how it looks). When the index has the ``colour-names`` encoder
-  (:mod:`retrieval.colour`), colour enters as a third score: for an instruction that names a colour
+  (:mod:`retrieval.colour.naming`), colour enters as a third score: for an instruction that names a colour
   ("in red", "the same but navy blue", "as a red boot") how much of it each candidate shows (and a
   colour list joins the pool; the image list goes ``COLOUR_CANDIDATES`` deep), for other object changes
   how alike each candidate's colours are to the query image's ("as a boot" keeps the colour). The
@@ -30,7 +30,7 @@ Methods (``method=``; ``DEFAULT_METHOD`` when the caller does not choose):
   a single vector, ``compose_query`` returns its text side. It needs no vocabulary-free naming, hence no
   ImageNet-21k text database.
 
-Instruction patterns: :mod:`retrieval.instructions` (:func:`parse_instruction`).
+Instruction patterns: :mod:`retrieval.compose.instructions` (:func:`parse_instruction`).
 
 Why a colour model of its own: the offline text encoder cannot tell colours apart (ConSE image
 vectors are mixtures of ImageNet class names; its zero-shot colour naming of the tinted gallery is at
@@ -108,7 +108,7 @@ def compose_caption(image_vec, rewritten_vec, removed_vec=None, *, weight: float
 
 def compose_query(image_vec: np.ndarray, text_vec: np.ndarray, *, weight: float = DEFAULT_INSTRUCTION_WEIGHT,
                   method: str = "sum", encoder=None, instruction: str | None = None, classifier=None,
-                  label: str | None = None, index_dir=None, **_: object) -> np.ndarray:
+                  label: str | None = None, index_dir=None, classifiers=None, **_: object) -> np.ndarray:
     """A unit query vector from an image vector and an instruction.
 
     ``method="sum"`` (the default of this function, kept for callers that pass only vectors):
@@ -118,8 +118,10 @@ def compose_query(image_vec: np.ndarray, text_vec: np.ndarray, *, weight: float 
     and ``caption``/``fused`` fall back to ``sum`` (they need to embed new text). ``fusion`` (and ``auto``)
     returns only the text side of the fusion — the engine's :func:`fusion_search` adds the image list;
     searching with this vector alone is a text-only search. The query image is
-    named by ``classifier``, else ``label``, else :func:`retrieval.classify.default_classifier`
-    (the captions of ``index_dir`` when it has enough, else the imagenet21k vocabulary).
+    named by ``classifier``, else ``label``, else the default classifier of ``classifiers`` (the index's
+    :class:`retrieval.classify.ClassifierRegistry`, whose warm-up may answer ``WarmingUpError``; without
+    one, a registry of this call's own): the captions of ``index_dir`` when it has enough, else the
+    imagenet21k vocabulary.
     """
     method = (method or "sum").lower()
     if method not in METHODS + ("auto",):
@@ -128,7 +130,7 @@ def compose_query(image_vec: np.ndarray, text_vec: np.ndarray, *, weight: float 
         return compose_sum(image_vec, text_vec, weight)
     if encoder is not None and instruction:
         if classifier is None and label is None:
-            classifier = _LazyClassifier(encoder, index_dir)
+            classifier = _LazyClassifier(encoder, index_dir, classifiers)
         return compose_instruction(encoder, image_vec, instruction, method=method, classifier=classifier,
                                    label=label).vector
     if method == "arithmetic":
@@ -139,15 +141,17 @@ def compose_query(image_vec: np.ndarray, text_vec: np.ndarray, *, weight: float 
 
 
 class _LazyClassifier:
-    """The default classifier, built only if the query image must be named."""
+    """The default classifier of ``classifiers`` (a ``ClassifierRegistry``; None: a new one), taken only
+    if the query image must be named."""
 
-    def __init__(self, encoder, index_dir):
-        self.encoder, self.index_dir = encoder, index_dir
+    def __init__(self, encoder, index_dir, classifiers=None):
+        self.encoder, self.index_dir, self.classifiers = encoder, index_dir, classifiers
 
     def classify_vectors(self, vecs, top=None):
-        from retrieval.classify.classifier import default_classifier
+        from retrieval.classify.registry import ClassifierRegistry
 
-        return default_classifier(self.encoder, self.index_dir).classify_vectors(vecs, top=top)
+        classifiers = self.classifiers if self.classifiers is not None else ClassifierRegistry()
+        return classifiers.default_classifier(self.encoder, self.index_dir).classify_vectors(vecs, top=top)
 
 
 @dataclass

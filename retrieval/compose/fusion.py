@@ -4,7 +4,7 @@ lists pooled and re-scored (see :mod:`retrieval.compose` for the methods and why
 * text list: the instruction's words (:func:`fusion_text`) in the text encoder's space;
 * image list: the query image in an image-only encoder's space for changes that keep the look, or in the
   text encoder's own space for attribute changes (:func:`fusion_plan`);
-* colour (an index with the ``colour-names`` encoder, :mod:`retrieval.colour`): for an instruction that
+* colour (an index with the ``colour-names`` encoder, :mod:`retrieval.colour.naming`): for an instruction that
   names a colour, how much of it each candidate shows, plus a colour list of its own; for object changes,
   how alike each candidate's colours are to the query image's (:func:`colour_plan`).
 

@@ -1,8 +1,8 @@
 """Copy detection: "is this image a copy of something we have?", with one threshold for all queries.
 
-Pipeline for a query image (``match_images``; the maths are pure functions in ``retrieval.copy_scores``):
+Pipeline for a query image (``match_images``; the maths are pure functions in ``retrieval.copydetect.scores``):
 
-0. **Query views**: the whole image plus the regions ``retrieval.copy_regions.query_regions``
+0. **Query views**: the whole image plus the regions ``retrieval.copydetect.regions.query_regions``
    proposes (border trim, content boxes: a picture pasted into a screenshot or padded). Every view is
    scored as below; a candidate keeps its best score over the views (``score_views``, the DISC21
    winners' query-side multi-crop), and the match reports the view's box (``Match.region``).
@@ -30,14 +30,12 @@ Pipeline for a query image (``match_images``; the maths are pure functions in ``
 
 Thresholds (``DEFAULT_THRESHOLDS``) were calibrated on ``benchmarks/bench_copydetect.py`` for about
 90 % precision; see ``benchmarks/results/copydetect.md``. Metrics for such calibration are here too
-(``retrieval.copy_metrics``, re-exported here: :func:`micro_average_precision` as DISC21 defines
+(``retrieval.copydetect.metrics``, re-exported here: :func:`micro_average_precision` as DISC21 defines
 µAP, :func:`recall_at_precision`, :func:`threshold_for_precision`).
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -117,28 +115,6 @@ def _embed_for_matching(encoder, images) -> np.ndarray:
 
 
 # -- the Engine adapter -------------------------------------------------------------------------
-class _IndexCache:
-    """Per-engine cached things: packed binary codes of a binary encoder, and background samples."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.binary: dict[str, tuple[np.ndarray, list[str]]] = {}
-        self.background: dict[tuple, Background] = {}
-
-
-_CACHES: "weakref.WeakKeyDictionary[Any, _IndexCache]" = weakref.WeakKeyDictionary()
-_CACHES_LOCK = threading.Lock()
-
-
-def _cache(engine) -> _IndexCache:
-    with _CACHES_LOCK:
-        c = _CACHES.get(engine)
-        if c is None:
-            c = _IndexCache()
-            _CACHES[engine] = c
-        return c
-
-
 def choose_encoder(engine, name: str | None = None) -> str:
     """The encoder to match with: ``name``, else the most copy-specific encoder of the index."""
     encoders = list(engine.manifest.encoders)
@@ -176,35 +152,33 @@ def binary_blocks(engine, name: str):
 
 
 def _all_codes(engine, name: str) -> tuple[np.ndarray, list[str]]:
-    cache = _cache(engine)
-    with cache.lock:
-        if name not in cache.binary:
-            codes, ids = [], []
-            for _, block, vids in binary_blocks(engine, name):
-                codes.append(block)
-                ids.extend(vids)
-            cache.binary[name] = (np.concatenate(codes) if codes else np.zeros((0, 32), np.uint8), ids)
-        return cache.binary[name]
+    """Every packed code of a binary encoder and its id, in one array (kept per engine: ``Engine.cache``)."""
+
+    def pack() -> tuple[np.ndarray, list[str]]:
+        codes, ids = [], []
+        for _, block, vids in binary_blocks(engine, name):
+            codes.append(block)
+            ids.extend(vids)
+        return (np.concatenate(codes) if codes else np.zeros((0, 32), np.uint8), ids)
+
+    return engine.cache(("copydetect.codes", name), pack)
 
 
 def load_background(engine, name: str, config: MatchConfig) -> Background:
-    """``DIR/<encoder>/background.npy`` if present, else a seeded sample of the index's vectors."""
-    cache = _cache(engine)
+    """``DIR/<encoder>/background.npy`` if present, else a seeded sample of the index's vectors; kept per
+    engine (``Engine.cache``) until the file changes (``loupe match --build-background`` while serving)."""
     path = background_path(engine.index_dir, name)
-    key = (name, str(path), path.stat().st_mtime if path.is_file() else None, config.background_size, config.seed)
-    with cache.lock:
-        if key in cache.background:
-            return cache.background[key]
-    binary = _is_binary_encoder(engine, name)
-    if path.is_file():
-        vecs = np.load(path)
-        bg = Background(pack_signs(vecs) if binary else vecs.astype(np.float32), None, "file")
-    else:
+    mtime = path.stat().st_mtime if path.is_file() else None
+
+    def load() -> Background:
+        binary = _is_binary_encoder(engine, name)
+        if mtime is not None:
+            vecs = np.load(path)
+            return Background(pack_signs(vecs) if binary else vecs.astype(np.float32), None, "file")
         blocks = binary_blocks(engine, name) if binary else engine.all_vectors(name)
-        bg = sample_background(blocks, config.background_size, seed=config.seed, binary=binary)
-    with cache.lock:
-        cache.background[key] = bg
-    return bg
+        return sample_background(blocks, config.background_size, seed=config.seed, binary=binary)
+
+    return engine.cache(("copydetect.background", name, mtime, config.background_size, config.seed), load)
 
 
 def sample_background(blocks: Iterable[tuple[int, np.ndarray, list[str]]], size: int, *, seed: int = 0,

@@ -1,4 +1,4 @@
-"""``colour-names``: an image's colour distribution over the eleven basic colour terms (:mod:`retrieval.colour`).
+"""``colour-names``: an image's colour distribution over the eleven basic colour terms (:mod:`retrieval.colour.naming`).
 
 An 11-d vector per image (``sqrt`` of the distribution, unit length: inner products are Bhattacharyya
 coefficients), computed from a 64×64 thumbnail of the whole image with no model weights (the naming
@@ -41,7 +41,7 @@ class ColourNamesEncoder(Encoder):
         self.preprocess = ColourTransform(spec.image_size)
 
     def distributions(self, batch: torch.Tensor | Sequence) -> np.ndarray:
-        """``[n, 11]`` colour distributions (rows sum to 1, in :data:`retrieval.colour.BASIC_TERMS` order)."""
+        """``[n, 11]`` colour distributions (rows sum to 1, in :data:`retrieval.colour.naming.BASIC_TERMS` order)."""
         return colour.colour_names(self.to_batch(batch))
 
     def encode_images(self, batch: torch.Tensor | Sequence) -> Vectors:

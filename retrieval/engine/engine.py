@@ -76,7 +76,8 @@ class Engine:
         self.records = RecordStore(self.index_dir, self.manifest)
         self.shards = ShardSet(self.index_dir, self.manifest, self.records.shard_ids, mmap=mmap)
         self.embedder = Embedder(self.manifest, device=device, index_dir=self.index_dir,
-                                 stored_vector=self.stored_vector, load_image=self.records.load_image)
+                                 stored_vector=self.stored_vector, load_image=self.records.load_image,
+                                 composer=lambda: {"classifiers": _classifiers_of(self)})
         self._mask_cache: OrderedDict[str, list[np.ndarray]] = OrderedDict()
         self._state: dict[Any, Any] = {}
         self._lock = threading.Lock()
@@ -326,6 +327,13 @@ def _request(request: SearchRequest | None, fields: dict[str, Any]) -> SearchReq
     if not isinstance(request, SearchRequest):
         raise TypeError(f"expected a SearchRequest, got {type(request).__name__}")
     return request
+
+
+def _classifiers_of(engine: Engine):
+    """The engine's classifier registry (the caption route of instruction queries names the query image)."""
+    from retrieval.classify.registry import classifiers_of
+
+    return classifiers_of(engine)
 
 
 def _is_fusion(method: str) -> bool:

@@ -54,7 +54,7 @@ Methods (``method=``):
   the query over the windows that cover it (positive part). No gradients, works for ViTs and CNNs and
   for ConSE's non-linear embedding alike; it costs one forward pass per window (25 by default).
 * ``"colour"`` — the ``colour-names`` encoder: each pixel's exact first-order share of the colour match
-  (:func:`retrieval.colour.pixel_contributions`): its object weight times its colour-term memberships,
+  (:func:`retrieval.colour.naming.pixel_contributions`): its object weight times its colour-term memberships,
   each term valued at the match's derivative. A "red" query lights up the red pixels.
 * ``"matches"`` — for (re-ranked) image queries: the locally matched regions themselves; the mutual
   nearest-neighbour matches that RANSAC keeps as inliers, each cell weighted by its similarity, on
@@ -384,7 +384,7 @@ def default_method(encoder) -> str:
     if fam == "conse":
         return "occlusion"      # best on the text→image tuning pairs, narrowly (same file)
     if fam == "colour":
-        return "colour"         # exact per-pixel shares of the colour match (retrieval.colour)
+        return "colour"         # exact per-pixel shares of the colour match (retrieval.colour.naming)
     raise UnsupportedModalityError(f"encoder {encoder.name!r} has no spatial map to attribute; "
                                    "use a CLIP, DINOv2, effnet-lite0 or conse-effnet-lite0 index")
 

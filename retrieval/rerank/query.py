@@ -7,29 +7,22 @@ Used by ``retrieval.rerank.rerank_hits`` (and copy detection's ``query_local_fea
 from __future__ import annotations
 
 import os
-import threading
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from retrieval.encoders.base import l2_normalize
 
-_REDUCERS: dict[tuple[str, str, float], Any] = {}
-_REDUCERS_LOCK = threading.Lock()
-
 
 def _reducer(engine, encoder: str):
+    """The index's PCA reducer of ``encoder``'s local features (None without one), loaded once per engine
+    (``Engine.cache``: a re-indexed DIR is a reopened engine, which loads the new one)."""
     from retrieval.index import store
 
     path = store.pca_path(engine.index_dir, encoder)
     if not os.path.isfile(path):
         return None
-    key = (str(Path(path).resolve()), encoder, os.path.getmtime(path))
-    with _REDUCERS_LOCK:
-        if key not in _REDUCERS:
-            _REDUCERS[key] = store.LocalReducer.load(path)
-        return _REDUCERS[key]
+    return engine.cache(("rerank.reducer", encoder), lambda: store.LocalReducer.load(path))
 
 
 def _local_info(engine, encoder: str) -> dict | None:

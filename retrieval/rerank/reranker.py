@@ -4,11 +4,11 @@ Everything but ``rerank_hits`` is a pure function over arrays; ``rerank_hits`` i
 the Engine calls (``Engine.search(rerank=True)``). The pieces live in their own modules (all names are
 re-exported here):
 
-- ``retrieval.rerank_config``: ``RerankConfig`` and the defaults (``DEFAULT_CONFIG``, ``FINE_DEFAULT_CONFIG``);
-- ``retrieval.rerank_verify``: local matching (step 1) and spatial verification (step 2): ``verify_pair``,
+- ``retrieval.rerank.config``: ``RerankConfig`` and the defaults (``DEFAULT_CONFIG``, ``FINE_DEFAULT_CONFIG``);
+- ``retrieval.rerank.verify``: local matching (step 1) and spatial verification (step 2): ``verify_pair``,
   ``ransac_affine``, the batched similarities and match counts;
-- ``retrieval.rerank_regions``: multi-region query descriptors and the query-crop windows (step 3);
-- ``retrieval.rerank_query``: the query's local descriptors and the index's PCA reducer, from an engine;
+- ``retrieval.rerank.regions``: multi-region query descriptors and the query-crop windows (step 3);
+- ``retrieval.rerank.query``: the query's local descriptors and the index's PCA reducer, from an engine;
 - here: fusion, αQE / DBA, ``rerank_arrays`` (one query against its candidates) and ``rerank_hits``.
 
 Pipeline for an image query against the top ``N`` (default 100) global candidates:
@@ -63,7 +63,7 @@ projected patch tokens): each candidate gets ``mean of the top 1/8 patch similar
 vector (projected through the index's PCA), fused as ``global + w_text * patch_score``. Encoders whose
 local features are not in the text space (ConSE's CNN cells) keep the global order.
 
-``verify_pair`` (``retrieval.rerank_verify``) is the standalone spatial check (used by copy detection).
+``verify_pair`` (``retrieval.rerank.verify``) is the standalone spatial check (used by copy detection).
 """
 
 from __future__ import annotations
