@@ -25,7 +25,7 @@ def _reducer(engine, encoder: str):
     return engine.cache(("rerank.reducer", encoder), lambda: store.LocalReducer.load(path))
 
 
-def _local_info(engine, encoder: str) -> dict | None:
+def local_info(engine, encoder: str) -> dict | None:
     entry = engine.manifest.encoders.get(encoder)
     return entry.local_features if entry is not None else None
 
@@ -90,7 +90,7 @@ def query_local_features(engine, ctx, encoder_name: str | None = None
     Uses ``ctx.local = (tokens, grid)`` when the embedding step kept them (one forward pass), else runs
     the encoder's ``encode_images_and_local`` on ``ctx.image``, else reads an indexed ``ctx.image_id``'s."""
     name = encoder_name or ctx.encoder
-    info = _local_info(engine, name) or {}
+    info = local_info(engine, name) or {}
     if info.get("layer") == "fine":
         q = _query_fine_tokens(engine, ctx, name)
     else:
@@ -106,7 +106,7 @@ def query_local_features(engine, ctx, encoder_name: str | None = None
     return None
 
 
-def _text_in_patch_space(engine, name: str) -> bool:
+def text_in_patch_space(engine, name: str) -> bool:
     try:
         enc = engine.encoder(name)
     except Exception:  # noqa: BLE001 - unloadable encoder: no text re-ranking
@@ -114,7 +114,7 @@ def _text_in_patch_space(engine, name: str) -> bool:
     return bool(enc.supports_text and enc.spec.local == "patch_tokens")
 
 
-def _project_text(engine, name: str, text_vec: np.ndarray) -> np.ndarray:
+def project_text(engine, name: str, text_vec: np.ndarray) -> np.ndarray:
     """A text vector into the index's local descriptor space (PCA directions, no centring)."""
     red = _reducer(engine, name)
     t = np.asarray(text_vec, np.float32).reshape(1, -1)

@@ -76,11 +76,11 @@ import numpy as np
 from retrieval.encoders.base import l2_normalize
 from retrieval.rerank.config import DEFAULT_CONFIG, FINE_DEFAULT_CONFIG, RerankConfig
 from retrieval.rerank.query import (
-    _local_info,
-    _project_text,
-    _text_in_patch_space,
+    local_info,
+    project_text,
     query_local_features,
     query_tokens,
+    text_in_patch_space,
 )
 from retrieval.rerank.regions import (
     crop_windows,
@@ -343,7 +343,7 @@ def rerank_hits(engine, ctx, hits: list, k: int, config: RerankConfig | dict | N
     query-crop pass (``config.crop``; e.g. a cache); the crops' vectors must be in the index's space.
     """
     if config is None or isinstance(config, dict):
-        fine = (_local_info(engine, ctx.encoder) or {}).get("layer") == "fine"
+        fine = (local_info(engine, ctx.encoder) or {}).get("layer") == "fine"
         base = FINE_DEFAULT_CONFIG if fine else DEFAULT_CONFIG
         config = replace(base, **config) if isinstance(config, dict) else base
     hits = list(hits)[: max(config.n_candidates, int(k))]
@@ -351,7 +351,7 @@ def rerank_hits(engine, ctx, hits: list, k: int, config: RerankConfig | dict | N
         return []
     name = ctx.encoder
     g = np.array([h.score for h in hits], np.float64)
-    has_local = bool(_local_info(engine, name))
+    has_local = bool(local_info(engine, name))
     is_image = getattr(ctx, "image", None) is not None or bool(getattr(ctx, "image_id", None))
     rs = cs = None
     if is_image and (config.regions or config.crop) and not getattr(ctx, "instruction", None):
@@ -371,11 +371,11 @@ def rerank_hits(engine, ctx, hits: list, k: int, config: RerankConfig | dict | N
             q = query_local_features(engine, ctx, name)
             if q is not None:
                 cands = engine.local_features(name, hits)
-                info = _local_info(engine, name) or {}
+                info = local_info(engine, name) or {}
                 c_grid = tuple(info.get("grid") or q[2])
                 fused = rerank_arrays(q[0], q[1], q[2], g, cands, c_grid, config, rs, cs).fused
-        elif not is_image and getattr(ctx, "text", None) and _text_in_patch_space(engine, name):
-            t = _project_text(engine, name, ctx.vector)
+        elif not is_image and getattr(ctx, "text", None) and text_in_patch_space(engine, name):
+            t = project_text(engine, name, ctx.vector)
             cands = engine.local_features(name, hits)
             fused = g + config.w_text * text_patch_scores(t, [d for d, _ in cands], config.text_top_frac)
     if config.qe or config.dba:
