@@ -11,7 +11,7 @@ route of instruction queries answer 503 ``warming_up``; ``loupe serve`` turns it
 ``RELOAD_INTERVAL`` (5 s: a request at most this often checks whether ``loupe index`` replaced the
 manifest, and then the index is reopened — loaded models are kept — so serving and indexing can run
 side by side; classifiers over the index's captions are then rebuilt in the background).
-Blueprints come from ``server.routes_search`` (search, images, the web page) and, when present,
+Blueprints come from ``server.routes_search`` (search, images, the web page) and
 ``server.routes_attribution`` / ``server.routes_copy`` / ``server.routes_classify``; each adds
 its feature name to ``GET /healthz``'s ``features``.
 """
@@ -29,6 +29,7 @@ from flask import Flask, Response, g, jsonify, request
 from server.common import EXT_KEY, MAX_UPLOAD_BYTES, state
 from server.errors import register_error_handlers
 from server.metrics import CONTENT_TYPE_LATEST, Metrics
+from server.security import install as install_security
 from server.thumbnails import ThumbnailCache
 
 log = logging.getLogger("loupe.server")
@@ -50,29 +51,16 @@ DEFAULTS: dict[str, Any] = {
     "WARM_CLASSIFIER": False,
     "RELOAD_INTERVAL": 5.0,      # seconds between checks for a re-indexed DIR (0: never reload)
     "JSON_SORT_KEYS": False,
+    "ALLOWED_HOSTS": None,       # Host names served (None: any; `loupe serve` sets them) - server.security
+    "HIDE_PATHS": False,         # results' paths relative to the indexed folder - server.security
 }
 
 
 def _register_blueprints(app: Flask) -> list[str]:
-    features = []
-    for module_name, feature in BLUEPRINTS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue          # that feature is not in this build yet
-            log.error("feature %r disabled: %s (missing dependency)", feature, exc)
-            continue
-        except Exception:  # noqa: BLE001 - one broken feature must not take the whole server down
-            log.exception("feature %r disabled: %s failed to import", feature, module_name)
-            continue
-        bp = getattr(module, "bp", None)
-        if bp is None:
-            log.warning("%s has no `bp` blueprint; skipped", module_name)
-            continue
-        app.register_blueprint(bp)
-        features.append(feature)
-    return features
+    """Register every feature's blueprint; returns the feature names ``/healthz`` reports."""
+    for module_name in BLUEPRINTS:
+        app.register_blueprint(importlib.import_module(module_name).bp)
+    return list(BLUEPRINTS.values())
 
 
 def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
@@ -94,15 +82,11 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
     app.extensions[EXT_KEY] = {"engine": engine, "metrics": metrics, "features": [],
                                "thumbnails": ThumbnailCache(app.config["THUMBNAIL_CACHE_BYTES"])}
     register_error_handlers(app)
+    install_security(app)
     features = _register_blueprints(app)
     if engine is not None:
-        if engine.text_encoder:
-            features.append("text")
-        try:
-            importlib.import_module("retrieval.rerank")
-            features.append("rerank")
-        except ImportError:
-            pass
+        features += ["text"] if engine.text_encoder else []
+        features.append("rerank")
     state(app)["features"] = features
     if engine is not None and app.config.get("PRELOAD_ENCODERS"):
         for name in {engine.default_encoder, engine.text_encoder} - {None}:
@@ -170,7 +154,7 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
         if t0 is not None:
             metrics.in_flight.dec()
             metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        metrics.requests.labels(request.method, endpoint, str(resp.status_code)).inc()
+        metrics.count_request(request.method, endpoint, resp.status_code)
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         return resp
 

@@ -38,21 +38,15 @@ def features() -> list[str]:
 def result_json(engine, hit, query=None) -> dict[str, Any]:
     """One search result as the API returns it (adds ``image_url``, ``thumbnail_url``, ``attribution_url``).
 
-    ``attribution_url`` (when the attribution feature is installed) is a GET URL that carries the
-    query for text / image_id queries; for uploaded images, POST the same query + ``result_id`` to it."""
-    from urllib.parse import urlencode
-
+    ``attribution_url`` (when the attribution feature is installed) is the endpoint to POST the same query
+    plus ``"result_id"`` to (``/api/attribution``: a costly call, so POST only; ``query`` is not needed).
+    With ``HIDE_PATHS`` the paths are relative to the indexed folder (``server.security.hide_paths``)."""
     out = engine.describe_hit(hit)
+    if current_app.config.get("HIDE_PATHS"):
+        from server.security import hide_paths
+
+        hide_paths(engine, out)
     out["image_url"] = f"/api/images/{hit.id}"
     out["thumbnail_url"] = f"/api/images/{hit.id}?size=256"
-    if "attribution" in features():
-        args: dict[str, Any] = {"result_id": hit.id}
-        if query is not None and query.image is None:
-            for key in ("text", "image_id", "instruction", "encoder"):
-                value = getattr(query, key)
-                if isinstance(value, str):
-                    args[key] = value
-        out["attribution_url"] = "/api/attribution?" + urlencode(args)
-    else:
-        out["attribution_url"] = None
+    out["attribution_url"] = "/api/attribution" if "attribution" in features() else None
     return out

@@ -2,11 +2,15 @@
 
 Library ``LoupeError``s keep their ``code``/``http_status``; invalid input raises ``BadRequestError``
 (400); HTTP errors become JSON; anything unexpected is a JSON 500 with no traceback (logged).
+Messages never carry a server path: an absolute path in a library message is cut to its last name
+(``…/shard-00000.faiss``) before it reaches the client; the full message is logged. Input nested so
+deeply that parsing it recurses too far is a 400 ``invalid_json``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 from flask import current_app, jsonify
 from flask import request as flask_request
@@ -31,6 +35,30 @@ class NoIndexError(LoupeError):
     http_status = 503
 
 
+class UnsupportedMediaTypeError(LoupeError):
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+class ForbiddenHostError(LoupeError):
+    code = "forbidden_host"
+    http_status = 403
+
+
+# an absolute path: "/" after a space, quote or bracket, then at least one more "/"-separated part
+_ABS_PATH = re.compile(r"""(?<![\w/.:~-])/(?:[^\s/'"()\[\],;]+/)+([^\s/'"()\[\],;]*)""")
+_ROUTE_PREFIXES = ("/api/", "/static/", "/healthz", "/metrics", "/docs", "/openapi.json")
+
+
+def scrub_paths(message: str) -> str:
+    """``message`` with every absolute filesystem path cut to ``…/LAST_NAME`` (API routes are kept)."""
+    def _cut(m: re.Match) -> str:
+        text = m.group(0)
+        return text if text.startswith(_ROUTE_PREFIXES) else f"…/{m.group(1)}"
+
+    return _ABS_PATH.sub(_cut, message)
+
+
 def error_response(code: str, message: str, status: int = 400):
     """A JSON error response ``{"error": {"code", "message"}}``."""
     resp = jsonify({"error": {"code": code, "message": message}})
@@ -49,11 +77,15 @@ def register_error_handlers(app) -> None:
     @app.errorhandler(LoupeError)
     def _loupe_error(exc: LoupeError):
         status = int(getattr(exc, "http_status", 400) or 400)
+        message = str(exc) or exc.__class__.__name__
         if status == 503:       # expected and temporary (e.g. warming up): not an error to page anyone for
-            log.info("unavailable for now: %s", exc)
+            log.info("unavailable for now: %s", message)
         elif status >= 500:
-            log.error("server-side error: %s", exc)
-        return error_response(getattr(exc, "code", "loupe_error"), str(exc) or exc.__class__.__name__, status)
+            log.error("server-side error: %s", message)
+        public = scrub_paths(message)
+        if public != message and status < 500:
+            log.info("%s %s: %s", flask_request.method, flask_request.path, message)   # the paths, for the operator
+        return error_response(getattr(exc, "code", "loupe_error"), public, status)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
@@ -71,5 +103,8 @@ def register_error_handlers(app) -> None:
     def _unexpected(exc: Exception):
         if isinstance(exc, HTTPException):
             return _http_error(exc)
+        if isinstance(exc, RecursionError):     # e.g. a JSON filter nested 100,000 deep in a form field
+            log.warning("%s %s: input nested too deeply (%s)", flask_request.method, flask_request.path, exc)
+            return error_response(InvalidJsonError.code, "the request is nested too deeply", 400)
         log.exception("unhandled error on %s %s", flask_request.method, flask_request.path)
         return error_response("internal_error", "internal server error (details are in the server log)", 500)

@@ -1,4 +1,9 @@
-"""Prometheus metrics for one app (own registry, so several apps can live in one process)."""
+"""Prometheus metrics for one app (own registry, so several apps can live in one process).
+
+Label values are bounded: a request's method is one of ``METHODS`` or ``other``, its endpoint the route
+rule that matched or ``unmatched``, its status a 3-digit code, so clients cannot grow ``/metrics`` by
+sending made-up methods or paths.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,18 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+def method_label(method: str | None) -> str:
+    return method if method in METHODS else "other"
+
+
+def status_label(status: int | str) -> str:
+    text = str(status)
+    return text if len(text) == 3 and text.isdigit() else "other"
+
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -32,6 +49,10 @@ class Metrics:
         self.thumb_cache = Gauge("loupe_thumbnail_cache_bytes", "bytes held by the thumbnail cache",
                                  registry=self.registry)
         self.started = time.time()
+
+    def count_request(self, method: str | None, endpoint: str, status: int | str) -> None:
+        """Count one answered request (``endpoint``: the matched route rule, or ``unmatched``)."""
+        self.requests.labels(method_label(method), endpoint, status_label(status)).inc()
 
     def set_index(self, engine) -> None:
         if engine is None:

@@ -1,8 +1,11 @@
 """HTTP bodies → typed, validated requests, once per request.
 
-A body is a JSON object or a multipart/urlencoded form (an ``image`` file upload, repeated ``text``
-fields = weighted terms). Images travel as uploads or base64 (a ``data:`` URL too); the server never
-fetches URLs. Each endpoint has one request type; an unknown field is a 400 that names it.
+A body is a JSON object (``Content-Type: application/json``; another type is a 415
+``unsupported_media_type``, so a cross-site ``text/plain`` POST cannot pass for JSON; nesting deeper
+than ``MAX_JSON_DEPTH`` is a 400 ``invalid_json``) or a multipart/urlencoded form (an ``image`` file
+upload, repeated ``text`` fields = weighted terms). Images travel as uploads or base64 (a ``data:``
+URL too); the server never fetches URLs. Each endpoint has one request type; an unknown field is a
+400 that names it.
 
 * ``/api/search`` → :class:`retrieval.engine.request.SearchRequest` (the library's own type);
 * ``/api/attribution`` → :class:`AttributionRequest` (a ``SearchRequest`` + what to explain and how);
@@ -35,19 +38,53 @@ from retrieval.engine.request import (
 )
 from retrieval.errors import ImageTooLargeError, InvalidImageError, InvalidQueryError, UnknownIdError
 from retrieval.explain.attribution import METHODS as ATTRIBUTION_METHODS
-from server.errors import BadRequestError, InvalidJsonError
+from server.errors import BadRequestError, InvalidJsonError, UnsupportedMediaTypeError
 
 ID = re.compile(r"^[0-9a-f]{15}$")
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+MAX_JSON_DEPTH = 32         # a search filter needs a handful of levels
+
+
+def is_json_type(mimetype: str) -> bool:
+    return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+
+def parse_json(raw: bytes) -> Any:
+    """A JSON body, or ``InvalidJsonError`` (also for nesting deeper than ``MAX_JSON_DEPTH``)."""
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise InvalidJsonError(f"request body is nested too deeply (the limit is {MAX_JSON_DEPTH} levels)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidJsonError(f"request body is not valid JSON: {exc}") from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise InvalidJsonError(f"request body is nested too deeply (the limit is {MAX_JSON_DEPTH} levels)")
+    return value
+
+
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in ``value`` (a scalar: 0), without recursion."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        depth = max(depth, level)
+        if depth > MAX_JSON_DEPTH:
+            return depth
+        stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return depth
 
 
 # -- the body ----------------------------------------------------------------------------------------
 def read_body(request=None) -> tuple[dict[str, Any], bool]:
-    """The request's fields (JSON object, form, or a GET's query string) and whether they are form strings.
+    """The request's fields (a JSON object or a form) and whether they are form strings.
     An uploaded ``image`` file and a base64 ``image`` both become bytes under ``"image"``."""
     request = request or flask_request
     limit = int(current_app.config["MAX_UPLOAD_BYTES"])
     mimetype = (request.mimetype or "").lower()
-    if mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+    if mimetype in FORM_TYPES:
         fields: dict[str, Any] = dict(request.form.items())
         texts = [t for t in request.form.getlist("text") if t.strip()]
         if len(texts) > 1:
@@ -68,15 +105,14 @@ def read_body(request=None) -> tuple[dict[str, Any], bool]:
     else:
         raw = request.get_data(cache=True)
         if not raw.strip():
-            if request.method != "GET":
-                raise InvalidJsonError("empty request body: send a JSON object (Content-Type: application/json) "
-                                       "or a multipart form")
-            fields, form = dict(request.args.items()), True
+            raise InvalidJsonError("empty request body: send a JSON object (Content-Type: application/json) "
+                                   "or a multipart form")
         else:
-            try:
-                fields = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise InvalidJsonError(f"request body is not valid JSON: {exc}") from None
+            if not is_json_type(mimetype):
+                raise UnsupportedMediaTypeError(
+                    f"send the body as JSON (Content-Type: application/json) or as a form (multipart/form-data, "
+                    f"application/x-www-form-urlencoded), not {mimetype or 'without a Content-Type'}")
+            fields = parse_json(raw)
             if not isinstance(fields, dict):
                 raise InvalidJsonError("request body must be a JSON object")
             form = False

@@ -19,7 +19,7 @@ from server.requests import AttributionRequest
 bp = Blueprint("attribution", __name__)
 
 
-@bp.route("/api/attribution", methods=["POST", "GET"])
+@bp.post("/api/attribution")
 def api_attribution():
     from retrieval.explain.attribution import explain
     from retrieval.explain.overlay import heatmap_json, overlay_png

@@ -1,24 +1,45 @@
-"""Search, indexed images (thumbnails) and the web page."""
+"""Search, indexed images (thumbnails) and the web page.
+
+``GET /api/images/<id>`` serves only the bytes that were indexed: ``engine.source_bytes`` reads them
+from the image's file (or tar member) and checks their size and SHA-256 against the index, so a file
+replaced, edited, or swapped for a symlink to something else is a 404 ``not_found``. The response
+type comes from the bytes' signature (JPEG, PNG, GIF, WebP, BMP); other images (TIFF ...) and tar
+members are served as a JPEG rendition. Thumbnails are rendered from the same checked bytes and cached.
+"""
 
 from __future__ import annotations
 
 import mimetypes
 import re
 
-from flask import Blueprint, current_app, jsonify, request, send_file
+from flask import Blueprint, current_app, jsonify, request
 
 from retrieval.errors import UnknownIdError
 from server.common import get_engine, result_json, state
 from server.errors import BadRequestError
 from server.requests import search_request
+from server.security import absolute_path_filter
 from server.thumbnails import MAX_SIZE, MIN_SIZE, make_thumbnail
 
 bp = Blueprint("search", __name__)
 
 _ID = re.compile(r"^[0-9a-f]{15}$")
-WEB_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
-             ".webp": "image/webp", ".bmp": "image/bmp"}
 CACHE = "public, max-age=86400, immutable"   # ids are content hashes
+
+
+def web_image_type(data: bytes) -> str | None:
+    """The MIME type of an image a browser shows, from its leading bytes; ``None`` for anything else."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data.startswith(b"BM") and len(data) > 26:
+        return "image/bmp"
+    return None
 
 
 @bp.get("/")
@@ -35,6 +56,8 @@ def index_page():
 def api_search():
     q = search_request(request)
     engine = get_engine()
+    if current_app.config.get("HIDE_PATHS") and q.filter:
+        q.filter = absolute_path_filter(engine, q.filter)      # clients see (and filter by) relative paths
     resp = engine.search(q)
     metrics = state()["metrics"]
     for stage, ms in resp.timings.items():
@@ -54,16 +77,15 @@ def api_image(image_id: str):
         raise UnknownIdError(f"unknown image id {image_id!r}")
     engine = get_engine()
     size_arg = request.args.get("size")
+    source = None
     if size_arg is None:
-        try:
-            path = engine.source_file(image_id)
-        except UnknownIdError:
-            path = None           # not a plain file (e.g. a tar member): serve a JPEG rendition
-        mime = WEB_TYPES.get(path.suffix.lower()) if path is not None else None
+        source = engine.source_bytes(image_id)       # the indexed bytes, checked; 404 if changed or gone
+        mime = web_image_type(source) if engine.metadata(image_id).get("path") else None   # tar member: a JPEG
         if mime is not None:
-            resp = send_file(path, mimetype=mime, conditional=True, max_age=86400)
+            resp = current_app.response_class(source, mimetype=mime)
             resp.headers["Cache-Control"] = CACHE
-            return resp
+            resp.set_etag(image_id)
+            return resp.make_conditional(request, accept_ranges=True, complete_length=len(source))
         size = MAX_SIZE          # TIFF etc.: serve a browser-friendly JPEG
     else:
         try:
@@ -74,10 +96,16 @@ def api_image(image_id: str):
             raise BadRequestError(f"size must be an integer in {MIN_SIZE}..{MAX_SIZE}")
     cache = state()["thumbnails"]
     key = (image_id, size)
-    data = cache.get(key)
+    data = cache.get(key)            # a thumbnail once rendered from the checked bytes
     if data is None:
         engine.locate(image_id)          # 404 before touching files
-        data = make_thumbnail(engine.load_image(image_id), size)
+        if source is not None:
+            from retrieval.images import load_image
+
+            image = load_image(source)
+        else:
+            image = engine.load_image(image_id)    # checked like source_bytes
+        data = make_thumbnail(image, size)
         cache.put(key, data)
     resp = current_app.response_class(data, mimetype="image/jpeg")
     resp.headers["Cache-Control"] = CACHE

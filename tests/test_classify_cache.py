@@ -13,8 +13,8 @@ import numpy as np
 from retrieval.classify.classifier import ClassifyConfig, VocabularyFreeClassifier, make_classifier
 from retrieval.classify.names import NameStore, database_names
 from retrieval.classify.vocab import TextDatabase
-from retrieval.encoders.base import l2_normalize
 from retrieval.index import store
+from retrieval.numeric import l2_normalize
 from tests._engine_helpers import BagOfWordsEncoder
 
 

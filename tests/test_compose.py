@@ -22,10 +22,10 @@ from retrieval.compose.fusion import (
     fusion_plan,
     fusion_scores,
     fusion_text,
-    zscore,
 )
 from retrieval.compose.instructions import parse_instruction, rewrite_name
 from retrieval.errors import InvalidQueryError, WarmingUpError
+from retrieval.numeric import zscore
 
 
 def unit(v):

@@ -15,13 +15,11 @@ from retrieval.copydetect.dedup import (
     deduplicate,
     exact_duplicates,
     find_pairs,
-    hamming_to_score,
-    pack_signs,
     pair_work,
-    score_to_max_hamming,
     write_result,
 )
 from retrieval.errors import InvalidQueryError
+from retrieval.numeric import hamming_to_score, pack_signs, score_to_max_hamming
 from retrieval.testing.oracles import brute_force_pairs
 
 

@@ -1,22 +1,52 @@
-"""`loupe serve`: serve an index over HTTP (JSON API + web page) with waitress."""
+"""`loupe serve`: serve an index over HTTP (JSON API + web page) with waitress.
+
+Resource bounds (``ServeLimits``): waitress reads request bodies itself (spilling to a temporary file
+past ``inbuf_overflow``) before the app sees them, so its ``max_request_body_size`` is the app's
+``MAX_CONTENT_LENGTH``: a larger body is refused as soon as its ``Content-Length`` header arrives (or,
+chunked, as soon as that many bytes came), with the same JSON 413 ``payload_too_large`` the app gives,
+and the connection is closed. Waitress's own errors (malformed requests, headers over 256 KB) are JSON
+too. Slow clients hold no worker thread (waitress buffers a request until it is complete), only a
+connection: up to ``connection_limit`` are kept (``poll``, not ``select``, so past 1,024 descriptors),
+a connection idle for ``channel_timeout`` seconds is closed, and so is one still sending its request
+line and headers after ``head_timeout`` seconds or its whole request after ``request_timeout`` seconds
+(checked every ``cleanup_interval`` seconds), so clients that trickle bytes cannot keep connections forever.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
+import threading
+from dataclasses import dataclass
 
 DESCRIPTION = """Serve an index over HTTP: the web page at /, the JSON API under /api, /healthz and
 /metrics (Prometheus). Runs the waitress production WSGI server, bound to 127.0.0.1 unless --host
 says otherwise; SIGTERM / Ctrl-C stop it gracefully (in-flight requests finish). Uploads are limited
-to 20 MB (--max-upload-mb). The server never fetches URLs for clients."""
+to 20 MB (--max-upload-mb); larger bodies are refused before they are read. Only requests whose Host
+is the bind address, localhost, 127.0.0.1 or [::1] (any port) are answered, others get 403 (a guard
+against DNS rebinding): name the others with --allowed-host. The server never fetches URLs for clients."""
 
 EPILOG = """examples:
   loupe serve ~/loupe-index                      # http://127.0.0.1:8080
-  loupe serve ~/loupe-index --host 0.0.0.0 --port 9000 --threads 16
+  loupe serve ~/loupe-index --host 0.0.0.0 --port 9000 --threads 16 --allowed-host photos.example.org
+  loupe serve ~/loupe-index --hide-paths         # results show 2023/cat.jpg, not /home/me/photos/2023/cat.jpg
 """
 
 log = logging.getLogger("loupe.serve")
+
+
+@dataclass
+class ServeLimits:
+    """How many connections waitress keeps, and for how long (see the module docstring)."""
+
+    connection_limit: int = 1000     # open connections; more wait in the listen backlog
+    channel_timeout: int = 30        # seconds a connection may stay idle
+    head_timeout: int = 20           # seconds to send the request line and headers
+    request_timeout: int = 300       # seconds to send a whole request (a 27 MB body at 100 KB/s: 280 s)
+    cleanup_interval: int = 5        # seconds between checks of the above
+    inbuf_overflow: int = 256 * 1024  # a body past this many bytes is buffered in a temporary file
 
 
 def add_arguments(p) -> None:
@@ -28,14 +58,135 @@ def add_arguments(p) -> None:
     p.add_argument("--max-upload-mb", type=int, default=20, help="largest accepted image upload (default 20)")
     p.add_argument("--no-preload", action="store_true",
                    help="load encoders (and the classifier's text database) on first use, not at start-up")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host is NAME (any port); repeatable. By default only the "
+                        "bind address, localhost, 127.0.0.1 and [::1] are answered (with --host 0.0.0.0 also "
+                        "this machine's name and IP addresses); '*' answers any name")
+    p.add_argument("--hide-paths", action="store_true",
+                   help="show results' paths (path, metadata source and aliases) relative to the deepest folder "
+                        "holding every indexed file, never the server's absolute paths; search filters on "
+                        "path/source then take those relative paths (eq, ne, in, prefix)")
+    p.add_argument("--max-connections", type=int, default=ServeLimits.connection_limit, metavar="N",
+                   help=f"open connections kept at once (default {ServeLimits.connection_limit}); idle or "
+                        "slow ones are closed after a timeout")
 
 
-def serve_app(app, host: str, port: int, threads: int = 8, *, ready=None) -> None:
-    """Run ``app`` with waitress until SIGTERM/SIGINT, then stop gracefully."""
+def _raise_fd_limit(wanted: int) -> int:
+    """Raise the soft open-files limit towards ``wanted`` (within the hard limit); the resulting soft limit."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return wanted if soft == resource.RLIM_INFINITY else soft
+
+
+def _json_error_task(upload_limit_mb: int):
+    """A waitress ``ErrorTask`` whose answer is Loupe's JSON error (waitress's own is text/plain)."""
+    from waitress.task import ErrorTask
+
+    codes = {400: "bad_request", 408: "request_timeout", 413: "payload_too_large",
+             431: "request_header_fields_too_large", 500: "internal_error", 501: "not_implemented"}
+
+    class JsonErrorTask(ErrorTask):
+        def execute(self):
+            e = self.request.error
+            if e.code == 413:
+                message = f"request too large: uploads are limited to {upload_limit_mb} MB"
+            elif e.code >= 500:
+                message = "internal server error (details are in the server log)"
+            else:
+                message = f"{e.reason}: {e.body}"
+            body = json.dumps({"error": {"code": codes.get(e.code, "bad_request"), "message": message}}).encode()
+            self.status = f"{e.code} {e.reason}"
+            self.response_headers.append(("Content-Type", "application/json"))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    return JsonErrorTask
+
+
+def _bound_slow_requests(server, limits: ServeLimits) -> None:
+    """Wrap ``server.maintenance`` (run every ``cleanup_interval`` s on the event loop): also close
+    connections whose request is still arriving after ``head_timeout`` (headers) or ``request_timeout``."""
+    idle_check = server.maintenance
+
+    def maintenance(now: float) -> None:
+        idle_check(now)
+        for channel in list(server.active_channels.values()):
+            parser = channel.request
+            if parser is None or channel.requests:
+                continue
+            started = parser.__dict__.setdefault("_loupe_started", now)
+            age = now - started
+            if age > limits.request_timeout or (age > limits.head_timeout and not parser.headers_finished):
+                log.info("closing a connection from %s: its request is still arriving after %.0f s",
+                         channel.addr[0] if channel.addr else "?", age)
+                channel.will_close = True
+
+    server.maintenance = maintenance
+
+
+def create_wsgi_server(app, host: str, port: int, threads: int = 8, limits: ServeLimits | None = None):
+    """A waitress server for ``app`` with Loupe's bounds (not started: call ``run()``)."""
     from waitress import create_server
+    from waitress.channel import HTTPChannel
+    from waitress.server import BaseWSGIServer
 
-    server = create_server(app, host=host, port=port, threads=threads, channel_timeout=60,
-                           ident="loupe", clear_untrusted_proxy_headers=True)
+    limits = limits or ServeLimits()
+    connection_limit = max(1, min(limits.connection_limit, (_raise_fd_limit(limits.connection_limit * 2 + 256)
+                                                           - 256) // 2))
+    if connection_limit < limits.connection_limit:
+        log.warning("the open-files limit allows %d connections, not %d", connection_limit, limits.connection_limit)
+    max_body = int(app.config.get("MAX_CONTENT_LENGTH") or 0)
+    upload_mb = int(app.config.get("MAX_UPLOAD_BYTES", 0)) // (1024 * 1024)
+    kw = {"max_request_body_size": max_body + 1} if max_body else {}   # waitress refuses >= its limit
+    socket_map: dict = {}
+    server = create_server(app, map=socket_map, host=host, port=port, threads=threads, ident="loupe",
+                           clear_untrusted_proxy_headers=True, connection_limit=connection_limit,
+                           channel_timeout=limits.channel_timeout, cleanup_interval=limits.cleanup_interval,
+                           inbuf_overflow=limits.inbuf_overflow, asyncore_use_poll=True, **kw)
+
+    class Channel(HTTPChannel):
+        error_task_class = _json_error_task(upload_mb)
+
+    for listener in [d for d in socket_map.values() if isinstance(d, BaseWSGIServer)]:
+        listener.channel_class = Channel
+        _bound_slow_requests(listener, limits)
+    server.loupe_map = socket_map
+    return server
+
+
+def stop_server(server) -> None:
+    """Ask a running ``serve_app`` (e.g. in another thread) to stop: its event loop closes the listening
+    sockets and connections, so ``server.run()`` returns. Safe to call from any thread."""
+    from waitress import wasyncore
+    from waitress.server import BaseWSGIServer
+
+    socket_map = server.loupe_map
+    listener = next(d for d in list(socket_map.values()) if isinstance(d, BaseWSGIServer))
+    listener.trigger.pull_trigger(lambda: wasyncore.close_all(socket_map, ignore_all=True))
+
+
+def serve_app(app, host: str, port: int, threads: int = 8, *, ready=None, limits: ServeLimits | None = None,
+              allowed_hosts: list[str] | None = None) -> None:
+    """Run ``app`` with waitress until SIGTERM/SIGINT (or :func:`stop_server`), then stop gracefully.
+
+    Unless the app was given ``ALLOWED_HOSTS``, it answers the hosts of
+    ``server.security.default_allowed_hosts(host, allowed_hosts)``."""
+    from server.security import default_allowed_hosts
+
+    if app.config.get("ALLOWED_HOSTS") is None:
+        app.config["ALLOWED_HOSTS"] = default_allowed_hosts(host, allowed_hosts or ())
+    server = create_wsgi_server(app, host, port, threads, limits)
     stopping = {"flag": False}
 
     def _stop(signum, _frame):
@@ -44,7 +195,8 @@ def serve_app(app, host: str, port: int, threads: int = 8, *, ready=None) -> Non
             log.warning("received %s: shutting down", signal.Signals(signum).name)
         raise KeyboardInterrupt
 
-    old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    in_main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
     url_host = f"[{host}]" if ":" in host else host
     print(f"Loupe is serving on http://{url_host}:{server.effective_port}/ (Ctrl-C to stop)", file=sys.stderr,
           flush=True)
@@ -69,6 +221,7 @@ def run(args) -> int:
     import faiss
 
     from server.app import create_app
+    from server.security import default_allowed_hosts
 
     # One request = one query vector: concurrency comes from the server's threads, and OpenMP teams
     # per query only contend with each other (measured: 10-20x slower on a busy 2-core machine).
@@ -79,6 +232,9 @@ def run(args) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app({"INDEX_DIR": args.dir, "DEVICE": args.device,
                       "MAX_UPLOAD_BYTES": args.max_upload_mb * 1024 * 1024,
-                      "PRELOAD_ENCODERS": not args.no_preload, "WARM_CLASSIFIER": not args.no_preload})
-    serve_app(app, args.host, args.port, args.threads)
+                      "PRELOAD_ENCODERS": not args.no_preload, "WARM_CLASSIFIER": not args.no_preload,
+                      "ALLOWED_HOSTS": default_allowed_hosts(args.host, args.allowed_host),
+                      "HIDE_PATHS": args.hide_paths})
+    limits = ServeLimits(connection_limit=max(1, args.max_connections))
+    serve_app(app, args.host, args.port, args.threads, limits=limits)
     return 0

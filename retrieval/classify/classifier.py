@@ -45,9 +45,9 @@ from retrieval.classify.names import (
     stores_names,
 )
 from retrieval.classify.vocab import EmptyTextDatabaseError, TextDatabase, normalize_name
-from retrieval.encoders.base import l2_normalize
 from retrieval.errors import InvalidQueryError
 from retrieval.images import load_image
+from retrieval.numeric import l2_normalize
 
 DEFAULT_K_RETRIEVE = 20
 DEFAULT_ALPHA = 0.7

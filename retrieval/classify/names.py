@@ -19,8 +19,8 @@ from typing import Sequence
 import numpy as np
 
 from retrieval.classify.vocab import TextDatabase
-from retrieval.encoders.base import l2_normalize
 from retrieval.errors import BuildCancelled
+from retrieval.numeric import l2_normalize
 
 log = logging.getLogger("loupe.classify")
 

@@ -64,12 +64,10 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.compose.fusion import (
-    _unit,
-    fusion_text,
-)
+from retrieval.compose.fusion import fusion_text
 from retrieval.compose.instructions import Instruction, parse_instruction, rewrite_name
 from retrieval.errors import InvalidQueryError
+from retrieval.numeric import unit_vector as _unit
 
 DEFAULT_INSTRUCTION_WEIGHT = 0.5   # "sum": weight of the instruction vector
 ARITHMETIC_WEIGHT = 2.0            # "arithmetic": weight of text(target) added to the unit image vector

@@ -25,7 +25,7 @@ import re
 import numpy as np
 
 from retrieval.compose.instructions import COLOURS, Instruction, parse_instruction
-from retrieval.encoders.base import l2_normalize
+from retrieval.numeric import l2_normalize, unit_vector, zscore
 
 FUSION_IMAGE_WEIGHT = 0.35        # "fusion": weight of the image list's z-scores against the text list's
 FUSION_ATTRIBUTE_WEIGHT = 2.0     # the same for attribute changes ("in red"), image side from the text encoder
@@ -34,10 +34,6 @@ FUSION_COLOUR_WEIGHT = 3.0        # colour changes ("in red"): weight of zscore(
 FUSION_KEEP_COLOUR_WEIGHT = 1.0   # other changes: weight of zscore(colour likeness to the query image)
 TEXT_COLOUR_WEIGHT = 1.0          # text queries naming a colour ("a red dress"): weight of zscore(colour match)
 COLOUR_CANDIDATES = 400           # colour changes: depth of the image list (the new colour is rarer in its top)
-
-
-def _unit(v) -> np.ndarray:
-    return l2_normalize(np.asarray(v, dtype=np.float32).reshape(1, -1))[0]
 
 
 # -- fusion: "must match the text AND keep what the image shows" -----------------------------------
@@ -115,7 +111,7 @@ def colour_text_search(engine, ctx, phrase: str, k: int, *, params=None, filter=
     if not hits:
         return []
     tv = l2_normalize(engine.vectors(ctx.encoder, hits))
-    scores = colour_text_scores(tv @ _unit(ctx.vector), engine.vectors(col_name, hits) @ col_q, weight=weight)
+    scores = colour_text_scores(tv @ unit_vector(ctx.vector), engine.vectors(col_name, hits) @ col_q, weight=weight)
     order = np.argsort(-scores, kind="stable")[:k]
     return [Hit(hits[i].id, float(scores[i]), hits[i].shard, hits[i].row) for i in order]
 
@@ -152,15 +148,6 @@ def fusion_plan(instruction: Instruction | str, weights: dict[str, float] | None
     return True, float(w["fusion"])
 
 
-def zscore(x) -> np.ndarray:
-    """Standardise one list of scores (mean 0, std 1); a constant list becomes all zeros."""
-    x = np.asarray(x, dtype=np.float64)
-    if x.size == 0:
-        return x
-    sd = float(x.std())
-    return (x - x.mean()) / sd if sd > 1e-12 else np.zeros_like(x)
-
-
 def centred_cosine(query, candidates, mean=None) -> np.ndarray:
     """Cosine of each candidate row with ``query`` after subtracting ``mean`` from both (default: the
     candidates' mean). Centring removes what every candidate shares, the direction that dominates raw
@@ -195,7 +182,7 @@ def fuse_candidates(text_query, text_vectors, image_query, image_vectors, *,
     plain cosine, for the benchmark's ablation). With ``colour_query`` (a colour-names vector: a
     phrase's, or the query image's) and the candidates' ``colour_vectors``, ``colour_weight *
     zscore(colour_vectors @ colour_query)`` is added (Bhattacharyya coefficients of colour distributions)."""
-    tq = _unit(text_query)
+    tq = unit_vector(text_query)
     tv = l2_normalize(np.asarray(text_vectors, dtype=np.float32).reshape(len(text_vectors), -1))
     mean = None if centre else np.zeros(np.asarray(image_query).size, np.float32)
     scores = fusion_scores(tv @ tq, centred_cosine(image_query, image_vectors, mean), weight=weight)

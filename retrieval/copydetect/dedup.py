@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from retrieval.errors import InvalidQueryError
+from retrieval.numeric import hamming_to_score, score_to_max_hamming
 
 Progress = Callable[[int], None]  # called with the number of query rows just processed
 
@@ -109,24 +110,6 @@ class DedupResult:
         return {"images": len(self.ids), "pairs": len(self.pairs), "groups": len(self.groups),
                 "images_in_groups": int(sum(len(g) for g in self.groups)),
                 "exact_duplicates": int(sum(len(e["sources"]) - 1 for e in self.exact)), **self.stats}
-
-
-# -- similarity <-> Hamming ---------------------------------------------------------------------
-def hamming_to_score(hamming, nbits: int) -> np.ndarray:
-    return (1.0 - 2.0 * np.asarray(hamming, dtype=np.float64) / nbits).astype(np.float32)
-
-
-def score_to_max_hamming(threshold: float, nbits: int) -> int:
-    """Largest Hamming distance whose score ``1 - 2h/nbits`` is still >= ``threshold``."""
-    return int(np.floor((1.0 - float(threshold)) * nbits / 2.0 + 1e-9))
-
-
-def pack_signs(vectors: np.ndarray) -> np.ndarray:
-    """±1-style float vectors (e.g. PDQ's ``encode_images``) -> packed uint8 codes (bit = value > 0)."""
-    v = np.asarray(vectors)
-    if v.dtype == np.uint8:
-        return np.ascontiguousarray(v)
-    return np.packbits(v > 0, axis=1)
 
 
 def is_binary(block: np.ndarray) -> bool:

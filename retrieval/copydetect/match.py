@@ -42,7 +42,6 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from retrieval.copydetect.dedup import pack_signs
 from retrieval.copydetect.metrics import (
     micro_average_precision,
     precision_recall_curve,
@@ -71,6 +70,7 @@ from retrieval.copydetect.scores import (
     view_penalties,
 )
 from retrieval.errors import InvalidQueryError
+from retrieval.numeric import pack_signs
 
 BACKGROUND_FILE = "background.npy"
 BACKGROUND_IDS_FILE = "background-ids.npy"

@@ -11,8 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from retrieval.copydetect.dedup import hamming_to_score, pack_signs
 from retrieval.errors import InvalidQueryError
+from retrieval.numeric import hamming_distance, hamming_to_score, pack_signs
 
 # Calibrated on benchmarks/bench_copydetect.py (see benchmarks/results/copydetect.md) for about 90 %
 # precision, with the default index-sample background and query regions; keys are (normalised?,
@@ -147,8 +147,7 @@ def pair_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     of packed binary codes (the scale ``knn`` reports)."""
     a, b = np.asarray(a), np.asarray(b)
     if a.dtype == np.uint8:
-        h = np.unpackbits(np.bitwise_xor(a, b), axis=-1).sum(axis=-1)
-        return hamming_to_score(h, a.shape[-1] * 8).astype(np.float32)
+        return hamming_to_score(hamming_distance(a, b), a.shape[-1] * 8).astype(np.float32)
     return np.einsum("...d,...d->...", a.astype(np.float32), b.astype(np.float32))
 
 

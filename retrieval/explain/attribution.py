@@ -75,6 +75,7 @@ import torch
 from PIL import Image
 
 from retrieval.errors import InvalidQueryError, UnsupportedModalityError
+from retrieval.numeric import l2_normalize_torch
 
 __all__ = ["Explanation", "AttributionConfig", "METHODS", "attribute", "attribute_grid", "crop_box", "to_image_map",
            "eigen_cam", "token_contributions", "match_maps", "explain", "default_method", "occlusion_map",
@@ -181,10 +182,6 @@ def _grad_cam(fmap: torch.Tensor, target: torch.Tensor) -> np.ndarray:
     return cam.detach().double().cpu().numpy()
 
 
-def _unit_t(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
 def conse_vector_torch(encoder, model, pooled: torch.Tensor) -> torch.Tensor:
     """ConSE image vectors [n, d] as a differentiable function of the pooled features [n, c]
     (equals ``encoder.encode_images``; the top-T selection is piecewise constant)."""
@@ -194,7 +191,7 @@ def conse_vector_torch(encoder, model, pooled: torch.Tensor) -> torch.Tensor:
     w = torch.gather(probs, 1, top)
     w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
     emb = torch.as_tensor(encoder.class_embeddings, device=pooled.device)[top]   # [n, t, d]
-    return _unit_t(torch.einsum("nt,ntd->nd", w, emb))
+    return l2_normalize_torch(torch.einsum("nt,ntd->nd", w, emb))
 
 
 def _combine(maps: list[np.ndarray]) -> np.ndarray:
@@ -232,7 +229,7 @@ def _cnn_maps(encoder, image: Image.Image, query: np.ndarray | None, method: str
         q = torch.as_tensor(np.asarray(query, np.float32), device=fmap.device)
         with torch.enable_grad():
             pooled = model.forward_head(fmap, pre_logits=True)
-            vec = conse_vector_torch(encoder, model, pooled)[0] if family == "conse" else _unit_t(pooled[0])
+            vec = conse_vector_torch(encoder, model, pooled)[0] if family == "conse" else l2_normalize_torch(pooled[0])
             target = (vec * q).sum()
         return _grad_cam(fmap, target)
 
@@ -254,7 +251,7 @@ def _forward_with_acts(encoder, model, x: torch.Tensor, layers) -> tuple[dict, t
         if i in layers:
             acts[i] = h
     pooled = model.forward_head(model.bn2(model.conv_head(h)), pre_logits=True)
-    vec = conse_vector_torch(encoder, model, pooled) if encoder.spec.family == "conse" else _unit_t(pooled)
+    vec = conse_vector_torch(encoder, model, pooled) if encoder.spec.family == "conse" else l2_normalize_torch(pooled)
     return acts, vec
 
 

@@ -4,15 +4,26 @@ features.
 * An image id maps to ``(shard number, row)`` through a sorted array of the ids' integer values.
 * Metadata rows come from the Parquet shards (``aliases`` and ``extra`` are JSON columns); an image's
   bytes from its source file, or from a webdataset tar member (``/abs/shard.tar#KEY.jpg``).
+* Source files are read only while they still hold what was indexed: a regular file of the recorded
+  ``size`` whose SHA-256 is the recorded ``sha256`` (rows without one: whose content id is the image id).
+  The hash is computed once per file version (device, inode, size, mtime, ctime of the opened file) and
+  remembered; the bytes served are read from the same open file that was checked. A file that was
+  replaced, edited, or swapped for a symlink to something else is "gone" (``UnknownIdError``, 404),
+  and error messages never name the path (it is logged).
 * Local descriptors (re-ranking) come from ``store.LocalShard``, opened once per shard.
 * ``masks(conditions)``: a metadata filter as one boolean array per shard (``retrieval.index.filters``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import stat
 import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +34,13 @@ from retrieval.errors import IndexFormatError, UnknownIdError, UnsupportedModali
 from retrieval.index import store
 from retrieval.index.filters import Condition, filter_mask
 from retrieval.types import Hit
+
+log = logging.getLogger("loupe.index")
+
+VERIFIED_CACHE_SIZE = 4096          # file versions whose content hash was checked
+MAX_UNRECORDED_BYTES = 1 << 30      # a source without a recorded size is read up to this many bytes
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)   # a FIFO must not block
+_CHUNK = 1 << 20
 
 
 class RecordStore:
@@ -49,6 +67,7 @@ class RecordStore:
         self._extra_cache: list[dict] = [{} for _ in self.tables]
         self._local: dict[tuple[str, int], store.LocalShard] = {}
         self._lock = threading.Lock()
+        self._verified: OrderedDict[tuple, str] = OrderedDict()    # file version -> its sha256
 
     @property
     def count(self) -> int:
@@ -105,34 +124,85 @@ class RecordStore:
                 "caption": rec.get("caption"), "metadata": meta}
 
     def source_file(self, image_id: str) -> Path:
-        """The readable local file of an indexed image; raises ``UnknownIdError`` if gone."""
+        """The local file of an indexed image, if it still holds what was indexed; raises
+        ``UnknownIdError`` if it is gone or changed (or the image is only a tar member)."""
         rec = self.metadata(image_id)
-        for cand in (rec.get("path"), rec.get("source"), *(rec.get("aliases") or [])):
-            if isinstance(cand, str) and cand and "://" not in cand and os.path.isfile(cand):
+        expected = _Expected.of(image_id, rec)
+        for cand in _file_candidates(rec):
+            if self._verify_file(cand, expected, want_bytes=False) is not None:
                 return Path(cand)
-        raise UnknownIdError(f"image {image_id} is indexed but its source file is gone ({rec.get('source')})")
+        raise self._gone(image_id, rec)
 
     def source_bytes(self, image_id: str) -> bytes:
-        """The indexed image's encoded bytes: from its file, or from a webdataset tar member
-        (source ``/abs/shard.tar#KEY.jpg``)."""
-        try:
-            return self.source_file(image_id).read_bytes()
-        except UnknownIdError:
-            rec = self.metadata(image_id)
-            for cand in (rec.get("source"), *(rec.get("aliases") or [])):
-                data = _read_tar_member(cand) if isinstance(cand, str) else None
-                if data is not None:
-                    return data
-            raise
+        """The indexed image's encoded bytes, exactly as indexed: from its file, or from a webdataset tar
+        member (source ``/abs/shard.tar#KEY.jpg``); raises ``UnknownIdError`` if no source still holds them."""
+        rec = self.metadata(image_id)
+        expected = _Expected.of(image_id, rec)
+        for cand in _file_candidates(rec):
+            data = self._verify_file(cand, expected, want_bytes=True)
+            if data is not None:
+                return data
+        for cand in _tar_candidates(rec):
+            data = self._verify_tar_member(cand, expected)
+            if data is not None:
+                return data
+        raise self._gone(image_id, rec)
 
     def load_image(self, image_id: str) -> Image.Image:
-        """The indexed image as RGB, decoded from its source file (or tar member)."""
+        """The indexed image as RGB, decoded from the verified bytes of its source file (or tar member)."""
         from retrieval.images import load_image
 
+        return load_image(self.source_bytes(image_id))
+
+    # -- verified reads ----------------------------------------------------------------------------
+    def _gone(self, image_id: str, rec: dict[str, Any]) -> UnknownIdError:
+        sources = [c for c in (rec.get("path"), rec.get("source"), *(rec.get("aliases") or [])) if c]
+        log.warning("image %s: no source still holds the indexed content (tried %s)", image_id,
+                    ", ".join(map(str, dict.fromkeys(sources))) or "none recorded")
+        return UnknownIdError(f"image {image_id}: the indexed file changed or is gone")
+
+    def _known(self, key: tuple, expected: "_Expected") -> bool:
+        with self._lock:
+            digest = self._verified.get(key)
+            if digest is not None:
+                self._verified.move_to_end(key)
+        return digest is not None and expected.matches(digest)
+
+    def _remember(self, key: tuple, digest: str) -> None:
+        with self._lock:
+            self._verified[key] = digest
+            self._verified.move_to_end(key)
+            while len(self._verified) > VERIFIED_CACHE_SIZE:
+                self._verified.popitem(last=False)
+
+    def _verify_file(self, path: str, expected: "_Expected", *, want_bytes: bool) -> bytes | None:
+        """The file's bytes (``b""`` when not ``want_bytes``) if it is a regular file holding the indexed
+        content; ``None`` otherwise. Everything is read from one open file descriptor."""
         try:
-            return load_image(self.source_file(image_id))
-        except UnknownIdError:
-            return load_image(self.source_bytes(image_id))
+            fd = os.open(path, _OPEN_FLAGS)
+        except (OSError, ValueError):
+            return None
+        with os.fdopen(fd, "rb") as fh:
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or not expected.size_ok(st.st_size):
+                    return None
+                key = ("file", path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                if self._known(key, expected):
+                    return _read_exactly(fh, st.st_size) if want_bytes else b""
+                digest, data = _hash_stream(fh, st.st_size, keep=want_bytes)
+            except OSError:
+                return None
+        if digest is None or not expected.matches(digest):
+            return None
+        self._remember(key, digest)
+        return data if want_bytes else b""
+
+    def _verify_tar_member(self, source: str, expected: "_Expected") -> bytes | None:
+        data = _read_tar_member(source, expected.max_bytes)
+        if data is None or not expected.size_ok(len(data)):
+            return None
+        return data if expected.matches(store.sha256_bytes(data)) else None
 
     def local_features(self, encoder: str, hits: Sequence[Hit]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Stored local descriptors of ``hits``: ``(desc [p, c] float32, pos [p, 2] (row, col))`` each."""
@@ -164,15 +234,94 @@ def _json_field(raw: Any, default: Any) -> Any:
         return default
 
 
-def _read_tar_member(source: str) -> bytes | None:
+@dataclass(frozen=True)
+class _Expected:
+    """What an indexed image's bytes must be: ``size`` bytes (when recorded) hashing to ``sha256``
+    (when recorded; otherwise to a content id equal to the image id)."""
+
+    image_id: str
+    sha256: str | None
+    size: int | None
+
+    @classmethod
+    def of(cls, image_id: str, rec: dict[str, Any]) -> "_Expected":
+        sha = rec.get("sha256")
+        sha = sha.lower() if isinstance(sha, str) and len(sha) == 64 else None
+        size = rec.get("size")
+        size = int(size) if isinstance(size, int) and size >= 0 else None
+        return cls(image_id, sha, size)
+
+    @property
+    def max_bytes(self) -> int:
+        return self.size if self.size is not None else MAX_UNRECORDED_BYTES
+
+    def size_ok(self, size: int) -> bool:
+        return size == self.size if self.size is not None else 0 < size <= MAX_UNRECORDED_BYTES
+
+    def matches(self, digest: str) -> bool:
+        if self.sha256 is not None:
+            return digest == self.sha256
+        return store.content_id(digest) == self.image_id
+
+
+def _file_candidates(rec: dict[str, Any]) -> list[str]:
+    """Local paths that may hold an image: its ``path``, ``source`` and ``aliases`` (no URLs, no tar members)."""
+    out = []
+    for cand in (rec.get("path"), rec.get("source"), *(rec.get("aliases") or [])):
+        if isinstance(cand, str) and cand and "://" not in cand and "\0" not in cand and cand not in out:
+            out.append(cand)
+    return out
+
+
+def _tar_candidates(rec: dict[str, Any]) -> list[str]:
+    return [c for c in dict.fromkeys((rec.get("source"), *(rec.get("aliases") or [])))
+            if isinstance(c, str) and "#" in c and "://" not in c]
+
+
+def _read_exactly(fh, size: int) -> bytes | None:
+    data = fh.read(size + 1)
+    return data if len(data) == size else None
+
+
+def _hash_stream(fh, size: int, *, keep: bool) -> tuple[str | None, bytes]:
+    """(sha256 of the file's ``size`` bytes, the bytes if ``keep``); ``None`` if the file is not that long."""
+    h = hashlib.sha256()
+    parts = []
+    got = 0
+    while got <= size:
+        chunk = fh.read(min(_CHUNK, size + 1 - got))
+        if not chunk:
+            break
+        got += len(chunk)
+        h.update(chunk)
+        if keep:
+            parts.append(chunk)
+    if got != size:
+        return None, b""
+    return h.hexdigest(), b"".join(parts)
+
+
+def _read_tar_member(source: str, max_bytes: int = MAX_UNRECORDED_BYTES) -> bytes | None:
+    """The bytes of ``/abs/shard.tar#MEMBER`` (a regular tar file, a regular member of at most
+    ``max_bytes``), or ``None``."""
     import tarfile
 
     tar_path, sep, member = source.partition("#")
-    if not sep or not tar_path.lower().endswith(".tar") or not os.path.isfile(tar_path):
+    if not sep or not tar_path.lower().endswith(".tar") or "\0" in tar_path:
         return None
     try:
-        with tarfile.open(tar_path, "r:") as tar:
-            fh = tar.extractfile(member)
-            return fh.read() if fh is not None else None
-    except (tarfile.TarError, OSError, KeyError):
+        fd = os.open(tar_path, _OPEN_FLAGS)
+    except (OSError, ValueError):
+        return None
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return None
+            with tarfile.open(fileobj=fh, mode="r:") as tar:
+                info = tar.getmember(member)
+                if not info.isreg() or info.size > max_bytes:
+                    return None
+                data = tar.extractfile(info)
+                return data.read(max_bytes + 1) if data is not None else None
+    except (tarfile.TarError, OSError, KeyError, ValueError):
         return None

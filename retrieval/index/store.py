@@ -28,6 +28,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 META_DIR = "meta"
 ID_HEX = 15  # 60 bits: fits a positive int64 exactly
+
+SHARD_NAME = re.compile(r"shard-[0-9]{5,9}")                         # what ``shard_name`` writes (fullmatch)
+ENCODER_DIR = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]{0,127}")    # an encoder's folder name (fullmatch)
 
 METADATA_COLUMNS = ("id", "source", "path", "caption", "width", "height", "sha256", "size", "mtime",
                     "aliases", "extra")
@@ -170,12 +174,36 @@ class Manifest:
         if int(obj.get("version", 0)) > FORMAT_VERSION:
             raise IndexFormatError(f"index format version {obj.get('version')} is newer than this Loupe "
                                    f"({FORMAT_VERSION}); upgrade loupe-search")
-        return cls(
+        manifest = cls(
             encoders={n: EncoderEntry(**e) for n, e in obj["encoders"].items()},
             shards=[ShardEntry(**s) for s in obj.get("shards", [])],
             created=obj.get("created", now_iso()), updated=obj.get("updated", now_iso()),
             extra=obj.get("extra", {}),
         )
+        check_names(manifest)
+        return manifest
+
+
+def check_names(manifest: Manifest) -> None:
+    """Shard and encoder names become file and folder names under the index directory: accept only the
+    names Loupe writes (``shard-NNNNN``; an encoder name without path separators or ``..``), so a
+    crafted manifest cannot point a reader outside the index. Raises ``IndexFormatError``."""
+    for key, entry in manifest.encoders.items():
+        for name in {key, entry.name}:
+            if not isinstance(name, str) or not ENCODER_DIR.fullmatch(name) or ".." in name:
+                raise IndexFormatError(f"manifest.json names an encoder {name!r}: an encoder name is a folder of "
+                                       "the index (no '/', '\\', '..' or leading '.'); "
+                                       "the manifest is damaged or was not written by Loupe")
+    seen = set()
+    for shard in manifest.shards:
+        if not isinstance(shard.name, str) or not SHARD_NAME.fullmatch(shard.name):
+            raise IndexFormatError(f"manifest.json lists a shard {shard.name!r}: shard names are 'shard-NNNNN'; "
+                                   "the manifest is damaged or was not written by Loupe")
+        if shard.name in seen:
+            raise IndexFormatError(f"manifest.json lists shard {shard.name!r} twice; the manifest is damaged")
+        seen.add(shard.name)
+        if isinstance(shard.count, bool) or not isinstance(shard.count, int) or shard.count < 0:
+            raise IndexFormatError(f"manifest.json gives shard {shard.name!r} a count of {shard.count!r}")
 
 
 def read_manifest(index_dir: str | os.PathLike) -> Manifest:

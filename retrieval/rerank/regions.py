@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from retrieval.encoders.base import l2_normalize
+from retrieval.numeric import l2_normalize
 
 
 # -- multi-region query descriptors --------------------------------------------------------------

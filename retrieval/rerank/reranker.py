@@ -73,7 +73,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from retrieval.encoders.base import l2_normalize
+from retrieval.numeric import l2_normalize
 from retrieval.rerank.config import DEFAULT_CONFIG, FINE_DEFAULT_CONFIG, RerankConfig
 from retrieval.rerank.query import (
     local_info,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrieval.copydetect.dedup import Pairs, hamming_to_score, is_binary
+from retrieval.copydetect.dedup import Pairs, is_binary
+from retrieval.numeric import hamming_to_score
 
 
 def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
