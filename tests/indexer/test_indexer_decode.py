@@ -197,8 +197,8 @@ def test_which_encoders_the_gpu_decoder_can_feed(effnet):
     from retrieval.device import resolve_device
     from retrieval.encoders import create_encoder, get_spec
     from retrieval.encoders.base import Encoder
-    from retrieval.encoders.pdq import PdqTransform
-    from retrieval.encoders.sscd import SscdTransform
+    from retrieval.encoders.base import SquareResize as PdqTransform  # PDQ's and SSCD's transform
+    from retrieval.encoders.base import SquareResize as SscdTransform
 
     def without_model(name, transform):
         enc = Encoder(get_spec(name), resolve_device("cpu"))

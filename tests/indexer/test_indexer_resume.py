@@ -24,7 +24,7 @@ import pytest
 
 from retrieval.index import store
 
-HELPER = Path(__file__).with_name("_indexer_helpers.py")
+HELPER = Path(__file__).resolve().parents[1] / "_indexer_helpers.py"
 pytestmark = pytest.mark.slow   # subprocesses: each run imports torch afresh
 
 

@@ -14,7 +14,7 @@ from _engine_helpers import build_index, build_photo_index, unit
 
 from loupe.cli.main import main as loupe_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_loupe_search_json_subprocess(tmp_path):

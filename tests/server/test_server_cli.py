@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from _engine_helpers import build_index, unit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

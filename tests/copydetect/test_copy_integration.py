@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from loupe.cli.main import main as loupe
-from tests.test_copydetect import screenshot
+from test_copydetect import screenshot
 
 INDEXED = ("astronaut", "chelsea", "coffee", "rocket", "camera", "horse", "page")
 HELD_OUT = ("immunohistochemistry", "hubble_deep_field", "brick", "grass", "text", "moon")   # not "cat": it is chelsea

@@ -228,7 +228,7 @@ def test_deletion_benchmark_masks_have_exactly_the_area():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import bench_attribution as ba
 
     rng = np.random.default_rng(0)
