@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from retrieval import settings
+
 _THREADS_SET = False
 
 
@@ -70,11 +72,11 @@ def resolve_device(device: str | torch.device | None = "auto", precision: str = 
 
 
 def set_cpu_threads(n: int | None = None) -> int:
-    """Set torch's intra-op threads once (``LOUPE_THREADS`` or all cores)."""
+    """Set torch's intra-op threads once: ``n``, else ``LOUPE_THREADS`` (read now), else all cores."""
     global _THREADS_SET
     if _THREADS_SET and n is None:
         return torch.get_num_threads()
-    want = n or int(os.environ.get("LOUPE_THREADS", "0") or 0) or (os.cpu_count() or 1)
+    want = n or settings.threads() or (os.cpu_count() or 1)
     torch.set_num_threads(max(1, want))
     _THREADS_SET = True
     return want

@@ -8,9 +8,9 @@
 * CMYK and YCbCr JPEGs are converted to RGB;
 * EXIF orientation is applied (phone photos come out upright);
 * animated GIF / WebP / APNG: the first frame;
-* images over ``max_pixels`` (default ``MAX_PIXELS`` = 100 megapixels, env ``LOUPE_MAX_PIXELS``)
-  raise ``ImageTooLargeError`` *before* the pixels are decoded (decompression-bomb guard), instead
-  of PIL's warning.
+* images over ``max_pixels`` (default :func:`retrieval.settings.max_pixels`: ``LOUPE_MAX_PIXELS``, read
+  at each call, else 100 megapixels) raise ``ImageTooLargeError`` *before* the pixels are decoded
+  (decompression-bomb guard), instead of PIL's warning.
 
 Anything that is not a decodable image raises ``InvalidImageError`` with the reason.
 """
@@ -26,9 +26,9 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from retrieval import settings
 from retrieval.errors import ImageTooLargeError, InvalidImageError
 
-MAX_PIXELS = int(os.environ.get("LOUPE_MAX_PIXELS", 100_000_000))
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 # Loupe enforces its own limit (above); PIL's own bomb check would only warn below 2x its limit.
@@ -101,7 +101,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.Image:
     """Open, validate and decode an image into RGB (see module docstring)."""
-    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    limit = settings.max_pixels() if max_pixels is None else max_pixels
     img = _open(source)
     width, height = img.size
     if width <= 0 or height <= 0:

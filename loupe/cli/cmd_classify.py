@@ -53,11 +53,9 @@ def add_arguments(p) -> None:
 def _clip_weights_cached(name: str) -> bool:
     """Whether the CLIP checkpoint is available without the network (hub cache or LOUPE_WEIGHTS_DIR)."""
     try:
-        from retrieval.encoders import get_spec
-        from retrieval.encoders.clip import _WEIGHT_FILES
-        from retrieval.encoders.weights import local_weights
+        from retrieval.encoders import get_spec, weights_available
 
-        if local_weights(name, _WEIGHT_FILES) is not None:
+        if weights_available(name):
             return True
         from huggingface_hub import try_to_load_from_cache
 

@@ -377,10 +377,12 @@ def build_text_database(out_dir: str | os.PathLike, encoder, entries: TextEntrie
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir`` when given, else ``<LOUPE_CACHE_DIR>/vocab`` (read now, :func:`retrieval.settings.cache_dir`)."""
     if cache_dir is not None:
         return Path(cache_dir)
-    root = os.environ.get("LOUPE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "loupe")
-    return Path(root) / "vocab"
+    from retrieval import settings
+
+    return settings.cache_dir() / "vocab"
 
 
 def _safe(name: str) -> str:

@@ -1,4 +1,5 @@
-"""The encoder registry: configs as data (``registry.json``), thin adapters per family.
+"""The encoder registry: configs as data (``registry.json``), thin adapters per family; where their
+weights come from is :mod:`retrieval.encoders.weights` (``resolve_weights``, ``weights_available``).
 
 >>> enc = create_encoder("effnet-lite0", device="cpu")
 >>> vecs = enc.encode_images([img])          # [1, 1280] float32, unit rows
@@ -12,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.device import resolve_device
-from retrieval.encoders.base import Encoder, EncoderSpec, l2_normalize
+from retrieval.encoders.base import Encoder, EncoderSpec
+from retrieval.encoders.weights import resolve_weights, weights_available
 from retrieval.errors import UnknownEncoderError
 
 __all__ = ["Encoder", "EncoderSpec", "create_encoder", "get_spec", "list_encoders", "register_encoder",
-           "l2_normalize", "DEFAULT_ENCODER"]
+           "resolve_weights", "weights_available", "DEFAULT_ENCODER"]
 
 DEFAULT_ENCODER = "clip-vit-b-32"
 _TABLE = Path(__file__).with_name("registry.json")

@@ -1,4 +1,4 @@
-"""The ``Encoder`` interface every family adapter implements."""
+"""The ``Encoder`` interface every family adapter implements, and the pixel transform several share."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from PIL import Image
 
 from retrieval.device import DeviceConfig
 from retrieval.errors import UnsupportedModalityError
-from retrieval.images import load_image
+from retrieval.images import load_image, to_rgb
+from retrieval.numeric import l2_normalize
 from retrieval.types import Vectors
 
 
@@ -49,25 +50,47 @@ class EncoderSpec:
                 "offline": self.offline, "family": self.family, "local_features": self.local is not None}
 
 
-def l2_normalize(x: np.ndarray | torch.Tensor, eps: float = 1e-12) -> Vectors:
-    """Rows to unit length, as float32 numpy."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().float().cpu().numpy()
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.maximum(norms, eps)).astype(np.float32, copy=False)
+class SquareResize:
+    """PIL image → uint8 pixels of the whole image resized to ``size`` × ``size`` (no crop; the aspect
+    ratio is not kept), ``[H, W, 3]`` or, with ``channels_first``, ``[3, H, W]``. The input of encoders
+    that take raw pixels: PDQ and SSCD (bilinear, HWC), colour-names (box filter, CHW). Picklable (it
+    runs in DataLoader workers); other modes are made RGB by :func:`retrieval.images.to_rgb`."""
+
+    FILTERS = {"bilinear": Image.Resampling.BILINEAR, "box": Image.Resampling.BOX,
+               "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST}
+
+    def __init__(self, size: int, resample: str = "bilinear", channels_first: bool = False):
+        if resample not in self.FILTERS:
+            raise ValueError(f"unknown resample filter {resample!r}; known: {', '.join(self.FILTERS)}")
+        self.size = int(size)
+        self.resample = resample
+        self.channels_first = bool(channels_first)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = to_rgb(img).resize((self.size, self.size), self.FILTERS[self.resample])
+        pixels = torch.from_numpy(np.array(img, dtype=np.uint8))
+        return pixels.permute(2, 0, 1) if self.channels_first else pixels
+
+    def __repr__(self) -> str:
+        return f"SquareResize({self.size}, {self.resample!r}, channels_first={self.channels_first})"
 
 
 class Encoder:
     """Embeds images (and texts, where supported) into L2-normalised float32 rows.
 
-    * ``preprocess``: a picklable callable ``PIL.Image -> tensor [3, H, W]`` (safe in DataLoader
-      workers; it does not hold the model).
+    * ``preprocess``: a picklable callable ``PIL.Image -> tensor [3, H, W]`` (uint8 ``[H, W, 3]`` for the
+      raw-pixel encoders, :class:`SquareResize`), safe in DataLoader workers: it does not hold the model.
     * ``encode_images(batch)``: ``batch`` is a preprocessed tensor ``[n, 3, H, W]`` or a list of PIL
-      images / paths / bytes; returns ``[n, dim]`` float32, rows of unit length.
+      images / paths / bytes (PIL images of any mode are made RGB as :func:`retrieval.images.load_image`
+      does, paths and bytes are loaded by it); returns ``[n, dim]`` float32, rows of unit length.
     * ``encode_texts(texts)``: ``[n, dim]`` for text-capable encoders.
     * ``local_features(batch)``: ``(tokens [n, p, c], (h, w))`` float32 with unit-length rows, for
       encoders with a spatial map (ViT patch tokens, CNN feature-map cells), row-major over the grid.
+
+    Encoders with a spatial map implement ``_forward(batch)`` (preprocess, then one forward pass under
+    autocast: ``(pooled [n, d], tokens [n, p, c], (h, w))`` before normalisation; callers hold ``lock``),
+    and inherit ``encode_images``, ``encode_images_and_local`` and ``local_features``. Others override
+    ``encode_images``.
     """
 
     spec: EncoderSpec
@@ -114,19 +137,45 @@ class Encoder:
         return f"<{type(self).__name__} {self.name} dim={self.dim} device={self.device.device}>"
 
     # -- batching helpers ----------------------------------------------------------------------
+    def pixels(self, batch: torch.Tensor | Sequence[Any]) -> torch.Tensor:
+        """A list of images (PIL of any mode / path / bytes) preprocessed and stacked, on the CPU; a
+        tensor (already preprocessed) is returned as it is."""
+        if isinstance(batch, torch.Tensor):
+            return batch
+        tensors = [self.preprocess(to_rgb(img) if isinstance(img, Image.Image) else load_image(img)) for img in batch]
+        if not tensors:
+            raise ValueError("encode_images() needs at least one image")
+        return torch.stack(tensors)
+
     def to_batch(self, batch: torch.Tensor | Sequence[Any]) -> torch.Tensor:
         """Preprocess a list of images (PIL / path / bytes) into a tensor on the device."""
-        if not isinstance(batch, torch.Tensor):
-            tensors = [self.preprocess(img if isinstance(img, Image.Image) else load_image(img)) for img in batch]
-            if not tensors:
-                raise ValueError("encode_images() needs at least one image")
-            batch = torch.stack(tensors)
+        batch = self.pixels(batch)
         non_blocking = self.device.is_cuda and batch.is_pinned()
         return batch.to(self.device.device, non_blocking=non_blocking)
 
-    # -- to implement --------------------------------------------------------------------------
+    def uint8_pixels(self, batch: torch.Tensor | Sequence[Any]) -> np.ndarray:
+        """The batch as contiguous uint8 numpy pixels (for models that take raw pixels: PDQ, SSCD)."""
+        arr = self.pixels(batch).cpu().numpy()
+        if arr.dtype != np.uint8:
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(arr)
+
+    # -- spatial encoders implement _forward; the rest override encode_images ---------------------
+    def _forward(self, batch: torch.Tensor | Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        raise UnsupportedModalityError(f"encoder {self.name!r} has no spatial feature map for local features")
+
+    @torch.inference_mode()
     def encode_images(self, batch: torch.Tensor | Sequence[Any]) -> Vectors:
-        raise NotImplementedError
+        with self.lock:
+            pooled, _, _ = self._forward(batch)
+        return l2_normalize(pooled)
+
+    @torch.inference_mode()
+    def encode_images_and_local(self, batch: torch.Tensor | Sequence[Any]) -> tuple[Vectors, Vectors, tuple[int, int]]:
+        """Global vectors and local tokens (unit rows) from one forward pass."""
+        with self.lock:
+            pooled, tokens, grid = self._forward(batch)
+        return l2_normalize(pooled), l2_normalize(tokens), grid
 
     def encode_texts(self, texts: Sequence[str]) -> Vectors:
         raise UnsupportedModalityError(
@@ -135,4 +184,5 @@ class Encoder:
         )
 
     def local_features(self, batch: torch.Tensor | Sequence[Any]) -> tuple[Vectors, tuple[int, int]]:
-        raise UnsupportedModalityError(f"encoder {self.name!r} has no spatial feature map for local features")
+        _, tokens, grid = self.encode_images_and_local(batch)
+        return tokens, grid

@@ -14,11 +14,10 @@ from typing import Any, Sequence
 
 import torch
 
-from retrieval.encoders.base import Encoder, l2_normalize
-from retrieval.encoders.weights import local_weights, missing_weights
+from retrieval.encoders.base import Encoder
+from retrieval.encoders.weights import resolve_weights
+from retrieval.numeric import l2_normalize
 from retrieval.types import Vectors
-
-_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors", "model.pt")
 
 
 def _register_arch(arch: str, model_config: dict[str, Any]) -> None:
@@ -37,29 +36,14 @@ class ClipEncoder(Encoder):
         arch = spec.get("arch")
         if spec.get("model_config"):
             _register_arch(arch, spec.get("model_config"))
-        explicit = spec.get("weights")
-        local = local_weights(spec.name, _WEIGHT_FILES)
-        if spec.get("random_init"):
-            pretrained = None
-        elif explicit:
-            pretrained = str(explicit)
-        elif local is not None:
-            pretrained = str(local)
-        else:
-            pretrained = spec.get("pretrained")
-        try:
-            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+        weights = None if spec.get("random_init") else resolve_weights(spec)
+        try:  # a file, or open_clip's pretrained tag (its hub cache, then the hub)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=weights.location if weights else None)
         except Exception as exc:  # hub unreachable, missing file, bad checkpoint
-            looked = [f"open_clip hub cache ({spec.get('hub_id') or spec.get('pretrained')})",
-                      "$LOUPE_WEIGHTS_DIR/" + spec.name + "/{" + ",".join(_WEIGHT_FILES) + "}"]
-            if explicit:
-                looked.insert(0, str(explicit))
-            raise missing_weights(
-                spec.name, looked,
-                f"connect once to the internet so open_clip caches {spec.get('arch')}/{spec.get('pretrained')}, "
-                f"or put the checkpoint at $LOUPE_WEIGHTS_DIR/{spec.name}/open_clip_pytorch_model.bin",
-                exc,
-            ) from exc
+            if weights is None:
+                raise
+            raise weights.error(exc) from exc
         self.model = model.eval().to(device.device)
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(arch)
@@ -76,6 +60,7 @@ class ClipEncoder(Encoder):
 
     @torch.inference_mode()
     def encode_images(self, batch) -> Vectors:
+        """open_clip's own ``encode_image`` (the pooled, projected CLS token), normalised."""
         with self.lock:
             x = self.to_batch(batch)
             with self.device.autocast():
@@ -91,6 +76,7 @@ class ClipEncoder(Encoder):
         return l2_normalize(out)
 
     def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled, patch tokens projected by visual.proj)`` of a preprocessed batch on the device."""
         visual = self.visual
         previous = visual.output_tokens
         visual.output_tokens = True
@@ -102,15 +88,8 @@ class ClipEncoder(Encoder):
             tokens = tokens @ visual.proj
         return pooled, tokens
 
-    @torch.inference_mode()
-    def encode_images_and_local(self, batch) -> tuple[Vectors, Vectors, tuple[int, int]]:
-        """Global vectors and projected patch tokens from one forward pass."""
-        with self.lock:
-            x = self.to_batch(batch)
-            with self.device.autocast():
-                pooled, tokens = self._tokens(x)
-        return l2_normalize(pooled), l2_normalize(tokens), self.grid
-
-    def local_features(self, batch) -> tuple[Vectors, tuple[int, int]]:
-        _, tokens, grid = self.encode_images_and_local(batch)
-        return tokens, grid
+    def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        x = self.to_batch(batch)
+        with self.device.autocast():
+            pooled, tokens = self._tokens(x)
+        return pooled, tokens, self.grid

