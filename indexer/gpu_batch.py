@@ -18,7 +18,7 @@ import io
 import torch
 from PIL import Image
 
-from retrieval import images
+from retrieval import images, settings
 
 
 def gpu_decodable(data: bytes, max_pixels: int | None) -> tuple[int, int] | None:
@@ -33,7 +33,7 @@ def gpu_decodable(data: bytes, max_pixels: int | None) -> tuple[int, int] | None
         orientation = img.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001 - the CPU path reports the reason
         return None
-    limit = images.MAX_PIXELS if max_pixels is None else max_pixels
+    limit = settings.max_pixels() if max_pixels is None else max_pixels
     if (limit and w * h > limit) or img.mode not in ("RGB", "L") or orientation not in (None, 1):
         return None
     return w, h

@@ -67,7 +67,7 @@ class IndexConfig:
     prune: bool = False
     allow_download: bool = False
     max_memory: int | None = None           # bytes, for the index-type choice
-    max_pixels: int | None = None           # None: retrieval.images.MAX_PIXELS
+    max_pixels: int | None = None           # None: LOUPE_MAX_PIXELS (retrieval.settings.max_pixels)
     wait: bool = False                      # wait for another writer's lock instead of failing
     decode: str = "cpu"                     # "gpu": JPEGs decoded on the encoder's device (indexer.gpu_batch)
     commit_seconds: float | None = DEFAULT_COMMIT_SECONDS   # also commit a (smaller) shard this often

@@ -52,18 +52,9 @@ def add_arguments(p) -> None:
 
 def _clip_weights_cached(name: str) -> bool:
     """Whether the CLIP checkpoint is available without the network (hub cache or LOUPE_WEIGHTS_DIR)."""
-    try:
-        from retrieval.encoders import get_spec, weights_available
+    from retrieval.encoders import weights_available
 
-        if weights_available(name):
-            return True
-        from huggingface_hub import try_to_load_from_cache
-
-        hub_id = get_spec(name).get("hub_id")
-        return bool(hub_id) and any(isinstance(try_to_load_from_cache(hub_id, f), str)
-                                    for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
-    except Exception:  # noqa: BLE001
-        return False
+    return weights_available(name)
 
 
 def _pick_encoder(args) -> str:
