@@ -14,78 +14,65 @@ class LoupeError(Exception):
     code = "loupe_error"
     http_status = 400
 
+    def __init_subclass__(cls, *, code: str | None = None, status: int | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code             # the JSON error code
+        if status is not None:
+            cls.http_status = status    # the HTTP status the server answers with
 
-class UnknownEncoderError(LoupeError, KeyError):
-    code = "unknown_encoder"
-    http_status = 400
 
+class UnknownEncoderError(LoupeError, KeyError, code="unknown_encoder", status=400):
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
 
 
-class MissingWeightsError(LoupeError):
-    code = "missing_weights"
-    http_status = 503
+class MissingWeightsError(LoupeError, code="missing_weights", status=503):
+    pass
 
 
-class MissingExtraError(LoupeError, ImportError):
-    code = "missing_extra"
-    http_status = 503
+class MissingExtraError(LoupeError, ImportError, code="missing_extra", status=503):
+    pass
 
 
-class UnsupportedModalityError(LoupeError):
-    code = "unsupported_modality"
-    http_status = 400
+class UnsupportedModalityError(LoupeError, code="unsupported_modality", status=400):
+    pass
 
 
-class InvalidImageError(LoupeError, ValueError):
-    code = "invalid_image"
-    http_status = 400
+class InvalidImageError(LoupeError, ValueError, code="invalid_image", status=400):
+    pass
 
 
-class ImageTooLargeError(InvalidImageError):
-    code = "image_too_large"
-    http_status = 413
+class ImageTooLargeError(InvalidImageError, code="image_too_large", status=413):
+    pass
 
 
-class InvalidQueryError(LoupeError, ValueError):
-    code = "invalid_query"
-    http_status = 400
+class InvalidQueryError(LoupeError, ValueError, code="invalid_query", status=400):
+    pass
 
 
-class InvalidFieldError(InvalidQueryError):
+class InvalidFieldError(InvalidQueryError, code="bad_request"):
     """A request field of the wrong type or out of its range, or a field the request does not take."""
 
-    code = "bad_request"
 
-
-class UnknownIdError(LoupeError, KeyError):
-    code = "not_found"
-    http_status = 404
-
+class UnknownIdError(LoupeError, KeyError, code="not_found", status=404):
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
 
 
-class IndexFormatError(LoupeError):
-    code = "index_format"
-    http_status = 500
+class IndexFormatError(LoupeError, code="index_format", status=500):
+    pass
 
 
-class IndexLockedError(LoupeError):
-    code = "index_locked"
-    http_status = 409
+class IndexLockedError(LoupeError, code="index_locked", status=409):
+    pass
 
 
-class EmptyTextDatabaseError(LoupeError, ValueError):
-    code = "empty_text_database"
-    http_status = 400
+class EmptyTextDatabaseError(LoupeError, ValueError, code="empty_text_database", status=400):
+    pass
 
 
-class UnknownVocabularyError(LoupeError, KeyError):
-    code = "unknown_vocabulary"
-    http_status = 400
-
+class UnknownVocabularyError(LoupeError, KeyError, code="unknown_vocabulary", status=400):
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
 
@@ -94,14 +81,9 @@ class BuildCancelled(Exception):
     """A background build was stopped (the process is exiting)."""
 
 
-class WarmingUpError(LoupeError):
+class WarmingUpError(LoupeError, code="warming_up", status=503):
     """A text database is still being built or opened in the background (``warm_classifier``)."""
 
-    code = "warming_up"
-    http_status = 503
 
-
-class InputError(LoupeError):
+class InputError(LoupeError, code="bad_input"):
     """One input cannot be read (the run goes on; the reason lands in the summary's ``failed``)."""
-
-    code = "bad_input"

@@ -21,28 +21,24 @@ from retrieval.errors import LoupeError
 log = logging.getLogger("loupe.server")
 
 
-class BadRequestError(LoupeError):
-    code = "bad_request"
-    http_status = 400
+class BadRequestError(LoupeError, code="bad_request", status=400):
+    pass
 
 
-class InvalidJsonError(BadRequestError):
-    code = "invalid_json"
+class InvalidJsonError(BadRequestError, code="invalid_json"):
+    pass
 
 
-class NoIndexError(LoupeError):
-    code = "no_index"
-    http_status = 503
+class NoIndexError(LoupeError, code="no_index", status=503):
+    pass
 
 
-class UnsupportedMediaTypeError(LoupeError):
-    code = "unsupported_media_type"
-    http_status = 415
+class UnsupportedMediaTypeError(LoupeError, code="unsupported_media_type", status=415):
+    pass
 
 
-class ForbiddenHostError(LoupeError):
-    code = "forbidden_host"
-    http_status = 403
+class ForbiddenHostError(LoupeError, code="forbidden_host", status=403):
+    pass
 
 
 # an absolute path: "/" after a space, quote or bracket, then at least one more "/"-separated part

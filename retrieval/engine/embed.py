@@ -45,12 +45,8 @@ class Embedder:
                  stored_vector: Callable[[str, str], np.ndarray] | None = None,
                  load_image: Callable[[str], Image.Image] | None = None,
                  composer: Callable[[], dict[str, Any]] | None = None):
-        self.manifest = manifest
-        self.device = device
-        self.index_dir = index_dir
-        self._stored_vector = stored_vector
-        self._load_image = load_image
-        self._composer = composer
+        self.manifest, self.device, self.index_dir = manifest, device, index_dir
+        self._stored_vector, self._load_image, self._composer = stored_vector, load_image, composer
         self.encoders: dict[str, Any] = {}
         self.text_cache: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from test_copydetect import screenshot
 
 from loupe.cli.main import main as loupe
-from test_copydetect import screenshot
 
 INDEXED = ("astronaut", "chelsea", "coffee", "rocket", "camera", "horse", "page")
 HELD_OUT = ("immunohistochemistry", "hubble_deep_field", "brick", "grass", "text", "moon")   # not "cat": it is chelsea
