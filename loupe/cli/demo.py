@@ -1,6 +1,6 @@
 """`make demo`: index real sample photos with the offline encoders and serve them.
 
-    python -m cli.demo --out .demo --port 8080
+    python -m loupe.cli.demo --out .demo --port 8080
 
 Works on a fresh machine with no model hub: the photos bundled with scikit-image (astronaut, the cat
 Chelsea, coffee, a rocket, ...) and, when Debian's ``tuxpaint-stamps-default`` is installed, Tux Paint
@@ -167,7 +167,7 @@ def build_direct(index_dir: Path, items: list[tuple[Path, str]], device: str) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cli.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m loupe.cli.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=".demo", help="working folder (default .demo)")
     parser.add_argument("--host", default="127.0.0.1")
