@@ -7,6 +7,7 @@ printed by the library.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -72,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:        # disk full, permission denied, ...: one line, not a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        hint = "; free some space and run the same command again (finished work is kept)" \
+            if exc.errno == errno.ENOSPC else ""
+        print(f"loupe {args.command}: error: {exc.strerror or exc}{where}{hint}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -57,3 +57,17 @@ def test_loupe_search_text_and_image(tmp_path, tiny_clip, photo_dir, capsys):
     assert "not valid JSON" in capsys.readouterr().err
     assert loupe_main(["search", str(out), "--image", str(tmp_path / "missing.jpg")]) == 2
     assert loupe_main(["search", str(out), "--text", "x", "-k", "0"]) == 2
+
+
+def test_disk_full_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import indexer.pipeline
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "idx" / "meta" / "shard-00000.parquet"))
+
+    monkeypatch.setattr(indexer.pipeline, "build_index", full)
+    assert loupe_main(["index", str(tmp_path), "--out", str(tmp_path / "idx"), "--encoder", "effnet-lite0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "run the same command again" in err[0]
