@@ -42,15 +42,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from retrieval.copydetect.metrics import (
-    micro_average_precision,
-    precision_recall_curve,
-    recall_at_precision,
-    threshold_for_precision,
-)
 from retrieval.copydetect.scores import (
-    DEFAULT_THRESHOLDS,
-    DEFAULT_TWIN_THRESHOLDS,
     PREFERRED_ENCODERS,
     Background,
     Match,
@@ -59,15 +51,8 @@ from retrieval.copydetect.scores import (
     _pad_columns,
     background_similarity,
     collect_matches,
-    default_threshold,
-    final_scores,
     knn,
-    match_arrays,
-    merge_views,
-    normalize_scores,
-    pair_similarity,
     score_views,
-    view_penalties,
 )
 from retrieval.errors import InvalidQueryError
 from retrieval.numeric import pack_signs
@@ -356,10 +341,6 @@ def _verify_candidates(engine, vname, qv: QueryViews, scored: ScoredViews, key_i
     return ver
 
 
-__all__ = ["MatchConfig", "Match", "Background", "knn", "background_similarity", "normalize_scores",
-           "pair_similarity", "merge_views", "view_penalties", "score_views", "ScoredViews", "collect_matches",
-           "QueryViews", "embed_query_views",
-           "final_scores", "match_arrays", "micro_average_precision", "recall_at_precision",
-           "precision_recall_curve", "threshold_for_precision", "build_background", "background_path",
-           "load_background", "sample_background", "choose_encoder", "match_images", "DEFAULT_THRESHOLDS",
-           "default_threshold", "DEFAULT_TWIN_THRESHOLDS", "verification_enabled", "binary_blocks", "local_encoder"]
+__all__ = ["QueryViews", "embed_query_views", "build_background", "background_path", "load_background",
+           "sample_background", "choose_encoder", "match_images", "verification_enabled", "binary_blocks",
+           "local_encoder"]

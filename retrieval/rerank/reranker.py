@@ -94,22 +94,11 @@ from retrieval.rerank.verify import (
     VerificationResult,
     batched_match_counts,
     batched_similarity,
-    grid_coordinates,
-    maxsim_score,
-    mutual_nearest_neighbors,
-    nearest_neighbors,
-    ransac_affine,
-    similarity,
     verify_pair,
 )
 
-__all__ = ["RerankConfig", "DEFAULT_CONFIG", "FINE_DEFAULT_CONFIG",
-           "VerificationResult", "LocalScores", "grid_coordinates", "similarity",
-           "maxsim_score", "mutual_nearest_neighbors", "ransac_affine", "verify_pair", "alpha_query_expansion",
-           "database_side_augmentation", "fuse_scores", "text_patch_scores", "rerank_arrays", "rerank_hits",
-           "query_local_features", "query_tokens", "batched_similarity", "batched_match_counts", "nearest_neighbors",
-           "region_windows", "region_vectors", "region_scores",
-           "crop_windows", "encoder_view", "grid_box_to_pixels"]
+__all__ = ["LocalScores", "alpha_query_expansion", "database_side_augmentation", "fuse_scores",
+           "text_patch_scores", "rerank_arrays", "rerank_hits"]
 
 
 @dataclass
