@@ -33,8 +33,8 @@ lint: setup
 demo: setup
 	$(PY) -m loupe.cli.demo --out $(DEMO_DIR) --port $(PORT)
 
-bench: setup
-	$(PY) benchmarks/run_all.py
+bench: setup   ## quick configuration of every benchmark; BENCH_ARGS="--only dedup,copydetect" to pick
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

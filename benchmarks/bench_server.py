@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from retrieval.index import store  # noqa: E402
+from retrieval.index import store, vector_files  # noqa: E402
 
 
 def unit(x):
@@ -128,7 +128,7 @@ def build_load_index(out: Path, n: int, encoder: str, shards: int = 1) -> tuple[
         store.write_metadata(index_dir, name, [rows[i] for i in idx])
         index = faiss.IndexFlatIP(enc.dim)
         index.add(vecs[idx])
-        store.write_vectors(index_dir, encoder, name, index)
+        vector_files.write_vectors(index_dir, encoder, name, index)
         entries.append(store.ShardEntry(name, len(idx)))
     store.write_manifest(index_dir, store.Manifest(
         encoders={encoder: store.EncoderEntry(encoder, enc.dim, modalities=list(enc.modalities))}, shards=entries))
@@ -336,7 +336,7 @@ def run_scale(n: int, dim: int, work: Path, nq: int = 500, shard_size: int = 1_0
         index.add(vecs[a:b])
         build_s += time.perf_counter() - tb
         name = store.shard_name(s)
-        store.write_vectors(index_dir, "synthetic", name, index)
+        vector_files.write_vectors(index_dir, "synthetic", name, index)
         store.write_metadata(index_dir, name, [{"id": store.int_to_id(i), "source": f"s{i}"} for i in range(a, b)])
         shards.append(store.ShardEntry(name, b - a))
         del index

@@ -319,7 +319,7 @@ class Embedder:
         return v, (np.concatenate(locs) if self.local and locs else None)
 
     def fit_reducer(self, tokens):
-        from retrieval.index.store import LocalReducer
+        from retrieval.index.descriptors import LocalReducer
 
         path = self.cache / f"{self.name}-pca.npz"
         if path.is_file():
@@ -332,7 +332,7 @@ class Embedder:
     def load_reducer(self):
         path = self.cache / f"{self.name}-pca.npz"
         if self.local and path.is_file():
-            from retrieval.index.store import LocalReducer
+            from retrieval.index.descriptors import LocalReducer
 
             self.reducer = LocalReducer.load(path)
 

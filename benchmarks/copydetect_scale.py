@@ -90,7 +90,7 @@ def build_pdq_index(n: int, out: Path) -> float:
     import torch
 
     from retrieval.encoders import create_encoder
-    from retrieval.index import store
+    from retrieval.index import store, vector_files
 
     t0 = time.perf_counter()
     fm = load_fmnist()[:n]
@@ -122,7 +122,7 @@ def build_pdq_index(n: int, out: Path) -> float:
                 }
             )
         store.write_metadata(out, name, rows)
-        store.write_vectors(out, "pdq", name, index)
+        vector_files.write_vectors(out, "pdq", name, index)
         shards.append(store.ShardEntry(name=name, count=len(part)))
     entry = store.EncoderEntry(name="pdq", dim=256, index_type="binary", factory="BFlat")
     store.write_manifest(out, store.Manifest(encoders={"pdq": entry}, shards=shards))

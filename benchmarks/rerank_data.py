@@ -114,7 +114,7 @@ def build_index(out: Path, enc, images: list[Image.Image], keys: list[str], batc
     import faiss
 
     from indexer.writer import LOCAL_DIM  # the dimension `loupe index --local-features` uses
-    from retrieval.index import store
+    from retrieval.index import descriptors, store, vector_files
 
     suffix = "" if layer == "final" else f"-{layer}"
     cache = out.parent / f"{out.name}-encoded{suffix}.npz"     # the encoder's outputs, reused by later runs
@@ -141,7 +141,7 @@ def build_index(out: Path, enc, images: list[Image.Image], keys: list[str], batc
         np.savez(cache, vecs=vecs, toks=toks, grid=np.array(grid))
     rng = np.random.default_rng(0)
     sample = toks[rng.choice(len(toks), size=min(len(toks), 1000), replace=False)].reshape(-1, toks.shape[-1])
-    reducer = store.LocalReducer.fit(sample.astype(np.float32), dim=LOCAL_DIM)
+    reducer = descriptors.LocalReducer.fit(sample.astype(np.float32), dim=LOCAL_DIM)
     reducer.save(store.pca_path(out, enc.name))
     h, w = grid
     pos = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 2)
@@ -149,8 +149,8 @@ def build_index(out: Path, enc, images: list[Image.Image], keys: list[str], batc
     shard = store.shard_name(0)
     index = faiss.IndexFlatIP(vecs.shape[1])
     index.add(vecs)
-    store.write_vectors(out, enc.name, shard, index)
-    store.write_local(out, enc.name, shard, per_image)
+    vector_files.write_vectors(out, enc.name, shard, index)
+    descriptors.write_local(out, enc.name, shard, per_image)
     rows = []
     for key, img in zip(keys, images):
         sha = hashlib.sha256(key.encode()).hexdigest()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -167,7 +169,36 @@ def collate(records: list[Record]) -> dict[str, Any]:
 
 
 def _worker_init(_worker_id: int) -> None:
+    """A decode worker: one thread, none of the parent's index locks, and it dies with its parent."""
+    from indexer.lock import close_inherited_locks
+
     torch.set_num_threads(1)
+    close_inherited_locks()     # done at the fork already (indexer.lock); again in case of another start method
+    die_with_parent()
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux ``PR_SET_PDEATHSIG``), so
+    that a forked worker does not outlive a ``kill -9`` of the indexer (torch's watchdog notices only
+    every 5 s). Exits at once if the parent is already gone. False where the platform has no such call.
+
+    The signal comes when the parent *thread* that forked this process ends: DataLoader workers are forked
+    by the thread that iterates the loader, which outlives its iterator."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import multiprocessing
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(sig), 0, 0, 0) != 0:          # PR_SET_PDEATHSIG = 1
+            return False
+    except (OSError, AttributeError):
+        return False
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid != os.getppid():  # died before the prctl: nobody will signal us
+        os._exit(1)
+    return True
 
 
 WORKER_CRASH = "the decoder crashed on this file (its worker process died); skipped"

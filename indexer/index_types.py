@@ -140,6 +140,11 @@ def new_index(factory: str, dim: int):
     if hnsw is not None:
         hnsw.efConstruction = 80   # measured: 1M x 512, efSearch 256 -> recall@10 0.834 (benchmarks/RESULTS.md)
         hnsw.efSearch = 64
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and hasattr(faiss.downcast_index(ivf), "do_polysemous_training"):
+        # polysemous codes only serve Hamming-threshold search (polysemous_ht), which Loupe never uses; the
+        # training costs minutes (20k x 64-d, PQ16x8: 255 s of a 258 s train on one core, 2 s without)
+        faiss.downcast_index(ivf).do_polysemous_training = False
     return index
 
 
@@ -173,7 +178,7 @@ def all_codes(index) -> np.ndarray:
     """Every stored vector of a shard index (exact for flat/HNSW/binary, decoded for IVF-PQ)."""
     import faiss
 
-    from retrieval.index.store import reconstruct_all
+    from retrieval.index.vector_files import reconstruct_all
 
     if isinstance(index, faiss.IndexBinary):
         return faiss.vector_to_array(faiss.downcast_IndexBinary(index).xb).reshape(index.ntotal, index.d // 8)

@@ -38,7 +38,7 @@ from indexer.sources import Item, ReadConfig, enumerate_sources
 from indexer.writer import BackgroundWriter, IndexState, IndexWriter, clean_stray_files, load_state
 from retrieval.device import DeviceConfig, resolve_device
 from retrieval.errors import LoupeError
-from retrieval.index import store
+from retrieval.index import store, vector_files
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ class IndexConfig:
     commit_seconds: float | None = DEFAULT_COMMIT_SECONDS   # also commit a (smaller) shard this often
     ray: str | None = None                  # "local" or a Ray cluster address: decode + embed on Ray actors
     ray_actors: int = 1                     # encoder actors (one GPU each with device cuda)
+    optimize: str = "auto"                  # auto | always | never: build the searchable layout at the end
+    vectors: str | None = None              # bring your own embeddings: this column of a Parquet SOURCE
+    target_recall: float = 0.95             # recall@10 the layout's search parameters must reach
 
 
 @dataclass
@@ -98,6 +101,15 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = IndexSummary()
+    if cfg.vectors:                         # bring your own embeddings: no decoding, no model
+        from indexer.vectors import index_vectors
+
+        with IndexLock(out, wait=cfg.wait):
+            with summary.stages.timing("write"):
+                index_vectors(cfg, out, summary, checkpoint, progress)
+            _maybe_optimize(cfg, out, summary)
+        summary.seconds = time.perf_counter() - t0
+        return summary
     with IndexLock(out, wait=cfg.wait), worker_errors_in_iteration():
         plan = _plan(cfg, out, summary, checkpoint)
         reader, mapper = _stages(cfg, plan)
@@ -105,8 +117,24 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
             progress_total(len(plan.todo))
         run_stages(reader, mapper, lambda: BackgroundWriter(plan.writer), summary, progress)
         summary.shards = len(plan.writer.manifest.shards)
+        _maybe_optimize(cfg, out, summary)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _maybe_optimize(cfg: IndexConfig, out: Path, summary: IndexSummary) -> None:
+    """Build the searchable layout (``retrieval.index.optimize``) when it pays off (``auto``: enough images
+    and shards outside the current layout), always, or never; the writer's lock is still held."""
+    from retrieval.index.optimize import needs_optimize, optimize
+
+    if cfg.optimize == "never" or not (out / store.MANIFEST).is_file():
+        return
+    manifest = store.read_manifest(out)
+    if manifest.count == 0 or (cfg.optimize != "always" and not needs_optimize(manifest)):
+        return
+    with summary.stages.timing("optimize"):
+        summary.optimized = optimize(out, target_recall=cfg.target_recall, max_memory=cfg.max_memory,
+                                     locked=True).to_json()
 
 
 def _plan(cfg: IndexConfig, out: Path, summary: IndexSummary, checkpoint: Callable[[str], None] | None) -> _Plan:
@@ -295,7 +323,8 @@ def stored_vectors(index_dir, encoder: str) -> tuple[np.ndarray, list[str]]:
     entry = manifest.encoders[encoder]
     vecs, ids = [], []
     for shard in manifest.shards:
-        index = store.read_vectors(index_dir, encoder, shard.name, mmap=False, binary=entry.index_type == "binary")
+        index = vector_files.read_vectors(index_dir, encoder, shard.name, mmap=False,
+                                          binary=entry.index_type == "binary")
         vecs.append(index_types.all_codes(index))
         ids.extend(store.read_metadata(index_dir, shard.name).column("id").to_pylist())
     dim = entry.dim // 8 if entry.index_type == "binary" else entry.dim

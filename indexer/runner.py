@@ -46,6 +46,7 @@ class StageTimes:
     read: float = 0.0
     embed: float = 0.0
     write: float = 0.0
+    optimize: float = 0.0       # building the searchable layout at the end (only when the run did)
 
     @contextlib.contextmanager
     def timing(self, stage: str):
@@ -56,7 +57,8 @@ class StageTimes:
             setattr(self, stage, getattr(self, stage) + time.perf_counter() - t)
 
     def to_json(self) -> dict[str, float]:
-        return {"read": round(self.read, 3), "embed": round(self.embed, 3), "write": round(self.write, 3)}
+        out = {"read": round(self.read, 3), "embed": round(self.embed, 3), "write": round(self.write, 3)}
+        return {**out, "optimize": round(self.optimize, 3)} if self.optimize else out
 
 
 @dataclass
@@ -68,11 +70,16 @@ class IndexSummary:
     seconds: float = 0.0
     pruned: int = 0
     stages: StageTimes = field(default_factory=StageTimes)
+    optimized: dict[str, Any] | None = None    # the `loupe optimize` summary, when the run optimized
 
     def to_json(self) -> dict[str, Any]:
-        """The summary line of ``loupe index`` (keys fixed by INTERFACE.md; ``stages`` last)."""
-        return {"indexed": self.indexed, "skipped": self.skipped, "failed": [f.to_json() for f in self.failed],
-                "shards": self.shards, "seconds": round(self.seconds, 3), "stages": self.stages.to_json()}
+        """The summary line of ``loupe index`` (keys fixed by INTERFACE.md; ``stages`` last, after
+        ``optimized`` when the run built the searchable layout)."""
+        out = {"indexed": self.indexed, "skipped": self.skipped, "failed": [f.to_json() for f in self.failed],
+               "shards": self.shards, "seconds": round(self.seconds, 3)}
+        if self.optimized is not None:
+            out["optimized"] = self.optimized
+        return {**out, "stages": self.stages.to_json()}
 
 
 class Writer(Protocol):

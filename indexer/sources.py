@@ -19,7 +19,6 @@ not read again.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import tarfile
@@ -155,19 +154,71 @@ def _walk_directory(root: Path, out: Enumeration) -> None:
         stack.extend(reversed(subdirs))
 
 
-def _manifest_rows(path: Path) -> list[dict[str, Any]]:
-    name = path.name.lower()
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
+def _plain(value: Any) -> Any:
+    """A manifest cell as a JSON-able value (metadata is stored as JSON): numbers, strings, booleans and
+    nulls as they are, dates and times as ISO text, decimals as floats, lists and objects recursively."""
+    import datetime
+    import decimal
 
-        try:
-            return pq.read_table(path).to_pylist()
-        except Exception as exc:  # noqa: BLE001 - any reader error is the same to the user
-            raise LoupeError(f"manifest {path} is unreadable: {exc}") from exc
-    if name.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
-    rows = []
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+MANIFEST_BATCH_ROWS = 65536
+
+
+def _arrow_batches(path: Path):
+    """Record batches of a Parquet or CSV manifest, streamed (types kept: a CSV column of whole numbers
+    is int64, as in Parquet). Yields the column names first."""
+    name = path.name.lower()
+    try:
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(path)
+            yield pf.schema_arrow.names
+            yield from pf.iter_batches(batch_size=MANIFEST_BATCH_ROWS)
+        else:
+            import pyarrow.csv as pacsv
+
+            reader = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+            yield reader.schema.names
+            yield from reader
+    except LoupeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader error is the same to the user
+        hint = (" (a column whose values change type part-way, e.g. numbers then text, must be quoted "
+                "or made consistent)" if "CSV" in type(exc).__name__ or "conversion" in str(exc).lower()
+                or "invalid" in type(exc).__name__.lower() else "")
+        raise LoupeError(f"manifest {path} is unreadable: {exc}{hint}") from exc
+
+
+def _manifest_rows(path: Path):
+    """The rows of a manifest as dicts, streamed: Parquet and CSV through pyarrow (column types kept),
+    JSON lines one line at a time (a bad line becomes a failure row, the rest are read)."""
+    name = path.name.lower()
+    if name.endswith((".parquet", ".csv")):
+        batches = _arrow_batches(path)
+        columns = next(batches)
+        if "path" not in columns and "url" not in columns:
+            raise LoupeError(f"manifest {path} needs a 'path' or 'url' column (it has: {', '.join(columns)})")
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield {k: _plain(v) for k, v in row.items()}
+        return
     with open(path, encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, 1):
             if not line.strip():
@@ -175,22 +226,22 @@ def _manifest_rows(path: Path) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                rows.append({"__error__": f"{path}:{line_no}", "__reason__": f"bad JSON line: {exc.msg}"})
+                yield {"__error__": f"{path}:{line_no}", "__reason__": f"bad JSON line: {exc.msg}"}
                 continue
-            rows.append(row if isinstance(row, dict) else
-                        {"__error__": f"{path}:{line_no}", "__reason__": "JSON line is not an object"})
-    return rows
+            yield (row if isinstance(row, dict) else
+                   {"__error__": f"{path}:{line_no}", "__reason__": "JSON line is not an object"})
 
 
 def _read_manifest(path: Path, out: Enumeration) -> None:
     base = path.parent.resolve()
-    rows = _manifest_rows(path)
-    if rows and not any(("path" in r or "url" in r) for r in rows if "__error__" not in r):
-        raise LoupeError(f"manifest {path} needs a 'path' or 'url' column")
-    for i, row in enumerate(rows):
+    has_column = False
+    n_rows = 0
+    for i, row in enumerate(_manifest_rows(path)):
         if "__error__" in row:
             out.failures.append(Failure(row["__error__"], row["__reason__"]))
             continue
+        n_rows += 1
+        has_column = has_column or "path" in row or "url" in row
         caption = row.get("caption")
         caption = None if caption is None or caption == "" else str(caption)
         extra = {k: v for k, v in row.items() if k not in ("path", "url", "caption")} or None
@@ -209,6 +260,8 @@ def _read_manifest(path: Path, out: Enumeration) -> None:
             out.items.append(Item(source=str(row["url"]), kind="url", caption=caption, extra=extra))
         else:
             out.failures.append(Failure(f"{path}:row {i}", "manifest row has neither 'path' nor 'url'"))
+    if n_rows and not has_column:
+        raise LoupeError(f"manifest {path} needs a 'path' or 'url' column")
 
 
 def _read_tar(path: Path, out: Enumeration) -> None:

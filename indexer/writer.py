@@ -7,6 +7,12 @@ Commit protocol for one shard ``shard-NNNNN`` (every file is written to a tempor
 3. metadata of older shards whose ``aliases`` grew (rewritten in place, same rows);
 4. ``manifest.json`` listing the new shard — last.
 
+Every file written is recorded in the manifest's ``files`` map with its size and SHA-256, hashed from
+the bytes just written (``store.atomic_write_with``'s record). The one file rewritten under its own name,
+an older shard's metadata in step 3, is published twice: a manifest that accepts its old and new
+versions is written before the rename, and the next manifest keeps only the new one, so a crash at any
+point leaves an index whose files match their records.
+
 Readers and the next run trust only shards the manifest lists; files of a shard killed before step 4
 are ignored and deleted by the next run (``clean_stray_files``), and its images are indexed again.
 
@@ -41,7 +47,7 @@ import numpy as np
 
 from indexer import index_types
 from retrieval.errors import IndexFormatError
-from retrieval.index import store
+from retrieval.index import descriptors, store, vector_files
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +86,7 @@ def load_state(index_dir: Path, manifest: store.Manifest | None) -> IndexState:
     if manifest is None:
         return state
     for shard in manifest.shards:
-        table = store.read_metadata(index_dir, shard.name)
+        table = store.read_metadata(index_dir, shard.name, manifest)
         if table.num_rows != shard.count:
             raise IndexFormatError(f"metadata of {shard.name} has {table.num_rows} rows but the manifest says "
                                    f"{shard.count}; the index is damaged — rebuild it")
@@ -137,13 +143,14 @@ def select_tokens(n_tokens: int, cap: int = LOCAL_MAX_TOKENS) -> np.ndarray:
 class LocalFeatures:
     """Per encoder: cap tokens per image, fit the PCA on the first images, reduce, keep fp16."""
 
-    def __init__(self, reducer: store.LocalReducer | None = None, grid: tuple[int, int] | None = None,
+    def __init__(self, reducer: descriptors.LocalReducer | None = None, grid: tuple[int, int] | None = None,
                  layer: str = "final"):
         self.reducer = reducer
         self.grid = grid
         self.layer = layer
         self.raw: list[np.ndarray] = []        # capped raw tokens waiting for the PCA fit
         self.per_image = 0
+        self.pca_record: dict[str, Any] | None = None   # the PCA file's record, once fitted and saved
 
     def add(self, tokens: np.ndarray, grid: tuple[int, int]) -> list[tuple[np.ndarray, np.ndarray]] | None:
         """tokens [n, p, C] -> reduced per image, or None while the PCA still collects its sample."""
@@ -170,8 +177,8 @@ class LocalFeatures:
     def fit(self, pca_file: Path) -> list[tuple[np.ndarray, np.ndarray]]:
         """Fit on the buffered images, save the PCA, return their reduced features."""
         sample = np.concatenate(self.raw) if self.raw else np.zeros((0, 1), np.float32)
-        self.reducer = store.LocalReducer.fit(sample, dim=LOCAL_DIM)
-        self.reducer.save(pca_file)
+        self.reducer = descriptors.LocalReducer.fit(sample, dim=LOCAL_DIM)
+        self.pca_record = self.reducer.save(pca_file)
         out = self.reduce(self.raw)
         self.raw = []
         return out
@@ -225,7 +232,7 @@ class IndexWriter:
             raise IndexFormatError(f"{pca} is missing but the manifest lists local features for {name}; "
                                    "rebuild the index")
         grid = entry.local_features.get("grid") or [0, 0]
-        return LocalFeatures(store.LocalReducer.load(pca), (int(grid[0]), int(grid[1])),
+        return LocalFeatures(descriptors.LocalReducer.load(pca), (int(grid[0]), int(grid[1])),
                              entry.local_features.get("layer", "final"))
 
     # -- adding ----------------------------------------------------------------------------------
@@ -248,10 +255,16 @@ class IndexWriter:
                 if reduced is not None:
                     self.pending_local[name].extend(reduced)
                 elif feats.ready_to_fit():
-                    self.pending_local[name].extend(feats.fit(store.pca_path(self.dir, name)))
+                    self.pending_local[name].extend(self._fit(name, feats))
             start += take
             if len(self.rows) >= self.shard_size or self._commit_due():
                 self.commit()
+
+    def _fit(self, name: str, feats: LocalFeatures) -> list[tuple[np.ndarray, np.ndarray]]:
+        path = store.pca_path(self.dir, name)
+        reduced = feats.fit(path)
+        self.manifest.record(self.dir, path, feats.pca_record)
+        return reduced
 
     def _commit_due(self) -> bool:
         """Time-based commit (slow machines lose at most ``commit_seconds`` of work to a crash); not
@@ -290,7 +303,13 @@ class IndexWriter:
             return index_types.new_index(entry.factory, entry.dim)
         trained = self.dir / name / TRAINED_NAME
         if trained.is_file() and self.manifest.shards:
-            index = faiss.read_index(str(trained))
+            if store.check_digest(self.dir, self.manifest, trained, store.file_record(trained)) is False:
+                raise IndexFormatError(f"{trained} does not match its checksum: it was changed or damaged after "
+                                       f"indexing — {store.REPAIR_HINT}")
+            try:
+                index = faiss.read_index(str(trained))
+            except RuntimeError as exc:
+                raise IndexFormatError(f"{trained} is unreadable ({exc}); {store.REPAIR_HINT}") from exc
             if index.is_trained and index.d == entry.dim:
                 return index
         factory = index_types.fit_factory(entry.factory, len(vectors))
@@ -300,7 +319,8 @@ class IndexWriter:
             return index_types.new_index("Flat", entry.dim)
         index = index_types.new_index(factory, entry.dim)
         index_types.train(index, vectors, use_gpu=self.use_gpu)
-        store.atomic_write_with(trained, lambda tmp: faiss.write_index(index, tmp))
+        record = store.atomic_write_with(trained, lambda tmp: faiss.write_index(index, tmp))
+        self.manifest.record(self.dir, trained, record)
         entry.factory = factory
         return index
 
@@ -311,7 +331,7 @@ class IndexWriter:
         n = len(self.rows)
         for name, feats in self.local.items():
             if feats.reducer is None:
-                self.pending_local[name].extend(feats.fit(store.pca_path(self.dir, name)))
+                self.pending_local[name].extend(self._fit(name, feats))
         for name in self.manifest.encoders:
             # only vectors added since the last commit: the open shard's index keeps the earlier ones
             # (rebuilding an HNSW graph of the whole shard at every time-based commit would be slow)
@@ -323,13 +343,14 @@ class IndexWriter:
                 index_types.add_vectors(index, new)
             self.vectors[name] = []
             self.open_index[name] = index
-            store.write_vectors(self.dir, name, shard, index)
+            self.manifest.record_all(self.dir, vector_files.write_vectors(self.dir, name, shard, index))
             self.checkpoint("vectors")
             if name in self.local:
-                store.write_local(self.dir, name, shard, self.pending_local[name])
+                self.manifest.record_all(self.dir,
+                                         descriptors.write_local(self.dir, name, shard, self.pending_local[name]))
                 self.manifest.encoders[name].local_features = self.local[name].describe()
                 self.checkpoint("local")
-        store.write_metadata(self.dir, shard, self.rows)
+        self.manifest.record_all(self.dir, store.write_metadata(self.dir, shard, self.rows))
         self.checkpoint("meta")
         self._commit_aliases()
         previous = self.open_shard
@@ -362,9 +383,24 @@ class IndexWriter:
                 if extra:
                     known = aliases_of(row["aliases"])
                     row["aliases"] = known + [s for s in extra if s not in known and s != row["source"]]
-            store.write_metadata(self.dir, shard, rows)
+            self._rewrite_metadata(shard, rows)
             self.checkpoint("alias")
         self.alias_updates = {}
+
+    def _rewrite_metadata(self, shard: str, rows: list[dict[str, Any]]) -> None:
+        """Rewrite a listed shard's metadata under its own name (same rows, new aliases): just before the
+        rename, publish a manifest that accepts the old and the new file (module docstring)."""
+        path = store.meta_path(self.dir, shard)
+        rel = store.relative(self.dir, path)
+        old = self.manifest.files.get(rel)
+
+        def publish(record: dict[str, Any]) -> None:
+            if old is not None:
+                self.manifest.files[rel] = {"size": record["size"], "sha256": record["sha256"],
+                                            "previous": [{"size": old["size"], "sha256": old["sha256"]}]}
+                store.write_manifest(self.dir, self.manifest)
+
+        self.manifest.record_all(self.dir, store.write_metadata(self.dir, shard, rows, before_replace=publish))
 
     # -- pruning ---------------------------------------------------------------------------------
     def drop_sources(self, gone: set[str]) -> int:
@@ -397,7 +433,7 @@ class IndexWriter:
             for s in gone:
                 self.state.sources.pop(s, None)
             if len(keep) == len(rows):  # only aliases changed: same rows, rewrite the metadata
-                store.write_metadata(self.dir, entry.name, kept_rows)
+                self._rewrite_metadata(entry.name, kept_rows)
                 continue
             removed += len(rows) - len(keep)
             old_files = shard_files(self.dir, self.manifest, entry.name)
@@ -422,7 +458,7 @@ class IndexWriter:
 
         for name, entry in self.manifest.encoders.items():
             binary = entry.index_type == "binary"
-            index = store.read_vectors(self.dir, name, old, mmap=False, binary=binary)
+            index = vector_files.read_vectors(self.dir, name, old, mmap=False, binary=binary, manifest=self.manifest)
             codes = index_types.all_codes(index)[keep]
             if entry.index_type == "ivfpq":
                 fresh = faiss.clone_index(index)
@@ -430,12 +466,12 @@ class IndexWriter:
             else:
                 fresh = index_types.new_index(entry.factory, entry.dim)
             index_types.add_vectors(fresh, codes)
-            store.write_vectors(self.dir, name, new, fresh)
+            self.manifest.record_all(self.dir, vector_files.write_vectors(self.dir, name, new, fresh))
             if entry.local_features is not None:
-                shard = store.LocalShard(self.dir, name, old)
+                shard = descriptors.LocalShard(self.dir, name, old, self.manifest)
                 per_image = [shard.get(i) for i in keep]
-                store.write_local(self.dir, name, new, per_image)
-        store.write_metadata(self.dir, new, rows)
+                self.manifest.record_all(self.dir, descriptors.write_local(self.dir, name, new, per_image))
+        self.manifest.record_all(self.dir, store.write_metadata(self.dir, new, rows))
 
 
 # -- the background thread ---------------------------------------------------------------------

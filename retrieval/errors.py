@@ -60,8 +60,9 @@ class UnknownIdError(LoupeError, KeyError, code="not_found", status=404):
         return str(self.args[0]) if self.args else ""
 
 
-class IndexFormatError(LoupeError, code="index_format", status=500):
-    pass
+class IndexFormatError(LoupeError, code="index_format", status=503):
+    """The index on disk is damaged, incomplete or not a Loupe index: the server answers 503 (it cannot
+    serve until the index is repaired or replaced; a re-index it can open is picked up by the reload)."""
 
 
 class IndexLockedError(LoupeError, code="index_locked", status=409):

@@ -6,6 +6,9 @@ variable                  what it sets                                          
 ``LOUPE_WEIGHTS_DIR``     a folder of model weights, looked at before the model hubs' caches  (none)
 ``LOUPE_CACHE_DIR``       caches Loupe builds (text databases, ConSE label vectors)           ~/.cache/loupe
 ``LOUPE_MAX_PIXELS``      the largest image (width × height) Loupe decodes                    100,000,000
+``LOUPE_MAX_DECODE_MB``   the most memory one image decode may take (pixels × bytes/pixel)    256
+``LOUPE_MAX_DECODES``     server: image uploads decoded and embedded at once                  2
+``LOUPE_DECODE_WAIT``     server: seconds an upload waits for a decode slot (then 503 busy)   5
 ``LOUPE_THREADS``         CPU threads for torch                                               all cores
 ``LOUPE_IN_FLIGHT_MB``    indexer: bytes of decoded batches waiting for the encoder           1024
 ``LOUPE_MAX_FILE_BYTES``  indexer: larger input files are skipped (and reported)              512 MiB
@@ -23,6 +26,9 @@ T = TypeVar("T", int, float)
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_IN_FLIGHT_MB = 1024.0
 DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
+DEFAULT_MAX_DECODE_MB = 256.0
+DEFAULT_MAX_DECODES = 2
+DEFAULT_DECODE_WAIT = 5.0
 
 
 def weights_dir() -> Path | None:
@@ -40,6 +46,27 @@ def cache_dir() -> Path:
 def max_pixels() -> int:
     """``LOUPE_MAX_PIXELS``: the largest image (width × height) to decode; 0 turns the guard off."""
     return _number("LOUPE_MAX_PIXELS", DEFAULT_MAX_PIXELS, int)
+
+
+def max_decode_bytes() -> int:
+    """``LOUPE_MAX_DECODE_MB`` in bytes: the most memory one image decode may take (width × height × bytes
+    per pixel of the decoded mode, after any reduced decode), checked from the header; 0 turns it off.
+
+    256 MiB: every photo up to 64 MP decodes at full size (Pillow keeps RGB at 4 bytes per pixel: a 61 MP
+    camera JPEG is 240 MiB), and so does a 100 MP 8-bit or 16-bit greyscale image; a 100 MP RGBA PNG
+    (400 MB) does not. Callers that give a target size (the server, the encoders) decode JPEGs reduced,
+    so an upload costs far less than this."""
+    return int(_number("LOUPE_MAX_DECODE_MB", DEFAULT_MAX_DECODE_MB, float) * (1 << 20))
+
+
+def max_decodes() -> int:
+    """``LOUPE_MAX_DECODES``: server: image uploads decoded and embedded at once (at least 1)."""
+    return max(1, _number("LOUPE_MAX_DECODES", DEFAULT_MAX_DECODES, int))
+
+
+def decode_wait() -> float:
+    """``LOUPE_DECODE_WAIT``: server: seconds an upload waits for a decode slot before a 503 ``busy``."""
+    return max(0.0, _number("LOUPE_DECODE_WAIT", DEFAULT_DECODE_WAIT, float))
 
 
 def threads() -> int | None:

@@ -10,7 +10,10 @@ text database in a background thread at start-up; until it is ready ``/api/class
 route of instruction queries answer 503 ``warming_up``; ``loupe serve`` turns it on),
 ``RELOAD_INTERVAL`` (5 s: a request at most this often checks whether ``loupe index`` replaced the
 manifest, and then the index is reopened — loaded models are kept — so serving and indexing can run
-side by side; classifiers over the index's captions are then rebuilt in the background).
+side by side; classifiers over the index's captions are then rebuilt in the background). A new version
+that fails the checks of opening (``IndexFormatError``: sizes, dimensions, counts, norms — see
+``retrieval.index.store``) is logged once and not switched to: the previous engine keeps serving. A
+damaged index met while answering is a 503 ``index_format`` JSON error and an error log line, never a 500.
 Blueprints come from ``server.routes_search`` (search, images, the web page) and
 ``server.routes_attribution`` / ``server.routes_copy`` / ``server.routes_classify``; each adds
 its feature name to ``GET /healthz``'s ``features``.
@@ -26,8 +29,9 @@ from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 
+from retrieval.errors import IndexFormatError
 from server.common import EXT_KEY, MAX_UPLOAD_BYTES, state
-from server.errors import register_error_handlers
+from server.errors import error_response, register_error_handlers, scrub_paths
 from server.metrics import CONTENT_TYPE_LATEST, Metrics
 from server.security import install as install_security
 from server.thumbnails import ThumbnailCache
@@ -82,6 +86,13 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
     app.extensions[EXT_KEY] = {"engine": engine, "metrics": metrics, "features": [],
                                "thumbnails": ThumbnailCache(app.config["THUMBNAIL_CACHE_BYTES"])}
     register_error_handlers(app)
+
+    @app.errorhandler(IndexFormatError)
+    def _index_error(exc: IndexFormatError):
+        """A damaged index: 503 (nothing the client can fix) and an error line for the operator."""
+        log.error("index damaged: %s", exc)
+        return error_response(exc.code, scrub_paths(str(exc)), exc.http_status)
+
     install_security(app)
     features = _register_blueprints(app)
     if engine is not None:
@@ -97,7 +108,8 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
         classifiers = classifiers_of(engine)
         classifiers.warm_classifier(engine.encoder(engine.text_encoder), classifiers.default_source(engine.index_dir))
 
-    reload_state = {"next": time.monotonic() + float(app.config.get("RELOAD_INTERVAL") or 0), "lock": threading.Lock()}
+    reload_state = {"next": time.monotonic() + float(app.config.get("RELOAD_INTERVAL") or 0), "lock": threading.Lock(),
+                    "rejected": None}   # the manifest version (mtime, inode, size) that failed to open
 
     def _maybe_reload() -> None:
         """Pick up a new indexing run: reopen the index when its manifest was replaced."""
@@ -111,8 +123,16 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
             eng = state(app).get("engine")
             if eng is None or not hasattr(eng, "changed_on_disk") or not eng.changed_on_disk():
                 return
+            version = _manifest_version(eng)
+            if version is not None and version == reload_state["rejected"]:
+                return                  # this version was already found damaged; wait for the next one
             try:
                 new = eng.reopen()
+            except IndexFormatError as exc:     # damaged: rejected before the switch, logged once per version
+                reload_state["rejected"] = version
+                log.error("index %s changed but the new version is damaged (%s); still serving the previous "
+                          "state", eng.index_dir, exc)
+                return
             except Exception:  # noqa: BLE001 - keep serving the old view if the new one is unreadable
                 log.exception("index %s changed but could not be reopened; still serving the previous state",
                               eng.index_dir)
@@ -123,6 +143,15 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
             log.info("reloaded %s: %d images", new.index_dir, new.count)
         finally:
             reload_state["lock"].release()
+
+    def _manifest_version(eng):
+        from retrieval.index.store import MANIFEST
+
+        try:
+            st = (eng.index_dir / MANIFEST).stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_ino, st.st_size
 
     def _refresh_classifiers(old, new) -> None:
         """On a reload: the reopened engine takes over the previous one's classifier registry; rebuild

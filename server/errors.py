@@ -41,6 +41,14 @@ class ForbiddenHostError(LoupeError, code="forbidden_host", status=403):
     pass
 
 
+class ServerBusyError(LoupeError, code="busy", status=503):
+    """Every decode slot is taken (``LOUPE_MAX_DECODES``): try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 # an absolute path: "/" after a space, quote or bracket, then at least one more "/"-separated part
 _ABS_PATH = re.compile(r"""(?<![\w/.:~-])/(?:[^\s/'"()\[\],;]+/)+([^\s/'"()\[\],;]*)""")
 _ROUTE_PREFIXES = ("/api/", "/static/", "/healthz", "/metrics", "/docs", "/openapi.json")
@@ -81,7 +89,10 @@ def register_error_handlers(app) -> None:
         public = scrub_paths(message)
         if public != message and status < 500:
             log.info("%s %s: %s", flask_request.method, flask_request.path, message)   # the paths, for the operator
-        return error_response(getattr(exc, "code", "loupe_error"), public, status)
+        resp = error_response(getattr(exc, "code", "loupe_error"), public, status)
+        if getattr(exc, "retry_after", None):
+            resp.headers["Retry-After"] = str(int(exc.retry_after))
+        return resp
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

@@ -5,7 +5,8 @@ A body is a JSON object (``Content-Type: application/json``; another type is a 4
 than ``MAX_JSON_DEPTH`` is a 400 ``invalid_json``) or a multipart/urlencoded form (an ``image`` file
 upload, repeated ``text`` fields = weighted terms). Images travel as uploads or base64 (a ``data:``
 URL too); the server never fetches URLs. Each endpoint has one request type; an unknown field is a
-400 that names it.
+400 that names it. A request that carries an image holds one of ``LOUPE_MAX_DECODES`` decode slots
+until it is answered (:func:`hold_decode_slot`; none free within ``LOUPE_DECODE_WAIT`` s: 503 ``busy``).
 
 * ``/api/search`` → :class:`retrieval.engine.request.SearchRequest` (the library's own type);
 * ``/api/attribution`` → :class:`AttributionRequest` (a ``SearchRequest`` + what to explain and how);
@@ -19,12 +20,14 @@ import binascii
 import dataclasses
 import json
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
-from flask import current_app
+from flask import current_app, g, request_tearing_down
 from flask import request as flask_request
 
+from retrieval import settings
 from retrieval.engine.request import (
     SearchRequest,
     check_bool,
@@ -38,7 +41,7 @@ from retrieval.engine.request import (
 )
 from retrieval.errors import ImageTooLargeError, InvalidImageError, InvalidQueryError, UnknownIdError
 from retrieval.explain.attribution import METHODS as ATTRIBUTION_METHODS
-from server.errors import BadRequestError, InvalidJsonError, UnsupportedMediaTypeError
+from server.errors import BadRequestError, InvalidJsonError, ServerBusyError, UnsupportedMediaTypeError
 
 ID = re.compile(r"^[0-9a-f]{15}$")
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -124,7 +127,47 @@ def read_body(request=None) -> tuple[dict[str, Any], bool]:
         fields["image"] = decode_base64_image(value, limit) if value else None
     elif fields.get("image") is not None and not isinstance(fields["image"], bytes):
         raise BadRequestError("image must be a base64 string (JSON) or a file upload (multipart)")
+    if fields.get("image") is not None:
+        hold_decode_slot()
     return fields, form
+
+
+# -- bounded decoding ----------------------------------------------------------------------------------
+_SLOTS_LOCK = threading.Lock()
+RETRY_AFTER_S = 2
+
+
+def hold_decode_slot() -> None:
+    """Take one of the app's decode slots for the rest of this request (it carries an image to decode).
+
+    At most ``LOUPE_MAX_DECODES`` (default 2) requests with an uploaded image are decoded and answered at
+    once — the decoded picture lives until the answer is sent — so their memory is bounded by that many
+    times ``LOUPE_MAX_DECODE_MB``. A request waits up to ``LOUPE_DECODE_WAIT`` seconds (default 5) for a
+    slot, then answers 503 ``busy`` with ``Retry-After``. Both settings are read when a request asks."""
+    if g.get("_loupe_decode_slot") is not None:
+        return
+    size = settings.max_decodes()
+    with _SLOTS_LOCK:
+        held = current_app.extensions.get("loupe_decode_slots")
+        if held is None or held[0] != size:         # first upload, or LOUPE_MAX_DECODES changed
+            held = (size, threading.BoundedSemaphore(size))
+            current_app.extensions["loupe_decode_slots"] = held
+    slots = held[1]
+    wait = settings.decode_wait()
+    if not slots.acquire(timeout=wait):
+        raise ServerBusyError(f"the server is decoding {size} other image{'s' if size > 1 else ''} (the limit, "
+                              f"LOUPE_MAX_DECODES) and none finished within {wait:g} s; retry in a moment",
+                              retry_after=RETRY_AFTER_S)
+    g._loupe_decode_slot = slots
+
+
+def _release_decode_slot(sender, **_extra) -> None:
+    slots = g.pop("_loupe_decode_slot", None)
+    if slots is not None:
+        slots.release()
+
+
+request_tearing_down.connect(_release_decode_slot)     # runs after every request, errors included
 
 
 def decode_base64_image(value: str, limit: int) -> bytes:

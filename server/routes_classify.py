@@ -58,9 +58,10 @@ def api_classify():
     import numpy as np
 
     if q.image is not None:   # decode (and reject bad images) before any database is opened
+        from retrieval.engine.embed import upload_side
         from retrieval.images import load_image
 
-        image = load_image(q.image)
+        image = load_image(q.image, min_side=upload_side(encoder_name))   # reduced to what the encoder needs
         vec = engine.encoder(encoder_name).encode_images([image])
         colours = describe_colours([image])[0]
     else:

@@ -6,6 +6,12 @@ Body as in ``/api/search`` (JSON with a base64 ``image`` or an ``image_id``, or 
 boxes, on by default) and ``"encoder"``. Answer: ``{"matches": [{"id", "score", "similarity",
 "region"?, ...}...], "encoder", "threshold", "took_ms"}``, best first; ``region`` is the
 ``[left, top, right, bottom]`` box of the query that matched when it was not the whole image.
+
+Without a ``"threshold"``, the default behaviour is ``loupe dedup``'s: the top candidates whose raw
+similarity reaches the encoder's loose candidate threshold are also compared with the query from
+pixels (PDQ hashes, aligned thumbnails: ``retrieval.copydetect.collection``), so a resized or
+re-encoded copy is found even where a general-purpose encoder scores it like a look-alike; such a
+match carries ``"check": "pdq" | "aligned"``.
 """
 
 from __future__ import annotations

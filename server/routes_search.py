@@ -102,7 +102,7 @@ def api_image(image_id: str):
         if source is not None:
             from retrieval.images import load_image
 
-            image = load_image(source)
+            image = load_image(source, min_side=size)     # a big original decoded reduced (JPEG draft)
         else:
             image = engine.load_image(image_id)    # checked like source_bytes
         data = make_thumbnail(image, size)

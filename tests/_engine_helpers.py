@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from retrieval.index import store
+from retrieval.index import store, vector_files
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -56,7 +56,8 @@ def build_index(out: str | Path, vectors: dict[str, np.ndarray], *, shard_sizes:
         name = store.shard_name(s)
         store.write_metadata(out, name, rows[start:start + size])
         for enc, vecs in vectors.items():
-            store.write_vectors(out, enc, name, make_index(factory, np.ascontiguousarray(vecs[start:start + size])))
+            index = make_index(factory, np.ascontiguousarray(vecs[start:start + size]))
+            vector_files.write_vectors(out, enc, name, index)
         shards.append(store.ShardEntry(name=name, count=size))
         start += size
     store.write_manifest(out, store.Manifest(encoders=encoders, shards=shards))

@@ -18,6 +18,7 @@ EPILOG = """examples:
   loupe index ~/Pictures --out ~/loupe-index --encoder conse-effnet-lite0
   loupe index photos.parquet --out idx --encoder clip-vit-b-32 --encoder dinov2-small --local-features
   loupe index ~/Pictures --out ~/loupe-index --prune        # after deleting photos
+  loupe index embeddings.parquet --vectors emb --encoder clip-vit-b-32 --out idx   # vectors made elsewhere
   loupe index ~/shop --out ~/shop.loupe --encoder conse-effnet-lite0 --encoder effnet-lite0 \\
       --encoder colour-names     # + colour names: instructions such as: the same, but red"""
 
@@ -64,6 +65,15 @@ def add_arguments(p) -> None:
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="decode + embed on a Ray cluster (ADDRESS, e.g. ray://head:10001; alone: a local Ray); "
                         "this process still writes the index. Needs the 'distributed' extra")
+    p.add_argument("--vectors", default=None, metavar="COLUMN",
+                   help="bring your own embeddings: SOURCE is a Parquet file whose COLUMN holds each row's vector "
+                        "(list of floats); --encoder NAME is the model that made them (same dimension: text "
+                        "queries work) or a new name for a vector-only index")
+    p.add_argument("--optimize", choices=("auto", "always", "never"), default="auto",
+                   help="build the searchable layout at the end (`loupe optimize`): auto = when it pays off "
+                        "(>= 20,000 images and >= 2 shards outside the current layout)")
+    p.add_argument("--target-recall", type=float, default=0.95, metavar="R",
+                   help="recall@10 the optimized layout's search parameters must reach (default 0.95)")
     p.add_argument("--ray-actors", type=int, default=1, metavar="N",
                    help="encoder actors on Ray (one GPU each with --device cuda; default 1)")
 
@@ -72,6 +82,7 @@ def run(args) -> int:
     from indexer.index_types import parse_memory
     from indexer.pipeline import IndexConfig, build_index
     from retrieval.errors import LoupeError
+    from retrieval.index.tuning import check_target_recall
 
     if args.shard_size < 1 or args.batch_size < 1:
         raise LoupeError("--shard-size and --batch-size must be at least 1")
@@ -81,7 +92,8 @@ def run(args) -> int:
         workers=args.workers, local_features=args.local_features, local_layer=args.local_layer, prune=args.prune,
         allow_download=args.allow_download, max_memory=parse_memory(args.max_memory),
         max_pixels=args.max_pixels, wait=args.wait, decode=args.decode, commit_seconds=args.commit_every,
-        ray=args.ray, ray_actors=max(1, args.ray_actors))
+        ray=args.ray, ray_actors=max(1, args.ray_actors), optimize=args.optimize, vectors=args.vectors,
+        target_recall=check_target_recall(args.target_recall))
     bar = None
     progress = total = None
     if sys.stderr.isatty():

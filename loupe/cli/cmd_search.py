@@ -20,6 +20,8 @@ EPILOG = """examples:
 
 On an index with the colour-names encoder, colour words count: "a red dress" must be red, "in red"
 changes the colour of an image query, and the colour-names filter keeps only images of that colour.
+
+exit status: 0 results found, 1 no results (e.g. a filter nothing passes), 2 usage or runtime error.
 """
 
 
@@ -64,11 +66,51 @@ def search_request(args):
                          filter=filt, dedup=args.dedup, method=args.method, colour=not args.no_colour)
 
 
+def index_fields(engine) -> set[str]:
+    """Every field a filter can name on this index: metadata columns, the keys of any image's ``extra``
+    metadata (also as ``extra.KEY``) and the colour-names filter when that encoder is indexed."""
+    from retrieval.colour import FILTER_FIELD
+    from retrieval.index.filters import COLUMNS
+
+    fields: set[str] = set()
+    for table in engine.records.tables:
+        fields.update(c for c in table.column_names if c in COLUMNS)
+        if "extra" in table.column_names:
+            for raw in set(table.column("extra").to_pylist()):
+                try:
+                    extra = json.loads(raw) if raw else {}
+                except (TypeError, ValueError):
+                    continue
+                if isinstance(extra, dict):
+                    fields.update(extra)
+                    fields.update(f"extra.{k}" for k in extra)
+    fields.add(FILTER_FIELD)            # the engine says itself when colour-names is not indexed
+    return fields
+
+
+def check_filter_fields(engine, filt: dict) -> None:
+    """A filter on a field no image of the index has would find nothing and look like "no results":
+    say so, naming the field and the closest one the index has."""
+    import difflib
+
+    from retrieval.errors import InvalidQueryError
+
+    known = index_fields(engine)
+    for name in filt:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise InvalidQueryError(f"--filter: no image of this index has a field {name!r}{hint} "
+                                    f"(fields: {', '.join(sorted(k for k in known if not k.startswith('extra.')))})")
+
+
 def run(args) -> int:
     from retrieval.engine import Engine
 
     request = search_request(args)            # validated before the index is opened
     engine = Engine(args.dir, device=args.device)
+    if request.filter:
+        check_filter_fields(engine, request.filter)
     resp = engine.search(request)
     results = [engine.describe_hit(h) for h in resp.hits]
     for note in resp.notes:
@@ -76,10 +118,10 @@ def run(args) -> int:
     if args.json:
         body = {"results": results, "encoder": resp.encoder, "took_ms": round(resp.took_ms, 2)}
         print(json.dumps(body | ({"notes": resp.notes} if resp.notes else {})))
-        return 0
+        return 0 if results else 1
     if not results:
         print("no results", file=sys.stderr)
-        return 0
+        return 1
     for i, r in enumerate(results, 1):
         where = r["path"] or (r["metadata"] or {}).get("source") or ""
         caption = f"  {r['caption']}" if r.get("caption") else ""

@@ -14,6 +14,7 @@ line and headers after ``head_timeout`` seconds or its whole request after ``req
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import signal
@@ -226,6 +227,12 @@ def run(args) -> int:
     # One request = one query vector: concurrency comes from the server's threads, and OpenMP teams
     # per query only contend with each other (measured: 10-20x slower on a busy 2-core machine).
     faiss.omp_set_num_threads(1)
+    # A fatal signal (SIGBUS from a memory-mapped file truncated in place, SIGSEGV) prints the thread
+    # stacks to stderr instead of killing the server without a word.
+    try:
+        faulthandler.enable()
+    except (OSError, ValueError, AttributeError):    # a stderr without a file descriptor (embedded, tests)
+        pass
 
     logging.getLogger("loupe").setLevel(logging.INFO)
     if not logging.getLogger().handlers:

@@ -133,7 +133,7 @@ def build_direct(index_dir: Path, items: list[tuple[Path, str]], device: str) ->
 
     from retrieval.encoders import create_encoder
     from retrieval.images import load_image
-    from retrieval.index import store
+    from retrieval.index import store, vector_files
 
     rows, images = [], []
     seen = set()
@@ -159,7 +159,7 @@ def build_direct(index_dir: Path, items: list[tuple[Path, str]], device: str) ->
         vecs = np.concatenate([enc.encode_images(images[i:i + 32]) for i in range(0, len(images), 32)])
         index = faiss.IndexFlatIP(enc.dim)
         index.add(vecs)
-        store.write_vectors(index_dir, name, shard, index)
+        vector_files.write_vectors(index_dir, name, shard, index)
         entries[name] = store.EncoderEntry(name=name, dim=enc.dim, modalities=list(enc.modalities))
     store.write_metadata(index_dir, shard, rows)
     store.write_manifest(index_dir, store.Manifest(encoders=entries,

@@ -25,6 +25,9 @@ COMMANDS = {
     "dedup": ("loupe.cli.cmd_dedup", "find near-duplicate groups across a whole index"),
     "match": ("loupe.cli.cmd_match", "check whether images are copies of indexed images"),
     "classify": ("loupe.cli.cmd_classify", "name what is in images without a fixed label list"),
+    "optimize": ("loupe.cli.cmd_optimize", "build one searchable index per encoder, tuned to a target recall"),
+    "info": ("loupe.cli.cmd_info", "describe an index: images, encoders, layout, search parameters"),
+    "verify": ("loupe.cli.cmd_verify", "check an index's files against the checksums of its manifest"),
 }
 
 EPILOG = """examples:
@@ -32,6 +35,8 @@ EPILOG = """examples:
   loupe search ~/loupe-index --text "a dog on a beach" -k 10
   loupe serve ~/loupe-index            # then open http://127.0.0.1:8080
   loupe encoders                       # which encoders work offline here
+
+exit status: 0 done, 1 nothing found (search, match, dedup), 2 usage or runtime error.
 """
 
 

@@ -43,7 +43,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from retrieval.errors import EmptyTextDatabaseError, InvalidQueryError, LoupeError, UnknownVocabularyError
-from retrieval.index import store
+from retrieval.index import store, vector_files
 
 BUILTIN_VOCABULARIES = ("imagenet21k",)
 SHARD_SIZE = 100_000
@@ -262,8 +262,29 @@ def _table_column(path: Path, column: str | None) -> list:
     return table.column(col).to_pylist()
 
 
-def caption_entries(index_dir: str | os.PathLike) -> TextEntries:
-    """The captions of a Loupe index; names = their noun phrases."""
+def caption_entries(index_dir: str | os.PathLike, attempts: int = 8) -> TextEntries:
+    """The captions of a Loupe index; names = their noun phrases. A metadata shard that ``loupe index``
+    deleted while it was read (a timed commit replaced it and the manifest) means: read the new version."""
+    manifest_path = Path(index_dir) / store.MANIFEST
+    for attempt in range(1, attempts + 1):
+        stamp = _file_stamp(manifest_path)
+        try:
+            return _caption_entries(index_dir)
+        except store.IndexFormatError:
+            if attempt == attempts or _file_stamp(manifest_path) == stamp:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _file_stamp(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _caption_entries(index_dir: str | os.PathLike) -> TextEntries:
     manifest = store.read_manifest(index_dir)
     texts, sources = [], []
     for shard in manifest.shards:
@@ -301,8 +322,8 @@ class TextDatabase:
             self.texts.extend(table.column("caption").to_pylist())
             self.sources.extend(table.column("source").to_pylist())
             self.names.extend(json.loads(x or "{}").get("names", []) for x in table.column("extra").to_pylist())
-            vectors.append(store.reconstruct_all(store.read_vectors(self.dir, self.encoder_name, shard.name,
-                                                                    mmap=False)))
+            index = vector_files.read_vectors(self.dir, self.encoder_name, shard.name, mmap=False)
+            vectors.append(vector_files.reconstruct_all(index))
         dim = self.manifest.encoders[self.encoder_name].dim
         self.vectors = np.ascontiguousarray(np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32))
         import faiss
@@ -370,7 +391,7 @@ def build_text_database(out_dir: str | os.PathLike, encoder, entries: TextEntrie
         rows = [{"id": store.content_id(store.sha256_bytes(entries.texts[i].encode())), "source": entries.sources[i],
                  "caption": entries.texts[i], "extra": {"names": entries.names[i]}} for i in range(start, stop)]
         store.write_metadata(out_dir, shard, rows)
-        store.write_vectors(out_dir, encoder.name, shard, index)
+        vector_files.write_vectors(out_dir, encoder.name, shard, index)
         manifest.shards.append(store.ShardEntry(shard, stop - start))
     store.write_manifest(out_dir, manifest)
     return TextDatabase(out_dir)

@@ -65,6 +65,7 @@ class Pairs:
     a: np.ndarray       # int64 [m]
     b: np.ndarray       # int64 [m]
     score: np.ndarray   # float32 [m]
+    checks: list[str] | None = None   # per pair, the copy check that accepted it (collection.dedup_index)
 
     def __len__(self) -> int:
         return len(self.a)
@@ -95,14 +96,54 @@ class DedupResult:
     groups: list[list[int]]          # connected components (rows), each sorted, largest first
     exact: list[dict[str, Any]] = field(default_factory=list)   # [{"id", "sources": [...]}]
     stats: dict[str, Any] = field(default_factory=dict)
+    files: dict[int, dict[str, Any]] = field(default_factory=dict)   # row -> {path, width, height, size, mtime}
+
+    def path(self, row: int) -> str | None:
+        return (self.files.get(row) or {}).get("path")
+
+    def keeper(self, group: Sequence[int]) -> int:
+        """The row of ``group`` to keep: the largest picture (pixels), then the largest file, then the
+        oldest, then the first."""
+        def key(row):
+            f = self.files.get(row) or {}
+            area = (f.get("width") or 0) * (f.get("height") or 0)
+            mtime = f.get("mtime")
+            return (-area, -(f.get("size") or 0), mtime if mtime is not None else float("inf"), row)
+        return min(group, key=key)
+
+    def to_remove(self) -> list[str]:
+        """Files to delete so that one copy of each picture is left: in each group every file but
+        :meth:`keeper`'s, and every extra source of byte-identical content (imagededup's
+        ``find_duplicates_to_remove``). Images known only by id are listed by id."""
+        out: list[str] = []
+        removed_ids: set[str] = set()
+        for g in self.groups:
+            keep = self.keeper(g)
+            for row in g:
+                if row != keep:
+                    out.append(self.path(row) or self.ids[row])
+                    removed_ids.add(self.ids[row])
+        for e in self.exact:
+            sources = [str(x) for x in e.get("sources") or []]
+            out.extend(sources if e.get("id") in removed_ids else sources[1:])
+        return list(dict.fromkeys(x for x in out if x))
 
     def to_json(self) -> dict[str, Any]:
         ids = self.ids
+        checks = self.pairs.checks or [None] * len(self.pairs)
+        pairs = []
+        for a, b, s, how in zip(self.pairs.a.tolist(), self.pairs.b.tolist(), self.pairs.score.tolist(), checks):
+            pair = {"a": ids[a], "b": ids[b], "a_path": self.path(a), "b_path": self.path(b),
+                    "score": round(float(s), 6)}
+            if how is not None:
+                pair["check"] = how
+            pairs.append(pair)
         return {
-            "pairs": [{"a": ids[a], "b": ids[b], "score": round(float(s), 6)}
-                      for a, b, s in zip(self.pairs.a.tolist(), self.pairs.b.tolist(), self.pairs.score.tolist())],
+            "pairs": pairs,
             "groups": [[ids[i] for i in g] for g in self.groups],
+            "group_paths": [[self.path(i) for i in g] for g in self.groups],
             "exact": self.exact,
+            "remove": self.to_remove(),
             "summary": self.summary(),
         }
 
@@ -292,12 +333,14 @@ def exact_duplicates(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 # -- the whole job --------------------------------------------------------------------------------
 def deduplicate(blocks: Sequence[np.ndarray], ids: Sequence[str], config: DedupConfig | None = None, *,
                 metadata_rows: Iterable[dict[str, Any]] | None = None,
-                progress: Progress | None = None) -> DedupResult:
+                progress: Progress | None = None,
+                decide: Callable[[list[str], Pairs], Pairs] | None = None) -> DedupResult:
     """Pairs above the threshold, their connected groups and exact duplicates.
 
     ``blocks`` (one per shard) and ``ids`` (concatenated, one per row) describe the collection. If
     the same id appears on several rows (content stored twice), those rows are reported as exact
-    duplicates and only the first is compared.
+    duplicates and only the first is compared. ``decide(ids, candidate_pairs) -> pairs`` (optional)
+    keeps the candidate pairs that a copy check accepts (``retrieval.copydetect.collection``).
     """
     import time
 
@@ -323,6 +366,9 @@ def deduplicate(blocks: Sequence[np.ndarray], ids: Sequence[str], config: DedupC
         ids_used = ids
     binary = bool(blocks) and is_binary(blocks[0])
     pairs = find_pairs(blocks, config, progress=progress)
+    n_candidates = len(pairs)
+    if decide is not None:
+        pairs = decide(ids_used, pairs)
     groups = connected_groups(len(ids_used), pairs)
     exact = exact_duplicates(metadata_rows) if metadata_rows is not None else []
     if metadata_rows is None and not keep_mask.all():
@@ -332,6 +378,8 @@ def deduplicate(blocks: Sequence[np.ndarray], ids: Sequence[str], config: DedupC
         exact = [{"id": i, "sha256": None, "sources": [i] * c} for i, c in dup.items() if c > 1]
     stats = {"threshold": float(config.threshold), "method": config.method,
              "metric": "hamming" if binary else "cosine", "seconds": round(time.perf_counter() - t0, 3)}
+    if decide is not None:
+        stats["candidates"] = n_candidates
     return DedupResult(ids=ids_used, pairs=pairs, groups=groups, exact=exact, stats=stats)
 
 
@@ -354,14 +402,17 @@ def write_result(result: DedupResult, path: str | Path) -> Path:
     a, b = result.pairs.a.tolist(), result.pairs.b.tolist()
     table = {"a": [result.ids[i] for i in a], "b": [result.ids[i] for i in b],
              "score": result.pairs.score.astype(np.float32).tolist(),
-             "group": [group_of.get(i, -1) for i in a]}
+             "group": [group_of.get(i, -1) for i in a],
+             "a_path": [result.path(i) for i in a], "b_path": [result.path(i) for i in b]}
     if suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         tbl = pa.table({"a": pa.array(table["a"], pa.string()), "b": pa.array(table["b"], pa.string()),
                         "score": pa.array(table["score"], pa.float32()),
-                        "group": pa.array(table["group"], pa.int64())})
+                        "group": pa.array(table["group"], pa.int64()),
+                        "a_path": pa.array(table["a_path"], pa.string()),
+                        "b_path": pa.array(table["b_path"], pa.string())})
         atomic_write_with(path, lambda tmp: pq.write_table(tbl, tmp))
     elif suffix == ".csv":
         import csv
@@ -369,13 +420,16 @@ def write_result(result: DedupResult, path: str | Path) -> Path:
         def _w(tmp):
             with open(tmp, "w", newline="") as fh:
                 w = csv.writer(fh)
-                w.writerow(["a", "b", "score", "group"])
-                for row in zip(table["a"], table["b"], table["score"], table["group"]):
-                    w.writerow([row[0], row[1], f"{row[2]:.6f}", row[3]])
+                w.writerow(["a", "b", "score", "group", "a_path", "b_path"])
+                for row in zip(table["a"], table["b"], table["score"], table["group"], table["a_path"],
+                               table["b_path"]):
+                    w.writerow([row[0], row[1], f"{row[2]:.6f}", row[3], row[4] or "", row[5] or ""])
         atomic_write_with(path, _w)
     else:
         raise InvalidQueryError(f"unknown output format {path.suffix!r}: use .json, .parquet or .csv")
     groups_path = path.with_name(path.stem + ".groups.json")
     atomic_write_json(groups_path, {"groups": [[result.ids[i] for i in g] for g in result.groups],
-                                    "exact": result.exact, "summary": result.summary()})
+                                    "group_paths": [[result.path(i) for i in g] for g in result.groups],
+                                    "exact": result.exact, "remove": result.to_remove(),
+                                    "summary": result.summary()})
     return path

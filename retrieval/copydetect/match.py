@@ -307,7 +307,78 @@ def match_images(engine, images: Sequence[Any], config: MatchConfig | None = Non
     if verification_enabled(engine, name, config):
         ver = _verify_candidates(engine, local_encoder(engine, name), qv, scored, key_ids, config)
     threshold = config.resolved_threshold(ver is not None, name)
-    return collect_matches(scored, [key_ids] * n_queries, config, ver, threshold, qv.boxes)
+    found = collect_matches(scored, [key_ids] * n_queries, config, ver, threshold, qv.boxes)
+    if config.pixel_check and config.threshold is None and config.n_check > 0:
+        _confirm_by_pixels(engine, name, qv, scored, key_ids, found, config, ver)
+    return found
+
+
+def _confirm_by_pixels(engine, name: str, qv: QueryViews, scored: ScoredViews, key_ids, found, config: MatchConfig,
+                       ver) -> None:
+    """The same copy check as ``loupe dedup`` (``retrieval.copydetect.collection``): each query's top
+    ``n_check`` candidates whose raw similarity reaches the encoder's candidate threshold and that
+    scored under the decision threshold are compared with the query from pixels (PDQ, aligned
+    thumbnails; SSCD when indexed); a confirmed copy is added to the query's matches (``check`` says
+    which test found it). A resized and re-encoded copy scores like a look-alike in a general-purpose
+    encoder's space; its pixels tell them apart."""
+    from retrieval.copydetect.check import PixelCache
+    from retrieval.copydetect.collection import CopyCheckConfig, PairChecker
+
+    cfg = CopyCheckConfig()
+    cand_thr = cfg.candidate(name)
+    first_view = {int(o): v for v, o in reversed(list(enumerate(qv.owner.tolist())))}
+    queries = {f"\0query{qi}": qv.images[v] for qi, v in first_view.items()}
+
+    def load(image_id: str):
+        return queries[image_id] if image_id in queries else engine.load_image(image_id)
+
+    checker = PairChecker(engine, name, cfg, load=load)
+    checker.pixels = PixelCache(load, size=256, pdq=checker.stored_pdq is None)
+    for qi, matches in enumerate(found):
+        img = queries.get(f"\0query{qi}")
+        if img is None:
+            continue
+        have = {m.id for m in matches}
+        final = scored.scores[qi] + (0 if ver is None else np.float32(config.w_verify) * np.nan_to_num(ver[qi]))
+        for ci in range(min(config.n_check, scored.rows.shape[1])):
+            r = int(scored.rows[qi, ci])
+            if r < 0 or key_ids[r] in have or not scored.sims[qi, ci] >= cand_thr:
+                continue
+            how = _pixel_decision(checker, f"\0query{qi}", key_ids[r])
+            if how is None:
+                continue
+            v = int(scored.views[qi, ci])
+            box = qv.boxes[v]
+            matches.append(Match(
+                query=qi, id=key_ids[r], score=float(final[ci]), similarity=float(scored.sims[qi, ci]),
+                background=None if scored.background is None else float(scored.background[qi, ci]),
+                verify=None if ver is None or np.isnan(ver[qi, ci]) else float(ver[qi, ci]),
+                region=None if box is None else tuple(int(x) for x in box), check=how))
+        matches.sort(key=lambda m: -m.score)
+
+
+def _pixel_decision(checker, query_key: str, image_id: str) -> str | None:
+    """pdq / aligned / sscd when the pixels (or SSCD) say copy; the query has no stored vectors, so its
+    PDQ bits come from its pixels and SSCD is not consulted for it."""
+    from retrieval.copydetect.check import pdq_similarity
+
+    pq, pc = checker.pixels.get(query_key), checker.pixels.get(image_id)
+    if pq is None or pc is None:
+        return None
+    hq = pq[1]
+    hc = checker._pdq(image_id, pc) if checker.stored_pdq is not None else pc[1]
+    if checker.stored_pdq is not None:      # hash the query as the index hashed its images
+        try:
+            hq = np.asarray(checker.engine.encoder("pdq").hash_bool([checker.pixels.load(query_key)])[0], bool)
+        except Exception:  # noqa: BLE001 - the pdq extra missing here: no PDQ evidence for the query
+            hq = None
+    if hq is not None and hc is not None and pdq_similarity(hq, hc) >= checker.config.pdq_threshold:
+        return "pdq"
+    from retrieval.copydetect.check import aligned_correlation
+
+    if aligned_correlation(pq[0], pc[0]) >= checker.align_threshold(pq[0], pc[0]):
+        return "aligned"
+    return None
 
 
 def _verify_candidates(engine, vname, qv: QueryViews, scored: ScoredViews, key_ids, config: MatchConfig

@@ -14,7 +14,11 @@ from retrieval.errors import InvalidQueryError
 def micro_average_precision(scores: Sequence[float], correct: Sequence[bool], n_ground_truth: int) -> float:
     """µAP as DISC21 defines it: all (query, reference, score) predictions of all queries pooled and
     sorted by score; AP over that list, with recall relative to ``n_ground_truth`` (the number of
-    queries that have a true reference). Each true (query, reference) pair must be counted once."""
+    queries that have a true reference). Each true (query, reference) pair must be counted once.
+
+    Predictions with equal scores are one step of the curve (a threshold admits all of them or none):
+    each correct one counts the precision at the end of its tied group, as DISC21's evaluation and
+    scikit-learn's ``average_precision_score`` do, so the input order never changes the result."""
     if n_ground_truth <= 0:
         raise InvalidQueryError("µAP needs at least one ground-truth pair")
     s = np.asarray(scores, np.float64)
@@ -22,9 +26,12 @@ def micro_average_precision(scores: Sequence[float], correct: Sequence[bool], n_
     if len(s) == 0:
         return 0.0
     order = np.argsort(-s, kind="stable")
-    c = c[order]
+    s, c = s[order], c[order]
     tp = np.cumsum(c)
-    precision = tp / np.arange(1, len(c) + 1)
+    # index of the last prediction of each one's tied group
+    last = np.r_[s[1:] != s[:-1], True]
+    group_end = np.flatnonzero(last)[np.cumsum(np.r_[0, last[:-1]])]
+    precision = tp[group_end] / (group_end + 1)
     return float(np.sum(precision[c]) / n_ground_truth)
 
 

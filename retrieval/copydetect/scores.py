@@ -61,6 +61,8 @@ class MatchConfig:
     max_regions: int = 4              # views per query, the whole image included
     region_penalty: float = 0.1       # subtracted from the scores of region views (not the whole image)
     seed: int = 0
+    pixel_check: bool = True          # default threshold only: confirm candidates from the files' pixels
+    n_check: int = 5                  # ... the top candidates of each query (retrieval.copydetect.collection)
 
     def __post_init__(self):
         if self.k < 1 or self.bg_k < 1 or self.n_verify < 0 or self.background_size < 1 or self.max_regions < 1:
@@ -89,6 +91,7 @@ class Match:
     verify: float | None = None       # local verification score in [0, 1]
     region: tuple[int, int, int, int] | None = None   # query box (left, top, right, bottom) that matched;
                                                       # None = the whole query image
+    check: str | None = None          # pdq / aligned / sscd: a pixel check confirmed the copy
 
     def to_json(self) -> dict[str, Any]:
         out = {"id": self.id, "score": round(float(self.score), 6), "similarity": round(float(self.similarity), 6)}
@@ -98,6 +101,8 @@ class Match:
             out["verify"] = round(float(self.verify), 6)
         if self.region is not None:
             out["region"] = [int(v) for v in self.region]
+        if self.check is not None:
+            out["check"] = self.check
         return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -42,6 +43,12 @@ class EncoderSpec:
     def get(self, key: str, default: Any = None) -> Any:
         return self.options.get(key, default)
 
+    @property
+    def input_side(self) -> int:
+        """The shorter side the preprocessing resizes an image to before any crop (``resize``, else
+        ``image_size / crop_pct``): images far larger are decoded reduced (``load_image(min_side=...)``)."""
+        return int(math.ceil(self.get("resize") or self.image_size / float(self.get("crop_pct") or 1.0)))
+
     def describe(self) -> dict[str, Any]:
         weights = (self.get("weights_source") or self.get("weights") or self.get("weights_package") or
                    (f"{self.get('arch')}/{self.get('pretrained')}" if self.get("pretrained") else None) or
@@ -81,8 +88,9 @@ class Encoder:
     * ``preprocess``: a picklable callable ``PIL.Image -> tensor [3, H, W]`` (uint8 ``[H, W, 3]`` for the
       raw-pixel encoders, :class:`SquareResize`), safe in DataLoader workers: it does not hold the model.
     * ``encode_images(batch)``: ``batch`` is a preprocessed tensor ``[n, 3, H, W]`` or a list of PIL
-      images / paths / bytes (PIL images of any mode are made RGB as :func:`retrieval.images.load_image`
-      does, paths and bytes are loaded by it); returns ``[n, dim]`` float32, rows of unit length.
+      images / paths / bytes, each normalised by :func:`retrieval.images.load_image` (any mode → RGB,
+      transparency on white, EXIF orientation, the size limits) and decoded no larger than this encoder
+      needs (``input_side``); returns ``[n, dim]`` float32, rows of unit length.
     * ``encode_texts(texts)``: ``[n, dim]`` for text-capable encoders.
     * ``local_features(batch)``: ``(tokens [n, p, c], (h, w))`` float32 with unit-length rows, for
       encoders with a spatial map (ViT patch tokens, CNN feature-map cells), row-major over the grid.
@@ -125,6 +133,11 @@ class Encoder:
         return self.spec.local is not None
 
     @property
+    def input_side(self) -> int:
+        """The shorter side ``preprocess`` resizes an image to (:attr:`EncoderSpec.input_side`)."""
+        return self.spec.input_side
+
+    @property
     def binary(self) -> bool:
         return bool(self.spec.get("binary", False))
 
@@ -138,11 +151,12 @@ class Encoder:
 
     # -- batching helpers ----------------------------------------------------------------------
     def pixels(self, batch: torch.Tensor | Sequence[Any]) -> torch.Tensor:
-        """A list of images (PIL of any mode / path / bytes) preprocessed and stacked, on the CPU; a
-        tensor (already preprocessed) is returned as it is."""
+        """A list of images (PIL of any mode / path / bytes) normalised by ``load_image`` (as a path would
+        be: RGB, EXIF orientation, limits; decoded reduced to ``input_side``), preprocessed and stacked on
+        the CPU; a tensor (already preprocessed) is returned as it is."""
         if isinstance(batch, torch.Tensor):
             return batch
-        tensors = [self.preprocess(to_rgb(img) if isinstance(img, Image.Image) else load_image(img)) for img in batch]
+        tensors = [self.preprocess(load_image(img, min_side=self.input_side)) for img in batch]
         if not tensors:
             raise ValueError("encode_images() needs at least one image")
         return torch.stack(tensors)

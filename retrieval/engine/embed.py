@@ -30,6 +30,11 @@ from retrieval.index import store
 log = logging.getLogger("loupe.engine")
 
 TEXT_CACHE_SIZE = 2048
+#: an uploaded query image is decoded reduced (``load_image(min_side=...)``) to no less than
+#: ``REDUCING_GAP`` (4) × this, or the encoder's input side if larger, on its shorter side: 1024 px and up,
+#: enough for the encoder and for what the request does next with the picture (copy-detection regions,
+#: attribution overlays of the query, a second encoder for fusion)
+UPLOAD_MIN_SIDE = 256
 MAX_TERMS = 16
 _WEIGHTED = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*:\s*(.*)$", re.S)
 
@@ -150,7 +155,7 @@ class Embedder:
             return self._stored_vector(entry.name, req.image_id)
         from retrieval.images import load_image
 
-        pil = load_image(req.image)
+        pil = load_image(req.image, min_side=upload_side(entry.name))
         ctx.image = pil
         if isinstance(req.image, (bytes, bytearray)):
             ctx.upload_id = store.content_id(store.sha256_bytes(bytes(req.image)))
@@ -181,6 +186,17 @@ class Embedder:
         if req.weight is not None:
             kwargs["weight"] = req.weight
         return np.asarray(compose_query(img_vec, txt, **kwargs), dtype=np.float32).reshape(-1)
+
+
+def upload_side(encoder: str) -> int:
+    """The ``min_side`` an uploaded image for ``encoder`` is decoded with (``UPLOAD_MIN_SIDE`` or more)."""
+    from retrieval.encoders import get_spec
+    from retrieval.errors import LoupeError
+
+    try:
+        return max(UPLOAD_MIN_SIDE, get_spec(encoder).input_side)
+    except LoupeError:      # an encoder only the index knows: the generous default
+        return 2 * UPLOAD_MIN_SIDE
 
 
 # -- weighted text terms (rclip style) --------------------------------------------------------------

@@ -13,8 +13,12 @@ An ``Engine`` is a composition of three parts, each in its own module:
 
 A query reads top-down in :meth:`Engine.search`: the request (validated when it was built) → the
 embedder → the shard set (with the filter's masks) → optional colour / fusion / de-duplication /
-re-ranking → a ``SearchResponse``. Per-index state of the other capabilities (re-rank reducers,
-copy-detection backgrounds, classifiers) lives in :meth:`Engine.cache`, not in module globals.
+re-ranking → a ``SearchResponse``. Per-index state of the other capabilities (copy-detection
+backgrounds, classifiers) lives in :meth:`Engine.cache`, not in module globals.
+
+An engine is one version of the index: it opens every file its manifest lists when it is built (the
+re-ranking PCA included) and none by path afterwards, so ``loupe index`` may replace and delete them
+while it serves; :meth:`Engine.reopen` builds the next version's engine whole, for a server to switch to.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from retrieval.engine.embed import Embedder
 from retrieval.engine.query import QueryContext, SearchResponse
 from retrieval.engine.request import MAX_K, SearchRequest, check_int
 from retrieval.errors import IndexFormatError, InvalidQueryError
-from retrieval.index import store
+from retrieval.index import descriptors, store
 from retrieval.index.filters import filter_key, parse_filter
 from retrieval.index.records import RecordStore
 from retrieval.index.shards import SearchConfig, ShardSet
@@ -48,6 +52,7 @@ log = logging.getLogger("loupe.engine")
 
 RERANK_CANDIDATES = 100       # global candidates handed to the re-ranker (at least 4k)
 MASK_CACHE_SIZE = 64          # filters whose per-shard masks are kept
+OPEN_ATTEMPTS = 8             # manifest versions tried when the index changes while it is being opened
 
 
 def _rss_mb() -> float:
@@ -62,19 +67,16 @@ class Engine:
     """Read-only view of an index directory that answers text, image, id, vector and instruction queries."""
 
     def __init__(self, index_dir: str | os.PathLike, *, device: str = "auto", mmap: bool = True,
-                 search_defaults: dict[str, Any] | None = None):
+                 search_defaults: dict[str, Any] | None = None, search_device: str | None = None):
         t0, rss0 = time.perf_counter(), _rss_mb()
         self.index_dir = Path(index_dir).expanduser()
         self.device = device
         self._mmap = mmap
-        self.manifest_mtime = _mtime(self.index_dir / store.MANIFEST)
-        self.manifest: store.Manifest = store.read_manifest(self.index_dir)
-        if not self.manifest.encoders:
-            raise IndexFormatError(f"{self.index_dir}: the manifest lists no encoders")
+        # exact (flat) vectors searched on the GPU with device cuda, or auto when one is present
+        self.search_device = search_device if search_device is not None else _search_device(device)
+        self.manifest_stamp, self.manifest, self.records, self.shards = self._open_version()
         self.search_defaults = SearchConfig.from_any(
             search_defaults or self.manifest.extra.get("search_params") or None)
-        self.records = RecordStore(self.index_dir, self.manifest)
-        self.shards = ShardSet(self.index_dir, self.manifest, self.records.shard_ids, mmap=mmap)
         self.embedder = Embedder(self.manifest, device=device, index_dir=self.index_dir,
                                  stored_vector=self.stored_vector, load_image=self.records.load_image,
                                  composer=lambda: {"classifiers": _classifiers_of(self)})
@@ -86,6 +88,33 @@ class Engine:
         log.info("opened %s: %d images in %d shards, encoders %s, in %.2f s (+%.0f MB resident, %.0f MB total)",
                  self.index_dir, self.count, len(self.records.shard_names), ", ".join(self.manifest.encoders),
                  self.open_seconds, self.open_rss_mb, _rss_mb())
+
+    def _open_version(self) -> tuple[tuple | None, store.Manifest, RecordStore, ShardSet]:
+        """Open one version of the index whole: its manifest and every file it lists (metadata read, vector
+        shards and local features opened or memory-mapped, PCA loaded), so that no query opens a file by
+        path later: ``loupe index`` deletes the files of a version once it has replaced the manifest (each
+        timed commit, each pruned shard), and an open or mapped file outlives its name.
+
+        A file missing or unreadable because the manifest was replaced meanwhile is not an error: the newer
+        version is opened instead (up to ``OPEN_ATTEMPTS`` times). Raises ``IndexFormatError`` otherwise."""
+        path = self.index_dir / store.MANIFEST
+        for attempt in range(1, OPEN_ATTEMPTS + 1):
+            stamp = _stamp(path)
+            try:
+                manifest = store.read_manifest(self.index_dir)
+                if _stamp(path) != stamp:
+                    continue                        # replaced while it was read: read the new one
+                if not manifest.encoders:
+                    raise IndexFormatError(f"{self.index_dir}: the manifest lists no encoders")
+                records = RecordStore(self.index_dir, manifest)
+                shards = ShardSet(self.index_dir, manifest, records.shard_ids, mmap=self._mmap,
+                                  search_device=self.search_device)
+                return stamp, manifest, records, shards
+            except (IndexFormatError, OSError) as exc:
+                if attempt == OPEN_ATTEMPTS or _stamp(path) == stamp:
+                    raise                           # the version it read is damaged (or keeps changing)
+                log.info("%s changed while it was opened (%s); opening the new version", self.index_dir, exc)
+        raise IndexFormatError(f"{path} kept changing while it was read ({OPEN_ATTEMPTS} times); try again")
 
     # -- what the index holds ----------------------------------------------------------------------
     @property
@@ -143,6 +172,10 @@ class Engine:
     def local_features(self, encoder: str, hits: Sequence[Hit]) -> list[tuple[np.ndarray, np.ndarray]]:
         return self.records.local_features(self.manifest.entry(encoder).name, hits)
 
+    def local_reducer(self, encoder: str) -> descriptors.LocalReducer | None:
+        """The PCA of ``encoder``'s stored local descriptors (loaded with the index; None without one)."""
+        return self.records.local_reducer(self.manifest.entry(encoder).name)
+
     def stored_vector(self, encoder: str, image_id: str) -> np.ndarray:
         """The stored vector of an indexed image in ``encoder``'s space."""
         shard, row = self.records.locate(image_id)
@@ -157,7 +190,7 @@ class Engine:
         return self.shards.all_vectors(self.manifest.entry(encoder).name)
 
     def cache(self, key: Any, factory: Callable[[], Any]) -> Any:
-        """Per-index state (re-rank reducers, copy-detection backgrounds, classifiers ...): ``factory()`` is
+        """Per-index state (copy-detection backgrounds, classifiers ...): ``factory()`` is
         called once per ``key`` and its result kept for this engine's life (a reopened index starts afresh)."""
         with self._lock:
             if key in self._state:
@@ -240,7 +273,8 @@ class Engine:
     def _search(self, encoder: str, vector: np.ndarray, k: int, params: Any, masks) -> list[Hit]:
         config = SearchConfig.from_any(params)
         config = SearchConfig(nprobe=config.nprobe or self.search_defaults.nprobe,
-                              ef_search=config.ef_search or self.search_defaults.ef_search)
+                              ef_search=config.ef_search or self.search_defaults.ef_search,
+                              k_factor=config.k_factor or self.search_defaults.k_factor)
         return self.shards.search(encoder, vector, k, config, masks)
 
     def _masks(self, filter: Any) -> list[np.ndarray] | None:
@@ -304,19 +338,37 @@ class Engine:
 
     # -- life cycle --------------------------------------------------------------------------------
     def changed_on_disk(self) -> bool:
-        """True when ``manifest.json`` was replaced since this engine opened it (a new indexing run)."""
-        return _mtime(self.index_dir / store.MANIFEST) != self.manifest_mtime
+        """True when ``manifest.json`` was replaced since this engine opened it (a new indexing run, a commit):
+        its inode, mtime or size differs (two commits within one mtime tick still differ by inode)."""
+        return _stamp(self.index_dir / store.MANIFEST) != self.manifest_stamp
 
     def reopen(self) -> "Engine":
         """A fresh engine over the current state of the index, sharing the loaded encoders and the
-        text-embedding cache (this engine stays valid for requests still using it)."""
-        new = Engine(self.index_dir, device=self.device, mmap=self._mmap)
+        text-embedding cache (this engine stays valid for requests still using it). The new engine has
+        opened every file of its version (``_open_version``) before it is returned: a server switches
+        to it only then, and neither engine opens an index file by path afterwards."""
+        new = Engine(self.index_dir, device=self.device, mmap=self._mmap, search_device=self.search_device)
         new.embedder.adopt(self.embedder)
         return new
 
     def close(self) -> None:
         self.shards.close()
         self.embedder.encoders.clear()
+
+
+def _search_device(device: str) -> str | None:
+    """Where exact searches run for an engine on ``device``: the GPU for ``cuda``/``cuda:N`` (and ``auto``
+    when one is present), else ``None`` (faiss on the CPU)."""
+    if device.startswith("cuda"):
+        return device
+    if device == "auto":
+        try:
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else None
+        except Exception:  # noqa: BLE001
+            return None
+    return None
 
 
 def _request(request: SearchRequest | None, fields: dict[str, Any]) -> SearchRequest:
@@ -344,8 +396,10 @@ def _is_fusion(method: str) -> bool:
     return method == "fusion"
 
 
-def _mtime(path: Path) -> float | None:
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced by renaming: (inode, mtime, size); None if it is missing."""
     try:
-        return path.stat().st_mtime_ns
+        st = path.stat()
     except OSError:
         return None
+    return st.st_ino, st.st_mtime_ns, st.st_size

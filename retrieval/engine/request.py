@@ -13,6 +13,7 @@ ranges of ``weight`` and ``dedup``. An unknown field is an error that names it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from retrieval.index.filters import parse_filter
 from retrieval.index.shards import SearchConfig
 
 MAX_K = 1000                  # results per query
+SEARCH_PARAMS = ("nprobe", "efSearch", "ef_search", "k_factor")   # keys of a request's "params"
 DEFAULT_K = 20
 MAX_TEXT_CHARS = 1000         # one text, instruction or term
 MAX_VECTOR_DIM = 8192
@@ -194,6 +196,14 @@ class SearchRequest:
             self.filter = self.filter or None
         if self.params is not None and not isinstance(self.params, (dict, SearchConfig)):
             raise InvalidFieldError('params must be an object {"nprobe": N, "efSearch": N}')
+        if isinstance(self.params, dict):
+            for key, value in self.params.items():
+                if key not in SEARCH_PARAMS:
+                    lower = {p.lower(): p for p in SEARCH_PARAMS}
+                    close = [lower[c] for c in difflib.get_close_matches(str(key).lower(), list(lower), n=1)]
+                    raise InvalidFieldError(f"params has no field {key!r}" + (f" (did you mean {close[0]!r}?)"
+                                            if close else f"; it takes {', '.join(SEARCH_PARAMS)}"))
+                check_int(f"params.{key}", value, 1, 100_000)
 
     def _check_query(self) -> None:
         if isinstance(self.text, str):

@@ -10,7 +10,10 @@ features.
   remembered; the bytes served are read from the same open file that was checked. A file that was
   replaced, edited, or swapped for a symlink to something else is "gone" (``UnknownIdError``, 404),
   and error messages never name the path (it is logged).
-* Local descriptors (re-ranking) come from ``store.LocalShard``, opened once per shard.
+* Local descriptors (re-ranking) come from ``descriptors.LocalShard`` (memory-mapped) and the PCA that reduced
+  them from ``local-pca.npz``: both opened with the store, for every shard of the manifest version, so a
+  store keeps answering after ``loupe index`` replaced or deleted those files (a timed commit deletes the
+  previous version of the shard being filled; on Linux an open or mapped file outlives its name).
 * ``masks(conditions)``: a metadata filter as one boolean array per shard (``retrieval.index.filters``).
 """
 
@@ -31,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from retrieval.errors import IndexFormatError, UnknownIdError, UnsupportedModalityError
-from retrieval.index import store
+from retrieval.index import descriptors, store
 from retrieval.index.filters import Condition, filter_mask
 from retrieval.types import Hit
 
@@ -52,7 +55,7 @@ class RecordStore:
         self.shard_names = [s.name for s in manifest.shards]
         self.tables = []
         for entry in manifest.shards:
-            table = store.read_metadata(index_dir, entry.name)
+            table = store.read_metadata(index_dir, entry.name, manifest)
             if table.num_rows != entry.count:
                 raise IndexFormatError(
                     f"{entry.name}: metadata has {table.num_rows} rows, the manifest says {entry.count}; "
@@ -65,9 +68,33 @@ class RecordStore:
         self._id_order = np.argsort(ints, kind="stable")
         self._id_sorted = ints[self._id_order]
         self._extra_cache: list[dict] = [{} for _ in self.tables]
-        self._local: dict[tuple[str, int], store.LocalShard] = {}
+        self._local: dict[tuple[str, int], descriptors.LocalShard] = {}
+        self._reducers: dict[str, descriptors.LocalReducer | None] = {}
         self._lock = threading.Lock()
         self._verified: OrderedDict[tuple, str] = OrderedDict()    # file version -> its sha256
+        self._open_local()
+
+    def _open_local(self) -> None:
+        """Open (map) the local features of every shard and load the PCA of every encoder that has them."""
+        for entry in self.manifest.encoders.values():
+            if not entry.local_features:
+                continue
+            for i, shard in enumerate(self.shard_names):
+                self._local[(entry.name, i)] = descriptors.LocalShard(self.index_dir, entry.name, shard, self.manifest)
+            self._reducers[entry.name] = self._load_reducer(entry.name)
+
+    def _load_reducer(self, encoder: str) -> descriptors.LocalReducer | None:
+        path = store.pca_path(self.index_dir, encoder)
+        if not path.is_file():
+            return None
+        try:
+            return descriptors.LocalReducer.load(path)
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise IndexFormatError(f"{encoder}/{path.name} is unreadable: {exc}") from exc
+
+    def local_reducer(self, encoder: str) -> descriptors.LocalReducer | None:
+        """The PCA that reduced ``encoder``'s stored local descriptors (None: none, or no local features)."""
+        return self._reducers.get(encoder)
 
     @property
     def count(self) -> int:
@@ -216,8 +243,8 @@ class RecordStore:
             shard = self._local.get(key)
             if shard is None:
                 with self._lock:
-                    shard = self._local.get(key) or store.LocalShard(self.index_dir, entry.name,
-                                                                     self.shard_names[h.shard])
+                    shard = self._local.get(key) or descriptors.LocalShard(self.index_dir, entry.name,
+                                                                     self.shard_names[h.shard], self.manifest)
                     self._local[key] = shard
             out.append(shard.get(h.row))
         return out

@@ -3,12 +3,25 @@
 As faiss contrib's ``ClientIndex``: ``search(encoder, q, k, params, masks)`` searches every shard with a
 ``faiss.SearchParameters`` built for the call (``nprobe``/``efSearch`` and the filter's id selector) and
 merges the per-shard top-k with ``faiss.ResultHeap``. With exact (flat) shards the answer equals one
-``IndexFlatIP`` over all vectors. Shards are memory-mapped where the index type allows; the shared
-indexes are never mutated by a query (an IVF index gets its direct map once, at first reconstruction).
+``IndexFlatIP`` over all vectors. The shared indexes are never mutated by a query (an IVF index gets
+its direct map once, at first reconstruction).
+
+Opening checks every shard against the manifest (``vector_files.read_vectors``/``check_vectors``): recorded file
+sizes, the encoder's dimension, one vector per image, unit norms of flat float vectors, ids unique across
+shards — a damaged index fails to open with ``IndexFormatError`` instead of answering garbage.
+
+Memory. A shard file smaller than ``MMAP_MIN_BYTES`` is read into RAM; larger ones are memory-mapped (when
+``mmap``, the default, and the index type allows). A file read into RAM is immune to what happens on disk
+afterwards (the writer replaces files by renaming, but a tool that truncates a shard in place would make
+the next read of a mapped page kill the process with SIGBUS); the price is resident memory equal to
+the shard files' size. A mapped shard's size is checked (``fstat``) before each search — truncated,
+it answers ``IndexFormatError`` — and its norms are left to ``loupe verify`` (checking them would read it
+whole at open).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -19,9 +32,12 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from retrieval.errors import IndexFormatError
-from retrieval.index import store
+from retrieval.index import store, vector_files
 from retrieval.types import Hit
 
+log = logging.getLogger("loupe.index")
+
+MMAP_MIN_BYTES = 512 * 2**20    # shard files at least this large are memory-mapped (when allowed), smaller read
 PARALLEL_MIN_VECTORS = 200_000   # below this, searching shards one after another is faster
 DEFAULT_NPROBE = 32
 DEFAULT_EF_SEARCH = 256  # 1M random 512-d, efConstruction 80: recall@10 0.834 at 256 vs 0.673 at 128
@@ -33,6 +49,7 @@ class SearchConfig:
 
     nprobe: int | None = None
     ef_search: int | None = None
+    k_factor: int | None = None        # optimized IVF-PQ layouts: candidates re-scored exactly = k * k_factor
 
     @classmethod
     def from_any(cls, params) -> "SearchConfig":
@@ -41,7 +58,8 @@ class SearchConfig:
         if isinstance(params, SearchConfig):
             return params
         if isinstance(params, dict):
-            return cls(nprobe=params.get("nprobe"), ef_search=params.get("efSearch", params.get("ef_search")))
+            return cls(nprobe=params.get("nprobe"), ef_search=params.get("efSearch", params.get("ef_search")),
+                       k_factor=params.get("k_factor"))
         raise TypeError(f"params must be a dict or SearchConfig, not {type(params).__name__}")
 
 
@@ -139,22 +157,31 @@ class ShardSet:
     """Every encoder's shards of one index, with the global row numbering (``offsets``) they share."""
 
     def __init__(self, index_dir: Path, manifest: store.Manifest, ids: Sequence[Sequence[str]], *,
-                 mmap: bool = True):
+                 mmap: bool = True, search_device: str | None = None):
         self.manifest = manifest
         self.ids = ids                                     # per shard: image ids in row order
         counts = [len(x) for x in ids]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64) if counts else np.zeros(1, np.int64)
         self.indexes: dict[str, list] = {}
+        self._mapped: dict[tuple[str, int], tuple[object, int, Path]] = {}   # mapped shard -> (file, size, path)
+        check_sizes(index_dir, manifest)
+        check_unique_ids(ids)
         for name, entry in manifest.encoders.items():
             shards = []
             for i, shard in enumerate(s.name for s in manifest.shards):
-                index = store.read_vectors(index_dir, name, shard, mmap=mmap, binary=entry.index_type == "binary")
-                if index.ntotal != counts[i]:
-                    raise IndexFormatError(f"{name}/{shard}: {index.ntotal} vectors for {counts[i]} metadata rows; "
-                                           "rerun `loupe index` to repair the index")
+                path = store.vectors_path(index_dir, name, shard)
+                mapped = mmap and _file_size(path) >= MMAP_MIN_BYTES
+                index = vector_files.read_vectors(index_dir, name, shard, mmap=mapped,
+                                                  binary=entry.index_type == "binary")
+                vector_files.check_vectors(index, entry, counts[i], path, norms=not mapped)
+                if mapped:
+                    fh = open(path, "rb")
+                    self._mapped[(name, i)] = (fh, os.fstat(fh.fileno()).st_size, path)
                 shards.append(index)
             self.indexes[name] = shards
         self._kinds = {name: [index_kind(ix) for ix in shards] for name, shards in self.indexes.items()}
+        self.layouts = self._open_layouts(index_dir, mmap)
+        self.accelerated = self._accelerate(search_device)
         self._direct_map_done: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
         workers = min(len(counts), os.cpu_count() or 1)
@@ -164,22 +191,73 @@ class ShardSet:
     def count(self) -> int:
         return int(self.offsets[-1])
 
+    def check_mapped(self, encoder: str, shard: int) -> None:
+        """A memory-mapped shard file still has the size it was opened with (reading a page past the end
+        of a file truncated in place is SIGBUS: the process would die); raises ``IndexFormatError``."""
+        mapped = self._mapped.get((encoder, shard))
+        if mapped is not None and os.fstat(mapped[0].fileno()).st_size != mapped[1]:
+            raise IndexFormatError(f"vector shard {mapped[2]} changed size while it was served (truncated in "
+                                   f"place?); {store.REPAIR_HINT}")
+
     def split(self, global_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Global row numbers → (shard numbers, rows within the shard)."""
         shards = np.searchsorted(self.offsets, global_rows, side="right") - 1
         return shards, global_rows - self.offsets[shards]
 
     # -- search ------------------------------------------------------------------------------------
+    def _open_layouts(self, index_dir: Path, mmap: bool) -> dict:
+        """Each encoder's searchable layout (``loupe optimize``), mapped onto this manifest's shards."""
+        from retrieval.index.optimize import open_layout
+
+        layouts = {}
+        for name in self.manifest.encoders:
+            layout = open_layout(index_dir, self.manifest, name, self.offsets, mmap=mmap,
+                                 exact_vectors=lambda rows, name=name: self.vectors_at(name, rows))
+            if layout is not None:
+                layouts[name] = layout
+        return layouts
+
+    def _accelerate(self, search_device: str | None) -> dict:
+        """Encoders whose shards are all exact (flat) searched on ``search_device`` with torch
+        (:mod:`retrieval.index.torch_search`): ``cuda``/``cuda:N``/``mps``, or ``torch-cpu`` (tests)."""
+        if not search_device or search_device == "cpu":
+            return {}
+        from retrieval.index.torch_search import TorchFlatSearcher, torch_device_available
+
+        device = "cpu" if search_device == "torch-cpu" else search_device
+        if not torch_device_available(device):
+            log.warning("search device %s is not available; searching on the CPU with faiss", search_device)
+            return {}
+        out = {}
+        for name, kinds in self._kinds.items():
+            if kinds and all(k == "flat" for k in kinds) and self.manifest.encoders[name].index_type != "binary":
+                out[name] = TorchFlatSearcher([vecs for _, vecs, _ in self.all_vectors(name)], device,
+                                              exact_vectors=lambda rows, name=name: self.vectors_at(name, rows))
+                log.info("%s: %d vectors searched on %s (%.0f MB)", name, out[name].count, device,
+                         out[name].nbytes / 2**20)
+        return out
+
     def search(self, encoder: str, query: np.ndarray, k: int, params: SearchConfig,
                masks: list[np.ndarray] | None = None) -> list[Hit]:
         """Global top-``k`` of one query vector ``[d]`` over every shard of ``encoder``; ``masks`` (one
-        boolean array per shard, from a filter) restrict the candidates exactly (FAISS id selectors)."""
+        boolean array per shard, from a filter) restrict the candidates exactly (FAISS id selectors).
+
+        Shards covered by the encoder's optimized layout are searched through it (one index), the others
+        (indexed since) beside it; on an accelerator, an all-flat encoder is one matrix product."""
         import faiss
 
         indexes, kinds = self.indexes[encoder], self._kinds[encoder]
         q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(1, -1))
+        accelerated = self.accelerated.get(encoder)
+        if accelerated is not None:
+            gmask = np.concatenate(masks) if masks is not None else None
+            return self._hits(*(x[0] for x in accelerated.search(q, k, gmask)))
+        layout = self.layouts.get(encoder)
         jobs = [i for i, index in enumerate(indexes)
-                if index.ntotal and (masks is None or masks[i].any())]
+                if index.ntotal and (masks is None or masks[i].any()) and (layout is None or i not in layout.covered)]
+
+        for i in jobs:
+            self.check_mapped(encoder, i)
 
         def run(i: int):
             sel = bitmap = None
@@ -194,18 +272,28 @@ class ShardSet:
             del bitmap, sel
             return scores, rows
 
-        if not jobs:
+        if not jobs and layout is None:
             return []
         if len(jobs) > 1 and self._pool is not None and sum(indexes[i].ntotal for i in jobs) >= PARALLEL_MIN_VECTORS:
             parts = list(self._pool.map(run, jobs))     # FAISS releases the GIL: shards in parallel
         else:
             parts = [run(i) for i in jobs]
+        offsets = [self.offsets[i] for i in jobs]
+        if layout is not None:                          # rows come back as global rows already
+            gmask = np.concatenate(masks) if masks is not None else None
+            parts.append(layout.search(q, k, {"efSearch": params.ef_search, "nprobe": params.nprobe,
+                                              "k_factor": params.k_factor}, gmask))
+            offsets.append(0)
         if len(parts) == 1:
             rows = parts[0][1][0]
-            scores, labels = parts[0][0][0], np.where(rows >= 0, rows + self.offsets[jobs[0]], -1)
+            scores, labels = parts[0][0][0], np.where(rows >= 0, rows + offsets[0], -1)
         else:
-            d, lab = merge_topk(parts, [self.offsets[i] for i in jobs], 1, k)
+            d, lab = merge_topk(parts, offsets, 1, k)
             scores, labels = d[0], lab[0]
+        return self._hits(scores, labels)
+
+    def _hits(self, scores: np.ndarray, labels: np.ndarray) -> list[Hit]:
+        """Hits of one query's (scores, global rows); rows -1 or scores -inf are dropped."""
         keep = (labels >= 0) & np.isfinite(scores)
         shards, rows = self.split(labels[keep])
         return [Hit(self.ids[sh][r], s, sh, r)
@@ -217,6 +305,7 @@ class ShardSet:
         import faiss
 
         index = self.indexes[encoder][shard]
+        self.check_mapped(encoder, shard)
         if self.manifest.encoders[encoder].index_type == "binary":
             return _unpack(index.reconstruct(int(row))[None])[0]
         try:
@@ -231,6 +320,25 @@ class ShardSet:
                     self._direct_map_done.add((encoder, shard))
             return np.asarray(index.reconstruct(int(row)), dtype=np.float32)
 
+    def vectors_at(self, encoder: str, global_rows: np.ndarray) -> np.ndarray:
+        """Stored float32 vectors of global rows (exact for flat/HNSW shards), one batch per shard."""
+        global_rows = np.asarray(global_rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(global_rows), self.manifest.encoders[encoder].dim), dtype=np.float32)
+        if self.manifest.encoders[encoder].index_type == "binary":
+            for j, g in enumerate(global_rows):
+                sh, row = self.split(np.array([g]))
+                out[j] = self.reconstruct(encoder, int(sh[0]), int(row[0]))
+            return out
+        sh, rows = self.split(global_rows)
+        for s in np.unique(sh):
+            at = np.flatnonzero(sh == s)
+            self.check_mapped(encoder, int(s))
+            try:
+                out[at] = self.indexes[encoder][int(s)].reconstruct_batch(np.ascontiguousarray(rows[at]))
+            except RuntimeError:                        # IVF without a direct map: one by one (builds it once)
+                out[at] = np.stack([self.reconstruct(encoder, int(s), int(r)) for r in rows[at]])
+        return out
+
     def vectors(self, encoder: str, hits: Sequence[Hit]) -> np.ndarray:
         """Stored vectors of ``hits``, ``[n, d]`` float32."""
         if not hits:
@@ -241,17 +349,44 @@ class ShardSet:
         """Every shard's vectors: ``(shard number, [n, d] float32, ids)``."""
         binary = self.manifest.encoders[encoder].index_type == "binary"
         for i, index in enumerate(self.indexes[encoder]):
+            self.check_mapped(encoder, i)
             if binary:
                 codes = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d // 8), np.uint8)
                 vecs = _unpack(codes)
             else:
-                vecs = store.reconstruct_all(index)
+                vecs = vector_files.reconstruct_all(index)
             yield i, vecs, list(self.ids[i])
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
         self.indexes.clear()
+        for fh, _, _ in self._mapped.values():
+            fh.close()
+        self._mapped.clear()
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0        # read_vectors says it is missing
+
+
+def check_sizes(index_dir: Path, manifest: store.Manifest) -> None:
+    """Every file of the index the manifest records has its recorded size (a ``stat`` each)."""
+    for rel, required in store.index_files(manifest):
+        path = Path(index_dir) / rel
+        if required or path.exists():
+            store.check_size(index_dir, manifest, path)
+
+
+def check_unique_ids(ids: Sequence[Sequence[str]]) -> None:
+    """Log a warning when an image id is listed twice (Loupe's indexer never writes one; the second row
+    is unreachable by id; ``loupe verify`` reports it as a problem)."""
+    total = sum(len(x) for x in ids)
+    if total and len({i for shard_ids in ids for i in shard_ids}) != total:
+        log.warning("an image id is listed twice in the index; `loupe verify` names it")
 
 
 def _unpack(codes: np.ndarray) -> np.ndarray:

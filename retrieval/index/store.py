@@ -20,6 +20,23 @@ sources with identical content, JSON list) and ``extra`` (JSON object of manifes
 Vectors are L2-normalised float32; the metric is inner product (= cosine). Every file is written to
 a temporary name then renamed into place (``os.replace``), and the manifest is replaced last, so a
 crash at any moment leaves the previous state readable: readers only trust shards the manifest lists.
+
+Integrity. The manifest's optional ``files`` map (format version 1 still; older manifests have none)
+records every file of the index the readers open, by path relative to ``DIR``:
+``{"meta/shard-00000.parquet": {"size": 1234, "sha256": "…"}, …}``. The size and SHA-256 are taken
+from the bytes just written (``atomic_write_with`` returns them); ``write_manifest`` records files it
+lists but has no record of (an index written by an older Loupe, on its first new run). A file rewritten
+in place under the same name (a metadata shard whose ``aliases`` grew) is first published with its
+``previous`` record(s) still accepted, so a crash between the rename and the manifest leaves an index
+that checks clean. Readers check sizes (a ``stat``) on open, metadata shards' checksums (they are read
+whole anyway) and the contents' shape: vector dimension and count, ids, unit norms of flat vectors,
+local-feature offsets; ``loupe verify`` (``retrieval.index.verify``) checks every checksum. A mismatch is
+an ``IndexFormatError`` that names the file and what to do.
+
+This module holds the layout, ids, atomic writes, the manifest and the metadata; the FAISS shards are
+read, written and checked by :mod:`retrieval.index.vector_files`, the local descriptors by
+:mod:`retrieval.index.descriptors`, and the searchable layout of ``loupe optimize`` by
+:mod:`retrieval.index.optimize`.
 """
 
 from __future__ import annotations
@@ -27,6 +44,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -34,9 +52,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
-
 from retrieval.errors import IndexFormatError, UnknownEncoderError
+
+log = logging.getLogger("loupe.index")
 
 FORMAT_NAME = "loupe-index"
 FORMAT_VERSION = 1
@@ -46,6 +64,10 @@ ID_HEX = 15  # 60 bits: fits a positive int64 exactly
 
 SHARD_NAME = re.compile(r"shard-[0-9]{5,9}")                         # what ``shard_name`` writes (fullmatch)
 ENCODER_DIR = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]{0,127}")    # an encoder's folder name (fullmatch)
+
+ID_PATTERN = re.compile(r"[0-9a-f]{15}")                             # an image id (fullmatch)
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+REPAIR_HINT = "restore it from a backup, or rebuild the index: rerun `loupe index` into a new folder"
 
 METADATA_COLUMNS = ("id", "source", "path", "caption", "width", "height", "sha256", "size", "mtime",
                     "aliases", "extra")
@@ -81,12 +103,14 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data))
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> dict[str, Any]:
+    return atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def atomic_write_with(path: str | os.PathLike, writer) -> None:
-    """Call ``writer(tmp_path)`` then rename the temporary file onto ``path``."""
+def atomic_write_with(path: str | os.PathLike, writer, *, before_replace=None) -> dict[str, Any]:
+    """Call ``writer(tmp_path)`` then rename the temporary file onto ``path``; returns the file's record
+    ``{"size", "sha256"}`` (hashed from the bytes just written, read back from the page cache while they
+    are synced). ``before_replace(record)`` runs after the file is complete and before the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
@@ -94,16 +118,36 @@ def atomic_write_with(path: str | os.PathLike, writer) -> None:
     try:
         writer(tmp)
         with open(tmp, "rb+") as fh:
+            record = _hash_file(fh)
             os.fsync(fh.fileno())
         os.chmod(tmp, _umask_mode())
+        if before_replace is not None:
+            before_replace(record)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return record
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+def _hash_file(fh, chunk: int = 1 << 20) -> dict[str, Any]:
+    h, size = hashlib.sha256(), 0
+    while True:
+        data = fh.read(chunk)
+        if not data:
+            return {"size": size, "sha256": h.hexdigest()}
+        h.update(data)
+        size += len(data)
+
+
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size", "sha256"}`` of a file as it is now."""
+    with open(path, "rb") as fh:
+        return _hash_file(fh)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> dict[str, Any]:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 # -- manifest ----------------------------------------------------------------------------------
@@ -136,6 +180,7 @@ class Manifest:
     created: str = field(default_factory=now_iso)
     updated: str = field(default_factory=now_iso)
     extra: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)   # relative path -> {"size", "sha256"[, "previous"]}
 
     @property
     def count(self) -> int:
@@ -165,7 +210,26 @@ class Manifest:
             "encoders": {n: e.__dict__ for n, e in self.encoders.items()},
             "shards": [s.__dict__ for s in self.shards],
             **({"extra": self.extra} if self.extra else {}),
+            **({"files": files} if (files := self.listed_files()) else {}),
         }
+
+    def listed_files(self) -> dict[str, dict[str, Any]]:
+        """The ``files`` records, sorted, without those of shards the manifest no longer lists."""
+        listed = {s.name for s in self.shards}
+        out = {}
+        for rel in sorted(self.files):
+            m = _SHARD_FILE.fullmatch(rel)
+            if m is None or m.group(1) in listed:
+                out[rel] = self.files[rel]
+        return out
+
+    def record(self, index_dir, path, record: dict[str, Any]) -> None:
+        """Record ``path`` (a file under ``index_dir``) as written with ``record``."""
+        self.files[relative(index_dir, path)] = {"size": int(record["size"]), "sha256": record["sha256"]}
+
+    def record_all(self, index_dir, records: dict[str, dict[str, Any]]) -> None:
+        for path, record in records.items():
+            self.record(index_dir, path, record)
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "Manifest":
@@ -179,9 +243,44 @@ class Manifest:
             shards=[ShardEntry(**s) for s in obj.get("shards", [])],
             created=obj.get("created", now_iso()), updated=obj.get("updated", now_iso()),
             extra=obj.get("extra", {}),
+            files=_check_files(obj.get("files", {})),
         )
         check_names(manifest)
         return manifest
+
+
+_SHARD_FILE = re.compile(r"(?:[^/]+/)?(shard-[0-9]{5,9})\.[^/]+")   # a shard's file, relative to the index
+
+
+def _check_record(rel: str, rec: Any) -> dict[str, Any]:
+    ok = (isinstance(rec, dict) and isinstance(rec.get("size"), int) and not isinstance(rec.get("size"), bool)
+          and rec["size"] >= 0 and isinstance(rec.get("sha256"), str) and SHA256_HEX.fullmatch(rec["sha256"]))
+    if not ok:
+        raise IndexFormatError(f"manifest.json records file {rel!r} as {rec!r} (not {{'size', 'sha256'}}); "
+                               "the manifest is damaged")
+    out = {"size": rec["size"], "sha256": rec["sha256"]}
+    if rec.get("previous"):
+        if not isinstance(rec["previous"], list):
+            raise IndexFormatError(f"manifest.json records file {rel!r} with a bad 'previous'; the manifest is damaged")
+        out["previous"] = [_check_record(rel, p) for p in rec["previous"]]
+    return out
+
+
+def _check_files(files: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(files, dict):
+        raise IndexFormatError("manifest.json's 'files' is not an object; the manifest is damaged")
+    out = {}
+    for rel, rec in files.items():
+        parts = rel.split("/") if isinstance(rel, str) else []
+        if not parts or any(p in ("", ".", "..") or "\\" in p or "\x00" in p for p in parts):
+            raise IndexFormatError(f"manifest.json records a file {rel!r} outside the index; the manifest is damaged")
+        out[rel] = _check_record(rel, rec)
+    return out
+
+
+def relative(index_dir, path) -> str:
+    """``path`` relative to ``index_dir``, with ``/`` separators (a key of ``Manifest.files``)."""
+    return Path(path).relative_to(Path(index_dir)).as_posix()
 
 
 def check_names(manifest: Manifest) -> None:
@@ -211,14 +310,88 @@ def read_manifest(index_dir: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise IndexFormatError(f"{index_dir} is not a Loupe index (no {MANIFEST}); build one with `loupe index`")
     try:
-        return Manifest.from_json(json.loads(path.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise IndexFormatError(f"{path} is unreadable: {exc}") from exc
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise IndexFormatError(f"{path} is not UTF-8 text (byte {exc.start}); the manifest is damaged — "
+                               f"{REPAIR_HINT}") from None
+    except ValueError as exc:
+        raise IndexFormatError(f"{path} is not valid JSON ({exc}); the manifest is damaged — {REPAIR_HINT}") from None
+    except OSError as exc:
+        raise IndexFormatError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    if not isinstance(obj, dict):
+        raise IndexFormatError(f"{path} is not a JSON object; the manifest is damaged — {REPAIR_HINT}")
+    try:
+        return Manifest.from_json(obj)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, IndexFormatError):
+            raise
+        raise IndexFormatError(f"{path} is unreadable ({type(exc).__name__}: {exc}); {REPAIR_HINT}") from None
 
 
-def write_manifest(index_dir: str | os.PathLike, manifest: Manifest) -> None:
+def write_manifest(index_dir: str | os.PathLike, manifest: Manifest, *, record_files: bool = True) -> None:
+    """Replace the manifest (atomically). ``record_files``: first record the size and checksum of every
+    file the manifest lists that it has no record of (files written by an older Loupe, or by code that
+    does not pass ``atomic_write_with``'s records on)."""
     manifest.updated = now_iso()
+    if record_files:
+        for rel, _required in index_files(manifest):
+            if rel not in manifest.files:
+                path = Path(index_dir) / rel
+                if path.is_file():
+                    manifest.files[rel] = file_record(path)
     atomic_write_json(Path(index_dir) / MANIFEST, manifest.to_json())
+
+
+def index_files(manifest: Manifest) -> list[tuple[str, bool]]:
+    """Every file of the index the readers open, relative to its folder, with whether it must exist:
+    metadata and vectors of every listed shard, local features (and their PCA) of encoders that have them,
+    an IVF-PQ encoder's trained quantizer (``trained.faiss``, read by the writer; optional), and each
+    encoder's searchable layout (``search-NNNNN.faiss``, from ``loupe optimize``)."""
+    out = []
+    for shard in manifest.shards:
+        out.append((f"{META_DIR}/{shard.name}.parquet", True))
+        for name, entry in manifest.encoders.items():
+            out.append((f"{name}/{shard.name}.faiss", True))
+            if entry.local_features is not None:
+                out.extend((f"{name}/{shard.name}{suffix}", True) for suffix in LOCAL_SUFFIXES)
+    for name, entry in manifest.encoders.items():
+        if entry.local_features is not None:
+            out.append((f"{name}/local-pca.npz", bool(manifest.shards)))
+        if entry.index_type == "ivfpq":
+            out.append((f"{name}/trained.faiss", False))
+    layouts = manifest.extra.get("search_layout") if isinstance(manifest.extra, dict) else None
+    for name, layout in (layouts or {}).items():      # `loupe optimize` (retrieval.index.optimize)
+        if name in manifest.encoders and isinstance(layout, dict) and isinstance(layout.get("file"), str):
+            out.append((f"{name}/{layout['file']}", True))
+    return out
+
+
+def check_size(index_dir, manifest: Manifest | None, path, *, size: int | None = None) -> None:
+    """Raise ``IndexFormatError`` when ``path``'s size is not the one recorded (or a previous one).
+    Unrecorded files (older indexes) are not checked."""
+    if manifest is None or not manifest.files:
+        return
+    rec = manifest.files.get(relative(index_dir, path))
+    if rec is None:
+        return
+    if size is None:
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise IndexFormatError(f"{path} is missing; the index is incomplete — {REPAIR_HINT}") from None
+    sizes = [rec["size"]] + [p["size"] for p in rec.get("previous", [])]
+    if size not in sizes:
+        raise IndexFormatError(f"{path} is {size} bytes but was written with {rec['size']}: it was truncated or "
+                               f"changed after indexing — {REPAIR_HINT}")
+
+
+def check_digest(index_dir, manifest: Manifest | None, path, record: dict[str, Any]) -> bool | None:
+    """Whether ``record`` (the file's size and SHA-256 now) is the recorded one (or a previous one);
+    ``None`` when the manifest has no record of the file."""
+    rec = manifest.files.get(relative(index_dir, path)) if manifest is not None else None
+    if rec is None:
+        return None
+    return any(r["size"] == record["size"] and r["sha256"] == record["sha256"] for r in [rec, *rec.get("previous", [])])
 
 
 # -- paths -------------------------------------------------------------------------------------
@@ -234,9 +407,12 @@ def vectors_path(index_dir, encoder: str, shard: str) -> Path:
     return Path(index_dir) / encoder / f"{shard}.faiss"
 
 
+LOCAL_SUFFIXES = (".local.npy", ".local-pos.npy", ".local-off.npy")
+
+
 def local_paths(index_dir, encoder: str, shard: str) -> tuple[Path, Path, Path]:
     base = Path(index_dir) / encoder
-    return base / f"{shard}.local.npy", base / f"{shard}.local-pos.npy", base / f"{shard}.local-off.npy"
+    return tuple(base / f"{shard}{suffix}" for suffix in LOCAL_SUFFIXES)
 
 
 def pca_path(index_dir, encoder: str) -> Path:
@@ -263,136 +439,66 @@ def metadata_table(rows: Iterable[dict[str, Any]]):
     return pa.table(cols, schema=schema)
 
 
-def write_metadata(index_dir, shard: str, rows: Iterable[dict[str, Any]]) -> None:
+def write_metadata(index_dir, shard: str, rows: Iterable[dict[str, Any]], *,
+                   before_replace=None) -> dict[Path, dict[str, Any]]:
+    """Write one shard's metadata; returns ``{path: record}`` for ``Manifest.record_all``."""
     import pyarrow.parquet as pq
 
     table = metadata_table(rows)
-    atomic_write_with(meta_path(index_dir, shard), lambda tmp: pq.write_table(table, tmp))
+    path = meta_path(index_dir, shard)
+    return {path: atomic_write_with(path, lambda tmp: pq.write_table(table, tmp), before_replace=before_replace)}
 
 
-def read_metadata(index_dir, shard: str):
+def read_metadata(index_dir, shard: str, manifest: Manifest | None = None):
+    """One shard's metadata table. Its ids are checked (15 lowercase hex chars, unique); with the
+    ``manifest``, also the file's recorded size and checksum (the file is read whole anyway) and its row
+    count. Raises ``IndexFormatError``."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = meta_path(index_dir, shard)
     try:
-        return pq.read_table(path)
-    except (OSError, ValueError) as exc:
+        if manifest is not None and manifest.files.get(relative(index_dir, path)) is not None:
+            data = path.read_bytes()
+            check_size(index_dir, manifest, path, size=len(data))
+            if not check_digest(index_dir, manifest, path, {"size": len(data), "sha256": sha256_bytes(data)}):
+                raise IndexFormatError(f"metadata shard {path} does not match its checksum: it was changed or "
+                                       f"damaged after indexing — {REPAIR_HINT}")
+            table = pq.read_table(pa.BufferReader(data))
+        else:
+            table = pq.read_table(path)
+    except FileNotFoundError:
+        raise IndexFormatError(f"missing metadata shard {path}; the index is incomplete — {REPAIR_HINT}") from None
+    except (OSError, ValueError, pa.ArrowException) as exc:
         raise IndexFormatError(f"metadata shard {path} is unreadable: {exc}") from exc
+    check_ids(table, path)
+    if manifest is not None:
+        count = next((s.count for s in manifest.shards if s.name == shard), None)
+        if count is not None and table.num_rows != count:
+            raise IndexFormatError(f"{path}: {table.num_rows} metadata rows, the manifest says {count}; {REPAIR_HINT}")
+    return table
 
 
-# -- vectors -----------------------------------------------------------------------------------
-def write_vectors(index_dir, encoder: str, shard: str, index) -> None:
-    import faiss
+def check_ids(table, path, *, unique: bool = False) -> None:
+    """Every id of a metadata table is 15 lowercase hex characters; a repeated id is an error when
+    ``unique`` (``loupe verify``), else a warning (Loupe's indexer never writes one; the second row is
+    only unreachable by id)."""
+    import pyarrow.compute as pc
 
-    if isinstance(index, faiss.IndexBinary):
-        atomic_write_with(vectors_path(index_dir, encoder, shard), lambda tmp: faiss.write_index_binary(index, tmp))
-    else:
-        atomic_write_with(vectors_path(index_dir, encoder, shard), lambda tmp: faiss.write_index(index, tmp))
-
-
-def read_vectors(index_dir, encoder: str, shard: str, *, mmap: bool = True, binary: bool = False):
-    """Read a shard's FAISS index, memory-mapped where the index type allows."""
-    import faiss
-
-    path = str(vectors_path(index_dir, encoder, shard))
-    if not os.path.isfile(path):
-        raise IndexFormatError(f"missing vector shard {path}; the index is incomplete — rerun `loupe index`")
-    try:
-        if binary:
-            return faiss.read_index_binary(path)
-        if mmap:
-            try:
-                return faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
-            except RuntimeError:
-                pass
-        return faiss.read_index(path)
-    except RuntimeError as exc:
-        raise IndexFormatError(f"vector shard {path} is unreadable: {exc}") from exc
+    if "id" not in table.column_names:
+        raise IndexFormatError(f"metadata shard {path} has no 'id' column; {REPAIR_HINT}")
+    ids = table.column("id")
+    if ids.null_count or not pa_all(pc.match_substring_regex(ids, r"^[0-9a-f]{15}$")):
+        bad = next(i for i in ids.to_pylist() if not isinstance(i, str) or not ID_PATTERN.fullmatch(i))
+        raise IndexFormatError(f"metadata shard {path} holds an id {bad!r}: ids are 15 lowercase hex characters; "
+                               f"the file is damaged — {REPAIR_HINT}")
+    if pc.count_distinct(ids).as_py() != len(ids):
+        if unique:
+            raise IndexFormatError(f"metadata shard {path} lists an id twice; {REPAIR_HINT}")
+        log.warning("metadata shard %s lists an id twice (the second row is unreachable by id)", path)
 
 
-def reconstruct_all(index) -> np.ndarray:
-    """All vectors of a (flat) shard as float32 [n, d]; approximate for compressed indexes."""
-    n = index.ntotal
-    if n == 0:
-        return np.zeros((0, index.d), dtype=np.float32)
-    try:
-        return index.reconstruct_n(0, n)
-    except RuntimeError:
-        import faiss
+def pa_all(mask) -> bool:
+    import pyarrow.compute as pc
 
-        ivf = faiss.try_extract_index_ivf(index)
-        if ivf is not None:
-            ivf.make_direct_map()
-            return index.reconstruct_n(0, n)
-        raise
-
-
-# -- local features ----------------------------------------------------------------------------
-@dataclass
-class LocalReducer:
-    """PCA reduction of local descriptors (learned on a sample), then L2 normalisation."""
-
-    mean: np.ndarray        # [C]
-    components: np.ndarray  # [c, C]
-
-    @classmethod
-    def fit(cls, sample: np.ndarray, dim: int = 128, seed: int = 0) -> "LocalReducer":
-        sample = np.asarray(sample, dtype=np.float32)
-        if sample.shape[1] <= dim:
-            return cls(np.zeros(sample.shape[1], np.float32), np.eye(sample.shape[1], dtype=np.float32))
-        rng = np.random.default_rng(seed)
-        if len(sample) > 50_000:
-            sample = sample[rng.choice(len(sample), 50_000, replace=False)]
-        mean = sample.mean(axis=0)
-        _, _, vt = np.linalg.svd(sample - mean, full_matrices=False)
-        k = min(dim, vt.shape[0])
-        return cls(mean.astype(np.float32), vt[:k].astype(np.float32))
-
-    @property
-    def dim(self) -> int:
-        return int(self.components.shape[0])
-
-    def transform(self, tokens: np.ndarray) -> np.ndarray:
-        out = (np.asarray(tokens, dtype=np.float32) - self.mean) @ self.components.T
-        norms = np.linalg.norm(out, axis=-1, keepdims=True)
-        return (out / np.maximum(norms, 1e-12)).astype(np.float32)
-
-    def save(self, path) -> None:
-        def _w(tmp):
-            with open(tmp, "wb") as fh:
-                np.savez(fh, mean=self.mean, components=self.components)
-        atomic_write_with(path, _w)
-
-    @classmethod
-    def load(cls, path) -> "LocalReducer":
-        with np.load(path) as z:
-            return cls(z["mean"], z["components"])
-
-
-def write_local(index_dir, encoder: str, shard: str, per_image: list[tuple[np.ndarray, np.ndarray]]) -> None:
-    """Write one shard's local features: per image ``(descriptors [p, c], positions [p, 2])``."""
-    desc_p, pos_p, off_p = local_paths(index_dir, encoder, shard)
-    counts = [len(d) for d, _ in per_image]
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    dim = per_image[0][0].shape[1] if per_image and counts[0] else 0
-    desc = (np.concatenate([d for d, _ in per_image]) if sum(counts) else np.zeros((0, dim))).astype(np.float16)
-    pos = (np.concatenate([p for _, p in per_image]) if sum(counts) else np.zeros((0, 2))).astype(np.int16)
-    for path, arr in ((desc_p, desc), (pos_p, pos), (off_p, offsets)):
-        atomic_write_with(path, lambda tmp, a=arr: np.save(tmp, a))
-
-
-class LocalShard:
-    """Memory-mapped local features of one shard."""
-
-    def __init__(self, index_dir, encoder: str, shard: str):
-        desc_p, pos_p, off_p = local_paths(index_dir, encoder, shard)
-        try:
-            self.desc = np.load(desc_p, mmap_mode="r")
-            self.pos = np.load(pos_p, mmap_mode="r")
-            self.off = np.load(off_p)
-        except (OSError, ValueError) as exc:
-            raise IndexFormatError(f"local features of {encoder}/{shard} are unreadable: {exc}") from exc
-
-    def get(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        a, b = int(self.off[row]), int(self.off[row + 1])
-        return np.asarray(self.desc[a:b], dtype=np.float32), np.asarray(self.pos[a:b], dtype=np.int64)
+    return len(mask) == 0 or bool(pc.all(mask).as_py())

@@ -15,14 +15,18 @@ from retrieval.numeric import l2_normalize
 
 
 def _reducer(engine, encoder: str):
-    """The index's PCA reducer of ``encoder``'s local features (None without one), loaded once per engine
-    (``Engine.cache``: a re-indexed DIR is a reopened engine, which loads the new one)."""
-    from retrieval.index import store
+    """The index's PCA reducer of ``encoder``'s local features (None without one), loaded with the index
+    (``Engine.local_reducer``: a re-indexed DIR is a reopened engine, which loads the new one); engines
+    without it (test doubles) load it once (``engine.cache``)."""
+    from retrieval.index import descriptors, store
 
+    loaded = getattr(engine, "local_reducer", None)
+    if callable(loaded):
+        return loaded(encoder)
     path = store.pca_path(engine.index_dir, encoder)
     if not os.path.isfile(path):
         return None
-    return engine.cache(("rerank.reducer", encoder), lambda: store.LocalReducer.load(path))
+    return engine.cache(("rerank.reducer", encoder), lambda: descriptors.LocalReducer.load(path))
 
 
 def local_info(engine, encoder: str) -> dict | None:

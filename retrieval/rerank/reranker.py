@@ -316,6 +316,43 @@ def _crop_pass(engine, ctx, name: str, hits: list, g: np.ndarray, rs: np.ndarray
     return hits, g, rs, cs
 
 
+def _has_tokens(engine, name: str) -> bool | None:
+    """Whether encoder ``name`` can give a query's local tokens (a spatial feature map); None when the
+    engine cannot say (it does not load encoders)."""
+    get = getattr(engine, "encoder", None)
+    if get is None:
+        return None
+    try:
+        enc = get(name)
+    except Exception:  # noqa: BLE001 - an encoder that cannot be loaded: unknown, the caller goes on
+        return None
+    flag = getattr(enc, "has_local_features", None)
+    if flag is None:                # an encoder that does not say: unknown
+        return None
+    return bool(flag) and callable(getattr(enc, "encode_images_and_local", None))
+
+
+def local_encoder_for(engine, name: str, *, tokens_ok: bool | None = True, needed: bool = True) -> str | None:
+    """The encoder whose stored local features re-rank ``name``'s candidates: ``name`` itself when it
+    has them, else the first encoder of the index that has (every encoder of an index holds the same
+    images in the same shards and rows). None when none has and ``name`` can still re-rank by its own
+    query regions; raises ``InvalidQueryError`` (a 400, one CLI line) when re-ranking ``needed`` and
+    nothing can re-rank: naming the encoder to use or how to index local features."""
+    if local_info(engine, name):
+        return name
+    others = [n for n in engine.manifest.encoders if n != name and local_info(engine, n)]
+    if others:
+        return others[0]
+    if tokens_ok is not False or not needed:
+        return None
+    from retrieval.errors import InvalidQueryError
+
+    raise InvalidQueryError(
+        f"cannot re-rank with encoder {name!r}: it has no spatial feature map and no encoder of this index "
+        "stores local features; re-index with `loupe index ... --local-features` and an encoder that has "
+        "them (effnet-lite0, dinov2-*, clip-*), or search without --rerank")
+
+
 def rerank_hits(engine, ctx, hits: list, k: int, config: RerankConfig | dict | None = None, *,
                 search: Callable[[np.ndarray, int], list] | None = None,
                 crop_encoder: CropEncoder | None = None) -> list:
@@ -332,7 +369,9 @@ def rerank_hits(engine, ctx, hits: list, k: int, config: RerankConfig | dict | N
     query-crop pass (``config.crop``; e.g. a cache); the crops' vectors must be in the index's space.
     """
     if config is None or isinstance(config, dict):
-        fine = (local_info(engine, ctx.encoder) or {}).get("layer") == "fine"
+        own = local_info(engine, ctx.encoder) or next(
+            (local_info(engine, n) for n in engine.manifest.encoders if local_info(engine, n)), None)
+        fine = (own or {}).get("layer") == "fine"
         base = FINE_DEFAULT_CONFIG if fine else DEFAULT_CONFIG
         config = replace(base, **config) if isinstance(config, dict) else base
     hits = list(hits)[: max(config.n_candidates, int(k))]
@@ -340,10 +379,13 @@ def rerank_hits(engine, ctx, hits: list, k: int, config: RerankConfig | dict | N
         return []
     name = ctx.encoder
     g = np.array([h.score for h in hits], np.float64)
-    has_local = bool(local_info(engine, name))
     is_image = getattr(ctx, "image", None) is not None or bool(getattr(ctx, "image_id", None))
+    tokens_ok = _has_tokens(engine, name)
+    local_name = local_encoder_for(engine, name, tokens_ok=tokens_ok, needed=is_image)
+    has_local = local_name is not None
     rs = cs = None
-    if is_image and (config.regions or config.crop) and not getattr(ctx, "instruction", None):
+    regions_ok = tokens_ok is not False and not getattr(ctx, "instruction", None)
+    if regions_ok and is_image and (config.regions or config.crop):
         q_tok = query_tokens(engine, ctx, name)
         if q_tok is not None:
             windows = region_windows(q_tok[1], config.region_sizes, config.region_stride)
@@ -357,13 +399,13 @@ def rerank_hits(engine, ctx, hits: list, k: int, config: RerankConfig | dict | N
     fused = fuse_scores(g, np.zeros(len(g)), np.zeros(len(g)), replace(config, local=False, spatial=False), rs, cs)
     if has_local:
         if is_image and (config.local or config.spatial):
-            q = query_local_features(engine, ctx, name)
+            q = query_local_features(engine, ctx, local_name)
             if q is not None:
-                cands = engine.local_features(name, hits)
-                info = local_info(engine, name) or {}
+                cands = engine.local_features(local_name, hits)
+                info = local_info(engine, local_name) or {}
                 c_grid = tuple(info.get("grid") or q[2])
                 fused = rerank_arrays(q[0], q[1], q[2], g, cands, c_grid, config, rs, cs).fused
-        elif not is_image and getattr(ctx, "text", None) and text_in_patch_space(engine, name):
+        elif not is_image and local_name == name and getattr(ctx, "text", None) and text_in_patch_space(engine, name):
             t = project_text(engine, name, ctx.vector)
             cands = engine.local_features(name, hits)
             fused = g + config.w_text * text_patch_scores(t, [d for d, _ in cands], config.text_top_frac)

@@ -6,7 +6,12 @@
   const q = $("#q"), file = $("#file"), results = $("#results"), status = $("#status"), errorBox = $("#error");
   const iq = $("#image-query"), iqThumb = $("#query-thumb"), iqLabel = $("#iq-label"), instruction = $("#instruction");
   const attrToggle = $("#attr-toggle"), attr = $("#attr"), drop = $("#drop");
+  const attrLegend = $("#attr-legend"), attrMethod = $("#attr-method"), attrNote = $("#attr-note");
+  const whyDialog = $("#why"), whyTitle = $("#why-title"), whyStatus = $("#why-status"), whyNote = $("#why-note");
+  const whyImg = $("#why-img");
   const K = 40;
+  const OVERLAY_PARALLEL = 4;  // overlay requests in flight at once (browsers allow ~6 per host)
+  let whySeq = 0;
   let imageFile = null;      // uploaded / pasted / dropped image (File or Blob)
   let imageId = null;        // "more like this" id
   let controller = null;     // aborts stale requests
@@ -118,6 +123,16 @@
       card.append(thumb, meta);
       card.addEventListener("click", () => moreLikeThis(r));
       li.append(card);
+      if (features.includes("attribution")) {   // outside the card: a button cannot hold a button
+        const why = document.createElement("button");
+        why.type = "button";
+        why.className = "why-btn";
+        why.textContent = "Why?";
+        why.title = "Why did this match? The query and this result side by side, with their attribution maps";
+        why.setAttribute("aria-label", `Why did result ${i + 1} match?`);
+        why.addEventListener("click", () => openWhy(r));
+        li.append(why);
+      }
       frag.append(li);
     });
     results.replaceChildren(frag);
@@ -162,29 +177,87 @@
     search();
   }
 
-  async function loadOverlays() {
+  function showLegend(resp) {   // the legend's words come with each overlay (method, and a caveat if any)
+    const label = resp.headers.get("X-Attribution-Label") || resp.headers.get("X-Attribution-Method");
+    if (label) attrMethod.textContent = `method: ${label}`;
+    const note = resp.headers.get("X-Attribution-Note");
+    attrNote.textContent = note ? `Note: ${note}` : "";
+    attrNote.hidden = !note;
+  }
+
+  async function loadOverlays() {   // OVERLAY_PARALLEL requests at a time, not one after another
     if (!lastQuery) return;
     const mine = seq;
-    for (const li of results.querySelectorAll(".result")) {
-      if (mine !== seq || !attr.checked) return;
-      const thumb = li.querySelector(".thumb");
-      if (thumb.querySelector(".overlay")) continue;
-      try {
-        const resp = await fetch("/api/attribution", { method: "POST", body: queryForm({ result_id: li.dataset.id }) });
-        if (!resp.ok) continue;
-        const url = URL.createObjectURL(await resp.blob());
-        const ov = document.createElement("img");
-        ov.className = "overlay";
-        ov.alt = "";
-        ov.src = url;
-        thumb.append(ov);
-      } catch (_) { /* overlays are best effort */ }
+    attrLegend.hidden = false;
+    const todo = [...results.querySelectorAll(".result")].filter((li) => !li.querySelector(".overlay"));
+    let next = 0;
+    async function worker() {
+      while (next < todo.length) {
+        const li = todo[next++];
+        if (mine !== seq || !attr.checked) return;
+        try {
+          const resp = await fetch("/api/attribution", { method: "POST", body: queryForm({ result_id: li.dataset.id }) });
+          if (!resp.ok) continue;
+          const blob = await resp.blob();
+          if (mine !== seq || !attr.checked) return;
+          showLegend(resp);
+          const ov = document.createElement("img");
+          ov.className = "overlay";
+          ov.alt = "";
+          ov.src = URL.createObjectURL(blob);
+          li.querySelector(".thumb").append(ov);
+        } catch (_) { /* overlays are best effort */ }
+      }
+    }
+    await Promise.all(Array.from({ length: Math.min(OVERLAY_PARALLEL, todo.length) }, worker));
+  }
+
+  async function openWhy(r) {   // the pair view: query and result with their maps, matched regions linked
+    if (!lastQuery) return;
+    const mine = ++whySeq;
+    whyTitle.textContent = `Why did “${r.caption || r.id}” match?`;
+    whyStatus.textContent = "Computing the attribution maps…";
+    whyNote.hidden = true;
+    whyImg.hidden = true;
+    if (!whyDialog.open) whyDialog.showModal();
+    try {
+      const resp = await fetch("/api/attribution/pair", { method: "POST", body: queryForm({ result_id: r.id }) });
+      if (mine !== whySeq) return;
+      if (!resp.ok) {
+        let msg = `HTTP ${resp.status}`;
+        try { msg = (await resp.json()).error.message || msg; } catch (_) { /* not JSON */ }
+        whyStatus.textContent = msg;
+        return;
+      }
+      const blob = await resp.blob();
+      if (mine !== whySeq) return;
+      const label = resp.headers.get("X-Attribution-Label") || resp.headers.get("X-Attribution-Method") || "";
+      const note = resp.headers.get("X-Attribution-Note");
+      const image = !!(lastQuery.imageFile || lastQuery.imageId);
+      if (whyImg.dataset.url) URL.revokeObjectURL(whyImg.dataset.url);
+      whyImg.dataset.url = URL.createObjectURL(blob);
+      whyImg.src = whyImg.dataset.url;
+      whyImg.alt = image ? `The query (left) and this result (right), each with its attribution map (${label})`
+        : `This result with its attribution map (${label})`;
+      whyImg.hidden = false;
+      whyStatus.textContent = image
+        ? `Left: your query; right: this result; each with its map (${label}). Lines link regions that match locally.`
+        : `This result with its map (${label}) for “${lastQuery.text}”.`;
+      whyNote.textContent = note ? `Note: ${note}` : "";
+      whyNote.hidden = !note;
+    } catch (err) {
+      if (mine === whySeq) whyStatus.textContent = err.message;
     }
   }
+  $("#why-close").addEventListener("click", () => whyDialog.close());
+  whyDialog.addEventListener("click", (e) => { if (e.target === whyDialog) whyDialog.close(); });
 
   attr.addEventListener("change", () => {
     if (attr.checked) loadOverlays();
-    else results.querySelectorAll(".overlay").forEach((o) => o.remove());
+    else {
+      results.querySelectorAll(".overlay").forEach((o) => { URL.revokeObjectURL(o.src); o.remove(); });
+      attrLegend.hidden = true;
+    }
   });
 
   q.addEventListener("input", () => {
@@ -218,6 +291,7 @@
   });
 
   document.addEventListener("keydown", (e) => {
+    if (whyDialog.open) return;   // the dialog handles its own keys (Escape closes it)
     const typing = ["INPUT", "TEXTAREA"].includes(document.activeElement.tagName);
     if (e.key === "/" && !typing) { e.preventDefault(); q.focus(); q.select(); }
     else if (e.key === "Escape") {

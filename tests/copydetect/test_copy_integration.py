@@ -136,9 +136,14 @@ def test_match_cli_json(copy_index, photos, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"matches"}
     assert [m["query"] for m in out["matches"]] == [str(q1)]
-    assert set(out["matches"][0]) >= {"query", "id", "score"}
-    # a threshold nobody reaches -> no matches; a missing file -> one-line error, exit 2
-    assert loupe(["match", str(copy_index), str(q1), "--threshold", "5", "--json"]) == 0
+    assert set(out["matches"][0]) >= {"query", "id", "path", "score"}
+    assert out["matches"][0]["path"].endswith(("chelsea.jpg", "chelsea.png"))
+    # text output names the file; --device is honoured
+    assert loupe(["match", str(copy_index), str(q1), "--device", "cpu"]) == 0
+    line = capsys.readouterr().out.splitlines()[0].split("\t")
+    assert line[0] == str(q1) and line[1] == out["matches"][0]["path"]
+    # a threshold nobody reaches -> no matches, exit 1; a missing file -> one-line error, exit 2
+    assert loupe(["match", str(copy_index), str(q1), "--threshold", "5", "--json"]) == 1
     assert json.loads(capsys.readouterr().out) == {"matches": []}
     assert loupe(["match", str(copy_index), str(tmp_path / "nope.jpg")]) == 2
     assert "nope.jpg" in capsys.readouterr().err
@@ -172,7 +177,7 @@ def test_dedup_cli_pairs_groups_and_exact(copy_index, tmp_path, capsys, engine):
     assert set(res) >= {"pairs", "groups"}
     groups = [sorted(stem(engine, i) for i in g) for g in res["groups"]]
     assert ["rocket", "rocket-reencoded"] in groups
-    assert all(p["score"] >= 0.8 and set(p) == {"a", "b", "score"} for p in res["pairs"])
+    assert all(set(p) >= {"a", "b", "a_path", "b_path", "score"} for p in res["pairs"])
     assert any(len(e["sources"]) == 2 and any("coffee-again" in s for s in e["sources"]) for e in res["exact"])
     assert out_file.is_file() and "pairs" in captured.err
 

@@ -177,11 +177,12 @@ def test_write_result_formats(tmp_path):
     res = deduplicate([v], ids, DedupConfig(threshold=0.95))
     js = json.loads(write_result(res, tmp_path / "d.json").read_text())
     assert set(js) >= {"pairs", "groups"} and len(js["pairs"]) == len(res.pairs)
-    assert all(set(p) == {"a", "b", "score"} for p in js["pairs"])
+    assert all(set(p) == {"a", "b", "a_path", "b_path", "score"} for p in js["pairs"])
     tbl = pq.read_table(write_result(res, tmp_path / "d.parquet"))
-    assert tbl.num_rows == len(res.pairs) and tbl.column_names == ["a", "b", "score", "group"]
+    assert tbl.num_rows == len(res.pairs)
+    assert tbl.column_names == ["a", "b", "score", "group", "a_path", "b_path"]
     csv_text = write_result(res, tmp_path / "d.csv").read_text().splitlines()
-    assert csv_text[0] == "a,b,score,group" and len(csv_text) == len(res.pairs) + 1
+    assert csv_text[0] == "a,b,score,group,a_path,b_path" and len(csv_text) == len(res.pairs) + 1
     assert json.loads((tmp_path / "d.groups.json").read_text())["groups"] == js["groups"]
     with pytest.raises(InvalidQueryError):
         write_result(res, tmp_path / "d.xlsx")

@@ -9,7 +9,7 @@ from _engine_helpers import build_index, build_photo_index, png_bytes, unit
 from retrieval.engine.embed import parse_term, parse_terms
 from retrieval.engine.engine import Engine
 from retrieval.errors import InvalidQueryError, UnknownEncoderError, UnknownIdError, UnsupportedModalityError
-from retrieval.index import store
+from retrieval.index import descriptors, store, vector_files
 from retrieval.index.filters import filter_mask, parse_filter
 from retrieval.testing.oracles import exact_search
 from retrieval.types import Hit
@@ -103,7 +103,7 @@ def test_binary_shards_match_hamming_reference(tmp_path):
         store.write_metadata(tmp_path, name, rows[a:b])
         ix = faiss.IndexBinaryFlat(256)
         ix.add(codes[a:b])
-        store.write_vectors(tmp_path, "pdq", name, ix)
+        vector_files.write_vectors(tmp_path, "pdq", name, ix)
     store.write_manifest(tmp_path, store.Manifest(
         encoders={"pdq": store.EncoderEntry("pdq", 256, index_type="binary", factory="BFlat")},
         shards=[store.ShardEntry(store.shard_name(0), 120), store.ShardEntry(store.shard_name(1), 180)]))
@@ -215,7 +215,7 @@ def test_all_vectors_and_local_features(tmp_path, vecs):
     locals_ = []
     for s, (a, b) in enumerate([(0, 10), (10, 30)]):
         per = [(unit(rng.standard_normal((4, 8))), np.array([[0, 0], [0, 1], [1, 0], [1, 1]])) for _ in range(a, b)]
-        store.write_local(engine_dir, "e", store.shard_name(s), per)
+        descriptors.write_local(engine_dir, "e", store.shard_name(s), per)
         locals_.extend(per)
     m = store.read_manifest(engine_dir)
     m.encoders["e"].local_features = {"dim": 8, "grid": [2, 2]}

@@ -19,7 +19,7 @@ from indexer import index_types
 from indexer.lock import IndexLock
 from indexer.pipeline import stored_vectors
 from retrieval.errors import IndexLockedError, LoupeError
-from retrieval.index import store
+from retrieval.index import descriptors, store, vector_files
 
 _index, _all_rows, _cos = index, all_rows, cos
 
@@ -52,7 +52,7 @@ def test_layout_and_manifest(tmp_path, photo_dir, tiny_clip):
     for sh in m.shards:
         meta = store.read_metadata(out, sh.name)
         assert meta.column_names == list(store.METADATA_COLUMNS)
-        assert store.read_vectors(out, tiny_clip, sh.name).ntotal == meta.num_rows == sh.count
+        assert vector_files.read_vectors(out, tiny_clip, sh.name).ntotal == meta.num_rows == sh.count
     rows = _all_rows(out)
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids))
@@ -145,7 +145,7 @@ def test_incremental_add_prune_and_alias_promotion(tmp_path, photos, tiny_clip):
     assert (again.indexed, again.skipped, again.pruned) == (0, 4, 0)
     m = store.read_manifest(out)
     for sh in m.shards:   # rewritten shards are consistent, and no unlisted shard file is left
-        assert store.read_vectors(out, tiny_clip, sh.name).ntotal == store.read_metadata(out, sh.name).num_rows
+        assert vector_files.read_vectors(out, tiny_clip, sh.name).ntotal == store.read_metadata(out, sh.name).num_rows
     listed = {sh.name for sh in m.shards}
     on_disk = {p.name.split(".")[0] for p in (out / "meta").iterdir()}
     on_disk |= {p.name.split(".")[0] for p in (out / tiny_clip).glob("shard-*")}
@@ -190,9 +190,9 @@ def test_multi_encoder_shards_hold_the_same_images(tmp_path, photo_dir, tiny_cli
     for sh in m.shards:
         sources = store.read_metadata(out, sh.name).column("source").to_pylist()
         for name, enc in encs.items():
-            index = store.read_vectors(out, name, sh.name, mmap=False)
+            index = vector_files.read_vectors(out, name, sh.name, mmap=False)
             assert index.ntotal == len(sources) and index.d == 32
-            stored = store.reconstruct_all(index)
+            stored = vector_files.reconstruct_all(index)
             fresh = enc.encode_images(sources)
             np.testing.assert_allclose(np.sum(stored * fresh, axis=1), 1.0, atol=1e-4)
 
@@ -205,11 +205,11 @@ def test_local_features(tmp_path, photo_dir, tiny_clip, effnet):
     assert lf == {"dim": 128, "grid": [7, 7], "per_image": 49, "dtype": "float16", "layer": "final"}
     assert m.encoders[tiny_clip].local_features == {"dim": 32, "grid": [4, 4], "per_image": 16, "dtype": "float16",
                                                          "layer": "final"}
-    reducer = store.LocalReducer.load(store.pca_path(out, "effnet-lite0"))
+    reducer = descriptors.LocalReducer.load(store.pca_path(out, "effnet-lite0"))
     assert reducer.components.shape == (128, 1280)
     rows = _all_rows(out)
     sh = m.shards[-1]
-    shard = store.LocalShard(out, "effnet-lite0", sh.name)
+    shard = descriptors.LocalShard(out, "effnet-lite0", sh.name)
     assert shard.desc.dtype == np.float16 and len(shard.off) == sh.count + 1
     source = store.read_metadata(out, sh.name).column("source").to_pylist()[0]
     desc, pos = shard.get(0)
@@ -226,8 +226,8 @@ def test_local_features(tmp_path, photo_dir, tiny_clip, effnet):
     _index([photo_dir, extra], out, [], shard_size=6)   # encoders and local features come from the manifest
     m2 = store.read_manifest(out)
     assert len(m2.shards) == len(m.shards) + 1
-    assert store.LocalShard(out, tiny_clip, m2.shards[-1].name).get(0)[0].shape == (16, 32)
-    np.testing.assert_array_equal(store.LocalReducer.load(store.pca_path(out, "effnet-lite0")).components,
+    assert descriptors.LocalShard(out, tiny_clip, m2.shards[-1].name).get(0)[0].shape == (16, 32)
+    np.testing.assert_array_equal(descriptors.LocalReducer.load(store.pca_path(out, "effnet-lite0")).components,
                                   reducer.components)
 
 
@@ -289,7 +289,7 @@ def test_compressed_index_types(tmp_path, tiny_clip, kind):
     assert len(rows) == 120
     total = 0
     for sh in m.shards:
-        index = store.read_vectors(out, tiny_clip, sh.name, mmap=False)
+        index = vector_files.read_vectors(out, tiny_clip, sh.name, mmap=False)
         assert index.ntotal == sh.count
         total += index.ntotal
         if kind == "ivfpq":
@@ -297,7 +297,7 @@ def test_compressed_index_types(tmp_path, tiny_clip, kind):
             assert entry.factory == f"IVF{ivf.nlist},PQ8x6" and ivf.nlist == 2  # capped to an 80-vector sample
         else:
             assert entry.factory == "HNSW32,Flat"
-            exact = store.reconstruct_all(index)
+            exact = vector_files.reconstruct_all(index)
             _, labels = index.search(exact, 1)
             assert labels[:, 0].tolist() == list(range(index.ntotal))  # HNSW: label = row in the shard
     assert total == 120
@@ -317,7 +317,7 @@ def test_compressed_index_types(tmp_path, tiny_clip, kind):
     for k, i in enumerate(ids_after):   # surviving vectors unchanged (HNSW exact; IVF-PQ codes re-encoded)
         assert _cos(vecs_after[k], vecs_before[ids_before.index(i)]) > (0.9999 if kind == "hnsw" else 0.95)
     for sh in m2.shards:
-        index = store.read_vectors(out, tiny_clip, sh.name, mmap=False)
+        index = vector_files.read_vectors(out, tiny_clip, sh.name, mmap=False)
         assert index.ntotal == sh.count
         if kind == "ivfpq":
             assert faiss.extract_index_ivf(index).nlist == 2

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.index import store
+from retrieval.index import descriptors, store, vector_files
 
 HELPER = Path(__file__).resolve().parents[1] / "_indexer_helpers.py"
 pytestmark = pytest.mark.slow   # subprocesses: each run imports torch afresh
@@ -75,9 +75,9 @@ def check_readable(out) -> list[dict]:
         assert len(meta) == sh.count
         for name, entry in m.encoders.items():
             binary = entry.index_type == "binary"
-            assert store.read_vectors(out, name, sh.name, binary=binary).ntotal == sh.count
+            assert vector_files.read_vectors(out, name, sh.name, binary=binary).ntotal == sh.count
             if entry.local_features:
-                assert len(store.LocalShard(out, name, sh.name).off) == sh.count + 1
+                assert len(descriptors.LocalShard(out, name, sh.name).off) == sh.count + 1
         rows.extend(meta)
     assert m.count == len(rows)
     return rows

@@ -255,7 +255,7 @@ def test_hide_paths_and_no_server_paths_in_errors(tmp_path, photo_index):
     red_path.unlink()
     message = _assert_error(client.get(f"/api/images/{red_id}"), 404, "not_found")
     assert str(tmp_path) not in message and "red.png" not in message
-    message = _assert_error(client.get("/broken-index"), 500, "index_format")
+    message = _assert_error(client.get("/broken-index"), 503, "index_format")
     assert str(tmp_path) not in message and "shard-00000.faiss" in message and "/api/images" not in message
 
 

@@ -331,7 +331,7 @@ def test_server_picks_up_a_reindexed_directory(tmp_path):
 
     from _engine_helpers import build_index, unit
 
-    from retrieval.index import store
+    from retrieval.index import store, vector_files
 
     vecs = unit(np.random.default_rng(0).standard_normal((20, 8)))
     out = build_index(tmp_path / "idx", {"e": vecs[:10]})
@@ -345,7 +345,7 @@ def test_server_picks_up_a_reindexed_directory(tmp_path):
     ix = faiss.IndexFlatIP(8)
     ix.add(vecs[10:])
     store.write_metadata(out, store.shard_name(1), rows)
-    store.write_vectors(out, "e", store.shard_name(1), ix)
+    vector_files.write_vectors(out, "e", store.shard_name(1), ix)
     m = store.read_manifest(out)
     m.shards.append(store.ShardEntry(store.shard_name(1), 10))
     _time.sleep(0.05)

@@ -1,0 +1,103 @@
+"""Recall-targeted tuning (retrieval.index.tuning) and the torch exact search used on GPUs
+(retrieval.index.torch_search), checked on the CPU against faiss' exact search."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+from _engine_helpers import build_index, unit
+
+from retrieval.engine.engine import Engine
+from retrieval.index.torch_search import TorchFlatSearcher
+from retrieval.index.tuning import MARGIN, exact_neighbours, probe_queries, recall_at_k, tune
+
+
+def data(n=3000, dim=32, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.standard_normal((16, dim)))
+    return unit(centres[rng.integers(0, 16, n)] + rng.standard_normal((n, dim)) * 0.25)
+
+
+def test_exact_neighbours_streams_chunks_like_one_flat_index():
+    vecs = data()
+    q = data(50, seed=3)
+    flat = faiss.IndexFlatIP(vecs.shape[1])
+    flat.add(vecs)
+    d_ref, i_ref = flat.search(q, 10)
+    d, i = exact_neighbours([vecs[:1000], vecs[1000:1001], vecs[1001:]], q, 10)
+    assert np.array_equal(i, i_ref) and np.allclose(d, d_ref, atol=1e-6)
+
+
+def test_recall_at_k_counts_the_true_top_k():
+    truth = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    found = np.array([[4, 3, 9, 9], [5, 6, 7, 8]])
+    assert recall_at_k(found, truth, 4) == pytest.approx((2 + 4) / 8)
+
+
+def test_probe_queries_sit_at_the_nearest_neighbour_distance():
+    vecs = data()
+    own = vecs[:200]
+    queries, nn_cos = probe_queries(own, lambda: [vecs], seed=1)
+    assert np.allclose(np.linalg.norm(queries, axis=1), 1, atol=1e-5)
+    cos_to_own = np.einsum("ij,ij->i", queries, own)
+    assert abs(float(np.median(cos_to_own)) - nn_cos) < 0.05
+    assert not np.allclose(queries, own)
+
+
+def test_tune_picks_the_cheapest_efsearch_reaching_the_target():
+    vecs = data(4000)
+    index = faiss.index_factory(vecs.shape[1], "HNSW8,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = 16
+    index.add(vecs)
+    queries, _ = probe_queries(vecs[:300], lambda: [vecs], seed=2)
+    _, truth = exact_neighbours([vecs], queries, 10)
+
+    def search(q, k, params):
+        index.hnsw.efSearch = params.get("efSearch", 16)
+        return index.search(q, k)[1]
+
+    tuned = tune(search, index, queries, truth, target=0.96)
+    goal = 0.96 + MARGIN * 0.04
+    assert tuned.reached and tuned.recall >= goal
+    ef = tuned.params["efSearch"]
+    index.hnsw.efSearch = ef
+    assert recall_at_k(index.search(queries, 10)[1], truth) == pytest.approx(tuned.recall)
+    assert all(t["recall"] < goal for t in tuned.tried if t["params"]["efSearch"] < ef)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_torch_flat_search_equals_faiss_exact(half):
+    vecs = data(2000, 48)
+    q = data(20, 48, seed=9)
+    flat = faiss.IndexFlatIP(48)
+    flat.add(vecs)
+    d_ref, i_ref = flat.search(q, 10)
+    chunks = [vecs[:700], vecs[700:]]
+    searcher = TorchFlatSearcher(chunks, "cpu", half=half, exact_vectors=(lambda rows: vecs[rows]) if half else None)
+    d, i = searcher.search(q, 10)
+    assert np.array_equal(i, i_ref)
+    assert np.allclose(d, d_ref, atol=1e-5)
+    mask = np.zeros(2000, bool)
+    mask[::7] = True
+    d, i = searcher.search(q, 10, mask)
+    sel = faiss.IDSelectorBatch(np.flatnonzero(mask).astype(np.int64))
+    d_ref, i_ref = flat.search(q, 10, params=faiss.SearchParameters(sel=sel))
+    assert np.array_equal(i, i_ref)
+
+
+def test_engine_on_an_accelerator_answers_as_on_the_cpu(tmp_path):
+    vecs = data(900, 16)
+    out = build_index(tmp_path / "idx", {"e": vecs}, shard_sizes=[300, 300, 300])
+    cpu = Engine(out, device="cpu")
+    acc = Engine(out, device="cpu", search_device="torch-cpu")
+    assert "e" in acc.shards.accelerated and not cpu.shards.accelerated
+    for qi in (0, 311, 899):
+        a = cpu.search_vector("e", vecs[qi], 12)
+        b = acc.search_vector("e", vecs[qi], 12)
+        assert [h.id for h in a] == [h.id for h in b]
+        assert [(h.shard, h.row) for h in a] == [(h.shard, h.row) for h in b]
+        assert np.allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
+    flt = {"group": "even"}
+    assert [h.id for h in cpu.search_vector("e", vecs[4], 10, filter=flt)] == \
+        [h.id for h in acc.search_vector("e", vecs[4], 10, filter=flt)]
