@@ -156,7 +156,8 @@ def main(argv=None) -> int:
     import bench_rerank as br
 
     from retrieval.encoders import create_encoder
-    from retrieval.explain.attribution import attribute, crop_box
+    from retrieval.explain.attribution import attribute
+    from retrieval.explain.grid import crop_box
     from retrieval.explain.overlay import overlay_png
 
     rng = np.random.default_rng(args.seed)

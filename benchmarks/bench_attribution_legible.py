@@ -83,8 +83,9 @@ def main(argv=None) -> int:
     import bench_attribution as ba
 
     from retrieval.encoders import create_encoder
-    from retrieval.explain.attribution import AttributionConfig, attribute, attribute_grid, crop_box
-    from retrieval.explain.grid import legible_map, smoothness, to_image_map
+    from retrieval.explain.attribution import attribute, attribute_grid
+    from retrieval.explain.config import AttributionConfig
+    from retrieval.explain.grid import crop_box, legible_map, smoothness, to_image_map
 
     variants = [(float(v.split(":")[0]), float(v.split(":")[1])) for v in args.variants.split(",") if v]
     names = ["integrated-raw"] + [f"smooth {s:g}" if w <= 0 else f"blend {s:g} w{w:g}" for s, w in variants]

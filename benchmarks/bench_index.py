@@ -277,7 +277,7 @@ def main() -> None:
         return
     import torch
 
-    from indexer.pipeline import default_workers
+    from indexer.defaults import default_workers
     from retrieval.device import resolve_device
 
     dev = resolve_device(args.device)

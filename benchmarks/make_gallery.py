@@ -73,7 +73,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from retrieval.encoders import create_encoder
-    from retrieval.explain.attribution import TEXT_NOTE, Explanation, attribute, crop_box, default_method, match_maps
+    from retrieval.explain.attribution import TEXT_NOTE, Explanation, attribute, default_method
+    from retrieval.explain.grid import crop_box
+    from retrieval.explain.matching import match_maps
     from retrieval.explain.overlay import overlay_image
     from retrieval.explain.pair import pair_image
 

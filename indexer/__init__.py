@@ -8,7 +8,22 @@ runs the reader and the embedding on Ray actors; ``index_types`` picks the FAISS
 one writer per index directory.
 """
 
-from indexer.pipeline import IndexConfig, build_index, stored_vectors
-from indexer.runner import IndexSummary
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {"IndexConfig": "indexer.pipeline", "build_index": "indexer.pipeline", "stored_vectors": "indexer.pipeline",
+         "IndexSummary": "indexer.runner"}
 
 __all__ = ["IndexConfig", "IndexSummary", "build_index", "stored_vectors"]
+
+
+def __getattr__(name: str) -> Any:
+    """The names above, loaded on first use (``indexer.defaults`` and ``indexer.lock`` import no torch)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'indexer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -31,6 +31,7 @@ import numpy as np
 
 from indexer import index_types
 from indexer.decode import DecodeDataset, batch_bytes, iter_batches, prefetch_factor, worker_errors_in_iteration
+from indexer.defaults import DEFAULT_BATCH_SIZE, DEFAULT_COMMIT_SECONDS, DEFAULT_SHARD_SIZE, default_workers
 from indexer.embed import Embedder, gpu_decodable
 from indexer.lock import IndexLock
 from indexer.runner import IndexSummary, Mapper, ReadBatch, run_stages, triage
@@ -41,15 +42,6 @@ from retrieval.errors import LoupeError
 from retrieval.index import store, vector_files
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SHARD_SIZE = 100_000
-DEFAULT_BATCH_SIZE = 64
-DEFAULT_COMMIT_SECONDS = 300.0
-
-
-def default_workers() -> int:
-    return max(1, min(32, (os.cpu_count() or 2) - 1))
-
 
 @dataclass
 class IndexConfig:

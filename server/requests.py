@@ -40,7 +40,7 @@ from retrieval.engine.request import (
     form_number,
 )
 from retrieval.errors import ImageTooLargeError, InvalidImageError, InvalidQueryError, UnknownIdError
-from retrieval.explain.attribution import METHODS as ATTRIBUTION_METHODS
+from retrieval.explain.config import METHODS as ATTRIBUTION_METHODS
 from server.errors import BadRequestError, InvalidJsonError, ServerBusyError, UnsupportedMediaTypeError
 
 ID = re.compile(r"^[0-9a-f]{15}$")

@@ -29,7 +29,7 @@ EPILOG = """examples:
 
 
 def add_arguments(p) -> None:
-    from retrieval.explain.attribution import METHODS
+    from retrieval.explain.config import METHODS
     from retrieval.explain.overlay import COLORMAPS, DEFAULT_COLORMAP
 
     p.add_argument("dir", metavar="DIR", help="index directory (built by `loupe index`)")

@@ -24,7 +24,7 @@ EPILOG = """examples:
 
 
 def add_arguments(p) -> None:
-    from indexer.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_COMMIT_SECONDS, DEFAULT_SHARD_SIZE
+    from indexer.defaults import DEFAULT_BATCH_SIZE, DEFAULT_COMMIT_SECONDS, DEFAULT_SHARD_SIZE
 
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="folder, manifest, webdataset .tar or image")
     p.add_argument("--out", required=True, metavar="DIR", help="index directory (created or updated)")

@@ -83,21 +83,16 @@ from PIL import Image
 
 from retrieval.errors import InvalidQueryError, UnsupportedModalityError
 
-from .cnn import _integrated_maps, cnn_map, conse_vector_torch  # noqa: F401  (re-exported for callers/tests)
-from .config import FILLS, AttributionConfig, fill_image  # noqa: F401
+from .cnn import cnn_map
+from .config import METHODS, AttributionConfig
 from .grid import crop_box, eigen_cam, to_image_map, token_contributions
 from .matching import match_maps
-from .occlusion import occlusion_map, occlusion_positions  # noqa: F401
+from .occlusion import occlusion_map
 
-__all__ = ["Explanation", "AttributionConfig", "METHODS", "attribute", "attribute_grid", "crop_box", "to_image_map",
-           "eigen_cam", "token_contributions", "match_maps", "explain", "default_method", "occlusion_map",
-           "occlusion_positions", "describe", "TEXT_NOTE"]
+__all__ = ["Explanation", "attribute", "attribute_grid", "explain", "default_method", "describe", "TEXT_NOTE"]
 
-METHODS = ("auto", "tokens", "gradcam", "cam", "gradinput", "integrated", "integrated-raw", "eigencam", "occlusion",
-           "matches", "colour")
 _VIT = ("clip", "dinov2")
 _CNN = ("effnet", "conse")
-_fill_image = fill_image      # the old private name (tests, benchmarks)
 
 # Shown with text→image maps of the offline ConSE encoder (page, PNG legend, JSON, CLI): its maps do not
 # reach 2× random on the deletion test (benchmarks/RESULTS.md, "Issue 19"), so they are not silently weak.

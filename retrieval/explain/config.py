@@ -9,6 +9,10 @@ from PIL import Image, ImageFilter
 
 from retrieval.errors import InvalidQueryError
 
+# every attribution method a request may name (retrieval.explain.attribution); here, torch-free, for parsers
+METHODS = ("auto", "tokens", "gradcam", "cam", "gradinput", "integrated", "integrated-raw", "eigencam", "occlusion",
+           "matches", "colour")
+
 __all__ = ["AttributionConfig", "FILLS", "fill_image"]
 
 FILLS = ("mean", "blur")

@@ -34,6 +34,20 @@ def test_import_loupe_is_cheap():
     assert out.stdout.strip() == "[]"
 
 
+def test_loupe_help_imports_no_torch():
+    """Building the whole parser (every subcommand's options) imports neither torch nor faiss: `loupe --help`
+    and `loupe index --help` answer at once."""
+    code = ("import sys; from loupe.cli.main import build_parser; p = build_parser(); "
+            "p.format_help(); print(sorted(m for m in ('torch', 'faiss', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    for argv in (["--help"], ["index", "--help"], ["explain", "--help"], ["optimize", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "loupe", *argv], capture_output=True, text=True, cwd=ROOT,
+                             timeout=60)
+        assert out.returncode == 0 and "usage: loupe" in out.stdout, out.stderr
+
+
 def test_loupe_command_version_and_module():
     import loupe
 

@@ -11,15 +11,10 @@ from PIL import Image
 
 from retrieval.encoders import create_encoder
 from retrieval.errors import InvalidQueryError, UnsupportedModalityError
-from retrieval.explain.attribution import (
-    attribute,
-    conse_vector_torch,
-    crop_box,
-    eigen_cam,
-    match_maps,
-    to_image_map,
-    token_contributions,
-)
+from retrieval.explain.attribution import attribute, eigen_cam, to_image_map, token_contributions
+from retrieval.explain.cnn import conse_vector_torch
+from retrieval.explain.grid import crop_box
+from retrieval.explain.matching import match_maps
 from retrieval.explain.overlay import blend, colormap_lut, heatmap_json, overlay_png
 
 BOX = (250, 120, 430, 270)   # where the object is pasted on the 480x360 canvas
@@ -160,7 +155,7 @@ def test_overlay_png_and_json(photos):
 
 # -- occlusion -------------------------------------------------------------------------------------
 def test_occlusion_positions_cover_the_side():
-    from retrieval.explain.attribution import occlusion_positions
+    from retrieval.explain.occlusion import occlusion_positions
 
     assert occlusion_positions(224, 81, 40) == [0, 40, 80, 120, 143]
     assert occlusion_positions(10, 20, 5) == [0]
@@ -174,7 +169,7 @@ def test_occlusion_positions_cover_the_side():
 
 @pytest.mark.parametrize("fill", ["mean", "blur"])
 def test_occlusion_highlights_planted_object(effnet, composite, fill):
-    from retrieval.explain.attribution import AttributionConfig
+    from retrieval.explain.config import AttributionConfig
 
     obj, canvas, mask = composite
     q = effnet.encode_images([obj])[0]
@@ -190,7 +185,8 @@ def test_occlusion_highlights_planted_object(effnet, composite, fill):
 
 def test_occlusion_map_is_the_measured_drop(effnet, photos):
     """Each grid value is the mean cosine drop of the windows covering it: check one window by hand."""
-    from retrieval.explain.attribution import AttributionConfig, occlusion_map
+    from retrieval.explain.config import AttributionConfig
+    from retrieval.explain.occlusion import occlusion_map
 
     img = photos["coffee"]
     q = effnet.encode_images([photos["chelsea"]])[0]
@@ -216,7 +212,7 @@ def test_conse_occlusion_text_query(conse, composite):
 
 
 def test_occlusion_rejects_unknown_fill(effnet, photos):
-    from retrieval.explain.attribution import AttributionConfig
+    from retrieval.explain.config import AttributionConfig
 
     with pytest.raises(InvalidQueryError):
         attribute(effnet, photos["coffee"], effnet.encode_images([photos["coffee"]])[0], "occlusion",
@@ -251,7 +247,8 @@ def test_deletion_benchmark_masks_have_exactly_the_area():
 
 
 def test_gradinput_layers(effnet, conse, composite):
-    from retrieval.explain.attribution import AttributionConfig, attribute_grid
+    from retrieval.explain.attribution import attribute_grid
+    from retrieval.explain.config import AttributionConfig
 
     obj, canvas, mask = composite
     q = effnet.encode_images([obj])[0]
@@ -270,12 +267,14 @@ def test_integrated_gradients_completeness_and_localisation(effnet, conse, compo
     """Integrated gradients: the signed input attributions sum to f(image) - f(baseline) (the
     method's completeness axiom, checked against the encoder's own forward pass), the batched path
     equals a step-by-step reference, and the planted object lights up for image and text queries."""
-    from retrieval.explain.attribution import AttributionConfig, _fill_image, _integrated_maps, attribute_grid
+    from retrieval.explain.attribution import attribute_grid
+    from retrieval.explain.cnn import _integrated_maps
+    from retrieval.explain.config import AttributionConfig, fill_image
 
     obj, canvas, mask = composite
     q = effnet.encode_images([obj])[0]
     x = effnet.to_batch([canvas])
-    base_img = _fill_image(canvas, "mean")
+    base_img = fill_image(canvas, "mean")
     base = effnet.to_batch([base_img])
     signed = _integrated_maps(effnet, effnet.model, x, base, q, ("input",), steps=48, relu=False)[0]
     gap = float(effnet.encode_images([canvas])[0] @ q - effnet.encode_images([base_img])[0] @ q)

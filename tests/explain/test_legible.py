@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.explain.attribution import TEXT_NOTE, Explanation, attribute, crop_box, match_maps
-from retrieval.explain.grid import seen_mask, smoothness
+from retrieval.explain.attribution import TEXT_NOTE, Explanation, attribute
+from retrieval.explain.grid import crop_box, seen_mask, smoothness
 from retrieval.explain.legend import BAND_BG, NOTE_BG
+from retrieval.explain.matching import match_maps
 from retrieval.explain.overlay import HATCH_GREY, colormap_lut, overlay_image, overlay_png
 from retrieval.explain.pair import LINE_COLOURS, pair_image
 
