@@ -91,7 +91,32 @@ def build_index(cfg: IndexConfig, *, progress: Callable[[int, int], None] | None
     tests crash the run there)."""
     t0 = time.perf_counter()
     out = Path(cfg.out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _build(cfg, out, t0, progress, progress_total, checkpoint)
+    except BaseException:
+        if created:
+            _remove_if_empty(out)       # a run that failed before writing anything leaves no folder behind
+        raise
+
+
+def _remove_if_empty(out: Path) -> None:
+    """Delete ``out`` when it holds nothing but the writer's lock file (and empty folders)."""
+    from indexer.lock import LOCK_NAME
+
+    try:
+        if any(p.is_file() and p.name != LOCK_NAME for p in out.rglob("*")):
+            return
+        (out / LOCK_NAME).unlink(missing_ok=True)
+        for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            folder.rmdir()
+        out.rmdir()
+    except OSError:
+        pass
+
+
+def _build(cfg: IndexConfig, out: Path, t0: float, progress, progress_total, checkpoint) -> IndexSummary:
     summary = IndexSummary()
     if cfg.vectors:                         # bring your own embeddings: no decoding, no model
         from indexer.vectors import index_vectors

@@ -104,11 +104,12 @@ class Weights:
         return missing_weights(self.name, list(self.looked), self.how, cause)
 
 
-def resolve_weights(encoder: str | EncoderSpec, model: str | None = None) -> Weights:
+def resolve_weights(encoder: str | EncoderSpec, model: str | None = None, *, probe_hub: bool = True) -> Weights:
     """Where the weights of ``encoder`` (a registry name or spec) are, by the priority order in this module's
     docstring. ``model`` picks one of the family's models (``"effnet"`` or ``"minilm"`` for ConSE;
     default: the first). Raises ``MissingWeightsError`` (or ``MissingExtraError`` for an optional extra's
-    package) when no source holds them."""
+    package) when no source holds them — including, with ``probe_hub``, when only the model hub has them
+    and it cannot be reached (:func:`hub_reachable`, at most ``HUB_PROBE_SECONDS``)."""
     spec = _spec(encoder)
     models = _models(spec)
     key = model or (models[0] if models else None)
@@ -138,7 +139,12 @@ def resolve_weights(encoder: str | EncoderSpec, model: str | None = None) -> Wei
             if Path(packaged).exists():
                 return answer("package", packaged)
     if hub:
-        return answer("hub_cache" if _hub_cached(spec.get("hub_id"), layout.hub_files) else "hub", hub)
+        if _hub_cached(spec.get("hub_id"), layout.hub_files):
+            return answer("hub_cache", hub)
+        if probe_hub and not hub_reachable():       # fail now, not after a minute of download retries
+            raise missing_weights(name, list(looked), how, OSError(f"the model hub ({_hub_host()}) cannot be "
+                                                                   "reached from this machine"))
+        return answer("hub", hub)
     if isinstance(package_error, ImportError) and layout.extra and layout.locate:
         module = layout.locate.split(":")[0]
         raise missing_extra(spec.name, layout.extra, module, layout.extra_note) from package_error
@@ -151,7 +157,7 @@ def weights_available(encoder: str | EncoderSpec) -> bool:
     spec = _spec(encoder)
     for key in _models(spec):
         try:
-            weights = resolve_weights(spec, key)
+            weights = resolve_weights(spec, key, probe_hub=False)
         except (MissingWeightsError, MissingExtraError):
             return False
         if not weights.offline or (weights.source == "registry" and not Path(weights.location).exists()):
@@ -205,6 +211,35 @@ def _locate(target: str) -> str:
     for attr in attrs.split("."):
         obj = getattr(obj, attr)
     return str(obj() if callable(obj) else obj)
+
+
+HUB_PROBE_SECONDS = 1.5
+_hub_probe: dict[str, bool] = {}
+
+
+def _hub_host() -> str:
+    import os
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+
+
+def hub_reachable() -> bool:
+    """Whether the model hub answers a TCP connection within ``HUB_PROBE_SECONDS`` (once per process;
+    ``HF_HUB_OFFLINE=1`` means no). Without it, a hub download retries for about a minute before failing."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = _hub_host()
+    if host not in _hub_probe:
+        try:
+            with socket.create_connection((host, 443), timeout=HUB_PROBE_SECONDS):
+                _hub_probe[host] = True
+        except OSError:
+            _hub_probe[host] = False
+    return _hub_probe[host]
 
 
 def _hub_cached(hub_id: str | None, files: tuple[str, ...]) -> bool:

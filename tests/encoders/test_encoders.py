@@ -287,8 +287,10 @@ def test_weights_available_says_whether_the_network_is_needed(tmp_path, monkeypa
     spec = EncoderSpec.from_row("test-clip-nowhere", {"family": "clip", "dim": 32, "arch": "ViT-B-32",
                                                       "pretrained": "loupe-test-none", "hub_id": "loupe-test/none"})
     monkeypatch.setenv("LOUPE_WEIGHTS_DIR", str(tmp_path))
-    hub = resolve_weights(spec)
+    hub = resolve_weights(spec, probe_hub=False)
     assert (hub.source, hub.location, hub.offline) == ("hub", "loupe-test-none", False)
+    with pytest.raises(MissingWeightsError, match="cannot be reached"):   # the tests' network is blocked
+        resolve_weights(spec)
     assert not weights_available(spec)
     (tmp_path / spec.name).mkdir()
     (tmp_path / spec.name / "open_clip_pytorch_model.bin").write_bytes(b"")
