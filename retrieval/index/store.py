@@ -33,10 +33,8 @@ whole anyway) and the contents' shape: vector dimension and count, ids, unit nor
 local-feature offsets; ``loupe verify`` (``retrieval.index.verify``) checks every checksum. A mismatch is
 an ``IndexFormatError`` that names the file and what to do.
 
-This module holds the layout, ids, atomic writes, the manifest and the metadata; the FAISS shards are
-read, written and checked by :mod:`retrieval.index.vector_files`, the local descriptors by
-:mod:`retrieval.index.descriptors`, and the searchable layout of ``loupe optimize`` by
-:mod:`retrieval.index.optimize`.
+Here: layout, ids, atomic writes, manifest, metadata. FAISS shards: :mod:`retrieval.index.vector_files`;
+local descriptors: :mod:`retrieval.index.descriptors`; ``loupe optimize``'s layout: ``optimize``.
 """
 
 from __future__ import annotations

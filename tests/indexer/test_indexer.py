@@ -232,7 +232,7 @@ def test_local_features(tmp_path, photo_dir, tiny_clip, effnet):
 
 
 def test_local_features_token_cap():
-    from indexer.writer import LOCAL_MAX_TOKENS, select_tokens
+    from indexer.local_features import LOCAL_MAX_TOKENS, select_tokens
 
     assert select_tokens(49).tolist() == list(range(49))
     keep = select_tokens(37 * 37)
