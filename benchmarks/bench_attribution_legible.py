@@ -22,6 +22,10 @@ paste backgrounds; never used for tuning). Smoothness = correlation of each map 
 copy of itself (σ 3 % of the shorter side), as ``retrieval.explain.grid.smoothness``.
 
     .venv/bin/python benchmarks/bench_attribution_legible.py --pairs 80 --photos 52
+
+Issue 19 follow-up: ``--sets`` adds ``sklearn`` (8 tuning photo pairs from scikit-learn's two sample photos,
+never held out) and ``--fills mean,inpaint`` reports each set under the mean-colour fill (the issue-5
+protocol) and the harmonic inpainting fill (``bench_attribution.inpaint``) side by side.
 """
 
 from __future__ import annotations
@@ -53,6 +57,20 @@ def stamp_pairs(n: int, seed: int):
     return pairs
 
 
+def sklearn_pairs(seed: int):
+    """Tuning photos: scikit-learn's two sample photos (china, flower), each under the four transformations
+    (the other photo as the paste background): 8 pairs, never in a held-out set."""
+    import bench_rerank as br
+    import sklearn.datasets
+    from PIL import Image
+
+    folder = Path(sklearn.datasets.__file__).parent / "images"
+    ims = [Image.open(folder / f).convert("RGB") for f in ("china.jpg", "flower.jpg")]
+    rng = np.random.default_rng(seed + 200)
+    return [(br.transform(ph, kind, rng, [ims[1 - j]]), ph) for kind in ("crop", "rotate", "overlay", "paste")
+            for j, ph in enumerate(ims)]
+
+
 def photo_pairs(n: int, seed: int):
     import bench_rerank as br
 
@@ -73,6 +91,10 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="4:0,8:0,12:0,8:0.5,12:0.5,8:0.3",
                     help="sigma:weight pairs (sigma in px on the 224-px input; weight = the per-pixel map's share)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sets", default="stamps,photos",
+                    help="which sets: stamps (even = tuning, odd = held-out), sklearn (tuning photos), "
+                         "photos (held-out scikit-image photos)")
+    ap.add_argument("--fills", default="mean,inpaint", help="deletion fills to report (bench_attribution.FILLS)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dump", default=str(ROOT / "benchmarks" / "out" / "attribution_legible.npz"))
     args = ap.parse_args(argv)
@@ -94,11 +116,19 @@ def main(argv=None) -> int:
                   if abs(s - default.ig_smooth * 224) < 1e-6 and abs(w - default.ig_blend) < 1e-6), None)
     enc = create_encoder("effnet-lite0", device="cpu")
     t0 = time.perf_counter()
-    sets = {"stamps": stamp_pairs(args.pairs, args.seed), "photos": photo_pairs(args.photos, args.seed)}
-    print(f"pairs ready ({time.perf_counter() - t0:.0f}s): {len(sets['stamps'])} stamps, {len(sets['photos'])} photos",
+    wanted = args.sets.split(",")
+    fills = args.fills.split(",")
+    sets = {}
+    if "stamps" in wanted:
+        sets["stamps"] = stamp_pairs(args.pairs, args.seed)
+    if "sklearn" in wanted:
+        sets["sklearn"] = sklearn_pairs(args.seed)
+    if "photos" in wanted:
+        sets["photos"] = photo_pairs(args.photos, args.seed)
+    print(f"pairs ready ({time.perf_counter() - t0:.0f}s): " + ", ".join(f"{len(v)} {k}" for k, v in sets.items()),
           flush=True)
     signed_cfg = AttributionConfig(relu=False, ig_smooth=0.0)
-    drops = {s: {m: [] for m in names} for s in sets}
+    drops = {(s, f): {m: [] for m in names} for s in sets for f in fills}
     smooth = {s: {m: [] for m in names} for s in sets}
     mrng = np.random.default_rng(args.seed + 1)
     checked = False
@@ -121,38 +151,42 @@ def main(argv=None) -> int:
             tops = [ba.top_mask(h, box, mrng) for h in heats]
             centre, disc = ba.discs(shape, box, mrng)
             shared = [ba.random_mask(shape, box, mrng), ba.random_mask(shape, box, mrng), centre, disc]
-            sims = enc.encode_images([result, *(ba.apply_mask(result, k) for k in tops + shared)]) @ qv
-            d = sims[0] - sims[1:]
+            for fill in fills:
+                sims = enc.encode_images([result, *(ba.apply_mask(result, k, fill) for k in tops + shared)]) @ qv
+                d = sims[0] - sims[1:]
+                for k, m in enumerate(names):
+                    drops[(set_name, fill)][m].append((d[k], *d[len(names):]))
             for k, m in enumerate(names):
-                drops[set_name][m].append((d[k], *d[len(names):]))
                 smooth[set_name][m].append(smoothness(heats[k]))
             if (n + 1) % 10 == 0 or n + 1 == len(pairs):
                 print(f"  {set_name}: {n + 1}/{len(pairs)} ({time.perf_counter() - t0:.0f}s)", flush=True)
-                report(ba, drops, smooth, names)
+                report(ba, drops, smooth, names, fills)
     Path(args.dump).parent.mkdir(parents=True, exist_ok=True)
-    np.savez(args.dump, **{f"{s}|{m}": np.array(v) for s in drops for m, v in drops[s].items()},
+    np.savez(args.dump, **{f"{s}|{f}|{m}": np.array(v) for (s, f) in drops for m, v in drops[(s, f)].items()},
              **{f"smooth|{s}|{m}": np.array(v) for s in smooth for m, v in smooth[s].items()})
     print(f"total {time.perf_counter() - t0:.0f}s; per-pair drops in {args.dump}")
     return 0
 
 
-def report(ba, drops, smooth, names) -> None:
-    print("| variant | tuning (even stamps) n, top/random | held-out (odd stamps) n, top/random | photos n, top/random "
-          "| top/centre (tuning, odd, photos) | smoothness (stamps, photos) |")
-    for m in names:
-        cells = []
-        cen = []
-        for s, part in (("stamps", slice(0, None, 2)), ("stamps", slice(1, None, 2)), ("photos", slice(None))):
-            d = np.array(drops[s][m])[part]
-            if len(d):
-                r = ba.summarise(d)
-                cells.append(f"{len(d)}, {r['r_rnd']:.2f}")
-                cen.append(f"{r['r_centre']:.2f}")
-            else:
-                cells.append("-")
-                cen.append("-")
-        sm = [f"{np.mean(smooth[s][m]):.3f}" if smooth[s][m] else "-" for s in ("stamps", "photos")]
-        print(f"| {m} | {' | '.join(cells)} | {', '.join(cen)} | {', '.join(sm)} |", flush=True)
+def report(ba, drops, smooth, names, fills) -> None:
+    parts = [("tuning: even stamps", "stamps", slice(0, None, 2)),
+             ("held-out: odd stamps", "stamps", slice(1, None, 2)), ("tuning: sklearn photos", "sklearn", slice(None)),
+             ("held-out: skimage photos", "photos", slice(None))]
+    parts = [p for p in parts if any(k[0] == p[1] for k in drops)]
+    for fill in fills:
+        print(f"fill {fill}: top-20 % drop / random-block drop (n pairs); top / centre disc")
+        print("| variant | " + " | ".join(p[0] for p in parts) + " | smoothness (" + ", ".join(smooth) + ") |")
+        for m in names:
+            cells = []
+            for _, s, part in parts:
+                d = np.array(drops[(s, fill)][m])[part]
+                if len(d):
+                    r = ba.summarise(d)
+                    cells.append(f"{r['r_rnd']:.2f} (n {len(d)}); {r['r_centre']:.2f}")
+                else:
+                    cells.append("-")
+            sm = [f"{np.mean(smooth[s][m]):.3f}" if smooth[s][m] else "-" for s in smooth]
+            print(f"| {m} | {' | '.join(cells)} | {', '.join(sm)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,15 @@ pairs only.
   .venv/bin/python benchmarks/bench_dedup.py calibrate --n 250 --copies 90
   .venv/bin/python benchmarks/bench_dedup.py judge --stamps 320 --fmnist 1000 --copies 90
   .venv/bin/python benchmarks/bench_dedup.py judge --quick          # small sizes (make bench)
+
+  scale      `loupe dedup --check none` on a large synthetic index with planted near-duplicates, built by
+             `bench_scale.py --planted N --keep` (it saves planted-pairs.npy): wall time, peak RSS of the
+             `loupe dedup` process, planted pairs found, and the pairs found vs exact range search on a subset
+             (a random sample of rows plus the planted copies of the sampled originals)
+
+  .venv/bin/python benchmarks/bench_scale.py --n 990000 --planted 10000 --dim 128 --shards 10 \
+      --write-type flat --layout ivfpq --work /tmp/scale --keep
+  .venv/bin/python benchmarks/bench_dedup.py scale --index /tmp/scale/n1000000-s10 --subset 20000
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import random
 import sys
 import time
@@ -217,9 +227,67 @@ def calibrate(args) -> list[str]:
     return lines
 
 
+def scale(args) -> list[str]:
+    import resource
+    import subprocess
+
+    from retrieval.copydetect.dedup import DedupConfig, find_pairs
+    from retrieval.engine.engine import Engine
+    from retrieval.index import store
+
+    idx = Path(args.index)
+    out = Path(args.work) / "scale-pairs.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "loupe", "dedup", str(idx), "--check", "none", "--threshold", str(args.threshold),
+           "--candidates", args.candidates, "-k", str(args.k), "--out", str(out), "--json"]
+    t0 = time.perf_counter()
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if run.returncode not in (0, 1):
+        raise SystemExit(run.stderr)
+    result = json.loads(run.stdout)
+    found = {(min(a, b), max(a, b)) for a, b in ((store.id_to_int(p["a"]), store.id_to_int(p["b"]))
+                                                 for p in result["pairs"])}
+    planted = np.load(idx / "planted-pairs.npy")
+    planted_set = {(int(min(a, b)), int(max(a, b))) for a, b in planted}
+    engine = Engine(idx, device="cpu")
+    vecs = np.concatenate([v for _, v, _ in engine.all_vectors("synthetic")])
+    engine.close()
+    n = len(vecs)
+    rng = np.random.default_rng(11)
+    sample = rng.choice(n, args.subset, replace=False)
+    copies = planted[np.isin(planted[:, 0], sample), 1]
+    subset = np.unique(np.concatenate([sample, copies]))
+    t1 = time.perf_counter()
+    ref = find_pairs([vecs[subset]], DedupConfig(threshold=args.threshold, method="range"))
+    exact_s = time.perf_counter() - t1
+    exact = {(int(subset[a]), int(subset[b])) for a, b in ref.as_set()}
+    inside = set(subset.tolist())
+    got = {p for p in found if p[0] in inside and p[1] in inside}
+    summary = result["summary"]
+    hit, rec = len(found & planted_set), len(got & exact) / max(len(exact), 1)
+    return ["## `loupe dedup` at scale (`benchmarks/bench_dedup.py scale`)", "",
+            f"- command: `{' '.join(cmd[1:])}`; load average {os.getloadavg()[0]:.1f}",
+            f"- {n:,} vectors ({len(planted):,} planted near-duplicates, cosine ~0.995 to their original); "
+            f"candidates from {summary.get('candidates_from')}, k = {args.k}, threshold {args.threshold}",
+            "", "| wall s (whole command) | dedup s (summary) | peak RSS MB | pairs | planted pairs found | "
+                "subset rows | exact pairs in subset | found by dedup in subset | extra in subset | exact s (subset) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| {wall:.1f} | {summary.get('seconds')} | {peak_mb:.0f} | {len(found):,} | "
+            f"{hit:,} / {len(planted_set):,} ({hit / max(len(planted_set), 1):.4f}) "
+            f"| {len(subset):,} | {len(exact):,} | {len(got & exact):,} ({rec:.4f}) | "
+            f"{len(got - exact)} | {exact_s:.1f} |"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("calibrate", "judge"))
+    ap.add_argument("mode", choices=("calibrate", "judge", "scale"))
+    ap.add_argument("--index", help="scale: the index folder bench_scale.py --keep left")
+    ap.add_argument("--subset", type=int, default=20000, help="scale: rows checked against exact range search")
+    ap.add_argument("--threshold", type=float, default=0.95, help="scale: pair threshold")
+    ap.add_argument("-k", type=int, default=16, help="scale: neighbours per image")
+    ap.add_argument("--candidates", default="index", help="scale: loupe dedup --candidates")
     ap.add_argument("--n", type=int, default=250, help="calibrate: reference-split stamps")
     ap.add_argument("--stamps", type=int, default=320, help="judge: held-out stamps")
     ap.add_argument("--fmnist", type=int, default=1000, help="judge: Fashion-MNIST images")
@@ -234,7 +302,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(2)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    lines = calibrate(args) if args.mode == "calibrate" else judge(args)
+    lines = {"calibrate": calibrate, "judge": judge, "scale": scale}[args.mode](args)
     cmd = "python benchmarks/bench_dedup.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"\n{started}, `{cmd}`\n\n" + "\n".join(lines))
     return 0

@@ -1,7 +1,11 @@
-"""One writer per index: an ``fcntl`` lock on ``DIR/.lock``.
+"""One writer per index: an OS file lock on ``DIR/.lock``, taken with the ``filelock`` package.
 
-The kernel drops the lock when the process dies (even by SIGKILL), so a crash never leaves a stale
-lock behind. The lock file holds the writer's pid, for the message a second writer prints.
+``filelock.lock_descriptor`` locks a descriptor Loupe opened itself with the primitive ``filelock.FileLock``
+uses: ``flock`` on Unix, ``LockFileEx`` on one byte at offset 0 on Windows. No ``fcntl`` import here, so the
+module (and every ``loupe`` command) loads on Windows. The operating system drops the lock when the process
+dies (even by SIGKILL), so a crash never leaves a stale lock behind. The lock file holds the writer's pid
+after a newline (byte 0 stays free of data: on Windows the locked byte cannot be read by another process),
+for the message a second writer prints.
 
 An ``flock`` belongs to the open file description, which a forked child shares: a DataLoader worker
 forked while the lock is held would keep it after its parent was killed, until the worker itself exits
@@ -9,13 +13,12 @@ forked while the lock is held would keep it after its parent was killed, until t
 descriptor at once (``os.register_at_fork``; ``indexer.decode``'s worker init does it again), which
 leaves the parent's lock in place. POSIX record locks (``fcntl.lockf``), which a child does not inherit,
 are not an option: a process may take them twice, so a second writer in the same process would not be
-refused, and closing any descriptor of the file would drop them. (The ``filelock`` package uses
-``flock`` as well on Unix, so it would need the same care.)
+refused, and closing any descriptor of the file would drop them. ``filelock.FileLock`` itself is not used:
+it is re-entrant within a process and keeps its descriptor out of reach of the fork hook.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import threading
 import time
@@ -24,6 +27,7 @@ from pathlib import Path
 from retrieval.errors import IndexLockedError
 
 LOCK_NAME = ".lock"
+_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOINHERIT", 0)
 
 _held: set[int] = set()          # descriptors of the locks this process holds
 _held_lock = threading.Lock()
@@ -46,6 +50,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=close_inherited_locks)
 
 
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive lock on ``fd`` without waiting; False when another open file holds it."""
+    from filelock import lock_descriptor
+
+    return lock_descriptor(fd, blocking=False)
+
+
+def _unlock(fd: int) -> None:
+    from filelock import unlock_descriptor
+
+    unlock_descriptor(fd)
+
+
 class IndexLock:
     """``with IndexLock(dir, wait=False):`` — raise ``IndexLockedError`` (or wait) if another holds it."""
 
@@ -55,34 +72,41 @@ class IndexLock:
         self.timeout = timeout
         self._fd: int | None = None
 
-    def _holder(self) -> str:
+    def holder(self) -> int | None:
+        """The pid written by the process holding the lock (None: none recorded)."""
         try:
-            pid = self.path.read_text().strip()
+            with open(self.path, "rb") as fh:
+                fh.seek(1)                    # byte 0 is the one Windows locks
+                text = fh.read(64).decode("ascii", "replace").strip()
         except OSError:
-            pid = ""
-        return f" (pid {pid})" if pid else ""
+            return None
+        return int(text) if text.isdigit() else None
+
+    def _holder(self) -> str:
+        pid = self.holder()
+        return f" (pid {pid})" if pid is not None else ""
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, _OPEN_FLAGS, 0o644)
         with _held_lock:
             _held.add(fd)                     # from now on a forked child closes its copy
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
+        try:
+            while not _try_lock(fd):
                 if not self.wait or (deadline is not None and time.monotonic() > deadline):
-                    with _held_lock:
-                        _held.discard(fd)
-                    os.close(fd)
                     raise IndexLockedError(
                         f"{self.path.parent} is being written by another `loupe index`{self._holder()}; "
-                        "wait for it to finish, or pass --wait to queue behind it") from None
+                        "wait for it to finish, or pass --wait to queue behind it")
                 time.sleep(0.2)
+        except BaseException:
+            with _held_lock:
+                _held.discard(fd)
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"\n{os.getpid()}\n".encode())
         self._fd = fd
 
     def release(self) -> None:
@@ -95,7 +119,7 @@ class IndexLock:
                 return
             try:
                 os.ftruncate(self._fd, 0)
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                _unlock(self._fd)
             finally:
                 os.close(self._fd)
                 self._fd = None

@@ -14,8 +14,9 @@
 4. writer (``indexer.writer``): a background thread writes shards and commits the manifest after each.
 
 ``runner.run_stages`` joins the three and times each (the summary's ``stages``). With ``--ray`` the
-reader and the embedding run on Ray actors (``indexer.distributed``), the mapper here only picks the
-rows they embedded, and the writer is the same.
+three run as Ray Data stages on the cluster and workers write the shards; this process only commits the
+manifest (``indexer.distributed.parallel``); with ``--ray --local-features`` the reader and the embedding
+run on Ray actors and the writer here is the same (``indexer.distributed.single_writer``).
 """
 
 from __future__ import annotations
@@ -65,9 +66,11 @@ class IndexConfig:
     commit_seconds: float | None = DEFAULT_COMMIT_SECONDS   # also commit a (smaller) shard this often
     ray: str | None = None                  # "local" or a Ray cluster address: decode + embed on Ray actors
     ray_actors: int = 1                     # encoder actors (one GPU each with device cuda)
+    ray_writers: int = 2                    # shard-writer actors (--ray without --local-features)
     optimize: str = "auto"                  # auto | always | never: build the searchable layout at the end
     vectors: str | None = None              # bring your own embeddings: this column of a Parquet SOURCE
     target_recall: float = 0.95             # recall@10 the layout's search parameters must reach
+    regions: bool = False                   # also store a few object regions per picture (retrieval.regions)
 
 
 @dataclass
@@ -129,11 +132,20 @@ def _build(cfg: IndexConfig, out: Path, t0: float, progress, progress_total, che
         return summary
     with IndexLock(out, wait=cfg.wait), worker_errors_in_iteration():
         plan = _plan(cfg, out, summary, checkpoint)
-        reader, mapper = _stages(cfg, plan)
         if progress_total:
             progress_total(len(plan.todo))
-        run_stages(reader, mapper, lambda: BackgroundWriter(plan.writer), summary, progress)
+        if cfg.ray and not plan.writer.local:   # Ray Data stages, shards written by the workers
+            from indexer.distributed import index_on_ray
+
+            index_on_ray(cfg, plan, summary, progress)
+        else:
+            reader, mapper = _stages(cfg, plan)
+            run_stages(reader, mapper, lambda: BackgroundWriter(plan.writer), summary, progress)
         summary.shards = len(plan.writer.manifest.shards)
+        if cfg.regions and (out / store.MANIFEST).is_file():   # the region index (retrieval/regions/store.py)
+            from retrieval.regions.store import build_region_index
+
+            summary.regions = build_region_index(out, device=cfg.device, batch_size=cfg.batch_size)   # + seconds
         _maybe_optimize(cfg, out, summary)
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -210,7 +222,7 @@ def _stages(cfg: IndexConfig, plan: _Plan) -> tuple[Iterator[ReadBatch], Mapper]
                             ReadConfig(allow_download=cfg.allow_download), cfg.max_pixels, gpu_jpeg=gpu_decode)
     bsz = max(1, cfg.batch_size)
     if cfg.ray:
-        from indexer.distributed import ray_batches, select_embedded
+        from indexer.distributed.single_writer import ray_batches, select_embedded
 
         batches = ray_batches(dataset, plan.encoders, plan.writer.local_layers, batch_size=bsz, address=cfg.ray,
                               actors=cfg.ray_actors, device=cfg.device, precision=cfg.precision,

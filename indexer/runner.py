@@ -4,7 +4,7 @@
   actors with ``--ray``), split by ``triage`` into records to embed (``kept`` and their metadata
   ``rows``), ``aliases`` (content already indexed, or seen earlier in this run) and ``failures``;
 * **mapper**: ``ReadBatch -> (vectors, local)`` for the kept records, in order (``indexer.embed.Embedder``,
-  or ``indexer.distributed.select_embedded`` for batches Ray already embedded);
+  or ``indexer.distributed.single_writer.select_embedded`` for batches Ray already embedded);
 * **writer**: ``add(rows, vectors, local)``, ``add_alias(id, source)``, ``close(finish=...)``
   (``indexer.writer.BackgroundWriter``), opened once the first batch is read, so DataLoader workers
   fork before the writer's thread starts.

@@ -15,7 +15,8 @@ that fails the checks of opening (``IndexFormatError``: sizes, dimensions, count
 ``retrieval.index.store``) is logged once and not switched to: the previous engine keeps serving. A
 damaged index met while answering is a 503 ``index_format`` JSON error and an error log line, never a 500.
 Blueprints come from ``server.routes_search`` (search, images, the web page) and
-``server.routes_attribution`` / ``server.routes_copy`` / ``server.routes_classify``; each adds
+``server.routes_attribution`` / ``server.routes_copy`` / ``server.routes_classify`` /
+``server.routes_collection`` (the collection's duplicate groups); each adds
 its feature name to ``GET /healthz``'s ``features``.
 """
 
@@ -44,6 +45,8 @@ BLUEPRINTS = {
     "server.routes_attribution": "attribution",
     "server.routes_copy": "duplicates",
     "server.routes_classify": "classify",
+    "server.routes_collection": "duplicate-groups",
+    "server.openapi": "openapi",          # GET /openapi.json, GET /docs
 }
 
 DEFAULTS: dict[str, Any] = {

@@ -11,8 +11,15 @@ matches|colour``), ``side`` (``result`` default, or ``query`` for the query imag
 ``alpha`` (overlay opacity, 0..1) and ``max_side`` (JSON only: shrink the heatmap so its longer side is at
 most this). The PNG overlay keeps the image's size (the page lays it over the thumbnail): the top 20 %
 outlined, the part the encoder did not see hatched; its headers ``X-Attribution-Method``,
-``X-Attribution-Label`` and, for approximate maps, ``X-Attribution-Note`` carry the legend's words.
-The pair view answers ``format=json`` with both maps (``max_side`` applies) and the match lines.
+``X-Attribution-Label``, ``X-Attribution-Encoder`` and, for approximate maps, ``X-Attribution-Note`` (also
+sent as ``X-Loupe-Note``) carry the legend's words. The pair view answers ``format=json`` with both maps
+(``max_side`` applies) and the match lines.
+
+The query is embedded exactly as ``/api/search`` embeds it (``Engine.embed`` on the same request fields), so a
+map explains the encoder that ranked the result: the page's image search without an ``encoder`` field goes to
+the index's default encoder (its text encoder, e.g. ``conse-effnet-lite0``), and an image query is explained
+through that encoder's image path (``default_method(..., image_query=True)``: integrated gradients for the
+EfficientNet-based encoders), never with the text query's method.
 """
 
 from __future__ import annotations
@@ -41,8 +48,10 @@ def _png(data: bytes, ex):
     resp.headers["Cache-Control"] = "no-store"
     resp.headers["X-Attribution-Method"] = ex.method
     resp.headers["X-Attribution-Label"] = ex.label
+    resp.headers["X-Attribution-Encoder"] = ex.encoder
     if ex.note:
         resp.headers["X-Attribution-Note"] = ex.note
+        resp.headers["X-Loupe-Note"] = ex.note
     return resp
 
 

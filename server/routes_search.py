@@ -62,12 +62,18 @@ def api_search():
     metrics = state()["metrics"]
     for stage, ms in resp.timings.items():
         metrics.search_stage.labels(stage.removesuffix("_ms")).observe(ms / 1e3)
+    from retrieval.regions.search import response_regions_json, with_box
+
+    describe = with_box(lambda h: result_json(engine, h, q))    # region hits say where ("box")
     return jsonify({
-        "results": [result_json(engine, h, q) for h in resp.hits],
+        "results": [describe(h) for h in resp.hits],
+        "offset": q.offset,
         "took_ms": round(resp.took_ms, 2),
         "encoder": resp.encoder,
+        "score_kind": resp.score_kind,         # cosine | fused_z | reranked (retrieval.engine.query.SCORE_KINDS)
         "timings": {k: round(v, 2) for k, v in resp.timings.items()},
         **({"notes": resp.notes} if resp.notes else {}),
+        **response_regions_json(resp, describe),      # "box", "regions", "query_size" (docs/regions.md)
     })
 
 

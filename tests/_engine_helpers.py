@@ -113,6 +113,16 @@ def dump(obj) -> str:
     return json.dumps(obj)
 
 
+def save_photos(folder: Path, photos: dict, names: Sequence[str]) -> list[Path]:
+    """Save the named photos as ``folder/NAME.png``; returns their paths in ``names`` order."""
+    paths = []
+    for name in names:
+        p = Path(folder) / f"{name}.png"
+        photos[name].save(p)
+        paths.append(p)
+    return paths
+
+
 def photo_folder_and_crop_query(root: Path, names: Sequence[str]) -> tuple[Path, dict]:
     """``root/photos`` with the named scikit-image photos as PNGs, and ``root/query.jpg``: a rotated crop of
     the astronaut (not indexed), the copy query of the re-ranking tests. Returns (folder, photos)."""

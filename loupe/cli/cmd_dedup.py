@@ -48,6 +48,12 @@ def add_arguments(p) -> None:
     p.add_argument("-k", type=int, default=None,
                    help="neighbours per image (candidates; default 10, or 32 for --check none --method knn)")
     p.add_argument("--batch-size", type=int, default=4096, metavar="N", help="query rows per FAISS call")
+    p.add_argument("--candidates", choices=("auto", "exact", "index"), default="auto",
+                   help="where candidate pairs come from: exact = all pairs (grows as N^2); index = each image's "
+                        "-k nearest neighbours by the optimized layout (`loupe optimize`) or the GPU; auto = index "
+                        "from 200,000 images when there is one")
+    p.add_argument("--device", default="cpu", metavar="DEV",
+                   help="cpu (default), cuda[:N] or auto: search exact (flat) vectors on the GPU")
     p.add_argument("--out", default=None, metavar="FILE", help="write pairs/groups to FILE (.json/.parquet/.csv)")
     p.add_argument("--to-remove", action="store_true",
                    help="print only the files to remove (all but the largest/oldest of each group), one per line")
@@ -61,25 +67,18 @@ def run(args) -> int:
     from retrieval.copydetect.dedup import write_result
     from retrieval.engine.engine import Engine
 
-    engine = Engine(args.dir, device="cpu")
+    engine = Engine(args.dir, device=args.device)
     k = args.k if args.k is not None else (32 if args.check == "none" else 10)
     config = CopyCheckConfig(check=args.check, threshold=args.threshold, candidate_threshold=args.candidate_threshold,
-                             k=k, batch_size=args.batch_size, method=args.method)
+                             k=k, batch_size=args.batch_size, method=args.method, candidates=args.candidates)
     rows = _exact_candidate_rows(engine.records.tables)
-    bar = None
-    progress = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
+    from loupe.cli.progress import Progress
 
-        # knn candidates: every row queried once; range search: each shard pair's rows (unknown here)
-        n = engine.manifest.count if args.check == "pixels" or args.method == "knn" else None
-        bar = tqdm(total=n, unit="img", desc="dedup", file=sys.stderr, dynamic_ncols=True)
-        progress = bar.update
-    try:
-        result = dedup_index(engine, args.encoder, config, metadata_rows=rows, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
+    # knn candidates: every row queried once; range search: each shard pair's rows (unknown here)
+    n = engine.manifest.count if args.check == "pixels" or args.method == "knn" or args.candidates == "index" \
+        else None
+    with Progress("dedup", n, unit="img") as bar:     # a bar on a terminal, log lines otherwise
+        result = dedup_index(engine, args.encoder, config, metadata_rows=rows, progress=bar.update)
     describe_files(engine, result)
     if args.out:
         write_result(result, args.out)

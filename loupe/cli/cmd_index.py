@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 DESCRIPTION = """Embed images into an index directory of FAISS shards + Parquet metadata.
 
@@ -51,6 +50,9 @@ def add_arguments(p) -> None:
                    help="which feature map --local-features stores: final (the last map, 7x7 for effnet-lite0) or "
                         "fine (effnet-lite0: the 14x14 stage-4 map; better re-ranking of crops and pasted objects, "
                         "3.5x the bytes); encoders without a fine map store their final one")
+    p.add_argument("--regions", action="store_true",
+                   help="also store vectors of a few object regions of each picture (with their boxes), so a "
+                        "query of a small object finds the picture that contains it; see docs/regions.md")
     p.add_argument("--prune", action="store_true", help="remove images whose source file is gone")
     p.add_argument("--allow-download", action="store_true", help="fetch `url` manifest rows (off by default)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
@@ -63,8 +65,9 @@ def add_arguments(p) -> None:
                         "vectors are close to, not identical with, CPU decoding — use one per index")
     p.add_argument("--wait", action="store_true", help="wait for another `loupe index` on DIR instead of failing")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="decode + embed on a Ray cluster (ADDRESS, e.g. ray://head:10001; alone: a local Ray); "
-                        "this process still writes the index. Needs the 'distributed' extra")
+                   help="index on a Ray cluster with Ray Data (ADDRESS, e.g. ray://head:10001; alone: a local "
+                        "Ray): decode tasks, encoder actors, shard writers on the workers; this process commits the "
+                        "manifest (docs/distributed.md). Needs the 'ray' extra")
     p.add_argument("--vectors", default=None, metavar="COLUMN",
                    help="bring your own embeddings: SOURCE is a Parquet file whose COLUMN holds each row's vector "
                         "(list of floats); --encoder NAME is the model that made them (same dimension: text "
@@ -76,9 +79,26 @@ def add_arguments(p) -> None:
                    help="recall@10 the optimized layout's search parameters must reach (default 0.95)")
     p.add_argument("--ray-actors", type=int, default=1, metavar="N",
                    help="encoder actors on Ray (one GPU each with --device cuda; default 1)")
+    p.add_argument("--ray-writers", type=int, default=2, metavar="N",
+                   help="shard-writer actors on Ray (each writes its own shards; default 2)")
+
+
+def check_weights_first(args) -> None:
+    """Missing weights and no model hub: fail within a second, with one line, before torch is imported and
+    before ``--out`` is created (``retrieval.encoders.weights.check_weights``). Not for ``--vectors`` (no
+    model) nor an existing index (a run with nothing new loads none; its encoders are checked on loading)."""
+    from pathlib import Path
+
+    from retrieval.encoders import DEFAULT_ENCODER
+    from retrieval.encoders.weights import check_weights
+
+    if args.vectors or (Path(args.out) / "manifest.json").is_file():
+        return
+    check_weights(args.encoders or [DEFAULT_ENCODER])
 
 
 def run(args) -> int:
+    check_weights_first(args)
     from indexer.index_types import parse_memory
     from indexer.pipeline import IndexConfig, build_index
     from retrieval.errors import LoupeError
@@ -92,24 +112,22 @@ def run(args) -> int:
         workers=args.workers, local_features=args.local_features, local_layer=args.local_layer, prune=args.prune,
         allow_download=args.allow_download, max_memory=parse_memory(args.max_memory),
         max_pixels=args.max_pixels, wait=args.wait, decode=args.decode, commit_seconds=args.commit_every,
-        ray=args.ray, ray_actors=max(1, args.ray_actors), optimize=args.optimize, vectors=args.vectors,
-        target_recall=check_target_recall(args.target_recall))
-    bar = None
-    progress = total = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
+        ray=args.ray, ray_actors=max(1, args.ray_actors), ray_writers=max(1, args.ray_writers),
+        optimize=args.optimize, vectors=args.vectors,
+        target_recall=check_target_recall(args.target_recall), regions=args.regions)
+    from loupe.cli.progress import Progress
 
-        def total(n: int) -> None:
-            nonlocal bar
-            bar = tqdm(total=n, unit="img", desc="indexing", file=sys.stderr, dynamic_ncols=True)
+    bar = Progress("indexing", unit="img")     # a bar on a terminal, log lines (every 10 s) otherwise
 
-        def progress(done: int, indexed: int) -> None:
-            bar.update(done - bar.n)
-            bar.set_postfix(new=indexed, refresh=False)
+    def progress(done: int, indexed: int) -> None:
+        bar.set(done)
+
     try:
-        summary = build_index(cfg, progress=progress, progress_total=total)
+        summary = build_index(cfg, progress=progress, progress_total=bar.set_total)
     finally:
-        if bar is not None:
-            bar.close()
-    print(json.dumps(summary.to_json()), flush=True)
+        bar.close()
+    out = summary.to_json()
+    if getattr(summary, "regions", None) is not None:     # --regions: {"images", "regions", "seconds", "bytes"}
+        out["regions"] = summary.regions
+    print(json.dumps(out), flush=True)
     return 0

@@ -28,7 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("dir", metavar="DIR", help="index directory (built by `loupe index`)")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="query image files")
     p.add_argument("--threshold", type=float, default=None, metavar="X",
-                   help="report matches with score >= X (default: calibrated per scoring mode, see README)")
+                   help="report matches with score >= X (default: calibrated per scoring mode, see "
+                        "docs/copy-detection.md)")
     p.add_argument("--encoder", default=None, metavar="NAME", help="which of the index's encoders to use")
     p.add_argument("-k", type=int, default=10, help="global candidates per query (default 10)")
     p.add_argument("--no-normalize", action="store_true", help="raw similarities (no background normalisation)")
@@ -60,7 +61,10 @@ def run(args) -> int:
         if not files:
             raise InvalidQueryError(f"no images found in {folder}")
         path = background_path(engine.index_dir, name)
-        vecs = build_background(engine.encoder(name), files, path)
+        from loupe.cli.progress import Progress
+
+        with Progress(f"embedding the background ({name})", total=len(files), unit="img") as bar:
+            vecs = build_background(engine.encoder(name), files, path, progress=bar.update)
         print(f"loupe match: background of {len(vecs)} images written to {path}", file=sys.stderr)
         if not args.images:
             return 0

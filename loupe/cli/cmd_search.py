@@ -44,6 +44,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-colour", action="store_true",
                    help="ignore colour words (on an index with colour-names, \"a red car\" and \"in red\" "
                         "are colour-aware)")
+    p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="search this part of the --image/--id picture (pixels)")
+    p.add_argument("--regions", action="store_true",
+                   help="also search the picture's object regions: results per region and a fused list")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
     p.add_argument("--json", action="store_true", help="print {\"results\": [...]} as JSON")
 
@@ -63,45 +66,8 @@ def search_request(args):
     text = args.text[0] if args.text and len(args.text) == 1 else args.text
     return SearchRequest(text=text, image=read_image_file(args.image) if args.image else None, image_id=args.id,
                          instruction=args.instruction, encoder=args.encoder, k=args.k, rerank=args.rerank,
-                         filter=filt, dedup=args.dedup, method=args.method, colour=not args.no_colour)
-
-
-def index_fields(engine) -> set[str]:
-    """Every field a filter can name on this index: metadata columns, the keys of any image's ``extra``
-    metadata (also as ``extra.KEY``) and the colour-names filter when that encoder is indexed."""
-    from retrieval.colour import FILTER_FIELD
-    from retrieval.index.filters import COLUMNS
-
-    fields: set[str] = set()
-    for table in engine.records.tables:
-        fields.update(c for c in table.column_names if c in COLUMNS)
-        if "extra" in table.column_names:
-            for raw in set(table.column("extra").to_pylist()):
-                try:
-                    extra = json.loads(raw) if raw else {}
-                except (TypeError, ValueError):
-                    continue
-                if isinstance(extra, dict):
-                    fields.update(extra)
-                    fields.update(f"extra.{k}" for k in extra)
-    fields.add(FILTER_FIELD)            # the engine says itself when colour-names is not indexed
-    return fields
-
-
-def check_filter_fields(engine, filt: dict) -> None:
-    """A filter on a field no image of the index has would find nothing and look like "no results":
-    say so, naming the field and the closest one the index has."""
-    import difflib
-
-    from retrieval.errors import InvalidQueryError
-
-    known = index_fields(engine)
-    for name in filt:
-        if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise InvalidQueryError(f"--filter: no image of this index has a field {name!r}{hint} "
-                                    f"(fields: {', '.join(sorted(k for k in known if not k.startswith('extra.')))})")
+                         filter=filt, dedup=args.dedup, method=args.method, colour=not args.no_colour,
+                         box=getattr(args, "box", None), regions=getattr(args, "regions", False))
 
 
 def run(args) -> int:
@@ -109,21 +75,32 @@ def run(args) -> int:
 
     request = search_request(args)            # validated before the index is opened
     engine = Engine(args.dir, device=args.device)
-    if request.filter:
-        check_filter_fields(engine, request.filter)
-    resp = engine.search(request)
-    results = [engine.describe_hit(h) for h in resp.hits]
+    resp = engine.search(request)     # a --filter field no image has: InvalidQueryError naming it (exit 2)
+    from retrieval.regions.search import response_regions_json, with_box
+
+    describe = with_box(engine.describe_hit)      # a hit found through a region says where ("box")
+    results = [describe(h) for h in resp.hits]
+    extras = response_regions_json(resp, describe)
     for note in resp.notes:
         print(f"note: {note}", file=sys.stderr)
     if args.json:
-        body = {"results": results, "encoder": resp.encoder, "took_ms": round(resp.took_ms, 2)}
+        body = {"results": results, "encoder": resp.encoder, "score_kind": resp.score_kind,
+                "took_ms": round(resp.took_ms, 2), **extras}
         print(json.dumps(body | ({"notes": resp.notes} if resp.notes else {})))
         return 0 if results else 1
     if not results:
         print("no results", file=sys.stderr)
         return 1
+    # the score column's header says what its numbers are: cosine, fused_z (a sum of z-scores) or reranked;
+    # on stderr, so that stdout stays one line per result for scripts (`| head -1`)
+    print(f"{'#':>3}  {resp.score_kind:<6}  {'id':<15}  path", file=sys.stderr, flush=True)
     for i, r in enumerate(results, 1):
         where = r["path"] or (r["metadata"] or {}).get("source") or ""
         caption = f"  {r['caption']}" if r.get("caption") else ""
-        print(f"{i:>3}. {r['score']:.4f}  {r['id']}  {where}{caption}")
+        box = f"  box {','.join(map(str, r['box']))}" if r.get("box") else ""
+        print(f"{i:>3}. {r['score']:.4f}  {r['id']}  {where}{caption}{box}")
+    for n, region in enumerate(extras.get("regions", []), 1):
+        print(f"region {n} ({region['kind']}) box {','.join(map(str, region['box']))}:")
+        for i, r in enumerate(region["results"][:5], 1):
+            print(f"  {i:>3}. {r['score']:.4f}  {r['id']}  {r['path'] or ''}")
     return 0

@@ -70,6 +70,14 @@ def add_arguments(p) -> None:
     p.add_argument("--max-connections", type=int, default=ServeLimits.connection_limit, metavar="N",
                    help=f"open connections kept at once (default {ServeLimits.connection_limit}); idle or "
                         "slow ones are closed after a timeout")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="serve with Ray Serve: searcher deployments per partition of the shards and a batched "
+                        "query encoder, behind this same API (no ADDRESS: a local Ray cluster; "
+                        "docs/distributed.md)")
+    p.add_argument("--ray-partitions", type=int, default=2, metavar="N",
+                   help="--ray: searcher deployments, each holding a group of shards (default 2)")
+    p.add_argument("--ray-replicas", type=int, default=1, metavar="N",
+                   help="--ray: num_replicas of each searcher deployment (default 1)")
 
 
 def _raise_fd_limit(wanted: int) -> int:
@@ -237,6 +245,11 @@ def run(args) -> int:
     logging.getLogger("loupe").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "ray", None):
+        return _run_ray(args, {"DEVICE": args.device, "MAX_UPLOAD_BYTES": args.max_upload_mb * 1024 * 1024,
+                               "ALLOWED_HOSTS": default_allowed_hosts(args.host, args.allowed_host),
+                               "HIDE_PATHS": args.hide_paths},
+                        ServeLimits(connection_limit=max(1, args.max_connections)))
     app = create_app({"INDEX_DIR": args.dir, "DEVICE": args.device,
                       "MAX_UPLOAD_BYTES": args.max_upload_mb * 1024 * 1024,
                       "PRELOAD_ENCODERS": not args.no_preload, "WARM_CLASSIFIER": not args.no_preload,
@@ -244,4 +257,18 @@ def run(args) -> int:
                       "HIDE_PATHS": args.hide_paths})
     limits = ServeLimits(connection_limit=max(1, args.max_connections))
     serve_app(app, args.host, args.port, args.threads, limits=limits)
+    return 0
+
+
+def _run_ray(args, config: dict, limits: ServeLimits) -> int:
+    """``--ray``: deploy the Serve applications, serve the Flask ingress here, delete them on exit."""
+    from server.ray_serve import RayServeConfig, create_ray_app, deploy
+
+    deployment = deploy(args.dir, RayServeConfig(address=args.ray, partitions=max(1, args.ray_partitions),
+                                                 replicas=max(1, args.ray_replicas), device=args.device,
+                                                 encoder_gpus=1.0 if args.device.startswith("cuda") else 0.0))
+    try:
+        serve_app(create_ray_app(deployment, config), args.host, args.port, args.threads, limits=limits)
+    finally:
+        deployment.shutdown()
     return 0

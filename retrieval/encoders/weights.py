@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from retrieval import settings
 from retrieval.errors import MissingExtraError, MissingWeightsError
@@ -151,6 +151,20 @@ def resolve_weights(encoder: str | EncoderSpec, model: str | None = None, *, pro
     raise missing_weights(name, list(looked), how, package_error) from package_error
 
 
+def check_weights(names: Sequence[str]) -> None:
+    """Fail at once, before torch and the model libraries are imported, when an encoder of ``names`` cannot
+    get its weights (no local copy, and the model hub cannot be reached): the ``MissingWeightsError`` (or
+    ``MissingExtraError``) that loading it would raise later. ``loupe index`` calls it first. The rows come
+    from the registry table without the adapters (:func:`_light_spec`); a name the table does not hold
+    (registered at run time) is left to ``create_encoder``."""
+    for name in dict.fromkeys(names):
+        spec = _light_spec(name)
+        if spec is None:
+            continue
+        for key in _models(spec):
+            resolve_weights(spec, key)
+
+
 def weights_available(encoder: str | EncoderSpec) -> bool:
     """Whether every model of ``encoder`` loads without the network (sources 0-3 of the priority order;
     a registry path must exist). Encoders without weights (pdq, colour-names) answer True."""
@@ -181,6 +195,32 @@ def missing_extra(name: str, extra: str, module: str, note: str = "") -> Missing
 
 
 # -- helpers -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Row:
+    """A registry row as :func:`resolve_weights` reads an ``EncoderSpec`` (name, family, ``get``), read from
+    ``registry.json`` without importing :mod:`retrieval.encoders.base` (torch)."""
+
+    name: str
+    family: str
+    options: dict
+
+    def get(self, key: str, default=None):
+        return self.options.get(key, default)
+
+
+def _light_spec(name: str):
+    """The registered spec when the registry is loaded, else the row of ``registry.json`` (None: no such row)."""
+    import json
+    import sys
+
+    registry = sys.modules.get("retrieval.encoders")
+    if registry is not None and getattr(registry, "_SPECS", None) and name in registry._SPECS:
+        return registry._SPECS[name]
+    rows = json.loads(Path(__file__).with_name("registry.json").read_text())
+    row = rows.get(name) if not name.startswith("_") else None
+    return _Row(name, row["family"], dict(row)) if isinstance(row, dict) and "family" in row else None
+
+
 def _spec(encoder: str | EncoderSpec) -> EncoderSpec:
     if isinstance(encoder, str):
         from retrieval.encoders import get_spec
@@ -246,12 +286,27 @@ def _hub_cached(hub_id: str | None, files: tuple[str, ...]) -> bool:
     """Whether the Hugging Face cache holds one of ``files`` of ``hub_id`` (no network)."""
     if not hub_id or not files:
         return False
+    if not _hub_cache_folder(hub_id).is_dir():
+        return False            # nothing of this model cached (without importing huggingface_hub)
     try:
         from huggingface_hub import try_to_load_from_cache
 
         return any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in files)
     except Exception:  # noqa: BLE001 - no hub library, or an unreadable cache: not cached
         return False
+
+
+def _hub_cache_folder(hub_id: str) -> Path:
+    """Where the Hugging Face cache keeps ``hub_id`` (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``~/.cache/huggingface/hub``): ``models--ORG--NAME``."""
+    import os
+
+    root = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if not root:
+        home = os.environ.get("HF_HOME") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+        root = os.path.join(home, "hub")
+    return Path(os.path.expanduser(root)) / ("models--" + hub_id.replace("/", "--"))
 
 
 def _looked(layout: WeightsLayout, name: str, explicit: str | None, spec: EncoderSpec) -> tuple[str, ...]:

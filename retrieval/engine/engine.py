@@ -41,7 +41,7 @@ from retrieval.engine.query import QueryContext, SearchResponse
 from retrieval.engine.request import MAX_K, SearchRequest, check_int
 from retrieval.errors import IndexFormatError, InvalidQueryError
 from retrieval.index import descriptors, store
-from retrieval.index.filters import filter_key, parse_filter
+from retrieval.index.filters import check_fields, filter_key, parse_filter
 from retrieval.index.records import RecordStore
 from retrieval.index.shards import SearchConfig, ShardSet
 from retrieval.types import Hit
@@ -75,6 +75,7 @@ class Engine:
         # exact (flat) vectors searched on the GPU with device cuda, or auto when one is present
         self.search_device = search_device if search_device is not None else _search_device(device)
         self.manifest_stamp, self.manifest, self.records, self.shards = self._open_version()
+        self.region_sets = _open_regions(self)     # `loupe index --regions`: encoder -> RegionSet
         self.search_defaults = SearchConfig.from_any(
             search_defaults or self.manifest.extra.get("search_params") or None)
         self.embedder = Embedder(self.manifest, device=device, index_dir=self.index_dir,
@@ -215,12 +216,22 @@ class Engine:
     def search(self, request: SearchRequest | None = None, /, **fields: Any) -> SearchResponse:
         """The global top-``k`` of a ``SearchRequest`` (or of its fields, e.g. ``search(text="a cat")``)."""
         req = _request(request, fields)
+        if req.box is not None or req.regions:    # search by region: retrieval/regions/search.py
+            from retrieval.regions.search import box_request, search_regions
+
+            if req.box is None:
+                return search_regions(self, req)
+            cropped, box = box_request(self, req)    # the box as its own query (re-ranking sees only it)
+            response = self.search(cropped)
+            response.box = box
+            return response
         t0 = time.perf_counter()
         masks = self._masks(req.filter)
         ctx = self.embedder.embed(req, keep_local=req.rerank)
         t1 = time.perf_counter()
         threshold = req.dedup_threshold
-        fetch = min(max(RERANK_CANDIDATES, 4 * req.k), MAX_K * 4) if req.rerank else req.k
+        want = req.offset + req.k          # a page: ranks offset..offset+k of the same ranking
+        fetch = min(max(RERANK_CANDIDATES, 4 * want), MAX_K * 4) if req.rerank else want
         if threshold is not None:
             fetch = min(fetch * 2 + 10, max(self.count, 1), MAX_K * 4)
         fusion = ctx.instruction is not None and ctx.image_vector is not None and _is_fusion(req.composition)
@@ -238,10 +249,15 @@ class Engine:
                                           filter=req.filter)
             else:
                 hits = self._search(ctx.encoder, ctx.vector, max(fetch, 1), req.params, masks)
+                if ctx.encoder in self.region_sets:   # regions of the indexed pictures (each hit says where)
+                    from retrieval.regions.search import merge_region_hits
+
+                    hits = merge_region_hits(self, self.region_sets[ctx.encoder], ctx.vector, hits,
+                                             max(fetch, 1), masks)
             if threshold is None:
                 break
             kept = self.dedup_hits(ctx.encoder, hits, threshold)
-            if len(kept) >= req.k or len(hits) < fetch or fetch >= min(self.count, MAX_K * 4):
+            if len(kept) >= want or len(hits) < fetch or fetch >= min(self.count, MAX_K * 4):
                 hits = kept
                 break
             fetch = min(fetch * 2, self.count, MAX_K * 4)
@@ -254,10 +270,12 @@ class Engine:
             # (not after de-duplication, which the region candidates would bypass)
             search = None if threshold is not None else (
                 lambda v, n: self._search(ctx.encoder, v, n, req.params, masks))
-            hits = list(rerank_hits(self, ctx, hits, k=req.k, search=search))
+            hits = list(rerank_hits(self, ctx, hits, k=want, search=search))
             timings["rerank_ms"] = (time.perf_counter() - t2) * 1e3
-        return SearchResponse(hits=hits[:req.k], query=ctx, encoder=ctx.encoder,
-                              took_ms=(time.perf_counter() - t0) * 1e3, timings=timings, notes=self._notes(ctx))
+        kind = "fused_z" if fusion or colour_phrase else "reranked" if req.rerank else "cosine"   # query.SCORE_KINDS
+        return SearchResponse(hits=hits[req.offset:want], query=ctx, encoder=ctx.encoder,
+                              took_ms=(time.perf_counter() - t0) * 1e3, timings=timings, notes=self._notes(ctx),
+                              score_kind=kind)
 
     def search_vector(self, encoder: str, vector: Any, k: int, *, params: Any = None,
                       filter: Any = None) -> list[Hit]:
@@ -282,6 +300,8 @@ class Engine:
         conditions = parse_filter(filter) if filter else []
         if not conditions:
             return None
+        if self.count:      # a field no image has (a typo) is an error, not an empty answer
+            check_fields(conditions, self.records.filter_fields | {colour.FILTER_FIELD})
         key = filter_key(conditions)
         with self._lock:
             if key in self._mask_cache:
@@ -379,6 +399,23 @@ def _request(request: SearchRequest | None, fields: dict[str, Any]) -> SearchReq
     if not isinstance(request, SearchRequest):
         raise TypeError(f"expected a SearchRequest, got {type(request).__name__}")
     return request
+
+
+def _open_regions(engine: Engine) -> dict:
+    """The region index's sets (``retrieval.regions.store``), rows of images the index holds; {} without one."""
+    if not (engine.manifest.extra or {}).get("regions"):
+        return {}
+    from retrieval.errors import UnknownIdError
+    from retrieval.regions.store import open_region_sets
+
+    def known(image_id: str) -> bool:
+        try:
+            engine.records.locate(image_id)
+        except UnknownIdError:
+            return False
+        return True
+
+    return open_region_sets(engine.index_dir, engine.manifest, known)
 
 
 def _classifiers_of(engine: Engine):

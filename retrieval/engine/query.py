@@ -4,7 +4,7 @@ need it) and ``SearchResponse`` (the engine's answer)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -37,6 +37,14 @@ class QueryContext:
         return self.image
 
 
+#: what a response's scores are: ``cosine`` (the encoder's cosine similarity, in [-1, 1]; binary codes: the
+#: codes' cosine), ``fused_z`` (a weighted sum of z-scores over a pooled candidate list: instruction fusion,
+#: colour-aware text search; unbounded, comparable only within one answer), ``reranked`` (the cosine plus
+#: local-feature evidence, ``rerank``; may exceed 1), ``regions`` (the fused list of a ``regions`` query: the best
+#: cosine of the picture or a region plus a region's gain over the picture, may exceed 1; docs/regions.md)
+SCORE_KINDS = ("cosine", "fused_z", "reranked", "regions")
+
+
 @dataclass
 class SearchResponse:
     """What ``Engine.search`` returns: global top-k ``hits`` plus the embedded ``query``."""
@@ -47,6 +55,9 @@ class SearchResponse:
     took_ms: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)   # embed_ms, search_ms, rerank_ms, ...
     notes: list[str] = field(default_factory=list)             # what the user should know about this answer
+    score_kind: str = "cosine"    # what the hits' scores are: one of SCORE_KINDS
+    box: tuple[int, int, int, int] | None = None   # the query box searched (request ``box``), in query pixels
+    regions: Any = None          # request ``regions``: a retrieval.regions.RegionSearch (per-region results)
 
     def __iter__(self):
         return iter(self.hits)

@@ -144,9 +144,15 @@ class SearchRequest:
     * ``instruction``: "this image, but ..." (needs an image); ``method``/``weight``: how it is composed;
     * ``encoder``: which of the index's encoders answers (default: the text encoder for text, else the
       index's default);
+    * ``k``: how many results (1..``MAX_K``);
+    * ``offset``: skip the first ``offset`` results (a next page: ranks ``offset .. offset + k - 1`` of the
+      same ranking; ``offset + k`` ≤ ``MAX_K``);
     * ``filter``: metadata conditions (:mod:`retrieval.index.filters`); ``params``: ``{"nprobe", "efSearch"}``;
     * ``rerank``: re-rank with local features; ``dedup``: drop near-identical results (true = cosine ≥ 0.98,
       or a threshold in (0, 1]); ``colour``: colour words count on an index with colour-names.
+    * ``box``: ``[x0, y0, x1, y1]`` in pixels of the query image: that part is searched as its own query;
+      ``regions``: also search the query's proposed object regions, results per region + a fused list
+      (:mod:`retrieval.regions`, docs/regions.md).
     """
 
     text: str | list[str] | None = None
@@ -156,6 +162,7 @@ class SearchRequest:
     instruction: str | None = None
     encoder: str | None = None
     k: int = DEFAULT_K
+    offset: int = 0
     rerank: bool = False
     filter: dict[str, Any] | None = None
     dedup: bool | float = False
@@ -163,17 +170,22 @@ class SearchRequest:
     weight: float | None = None
     method: str = "auto"
     colour: bool = True
+    box: Any = None               # [x0, y0, x1, y1] pixels of the query image: search that part (retrieval.regions)
+    regions: bool = False         # also search the query's proposed object regions (retrieval.regions)
 
     # how a multipart form's strings become values (JSON sends typed values)
     FORM: ClassVar[dict[str, Callable]] = {
-        "k": form_number, "rerank": form_bool, "colour": form_bool, "weight": form_number,
-        "dedup": form_flag_or_number, "filter": form_json, "vector": form_json, "params": form_json}
+        "k": form_number, "offset": form_number, "rerank": form_bool, "colour": form_bool, "weight": form_number,
+        "dedup": form_flag_or_number, "filter": form_json, "vector": form_json, "params": form_json,
+        "regions": form_bool}            # a form's box "x0,y0,x1,y1" or "[...]" is parsed by parse_box
 
     def __post_init__(self) -> None:
         self._check_query()
         self.k = check_int("k", self.k, 1, MAX_K)
+        self.offset = check_int("offset", self.offset, 0, MAX_K - self.k)   # ranks offset..offset+k of one ranking
         self.rerank = check_bool("rerank", self.rerank)
         self.colour = check_bool("colour", self.colour)
+        self._check_regions()
         if self.encoder is not None:
             self.encoder = check_str("encoder", self.encoder, 200)
         self.method = "auto" if self.method in (None, "") else check_str("method", self.method, 50)
@@ -204,6 +216,18 @@ class SearchRequest:
                     raise InvalidFieldError(f"params has no field {key!r}" + (f" (did you mean {close[0]!r}?)"
                                             if close else f"; it takes {', '.join(SEARCH_PARAMS)}"))
                 check_int(f"params.{key}", value, 1, 100_000)
+
+    def _check_regions(self) -> None:
+        """``box`` (four numbers with an area; inside the picture is checked once it is decoded) and ``regions``
+        need an image query."""
+        self.regions = check_bool("regions", self.regions)
+        if self.box is not None:
+            from retrieval.regions.box import parse_box
+
+            self.box = parse_box(self.box)
+        if (self.box is not None or self.regions) and not self.has_image:
+            raise InvalidQueryError(f"{'box' if self.box is not None else 'regions'} needs an image query "
+                                    "(image or image_id)")
 
     def _check_query(self) -> None:
         if isinstance(self.text, str):

@@ -154,14 +154,19 @@ def _vit_tokens(encoder, image: Image.Image) -> tuple[np.ndarray, np.ndarray, tu
     return (pooled[0].float().cpu().numpy(), tokens[0].float().cpu().numpy(), (int(grid[0]), int(grid[1])))
 
 
-def default_method(encoder) -> str:
+def default_method(encoder, image_query: bool = False) -> str:
+    """The method ``"auto"`` means for ``encoder``; ``image_query``: the query is an image (no text), so the
+    similarity is image→image and goes through the encoder's image path only."""
     fam = encoder.spec.family
     if fam in _VIT:
         return "tokens"
     if fam == "effnet":
         return "integrated"     # best deletion score on the tuning pairs (benchmarks/results/attribution.md)
     if fam == "conse":
-        return "occlusion"      # best on the text→image tuning pairs, narrowly (same file)
+        # image→image: both vectors come from the EfficientNet image path, the one effnet-lite0 explains with
+        # integrated gradients (differentiable through the ConSE combination: cnn.conse_vector_torch);
+        # text→image: occlusion, best on the text tuning pairs, narrowly (benchmarks/results/attribution.md)
+        return "integrated" if image_query else "occlusion"
     if fam == "colour":
         return "colour"         # exact per-pixel shares of the colour match (retrieval.colour.naming)
     raise UnsupportedModalityError(f"encoder {encoder.name!r} has no spatial map to attribute; "
@@ -221,7 +226,8 @@ def explain(engine, ctx, result_id: str, *, method: str = "auto", rerank: bool =
 
     ``method="auto"``: the matched local regions for re-ranked image queries (``rerank=True``), else
     token decomposition (ViT), smoothed integrated gradients from a mean-colour baseline (``integrated``:
-    effnet-lite0) or occlusion (ConSE; its text maps come with ``note=TEXT_NOTE``).
+    effnet-lite0, and ConSE for image queries: its image path) or occlusion (ConSE text queries, which come with
+    ``note=TEXT_NOTE``).
     """
     if method not in METHODS:
         raise InvalidQueryError(f"unknown attribution method {method!r}; use one of {', '.join(METHODS)}")
@@ -235,7 +241,10 @@ def explain(engine, ctx, result_id: str, *, method: str = "auto", rerank: bool =
     qbox = crop_box(enc, query_image.size) if query_image is not None else None
     note = TEXT_NOTE if (enc.spec.family == "conse" and query_image is None) else None
     if method == "auto":
-        method = "matches" if (rerank and query_image is not None and enc.has_local_features) else default_method(enc)
+        image_only = (query_image is not None and getattr(ctx, "text", None) is None
+                      and not getattr(ctx, "instruction", None))
+        method = ("matches" if (rerank and query_image is not None and enc.has_local_features)
+                  else default_method(enc, image_query=image_only))
     if method == "matches":
         if query_image is None:
             raise InvalidQueryError("attribution method 'matches' needs an image query")

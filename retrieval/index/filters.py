@@ -6,7 +6,8 @@ A filter is a JSON object ``{field: condition, ...}``; all conditions must hold 
 * ``{"width": {"gte": 100, "lt": 2000}}`` – ranges (``gt``, ``gte``, ``lt``, ``lte``, ``eq``, ``ne``);
 * ``{"caption": {"contains": "cat"}}`` – case-insensitive substring; ``prefix`` also works;
 * fields are metadata columns (``id source path caption width height sha256 size mtime``) or keys of
-  the ``extra`` object (columns of the indexed manifest), written plainly or as ``extra.KEY``;
+  the ``extra`` object (columns of the indexed manifest), written plainly or as ``extra.KEY``; a field no
+  image has is an error naming the closest one (:func:`check_fields`, called by the engine);
 * ``{"colour-names": "red"}`` / ``["red", "pink"]`` – images showing that colour (an index with the
   colour-names encoder; the engine computes it from the stored colour vectors, not from this module).
 
@@ -16,6 +17,7 @@ FAISS ``IDSelector`` so filtered search loses no recall.
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +82,36 @@ def parse_filter(obj: Any) -> list[Condition]:
     if len(out) > MAX_CONDITIONS:
         raise InvalidQueryError(f"at most {MAX_CONDITIONS} filter conditions")
     return out
+
+
+def check_fields(conditions: list[Condition], known: set[str] | frozenset[str]) -> None:
+    """A condition on a field no image has would quietly match nothing (a typo looks like "no results"):
+    raise ``InvalidQueryError`` naming the field and the closest one of ``known``."""
+    for cond in conditions:
+        if cond.field in known:
+            continue
+        plain = sorted(k for k in known if not k.startswith("extra."))
+        lower = {k.lower(): k for k in plain}
+        close = difflib.get_close_matches(cond.field.removeprefix("extra.").lower(), list(lower), n=1)
+        hint = f"; did you mean {lower[close[0]]!r}?" if close else ""
+        raise InvalidQueryError(f"filter field {cond.field!r}: no image of this index has it{hint} "
+                                f"(fields: {', '.join(plain)})")
+
+
+def table_fields(table) -> set[str]:
+    """The fields a filter can name on one metadata table: its ``COLUMNS`` and the keys of any row's
+    ``extra`` object (also as ``extra.KEY``)."""
+    fields = {c for c in table.column_names if c in COLUMNS}
+    if "extra" in table.column_names:
+        for raw in set(table.column("extra").to_pylist()):
+            try:
+                extra = json.loads(raw) if raw else {}
+            except (TypeError, ValueError):
+                continue
+            if isinstance(extra, dict):
+                fields.update(extra)
+                fields.update(f"extra.{k}" for k in extra)
+    return fields
 
 
 def filter_key(conditions: list[Condition]) -> str:

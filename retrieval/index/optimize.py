@@ -8,7 +8,10 @@ builds, per encoder, **one** index over every shard's vectors:
 * ``flat`` (exact) for small collections (``FLAT_LAYOUT_MAX``);
 * ``hnsw`` (``HNSW32,Flat``) up to ``HNSW_LAYOUT_MAX`` vectors, when its bytes fit the memory budget;
 * ``ivfpq`` (``IVF{nlist},PQ{m}x8``) beyond, with the top ``k * k_factor`` candidates re-scored exactly
-  from the stored vectors of the write shards (memory-mapped; "refine" in faiss' terms).
+  from the stored vectors of the write shards (memory-mapped; "refine" in faiss' terms). One coarse
+  quantizer is trained, each write shard's vectors are encoded with it, and the shards' inverted lists are
+  merged into one on-disk, memory-mapped file (``search-NNNNN.ivfdata``, :mod:`retrieval.index.ondisk`):
+  the layout is never held whole in RAM.
 
 Then it measures recall@10 of the new index on queries made from a sample of its own vectors (moved
 away from themselves like unseen queries: :func:`retrieval.index.tuning.probe_queries`) against exact search and
@@ -27,6 +30,7 @@ are masked by id until the next ``optimize``. Query cost no longer grows with th
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +41,7 @@ import numpy as np
 
 from retrieval.errors import IndexFormatError, LoupeError
 from retrieval.index import store, vector_files
+from retrieval.index.ondisk import DATA_SUFFIX, build_ondisk, data_file_of, data_files, read_ondisk, remove_orphans
 from retrieval.index.tuning import (
     DEFAULT_QUERIES,
     DEFAULT_TARGET_RECALL,
@@ -73,6 +78,7 @@ class LayoutEntry:
     built: str = field(default_factory=store.now_iso)
     build_seconds: float = 0.0
     rescore: bool = False                      # ivfpq: candidates re-scored from the write shards' vectors
+    data_file: str | None = None               # ivfpq: its inverted lists, search-NNNNN.ivfdata (mapped)
 
     @property
     def params(self) -> dict[str, int]:
@@ -87,6 +93,9 @@ class LayoutEntry:
         if not isinstance(entry.file, str) or not LAYOUT_FILE.fullmatch(entry.file):
             raise IndexFormatError(f"manifest.json names a search layout file {entry.file!r}: layout files are "
                                    "'search-NNNNN.faiss'; the manifest is damaged or was not written by Loupe")
+        if entry.data_file is not None and entry.data_file != data_file_of(entry.file):
+            raise IndexFormatError(f"manifest.json names a search layout data file {entry.data_file!r}, not "
+                                   f"{data_file_of(entry.file)!r}; the manifest is damaged")
         for item in entry.shards:
             if (not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], str)
                     or not store.SHARD_NAME.fullmatch(item[0]) or not isinstance(item[1], int) or item[1] < 0):
@@ -104,6 +113,20 @@ def layouts_of(manifest: store.Manifest) -> dict[str, LayoutEntry]:
 
 def layout_path(index_dir, encoder: str, entry: LayoutEntry) -> Path:
     return Path(index_dir) / encoder / entry.file
+
+
+def layout_files(index_dir, encoder: str, entry: LayoutEntry) -> list[Path]:
+    """The layout's files: the index, and (on-disk IVF) its data file."""
+    folder = Path(index_dir) / encoder
+    return [folder / entry.file] + ([folder / entry.data_file] if entry.data_file else [])
+
+
+def read_layout(index_dir, encoder: str, entry: LayoutEntry, *, mmap: bool = True):
+    """The layout's faiss index (an on-disk IVF's data file mapped); raises ``IndexFormatError``."""
+    path = layout_path(index_dir, encoder, entry)
+    if entry.data_file:
+        return read_ondisk(path, path.with_name(entry.data_file))
+    return _read_index(path, mmap=mmap)
 
 
 # -- choosing and building -----------------------------------------------------------------------
@@ -128,10 +151,9 @@ def choose_layout(n: int, dim: int, *, requested: str = "auto", max_memory: int 
     return "ivfpq", f"IVF{ivf_nlist(n)},PQ{pq_subquantizers(dim, n, budget)}x8"
 
 
-def build_index(factory: str, dim: int, chunks: Callable[[], Any], n: int, *, use_gpu: bool = False,
-                progress: Callable[[int], None] | None = None):
-    """A trained faiss index of ``factory`` with every vector of ``chunks()`` (an iterable of [m, dim] blocks,
-    called twice for IVF: once for the training sample, once to add)."""
+def train_index(factory: str, dim: int, chunks: Callable[[], Any], n: int, *, use_gpu: bool = False):
+    """An empty faiss index of ``factory``, trained (IVF) on a sample of ``TRAIN_SAMPLE`` of the ``n``
+    vectors of ``chunks()`` (an iterable of [m, dim] blocks); returns (index, the factory fitted to the sample)."""
     from indexer.index_types import fit_factory, new_index, train
 
     if factory.startswith("IVF"):
@@ -151,6 +173,14 @@ def build_index(factory: str, dim: int, chunks: Callable[[], Any], n: int, *, us
         hnsw = getattr(index, "hnsw", None)
         if hnsw is not None:
             hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    return index, factory
+
+
+def build_index(factory: str, dim: int, chunks: Callable[[], Any], n: int, *, use_gpu: bool = False,
+                progress: Callable[[int], None] | None = None):
+    """A trained faiss index of ``factory`` with every vector of ``chunks()`` held in RAM (called twice for
+    IVF: once for the training sample, once to add). ``optimize`` builds IVF layouts on disk instead."""
+    index, factory = train_index(factory, dim, chunks, n, use_gpu=use_gpu)
     added = 0
     for chunk in chunks():
         chunk = np.ascontiguousarray(chunk, dtype=np.float32)
@@ -167,8 +197,12 @@ class LayoutSearcher:
     """An opened layout: the faiss index, its rows' global row numbers in the current manifest (-1: gone)."""
 
     def __init__(self, index, entry: LayoutEntry, to_global: np.ndarray, covered: set[int],
-                 exact_vectors: Callable[[np.ndarray], np.ndarray] | None = None):
+                 exact_vectors: Callable[[np.ndarray], np.ndarray] | None = None, data_path: Path | None = None):
         self.index = index
+        self._data = None                          # on-disk IVF: (open data file, its size) checked per search
+        if data_path is not None:
+            fh = open(data_path, "rb")
+            self._data = (fh, os.fstat(fh.fileno()).st_size, data_path)
         self.entry = entry
         self.to_global = to_global
         self.covered = covered                     # shard numbers (current manifest) searched through the layout
@@ -191,6 +225,9 @@ class LayoutSearcher:
 
         from retrieval.index.shards import SearchConfig, make_params, search_index
 
+        if self._data is not None and os.fstat(self._data[0].fileno()).st_size != self._data[1]:
+            raise IndexFormatError(f"search layout data {self._data[2]} changed size while it was served "
+                                   "(truncated in place?); run `loupe optimize` again")
         tuned = self.entry.params
         params = {**tuned, **{key: v for key, v in (params or {}).items() if v}}
         mask = self._mask(global_mask)
@@ -226,6 +263,11 @@ class LayoutSearcher:
             rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
         return scores, rows
 
+    def close(self) -> None:
+        if self._data is not None:
+            self._data[0].close()
+            self._data = None
+
 
 def open_layout(index_dir, manifest: store.Manifest, encoder: str, offsets: Sequence[int], *, mmap: bool = True,
                 exact_vectors: Callable[[np.ndarray], np.ndarray] | None = None) -> LayoutSearcher | None:
@@ -247,16 +289,18 @@ def open_layout(index_dir, manifest: store.Manifest, encoder: str, offsets: Sequ
         return None
     to_global = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     path = layout_path(index_dir, encoder, entry)
-    if not path.is_file():
-        raise IndexFormatError(f"missing search layout {path}; run `loupe optimize {index_dir}` again")
-    store.check_size(index_dir, manifest, path)
-    index = _read_index(path, mmap=mmap)
+    for file in layout_files(index_dir, encoder, entry):
+        if not file.is_file():
+            raise IndexFormatError(f"missing search layout {file}; run `loupe optimize {index_dir}` again")
+        store.check_size(index_dir, manifest, file)
+    index = read_layout(index_dir, encoder, entry, mmap=mmap)
     try:
         vector_files.check_vectors(index, manifest.encoders[encoder], len(to_global), path,
                             norms=entry.index_type != "ivfpq")
     except IndexFormatError as exc:
         raise IndexFormatError(f"{exc}; or run `loupe optimize {index_dir}` again to rebuild the layout") from None
-    return LayoutSearcher(index, entry, to_global, covered, exact_vectors)
+    return LayoutSearcher(index, entry, to_global, covered, exact_vectors,
+                          data_path=path.with_name(entry.data_file) if entry.data_file else None)
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -289,6 +333,8 @@ def needs_optimize(manifest: store.Manifest, *, min_images: int = AUTO_OPTIMIZE_
 
 def _next_file(folder: Path, previous: LayoutEntry | None) -> str:
     numbers = [int(p.name[7:-6]) for p in folder.glob("search-*.faiss") if LAYOUT_FILE.fullmatch(p.name)]
+    numbers += [int(p.name[7:-len(DATA_SUFFIX)]) for p in data_files(folder)
+                if LAYOUT_FILE.fullmatch(p.name[:-len(DATA_SUFFIX)] + ".faiss")]
     if previous is not None:
         numbers.append(int(previous.file[7:-6]))
     return f"search-{(max(numbers) + 1) if numbers else 0:05d}.faiss"
@@ -328,6 +374,7 @@ def optimize(index_dir, *, encoders: Sequence[str] | None = None, target_recall:
         previous = layouts_of(manifest)
         new_layouts = dict(manifest.extra.get(LAYOUT_KEY) or {})
         old_files: list[Path] = []
+        written: list[Path] = []               # removed again when optimize fails before its manifest is written
         try:
             for name in names:
                 entry = manifest.encoders[name]
@@ -342,18 +389,26 @@ def optimize(index_dir, *, encoders: Sequence[str] | None = None, target_recall:
                         yield vecs
 
                 kind, factory = choose_layout(n, entry.dim, requested=layout, max_memory=max_memory)
-                index, factory = build_index(factory, entry.dim, chunks, n, use_gpu=use_gpu,
-                                             progress=None if progress is None else
-                                             (lambda done, name=name, n=n: progress(name, done, n)))
+                folder = index_dir / name
+                before = previous.get(name)
+                remove_orphans(folder, {f.name for f in layout_files(index_dir, name, before)} if before else set())
+                file = _next_file(folder, before)
+                report = None if progress is None else (lambda done, name=name, n=n: progress(name, done, n))
+                if kind == "ivfpq":                # one trained quantizer, the shards' lists merged on disk
+                    trained, factory = train_index(factory, entry.dim, chunks, n, use_gpu=use_gpu)
+                    index, records = build_ondisk(trained, chunks(), folder / file, progress=report)
+                    del trained
+                else:
+                    index, factory = build_index(factory, entry.dim, chunks, n, use_gpu=use_gpu, progress=report)
+                    records = {folder / file: store.atomic_write_with(folder / file,
+                                                                      lambda tmp, ix=index: _write_index(ix, tmp))}
                 exact = all(k in ("flat", "hnsw") for k in shards._kinds[name])
                 rescore = kind == "ivfpq" and exact
-                folder = index_dir / name
-                file = _next_file(folder, previous.get(name))
                 layout_entry = LayoutEntry(file=file, index_type=kind, factory=factory,
                                            shards=[[s.name, s.count] for s in manifest.shards], count=n,
-                                           rescore=rescore)
-                record = store.atomic_write_with(folder / file, lambda tmp, ix=index: _write_index(ix, tmp))
-                manifest.record(index_dir, folder / file, record)
+                                           rescore=rescore, data_file=data_file_of(file) if kind == "ivfpq" else None)
+                written.extend(records)
+                manifest.record_all(index_dir, records)
                 searcher = LayoutSearcher(index, layout_entry, np.arange(n, dtype=np.int64), set(),
                                           exact_vectors=(lambda rows, name=name: shards.vectors_at(name, rows))
                                           if rescore else None)
@@ -368,7 +423,7 @@ def optimize(index_dir, *, encoders: Sequence[str] | None = None, target_recall:
                 layout_entry.build_seconds = round(time.perf_counter() - t0, 3)
                 new_layouts[name] = asdict(layout_entry)
                 if name in previous:
-                    old_files.append(layout_path(index_dir, name, previous[name]))
+                    old_files.extend(layout_files(index_dir, name, previous[name]))
                 summary.encoders[name] = {"layout": kind, "factory": factory, "images": n,
                                           "file": str(folder / file), "params": tuned.params,
                                           "recall@10": round(tuned.recall, 4), "target_recall": target_recall,
@@ -378,12 +433,17 @@ def optimize(index_dir, *, encoders: Sequence[str] | None = None, target_recall:
                     log.warning("%s: no parameter of %s reached recall@10 %.2f (best %.4f with %s)", name, factory,
                                 target_recall, tuned.recall, tuned.params)
                 del index, searcher
-        finally:
             shards.close()
-        manifest.extra[LAYOUT_KEY] = new_layouts
-        store.write_manifest(index_dir, manifest)
+            manifest.extra[LAYOUT_KEY] = new_layouts
+            store.write_manifest(index_dir, manifest)
+        except BaseException:
+            shards.close()
+            for path in written:               # the manifest still names the previous layout (or none)
+                path.unlink(missing_ok=True)
+            raise
+        live = {f"{enc}/{e.get(key)}" for enc, e in new_layouts.items() for key in ("file", "data_file") if e.get(key)}
         for path in old_files:                 # readers that opened them keep their mapping (POSIX)
-            if path.name not in {e.get("file") for e in new_layouts.values()}:
+            if store.relative(index_dir, path) not in live:
                 manifest.files.pop(store.relative(index_dir, path), None)
                 path.unlink(missing_ok=True)
         if old_files:

@@ -35,7 +35,7 @@ from PIL import Image
 
 from retrieval.errors import IndexFormatError, UnknownIdError, UnsupportedModalityError
 from retrieval.index import descriptors, store
-from retrieval.index.filters import Condition, filter_mask
+from retrieval.index.filters import Condition, filter_mask, table_fields
 from retrieval.types import Hit
 
 log = logging.getLogger("loupe.index")
@@ -72,6 +72,7 @@ class RecordStore:
         self._reducers: dict[str, descriptors.LocalReducer | None] = {}
         self._lock = threading.Lock()
         self._verified: OrderedDict[tuple, str] = OrderedDict()    # file version -> its sha256
+        self._fields: frozenset[str] | None = None                  # filter_fields, once asked
         self._open_local()
 
     def _open_local(self) -> None:
@@ -103,6 +104,15 @@ class RecordStore:
     def masks(self, conditions: list[Condition]) -> list[np.ndarray]:
         """One boolean array per shard: the rows that meet every metadata condition."""
         return [filter_mask(t, conditions, self._extra_cache[i]) for i, t in enumerate(self.tables)]
+
+    @property
+    def filter_fields(self) -> frozenset[str]:
+        """Every field a filter can name here: metadata columns and the keys of any image's ``extra``
+        (also as ``extra.KEY``); read once."""
+        with self._lock:
+            if self._fields is None:
+                self._fields = frozenset().union(*(table_fields(t) for t in self.tables))
+            return self._fields
 
     # -- ids and metadata ---------------------------------------------------------------------------
     def locate(self, image_id: str) -> tuple[int, int]:

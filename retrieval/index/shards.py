@@ -253,8 +253,9 @@ class ShardSet:
             gmask = np.concatenate(masks) if masks is not None else None
             return self._hits(*(x[0] for x in accelerated.search(q, k, gmask)))
         layout = self.layouts.get(encoder)
+        # the layout test first: reading ``ntotal`` through SWIG costs ~10 µs a shard (1 ms at 100 shards)
         jobs = [i for i, index in enumerate(indexes)
-                if index.ntotal and (masks is None or masks[i].any()) and (layout is None or i not in layout.covered)]
+                if (layout is None or i not in layout.covered) and index.ntotal and (masks is None or masks[i].any())]
 
         for i in jobs:
             self.check_mapped(encoder, i)

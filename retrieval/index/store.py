@@ -344,7 +344,7 @@ def index_files(manifest: Manifest) -> list[tuple[str, bool]]:
     """Every file of the index the readers open, relative to its folder, with whether it must exist:
     metadata and vectors of every listed shard, local features (and their PCA) of encoders that have them,
     an IVF-PQ encoder's trained quantizer (``trained.faiss``, read by the writer; optional), and each
-    encoder's searchable layout (``search-NNNNN.faiss``, from ``loupe optimize``)."""
+    encoder's searchable layout (``search-NNNNN.faiss`` [+ ``.ivfdata``], from ``loupe optimize``)."""
     out = []
     for shard in manifest.shards:
         out.append((f"{META_DIR}/{shard.name}.parquet", True))
@@ -360,7 +360,7 @@ def index_files(manifest: Manifest) -> list[tuple[str, bool]]:
     layouts = manifest.extra.get("search_layout") if isinstance(manifest.extra, dict) else None
     for name, layout in (layouts or {}).items():      # `loupe optimize` (retrieval.index.optimize)
         if name in manifest.encoders and isinstance(layout, dict) and isinstance(layout.get("file"), str):
-            out.append((f"{name}/{layout['file']}", True))
+            out.extend((f"{name}/{f}", True) for f in (layout["file"], layout.get("data_file")) if isinstance(f, str))
     return out
 
 

@@ -180,7 +180,8 @@ def _check_contents(index_dir: Path, manifest: store.Manifest, report: VerifyRep
 def _check_layouts(index_dir: Path, manifest: store.Manifest, report: VerifyReport) -> None:
     """Each encoder's searchable layout (``loupe optimize``): readable, the encoder's dimension, one vector
     per image it covers, unit norms where the vectors are exact."""
-    from retrieval.index.optimize import layout_path, layouts_of
+    from retrieval.index.ondisk import check_ids
+    from retrieval.index.optimize import layout_files, layout_path, layouts_of, read_layout
 
     try:
         layouts = layouts_of(manifest)
@@ -190,14 +191,14 @@ def _check_layouts(index_dir: Path, manifest: store.Manifest, report: VerifyRepo
     for name, layout in layouts.items():
         path = layout_path(index_dir, name, layout)
         rel = store.relative(index_dir, path)
-        if not path.is_file():
+        if not all(p.is_file() for p in layout_files(index_dir, name, layout)):
             continue            # reported missing above
         try:
-            import faiss
-
-            index = faiss.read_index(str(path))
+            index = read_layout(index_dir, name, layout, mmap=False)
             vector_files.check_vectors(index, manifest.encoders[name], layout.count, path,
                                 norms=layout.index_type != "ivfpq")
+            if layout.data_file:        # on-disk IVF: the merged lists hold every row once
+                check_ids(index, layout.count, path)
             del index
         except RuntimeError as exc:
             report.add(rel, f"unreadable: {exc}")

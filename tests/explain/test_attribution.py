@@ -123,6 +123,8 @@ def test_unsupported_encoder():
 
     assert default_method(SimpleNamespace(spec=SimpleNamespace(family="effnet"), name="e")) == "integrated"
     assert default_method(SimpleNamespace(spec=SimpleNamespace(family="conse"), name="c")) == "occlusion"
+    conse = SimpleNamespace(spec=SimpleNamespace(family="conse"), name="c")
+    assert default_method(conse, image_query=True) == "integrated"
     assert default_method(SimpleNamespace(spec=SimpleNamespace(family="clip"), name="c")) == "tokens"
 
     fake = SimpleNamespace(spec=SimpleNamespace(family="pdq"), name="pdq")
@@ -306,3 +308,35 @@ def test_integrated_gradients_completeness_and_localisation(effnet, conse, compo
     hm = attribute(conse, canvas, tq, "integrated")                   # through the ConSE combination
     inside, outside = _contrast(hm, mask)
     assert inside > 4 * outside, (inside, outside)
+
+
+def test_deletion_benchmark_seen_area_and_inpainting():
+    """Issue 19's protocol options: masks sized to 20 % of the part the encoder sees, and a fill that
+    inpaints the masked pixels from their border (harmonic: a linear ramp is rebuilt, the rest untouched)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import bench_attribution as ba
+
+    rng = np.random.default_rng(0)
+    shape, box = (300, 400), (68.75, 18.75, 331.25, 281.25)
+    seen = ba._inside(shape, box).sum()
+    n = round(0.2 * seen)
+    assert n < round(0.2 * 300 * 400)
+    assert ba.random_mask(shape, box, rng, area="seen").sum() == n
+    heat = np.zeros(shape)
+    heat[100:150, 150:250] = 1.0
+    assert ba.top_mask(heat, box, rng, area="seen").sum() == n
+    centre, _ = ba.discs(shape, box, rng, area="seen")
+    assert abs(int(centre.sum()) - n) < 0.01 * n
+    with pytest.raises(ValueError):
+        ba.mask_size(shape, box, area="crop")
+    ramp = np.repeat(np.repeat(np.linspace(10, 240, 400)[None, :, None], 300, 0), 3, 2).round().astype(np.uint8)
+    hole = np.zeros(shape, bool)
+    hole[100:180, 120:260] = True
+    out = np.asarray(ba.apply_mask(Image.fromarray(ramp), hole, "inpaint"))
+    assert np.array_equal(out[~hole], ramp[~hole])
+    assert np.abs(out[hole].astype(int) - ramp[hole].astype(int)).max() <= 1        # the ramp, not a flat fill
+    flat = np.asarray(ba.apply_mask(Image.fromarray(ramp), hole, "mean"))
+    assert np.abs(flat[hole].astype(int) - ramp[hole].astype(int)).max() > 30         # the mean fill is flat

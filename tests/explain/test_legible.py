@@ -124,16 +124,12 @@ def test_pair_view_links_matched_regions(effnet, cat_pair, cat_maps):
 # -- through the engine: the CLI and the routes -------------------------------------------------------
 @pytest.fixture(scope="module")
 def engine_and_files(tmp_path_factory, photos, effnet, conse):
-    from _engine_helpers import build_photo_index
+    from _engine_helpers import build_photo_index, save_photos
 
     from retrieval.engine.engine import Engine
 
     root = tmp_path_factory.mktemp("legible")
-    paths = []
-    for name in ("chelsea", "coffee", "rocket", "astronaut"):
-        p = root / f"{name}.png"
-        photos[name].save(p)
-        paths.append(p)
+    paths = save_photos(root, photos, ("chelsea", "coffee", "rocket", "astronaut"))
     w, h = photos["chelsea"].size
     query = root / "query.png"
     photos["chelsea"].crop((int(w * 0.2), int(h * 0.05), int(w * 0.75), int(h * 0.9))).save(query)
@@ -187,7 +183,9 @@ def test_attribution_routes_pair_view_and_note(engine_and_files):
     # text query on the offline encoder: the caveat travels with the map
     r = client.post("/api/attribution", json={"text": "a cup of coffee", "result_id": ids["coffee"],
                                               "encoder": "conse-effnet-lite0"})
-    assert r.status_code == 200 and r.headers["X-Attribution-Note"] == TEXT_NOTE
+    assert r.status_code == 200 and r.headers["X-Attribution-Note"] == r.headers["X-Loupe-Note"] == TEXT_NOTE
+    assert r.headers["X-Attribution-Method"] == "occlusion"
+    assert r.headers["X-Attribution-Encoder"] == "conse-effnet-lite0"
     assert Image.open(io.BytesIO(r.data)).size == (600, 400)
     body = client.post("/api/attribution", json={"text": "a cup of coffee", "result_id": ids["coffee"],
                                                  "encoder": "conse-effnet-lite0", "format": "json",
@@ -197,3 +195,34 @@ def test_attribution_routes_pair_view_and_note(engine_and_files):
                                                    "encoder": "conse-effnet-lite0"})
     assert r.status_code == 200 and r.headers["X-Attribution-Note"] == TEXT_NOTE
     assert client.post("/api/attribution/pair", json={"text": "x", "result_id": "f" * 15}).status_code == 404
+
+
+def test_page_image_query_is_explained_by_the_encoder_that_ranked_it(engine_and_files):
+    """The page sends an image query without an ``encoder``: search and "Why?" both use the index's default
+    encoder (here its text encoder, conse-effnet-lite0), and the map goes through its image path (integrated
+    gradients), not the text query's occlusion (which text queries keep: the test above)."""
+    from server.app import create_app
+
+    engine, root, query, ids = engine_and_files
+    client = create_app({"TESTING": True}, engine=engine).test_client()
+
+    def form(**extra):
+        return {"image": (io.BytesIO(query.read_bytes()), "q.png"), "k": "4", **extra}
+
+    found = client.post("/api/search", data=form(), content_type="multipart/form-data").get_json()
+    assert found["encoder"] == "conse-effnet-lite0" and ids["chelsea"] in [r["id"] for r in found["results"]]
+    r = client.post("/api/attribution", data=form(result_id=ids["chelsea"]), content_type="multipart/form-data")
+    assert r.status_code == 200 and r.headers["X-Attribution-Encoder"] == found["encoder"]
+    assert r.headers["X-Attribution-Method"] == "integrated" and "X-Loupe-Note" not in r.headers
+    body = client.post("/api/attribution/pair", data=form(result_id=ids["chelsea"], format="json", max_side="48"),
+                       content_type="multipart/form-data").get_json()
+    assert body["encoder"] == "conse-effnet-lite0" and body["method"] == "integrated" and "note" not in body
+    assert body["query"] is not None and body["lines"]
+    # the map of the image path is the library's integrated-gradients map of the same pair, not occlusion
+    heat = np.asarray(client.post("/api/attribution", data=form(result_id=ids["chelsea"], format="json"),
+                                  content_type="multipart/form-data").get_json()["heatmap"])
+    enc = engine.encoder("conse-effnet-lite0")
+    res = engine.load_image(ids["chelsea"])
+    qv = enc.encode_images([Image.open(query).convert("RGB")])[0]
+    want = attribute(enc, res, qv, "integrated")
+    assert heat.shape == want.shape and np.corrcoef(heat.ravel(), want.ravel())[0, 1] > 0.99

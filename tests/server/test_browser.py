@@ -1,7 +1,7 @@
 """The web page in a real headless browser (Debian chromium driven by Python playwright).
 
 A real HTTP server thread on 127.0.0.1 (random port) serves a small photo index. Type a query →
-results appear; upload an image → it comes back first; click a result → "more like this".
+results appear; upload an image → it comes back first; open a result → its "more like this".
 Skipped cleanly when chromium or playwright is missing.
 """
 
@@ -99,7 +99,8 @@ def test_type_query_then_upload_image_then_more_like_this(browser, server):
         # click the third result: more like this → it comes first
         third = page.locator("#results .result").nth(2)
         third_id = third.get_attribute("data-id")
-        third.locator("button.card").click()
+        third.locator("button.card").click()        # opens the result's own view; "More like this" is its button
+        page.click("#result-more")
         page.wait_for_function(
             f"() => document.querySelector('#results .result').dataset.id === '{third_id}'", timeout=20000)
         assert page.text_content("#iq-label") == "More like this"

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from _engine_helpers import build_photo_index
+from _engine_helpers import build_photo_index, save_photos
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -24,11 +24,7 @@ def server(tmp_path_factory, photos, effnet, conse):
     from server.app import create_app
 
     folder = tmp_path_factory.mktemp("why-photos")
-    paths = []
-    for name in ("chelsea", "coffee", "rocket", "astronaut"):
-        p = folder / f"{name}.png"
-        photos[name].save(p)
-        paths.append(p)
+    paths = save_photos(folder, photos, ("chelsea", "coffee", "rocket", "astronaut"))
     w, h = photos["chelsea"].size
     query = folder / "query.png"
     photos["chelsea"].crop((int(w * 0.2), int(h * 0.05), int(w * 0.75), int(h * 0.9))).save(query)

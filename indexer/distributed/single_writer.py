@@ -1,17 +1,12 @@
-"""Scale-out indexing on Ray (``loupe index ... --ray [ADDRESS]``), with Ray Data.
+"""``--ray`` with ``--local-features``: decode + embed on Ray actors, the driver alone writes.
 
-When one machine's cores cannot decode fast enough for its GPU, or one GPU is not enough, the reader
-and the embedding run on a Ray cluster: Ray Data splits the work into batches and feeds them to a
-pool of actors (``--ray-actors``, one GPU each with ``--device cuda``). Each actor builds the
-encoders once, reads and decodes its batch with a thread pool, embeds it with the local run's
-``indexer.embed.Embedder``, and sends back only the records and vectors; the driver's mapper
-(``select_embedded``) picks the rows of the records it keeps. The driver keeps everything that makes
-an index trustworthy: it alone writes shards and commits the manifest (same writer, same on-disk
-format, same resume and lock semantics as a local run), so a killed driver resumes exactly like a
-local run.
-
-Files must be readable at the same paths from every Ray node (a shared filesystem or object-store
-mount), as with any Ray Data job.
+Local features are reduced with a PCA fitted on the first shard's descriptors by the one writer that
+then uses it for every shard (``indexer.local_features``), so this mode keeps the local writer: Ray Data
+feeds batches to a pool of actors (``--ray-actors``, one GPU each with ``--device cuda``); each builds the
+encoders once, reads and decodes its batch with a thread pool, embeds it with ``indexer.embed.Embedder``
+and sends back the records and vectors; the driver's mapper (``select_embedded``) picks the rows of the
+records it keeps and the usual writer commits them (same resume and lock semantics as a local run).
+Without local features, ``indexer.distributed.parallel`` writes shards on the workers instead.
 """
 
 from __future__ import annotations

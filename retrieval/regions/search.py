@@ -1,0 +1,210 @@
+"""Searching by region: a box of the query, the query's proposed regions, and the region index.
+
+* ``box_request``: a request with ``box`` becomes the same request on the cropped picture, so the box is
+  searched as its own query and local-feature re-ranking sees only the box.
+* ``search_regions`` (``regions=True``): the whole picture is searched as usual; its regions
+  (``retrieval.regions.proposals``) are cropped, embedded in one batch and searched each (same filter and
+  parameters). The fused list scores a candidate by its best score in any list, plus ``FUSE_GAIN`` × how
+  much better a region finds it than the whole picture does::
+
+      fused(c) = max(g(c), max_r s_r(c)) + FUSE_GAIN * max(0, max_{r: c in top FUSE_TOP of r} s_r(c) - g(c))
+
+  (``g``: the whole picture's cosine, exact over the candidates; ``s_r``: region ``r``'s; the gain counts only
+  for a region's own top hit(s), so weak matches of a window do not climb over the whole picture's). An object
+  pasted on another indexed picture: the background picture scores high in every list but gains nothing
+  from a region, the object's own picture scores high only from the object's region and gains.
+* ``merge_region_hits``: on an index with a region index, a query's hits are merged with its best
+  region hits (an image scores its better of the two; when a region wins, the hit carries its ``box``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from retrieval.errors import InvalidQueryError
+from retrieval.regions.box import check_box_in_image, crop_to_box, full_size
+from retrieval.regions.proposals import DEFAULT_PROPOSALS, ProposalConfig, Region, propose_regions
+from retrieval.types import Hit
+
+FUSE_GAIN = 1.0
+FUSE_TOP = 1          # the gain counts for each region's top FUSE_TOP hits only
+
+
+@dataclass
+class RegionHit(Hit):
+    """A hit found through a region of the indexed picture: ``box`` (x0, y0, x1, y1) in its pixels."""
+
+    box: tuple[int, int, int, int] | None = None
+
+
+@dataclass
+class RegionResult:
+    """One proposed region of the query and its own results."""
+
+    region: Region
+    hits: list[Hit]
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return self.region.box
+
+
+@dataclass
+class RegionSearch:
+    regions: list[RegionResult] = field(default_factory=list)
+    size: tuple[int, int] | None = None          # the query picture's (width, height): the boxes' frame
+
+
+# -- a box -----------------------------------------------------------------------------------------
+def query_picture(engine, req):
+    """The query picture (decoded, upright) and the size its pixels are counted in (the original's)."""
+    from retrieval.engine.embed import upload_side
+    from retrieval.images import load_image
+
+    if req.image is None:
+        image = engine.load_image(req.image_id)
+        return image, image.size
+    entry = engine.embedder.route(req)
+    image = load_image(req.image, min_side=upload_side(entry.name))
+    return image, full_size(req.image) or image.size
+
+
+def box_request(engine, req):
+    """``req`` with its ``box``: the same request on the cropped picture; raises ``InvalidQueryError`` when
+    the box is not inside the picture. Returns ``(request, box)``."""
+    image, size = query_picture(engine, req)
+    box = check_box_in_image(req.box, size)
+    crop = crop_to_box(image, box, size)
+    return req.replace(image=crop, image_id=None, box=None), tuple(int(round(v)) for v in box)
+
+
+# -- regions of the query --------------------------------------------------------------------------
+def search_regions(engine, req, *, config: ProposalConfig = DEFAULT_PROPOSALS):
+    """``regions=True``: the global response with ``response.regions`` (a ``RegionSearch``) and its hits
+    replaced by the fused list (module docstring)."""
+    t0 = time.perf_counter()
+    base = engine.search(req.replace(regions=False))
+    ctx = base.query
+    image = ctx.get_image()
+    if image is None:
+        raise InvalidQueryError("regions needs an image query (image or image_id)")
+    t1 = time.perf_counter()
+    enc = engine.encoder(ctx.encoder)
+    regions = propose_regions(image, enc, config)
+    t2 = time.perf_counter()
+    result = RegionSearch(size=image.size)
+    if regions:
+        crops = [crop_to_box(image, r.box) for r in regions]
+        vectors = np.asarray(enc.encode_images(crops), np.float32)
+        for region, vec in zip(regions, vectors):   # each region as its own query (a vector query)
+            hits = engine.search(vector=vec, encoder=ctx.encoder, k=req.k, params=req.params, filter=req.filter).hits
+            result.regions.append(RegionResult(region, hits))
+    t3 = time.perf_counter()
+    if req.image is not None and image.size != (full_size(req.image) or image.size):
+        # an upload decoded reduced: boxes in pixels of the original
+        result = _rescale(result, image.size, full_size(req.image))
+    base.hits = fuse_region_hits(engine, ctx.encoder, ctx.vector, base.hits, result.regions, req.k)
+    base.regions = result
+    base.score_kind = "regions"          # retrieval.engine.query.SCORE_KINDS: may exceed 1
+    base.timings.update(proposals_ms=(t2 - t1) * 1e3, regions_ms=(t3 - t2) * 1e3)
+    base.took_ms = (time.perf_counter() - t0) * 1e3
+    return base
+
+
+def _rescale(result: RegionSearch, have: tuple[int, int], want: tuple[int, int]) -> RegionSearch:
+    fx, fy = want[0] / have[0], want[1] / have[1]
+    for rr in result.regions:
+        x0, y0, x1, y1 = rr.region.box
+        box = (int(x0 * fx), int(y0 * fy), min(want[0], int(np.ceil(x1 * fx))), min(want[1], int(np.ceil(y1 * fy))))
+        rr.region = Region(box, rr.region.score, rr.region.kind)
+    result.size = tuple(want)
+    return result
+
+
+def fuse_region_hits(engine, encoder: str, query: np.ndarray, global_hits: list[Hit],
+                     regions: list[RegionResult], k: int, gain: float = FUSE_GAIN, top: int = FUSE_TOP) -> list[Hit]:
+    """The fused list (module docstring): every candidate of every list, scored with the whole picture's
+    exact cosine ``g`` and its best region score, top ``k``."""
+    best: dict[str, Hit] = {}
+    region_score: dict[str, float] = {}
+    top_score: dict[str, float] = {}         # scores of hits ranked in a region's top FUSE_TOP (may gain)
+    for h in global_hits:
+        best.setdefault(h.id, h)
+    for rr in regions:
+        for rank, h in enumerate(rr.hits):
+            best.setdefault(h.id, h)
+            region_score[h.id] = max(region_score.get(h.id, -np.inf), float(h.score))
+            if rank < top:
+                top_score[h.id] = max(top_score.get(h.id, -np.inf), float(h.score))
+    if not best:
+        return []
+    cands = list(best.values())
+    g = engine.vectors(encoder, cands) @ np.asarray(query, np.float32)
+    fused = []
+    for h, gs in zip(cands, g):
+        r, t = region_score.get(h.id, -np.inf), top_score.get(h.id, -np.inf)
+        score = max(float(gs), r) + gain * max(0.0, t - float(gs))
+        fused.append((score, h))
+    fused.sort(key=lambda t: -t[0])
+    return [_with_score(h, s) for s, h in fused[:k]]
+
+
+def _with_score(hit: Hit, score: float) -> Hit:
+    import dataclasses
+
+    return dataclasses.replace(hit, score=float(score))
+
+
+# -- the region index ------------------------------------------------------------------------------
+def merge_region_hits(engine, region_set, vector: np.ndarray, hits: list[Hit], k: int,
+                      masks: list[np.ndarray] | None) -> list[Hit]:
+    """``hits`` merged with the region index's best regions of ``vector``: each image keeps its better score;
+    an image found by a region (better than by its whole picture) becomes a ``RegionHit`` with the box."""
+    def allowed(image_id: str) -> bool:
+        if masks is None:
+            return True
+        shard, row = engine.locate(image_id)
+        return bool(masks[shard][row])
+
+    merged: dict[str, Hit] = {h.id: h for h in hits}
+    for image_id, score, box in region_set.search(vector, k, allowed):
+        have = merged.get(image_id)
+        if have is None or score > have.score:
+            shard, row = engine.locate(image_id)
+            merged[image_id] = RegionHit(image_id, score, shard, row, box=box)
+    return sorted(merged.values(), key=lambda h: -h.score)[:k]
+
+
+def hit_box(hit: Hit) -> list[int] | None:
+    """The box of a hit found through a region of its picture (None for a whole-picture hit)."""
+    box = getattr(hit, "box", None)
+    return [int(v) for v in box] if box is not None else None
+
+
+def with_box(describe):
+    """``describe`` (one hit → its JSON) that adds ``"box"`` to a hit found through a region of its picture."""
+    def out(hit: Hit) -> dict[str, Any]:
+        body = describe(hit)
+        box = hit_box(hit)
+        if box is not None:
+            body["box"] = box
+        return body
+    return out
+
+
+def response_regions_json(response, describe) -> dict[str, Any]:
+    """The region parts of a search's JSON: ``"box"`` (the query box searched) and ``"regions"``
+    (``[{"box", "score", "kind", "results": [...]}]``, boxes in pixels of the query picture), when present."""
+    out: dict[str, Any] = {}
+    if getattr(response, "box", None) is not None:
+        out["box"] = [int(v) for v in response.box]
+    rs = getattr(response, "regions", None)
+    if rs is not None:
+        out["regions"] = [{**rr.region.to_json(), "results": [describe(h) for h in rr.hits]} for rr in rs.regions]
+        if rs.size is not None:
+            out["query_size"] = [int(rs.size[0]), int(rs.size[1])]
+    return out
