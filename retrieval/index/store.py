@@ -3,13 +3,15 @@
 Layout of an index directory ``DIR``::
 
     DIR/manifest.json                      format version, encoders, shards, counts, times (written last)
-    DIR/.lock                              held by a writing `loupe index` (fcntl lock)
+    DIR/.lock                              held by a writing `loupe index` / `loupe optimize` (filelock)
     DIR/meta/shard-NNNNN.parquet           one metadata row per image of the shard
     DIR/<encoder>/shard-NNNNN.faiss        the shard's vectors; vector i <-> metadata row i
     DIR/<encoder>/shard-NNNNN.local.npy    (optional) float16 [total_tokens, c] reduced local descriptors
     DIR/<encoder>/shard-NNNNN.local-pos.npy   int16 [total_tokens, 2] (row, col) on the encoder's grid
     DIR/<encoder>/shard-NNNNN.local-off.npy   int64 [n + 1]: image i owns tokens off[i]:off[i+1]
     DIR/<encoder>/local-pca.npz            (optional) mean [C], components [c, C] of the reduction
+    DIR/<encoder>/search-NNNNN.faiss[.ivfdata]   (optional) `loupe optimize`'s layout (retrieval.index.optimize)
+    DIR/regions/<encoder>.npy|.parquet     (optional) `loupe index --regions` (retrieval.regions.store)
 
 Every shard holds the same images, in the same order, for every encoder of the index. Metadata
 columns: ``id`` (15 hex chars = first 60 bits of the SHA-256 of the file's bytes: re-indexing the
@@ -21,17 +23,13 @@ Vectors are L2-normalised float32; the metric is inner product (= cosine). Every
 a temporary name then renamed into place (``os.replace``), and the manifest is replaced last, so a
 crash at any moment leaves the previous state readable: readers only trust shards the manifest lists.
 
-Integrity. The manifest's optional ``files`` map (format version 1 still; older manifests have none)
-records every file of the index the readers open, by path relative to ``DIR``:
-``{"meta/shard-00000.parquet": {"size": 1234, "sha256": "…"}, …}``. The size and SHA-256 are taken
-from the bytes just written (``atomic_write_with`` returns them); ``write_manifest`` records files it
-lists but has no record of (an index written by an older Loupe, on its first new run). A file rewritten
-in place under the same name (a metadata shard whose ``aliases`` grew) is first published with its
-``previous`` record(s) still accepted, so a crash between the rename and the manifest leaves an index
-that checks clean. Readers check sizes (a ``stat``) on open, metadata shards' checksums (they are read
-whole anyway) and the contents' shape: vector dimension and count, ids, unit norms of flat vectors,
-local-feature offsets; ``loupe verify`` (``retrieval.index.verify``) checks every checksum. A mismatch is
-an ``IndexFormatError`` that names the file and what to do.
+Integrity. The manifest's optional ``files`` map (older manifests have none) records the size and SHA-256
+of every file readers open, taken from the bytes just written (``atomic_write_with`` returns them):
+``{"meta/shard-00000.parquet": {"size": 1234, "sha256": "…"}, …}``. A file rewritten under the same name
+(a metadata shard whose ``aliases`` grew) is published with its ``previous`` record(s) still accepted, so a
+crash before the manifest leaves an index that checks clean. Readers check sizes on open, metadata
+checksums and the contents' shape; ``loupe verify`` (``retrieval.index.verify``) checks every checksum. A
+mismatch is an ``IndexFormatError`` that names the file and what to do.
 
 Here: layout, ids, atomic writes, manifest, metadata. FAISS shards: :mod:`retrieval.index.vector_files`;
 local descriptors: :mod:`retrieval.index.descriptors`; ``loupe optimize``'s layout: ``optimize``.
