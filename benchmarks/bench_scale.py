@@ -239,7 +239,8 @@ def report(args, result: dict) -> str:
     ram = r["rss_mb_after"] * 2**20 / n
     lines += ["", f"- bytes per vector on disk: write shards {r['shard_bytes_per_vector']}, layout "
                   f"{r['layout_bytes_per_vector']} ({r['layout_files']}); resident after open: {ram:.1f} B/vector "
-                  f"(write shards under 512 MiB are read into RAM by the engine); optimize peak RSS growth "
+                  f"(write shards covered by the layout are mapped; `bench_scale_measure.py` splits anonymous and "
+                  f"mapped pages); optimize peak RSS growth "
                   f"{r['optimize_peak_rss_growth_mb']} MB",
               "", "| vectors | disk (layout + write shards) | disk (layout only) | RAM after open (as measured) |",
               "|---|---|---|---|"]

@@ -24,7 +24,7 @@ import torch
 from indexer.sources import Item, ReadConfig, read_bytes
 from retrieval import settings
 from retrieval.errors import LoupeError
-from retrieval.images import load_image
+from retrieval.images import image_size, load_image
 from retrieval.index import store
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,21 @@ class Record:
     raw: bytes | None = None    # --decode gpu: JPEG bytes decoded in the main process on the device
 
 
+def original_size(data: bytes, decoded) -> tuple[int, int]:
+    """The picture's own (width, height) after EXIF orientation, read from its header: ``decoded`` may be a
+    reduced decode. (A PNG whose EXIF comes after its pixels reads as upright from the header: the
+    decoded picture's orientation decides then.)"""
+    w, h = image_size(data)
+    if decoded.width != decoded.height and (decoded.width > decoded.height) != (w > h):
+        w, h = h, w
+    return w, h
+
+
 class DecodeDataset(torch.utils.data.Dataset):
     def __init__(self, items: list[Item], transforms: list[Callable], known_ids: frozenset[str],
-                 read_cfg: ReadConfig, max_pixels: int | None, gpu_jpeg: bool = False):
+                 read_cfg: ReadConfig, max_pixels: int | None, gpu_jpeg: bool = False, min_side: int | None = None):
         self.items = items
+        self.min_side = min_side        # decode reduced to this shorter side (``indexer.embed.decode_side``)
         self.gpu_jpeg = gpu_jpeg
         self.transforms = transforms
         self.known_ids = known_ids
@@ -75,8 +86,8 @@ class DecodeDataset(torch.utils.data.Dataset):
                     rec.width, rec.height = size
                     rec.raw = data
                     return rec
-            img = load_image(data, max_pixels=self.max_pixels)
-            rec.width, rec.height = img.size
+            img = load_image(data, max_pixels=self.max_pixels, min_side=self.min_side)
+            rec.width, rec.height = img.size if self.min_side is None else original_size(data, img)
             rec.tensors = tuple(t(img) for t in self.transforms)
         except LoupeError as exc:
             rec.error = str(exc)

@@ -57,6 +57,16 @@ def gpu_decodable(name: str, enc, stats: list, group_of: dict[str, int]) -> bool
     return enc.spec.family == "colour" or (not enc.binary and stats[group_of[name]] is not None)
 
 
+def decode_side(encoders: dict) -> int | None:
+    """The shorter side the workers decode images to at least: the largest ``input_side`` of the encoders
+    (``retrieval.images.load_image(min_side=...)``: a 12-megapixel JPEG is decoded at 1/2 or 1/4 scale by
+    the JPEG decoder itself, as queries are); ``None`` (full decode) when an encoder does not say."""
+    sides = [getattr(enc, "input_side", None) for enc in encoders.values()]
+    if not sides or any(not isinstance(s, int) or s <= 0 for s in sides):
+        return None
+    return max(sides)
+
+
 class Embedder:
     """The mapper: every encoder over a decoded batch, one pass each (global + local features together).
 
@@ -67,6 +77,7 @@ class Embedder:
         self.encoders = encoders
         self.local = dict(local)
         self.transforms, self.stats, self.group_of = transform_groups(encoders)
+        self.min_side = decode_side(encoders)
 
     def embed(self, batch: dict[str, Any], kept: list[int]) -> tuple[dict[str, np.ndarray], dict[str, LocalOut]]:
         """Vectors (and local features) of the ``kept`` records of a collated batch, in that order.

@@ -219,7 +219,8 @@ def _stages(cfg: IndexConfig, plan: _Plan) -> tuple[Iterator[ReadBatch], Mapper]
     gpu_decode = _use_gpu_decode(cfg, embedder)
     workers = default_workers() if cfg.workers is None else max(0, int(cfg.workers))
     dataset = DecodeDataset(plan.todo, embedder.transforms, plan.known_ids,
-                            ReadConfig(allow_download=cfg.allow_download), cfg.max_pixels, gpu_jpeg=gpu_decode)
+                            ReadConfig(allow_download=cfg.allow_download), cfg.max_pixels, gpu_jpeg=gpu_decode,
+                            min_side=embedder.min_side)
     bsz = max(1, cfg.batch_size)
     if cfg.ray:
         from indexer.distributed.single_writer import ray_batches, select_embedded

@@ -9,6 +9,9 @@ variable                  what it sets                                          
 ``LOUPE_MAX_DECODE_MB``   the most memory one image decode may take (pixels × bytes/pixel)    256
 ``LOUPE_MAX_DECODES``     server: image uploads decoded and embedded at once                  2
 ``LOUPE_DECODE_WAIT``     server: seconds an upload waits for a decode slot (then 503 busy)   5
+``LOUPE_UPLOADS``         server: query images kept for ``POST /api/uploads`` tokens          64
+``LOUPE_UPLOADS_MB``      server: bytes those kept query images may take in all               128
+``LOUPE_UPLOAD_TTL``      server: seconds an upload token lives after its last use            1800
 ``LOUPE_THREADS``         CPU threads for torch                                               all cores
 ``LOUPE_IN_FLIGHT_MB``    indexer: bytes of decoded batches waiting for the encoder           1024
 ``LOUPE_MAX_FILE_BYTES``  indexer: larger input files are skipped (and reported)              512 MiB
@@ -29,6 +32,9 @@ DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_DECODE_MB = 256.0
 DEFAULT_MAX_DECODES = 2
 DEFAULT_DECODE_WAIT = 5.0
+DEFAULT_UPLOADS = 64
+DEFAULT_UPLOADS_MB = 128.0
+DEFAULT_UPLOAD_TTL = 1800.0
 
 
 def weights_dir() -> Path | None:
@@ -67,6 +73,21 @@ def max_decodes() -> int:
 def decode_wait() -> float:
     """``LOUPE_DECODE_WAIT``: server: seconds an upload waits for a decode slot before a 503 ``busy``."""
     return max(0.0, _number("LOUPE_DECODE_WAIT", DEFAULT_DECODE_WAIT, float))
+
+
+def uploads() -> int:
+    """``LOUPE_UPLOADS``: server: how many uploaded query images (``POST /api/uploads``) are kept (at least 1)."""
+    return max(1, _number("LOUPE_UPLOADS", DEFAULT_UPLOADS, int))
+
+
+def uploads_bytes() -> int:
+    """``LOUPE_UPLOADS_MB`` in bytes: server: the most the kept uploaded query images take together."""
+    return max(1, int(_number("LOUPE_UPLOADS_MB", DEFAULT_UPLOADS_MB, float) * (1 << 20)))
+
+
+def upload_ttl() -> float:
+    """``LOUPE_UPLOAD_TTL``: server: seconds an upload token lives after it was last used (at least 1)."""
+    return max(1.0, _number("LOUPE_UPLOAD_TTL", DEFAULT_UPLOAD_TTL, float))
 
 
 def threads() -> int | None:

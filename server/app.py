@@ -16,7 +16,8 @@ that fails the checks of opening (``IndexFormatError``: sizes, dimensions, count
 damaged index met while answering is a 503 ``index_format`` JSON error and an error log line, never a 500.
 Blueprints come from ``server.routes_search`` (search, images, the web page) and
 ``server.routes_attribution`` / ``server.routes_copy`` / ``server.routes_classify`` /
-``server.routes_collection`` (the collection's duplicate groups); each adds
+``server.routes_collection`` (the collection's duplicate groups) / ``server.routes_uploads`` (a query
+picture uploaded once, then named by a token: ``server.uploads``); each adds
 its feature name to ``GET /healthz``'s ``features``.
 """
 
@@ -34,6 +35,7 @@ from retrieval.errors import IndexFormatError
 from server.common import EXT_KEY, MAX_UPLOAD_BYTES, state
 from server.errors import error_response, register_error_handlers, scrub_paths
 from server.metrics import CONTENT_TYPE_LATEST, Metrics
+from server.routes_collection import cancel_collection_dedup
 from server.security import install as install_security
 from server.thumbnails import ThumbnailCache
 
@@ -46,6 +48,7 @@ BLUEPRINTS = {
     "server.routes_copy": "duplicates",
     "server.routes_classify": "classify",
     "server.routes_collection": "duplicate-groups",
+    "server.routes_uploads": "uploads",    # POST /api/uploads: a query image once, then its token
     "server.openapi": "openapi",          # GET /openapi.json, GET /docs
 }
 
@@ -142,6 +145,7 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
                 return
             _refresh_classifiers(eng, new)     # before `new` serves: it takes over `eng`'s classifiers
             state(app)["engine"] = new
+            cancel_collection_dedup(eng)        # the old version's duplicate groups would be stale
             metrics.set_index(new)
             log.info("reloaded %s: %d images", new.index_dir, new.count)
         finally:
@@ -212,6 +216,8 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
     def metrics_view():
         thumbs = state()["thumbnails"]
         metrics.thumb_cache.set(thumbs.bytes)
+        if state().get("uploads") is not None:
+            metrics.set_uploads(*state()["uploads"].stats())
         return Response(metrics.render(), mimetype=CONTENT_TYPE_LATEST.split(";")[0],
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -48,6 +48,10 @@ class Metrics:
         self.index_bytes = Gauge("loupe_index_bytes", "bytes on disk of vectors and metadata", registry=self.registry)
         self.thumb_cache = Gauge("loupe_thumbnail_cache_bytes", "bytes held by the thumbnail cache",
                                  registry=self.registry)
+        self.uploads = Gauge("loupe_upload_cache_images", "query images kept for POST /api/uploads tokens",
+                             registry=self.registry)
+        self.upload_bytes = Gauge("loupe_upload_cache_bytes", "bytes of the query images kept for upload tokens",
+                                  registry=self.registry)
         self.started = time.time()
 
     def count_request(self, method: str | None, endpoint: str, status: int | str) -> None:
@@ -63,6 +67,10 @@ class Metrics:
             self.index_bytes.set(engine.index_bytes())
         except OSError:
             pass
+
+    def set_uploads(self, count: int, size: int) -> None:
+        self.uploads.set(count)
+        self.upload_bytes.set(size)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,9 +4,10 @@ A body is a JSON object (``Content-Type: application/json``; another type is a 4
 ``unsupported_media_type``, so a cross-site ``text/plain`` POST cannot pass for JSON; nesting deeper
 than ``MAX_JSON_DEPTH`` is a 400 ``invalid_json``) or a multipart/urlencoded form (an ``image`` file
 upload, repeated ``text`` fields = weighted terms). Images travel as uploads or base64 (a ``data:``
-URL too); the server never fetches URLs. Each endpoint has one request type; an unknown field is a
-400 that names it. A request that carries an image holds one of ``LOUPE_MAX_DECODES`` decode slots
-until it is answered (:func:`hold_decode_slot`; none free within ``LOUPE_DECODE_WAIT`` s: 503 ``busy``).
+URL too), or as ``upload``: a token of ``POST /api/uploads`` (:func:`take_upload`); the server never
+fetches URLs. Each endpoint has one request type; an unknown field is a 400 that names it. A request that
+carries an image holds one of ``LOUPE_MAX_DECODES`` decode slots until it is answered
+(:func:`hold_decode_slot`; none free within ``LOUPE_DECODE_WAIT`` s: 503 ``busy``).
 
 * ``/api/search`` → :class:`retrieval.engine.request.SearchRequest` (the library's own type);
 * ``/api/attribution`` → :class:`AttributionRequest` (a ``SearchRequest`` + what to explain and how);
@@ -127,9 +128,34 @@ def read_body(request=None) -> tuple[dict[str, Any], bool]:
         fields["image"] = decode_base64_image(value, limit) if value else None
     elif fields.get("image") is not None and not isinstance(fields["image"], bytes):
         raise BadRequestError("image must be a base64 string (JSON) or a file upload (multipart)")
+    if "upload" in fields:
+        take_upload(fields)
     if fields.get("image") is not None:
         hold_decode_slot()
     return fields, form
+
+
+@dataclass
+class UploadRef:
+    """The body field every image endpoint takes in place of ``image``: a token of ``POST /api/uploads``."""
+
+    upload: str | None = dataclasses.field(default=None, metadata={"description": (
+        "a token from POST /api/uploads: the image uploaded once, in place of image (an unknown or expired "
+        "token is a 404 upload_not_found: upload again)")})
+
+
+def take_upload(fields: dict[str, Any]) -> None:
+    """Swap ``fields["upload"]`` (a token of ``POST /api/uploads``) for the kept image bytes, in place."""
+    from server.uploads import upload_cache
+
+    token = fields.pop("upload")
+    if token is None or (isinstance(token, str) and not token.strip()):
+        return
+    if fields.get("image") is not None:
+        raise BadRequestError("send the image once: as an upload token or as the image, not both")
+    if not isinstance(token, str):
+        raise BadRequestError("upload must be a string: a token from POST /api/uploads")
+    fields["image"] = upload_cache().get(token).data
 
 
 # -- bounded decoding ----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ outlined, the part the encoder did not see hatched; its headers ``X-Attribution-
 sent as ``X-Loupe-Note``) carry the legend's words. The pair view answers ``format=json`` with both maps
 (``max_side`` applies) and the match lines.
 
+A query with a ``box`` is explained on the box's crop, as ``/api/search`` searched it (``box_request``).
 The query is embedded exactly as ``/api/search`` embeds it (``Engine.embed`` on the same request fields), so a
 map explains the encoder that ranked the result: the page's image search without an ``encoder`` field goes to
 the index's default encoder (its text encoder, e.g. ``conse-effnet-lite0``), and an image query is explained
@@ -38,7 +39,12 @@ def _explain(a, *, pair: bool):
 
     engine = get_engine()
     engine.locate(a.result_id)                       # 404 before embedding anything
-    ctx = engine.embed(a.query)
+    query = a.query
+    if query.box is not None:                        # a box query is explained as the search ran it: the crop
+        from retrieval.regions.search import box_request
+
+        query, _ = box_request(engine, query)
+    ctx = engine.embed(query)
     return explain(engine, ctx, a.result_id, method=a.attribution_method, rerank=a.query.rerank,
                    query_side=(a.side == "query"), pair=pair)
 

@@ -43,11 +43,17 @@ class DedupFailedError(LoupeError, code="dedup_failed", status=503):
     """The collection's de-duplication failed (the reason is in the message); the next request retries."""
 
 
+class _Cancelled(Exception):
+    """The index version being de-duplicated was replaced: its groups would be stale."""
+
+
 class CollectionDedup:
-    """One index version's ``dedup_index`` result, computed once in a background thread."""
+    """One index version's ``dedup_index`` result, computed once in a background thread; :meth:`cancel`
+    (called when the server switches to a re-indexed version) stops it at its next progress step."""
 
     def __init__(self, engine):
         self.engine = engine
+        self.cancelled = threading.Event()
         self.lock = threading.Lock()
         self.result = None
         self.error: str | None = None
@@ -63,7 +69,12 @@ class CollectionDedup:
             self.thread = threading.Thread(target=self._run, name="loupe-collection-dedup", daemon=True)
             self.thread.start()
 
+    def cancel(self) -> None:
+        self.cancelled.set()
+
     def _progress(self, n: int) -> None:
+        if self.cancelled.is_set():
+            raise _Cancelled
         self.done += int(n)
 
     def _run(self) -> None:
@@ -75,6 +86,9 @@ class CollectionDedup:
             rows = _exact_candidate_rows(self.engine.records.tables)
             result = dedup_index(self.engine, None, CopyCheckConfig(), metadata_rows=rows, progress=self._progress)
             describe_files(self.engine, result)
+        except _Cancelled:
+            log.info("stopped de-duplicating %s: the index was replaced", self.engine.index_dir)
+            return
         except Exception as exc:  # noqa: BLE001 - reported to the client as a 503, retried on the next request
             log.exception("de-duplicating %s failed", self.engine.index_dir)
             with self.lock:
@@ -87,6 +101,13 @@ class CollectionDedup:
 
 def collection_dedup(engine) -> CollectionDedup:
     return engine.cache(CACHE_KEY, lambda: CollectionDedup(engine))
+
+
+def cancel_collection_dedup(engine) -> None:
+    """Stop ``engine``'s background de-duplication, if one runs (the server switched to a newer version)."""
+    job = engine.cached(CACHE_KEY) if hasattr(engine, "cached") else None
+    if job is not None:
+        job.cancel()
 
 
 def _int_arg(name: str, default: int, lo: int, hi: int) -> int:

@@ -61,6 +61,7 @@ def init_ray(address: str | None) -> None:
 def _embedded(ray, items, plan, cfg, *, actors: int, uses_gpu: bool, claims, known_ref, transforms_ref):
     """The decode → embed part of the pipeline over ``items``."""
     from indexer.distributed.stages import EmbedActor, decode_batch
+    from indexer.embed import decode_side
     from indexer.sources import ReadConfig
     from retrieval.encoders import get_spec
 
@@ -71,7 +72,7 @@ def _embedded(ray, items, plan, cfg, *, actors: int, uses_gpu: bool, claims, kno
     ds = ds.map_batches(decode_batch, batch_size=bsz, batch_format="numpy", num_cpus=DECODE_CPUS,
                         fn_kwargs=dict(transforms_ref=transforms_ref, known_ref=known_ref, claims=claims,
                                        read_cfg=ReadConfig(allow_download=cfg.allow_download),
-                                       max_pixels=cfg.max_pixels))
+                                       max_pixels=cfg.max_pixels, min_side=decode_side(plan.encoders)))
     return ds.map_batches(EmbedActor, batch_size=bsz, batch_format="numpy",
                           compute=ray.data.ActorPoolStrategy(size=max(1, actors)),
                           num_gpus=1 if uses_gpu else 0, num_cpus=0 if uses_gpu else 1,

@@ -52,7 +52,8 @@ class EmbedActor:
         items = ray.get(items_ref) if isinstance(items_ref, ray.ObjectRef) else items_ref
         known = ray.get(known_ids_ref) if isinstance(known_ids_ref, ray.ObjectRef) else known_ids_ref
         self.embedder = Embedder({n: create_encoder(n, device=device, precision=precision) for n in names}, local)
-        self.dataset = DecodeDataset(items, self.embedder.transforms, frozenset(known), read_cfg, max_pixels)
+        self.dataset = DecodeDataset(items, self.embedder.transforms, frozenset(known), read_cfg, max_pixels,
+                                     min_side=self.embedder.min_side)
         self.batch_size = batch_size
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads))
 

@@ -60,14 +60,14 @@ def _get(ref):
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, transforms_ref, known_ref, claims, read_cfg,
-                 max_pixels: int | None) -> dict[str, np.ndarray]:
+                 max_pixels: int | None, min_side: int | None = None) -> dict[str, np.ndarray]:
     """Read, hash, decode and transform a batch of items (``indexer.decode.DecodeDataset``, as a local run)."""
     import ray
 
     from indexer.decode import DecodeDataset
 
     items = [pickle.loads(b) for b in batch["item"]]
-    dataset = DecodeDataset(items, _get(transforms_ref), _get(known_ref), read_cfg, max_pixels)
+    dataset = DecodeDataset(items, _get(transforms_ref), _get(known_ref), read_cfg, max_pixels, min_side=min_side)
     records = [dataset[j] for j in range(len(items))]
     fresh = [j for j, r in enumerate(records) if r.error is None and not r.duplicate]
     firsts = ray.get(claims.claim.remote([(records[j].id, items[j].source) for j in fresh])) if fresh else []

@@ -43,7 +43,7 @@ exit status: 0 done, 1 nothing found (search, match, dedup), 2 usage or runtime 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loupe", description="Loupe: image retrieval — index, search, explain, deduplicate, classify.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
     parser.add_argument("--version", action="version", version=f"loupe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=getattr(module, "DESCRIPTION", help_text),
                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog=getattr(module, "EPILOG", None))
+                           epilog=getattr(module, "EPILOG", None), allow_abbrev=False)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

@@ -200,6 +200,11 @@ class Engine:
         with self._lock:
             return self._state.setdefault(key, value)
 
+    def cached(self, key: Any) -> Any:
+        """What :meth:`cache` holds under ``key``, or ``None`` (nothing is created)."""
+        with self._lock:
+            return self._state.get(key)
+
     def index_bytes(self) -> int:
         """Bytes on disk of the vector shards and metadata."""
         paths = [store.vectors_path(self.index_dir, name, shard)

@@ -60,6 +60,13 @@ Methods (``method=``):
   the occluded inputs are embedded in batches, and every pixel gets the mean drop of the cosine with
   the query over the windows that cover it (positive part). No gradients, works for ViTs and CNNs and
   for ConSE's non-linear embedding alike; it costs one forward pass per window (25 by default).
+* ``"rise"`` — any encoder, perturbation-based like occlusion but with random masks (RISE, Petsiuk et al.,
+  2018; ``retrieval.explain.rise``): ``rise_masks`` smooth random masks (cells of a ``rise_grid`` lattice, each
+  deleted with probability ``rise_p``, upsampled with a random shift) replace parts of the input with its mean
+  colour; a pixel scores the mean similarity drop of the masks that hide it minus that of the masks that keep
+  it (positive part). Smooth by construction and measured on the encoder itself; on the image→image tuning
+  pairs it scored below ``integrated`` on the deletion test (``benchmarks/RESULTS.md``, "Issue 19: deletion-faithful
+  maps and the oracle"), so it is not a default.
 * ``"colour"`` — the ``colour-names`` encoder: each pixel's exact first-order share of the colour match
   (:func:`retrieval.colour.naming.pixel_contributions`): its object weight times its colour-term memberships,
   each term valued at the match's derivative. A "red" query lights up the red pixels.
@@ -88,6 +95,7 @@ from .config import METHODS, AttributionConfig
 from .grid import crop_box, eigen_cam, to_image_map, token_contributions
 from .matching import match_maps
 from .occlusion import occlusion_map
+from .rise import rise_map
 
 __all__ = ["Explanation", "attribute", "attribute_grid", "explain", "default_method", "describe", "TEXT_NOTE"]
 
@@ -108,6 +116,7 @@ _LABELS = {
     "integrated-raw": "integrated gradients, per pixel",
     "eigencam": "Eigen-CAM (query independent)",
     "occlusion": "occlusion: similarity drop when hidden",
+    "rise": "RISE: similarity drop when hidden (random masks)",
     "matches": "locally matched regions",
     "colour": "share of the colour match",
 }
@@ -185,6 +194,8 @@ def attribute_grid(encoder, image: Image.Image, query: np.ndarray | None, method
         raise InvalidQueryError(f"attribution method {method!r} needs a query vector")
     if method == "occlusion":
         return occlusion_map(encoder, image, query, config)
+    if method == "rise":
+        return np.maximum(rise_map(encoder, image, query, config), 0.0)
     if (method == "colour") != (fam == "colour"):
         raise InvalidQueryError("attribution method 'colour' is for the colour-names encoder, which takes "
                                 "'colour' or 'occlusion'")
@@ -195,10 +206,10 @@ def attribute_grid(encoder, image: Image.Image, query: np.ndarray | None, method
     if fam in _CNN:
         if method == "tokens":
             raise InvalidQueryError(f"{encoder.name} is a CNN: use method 'integrated', 'integrated-raw', "
-                                    "'gradinput', 'gradcam', 'cam', 'occlusion' or 'eigencam'")
+                                    "'rise', 'gradinput', 'gradcam', 'cam', 'occlusion' or 'eigencam'")
         return cnn_map(encoder, image, query, method, config)
     if method in ("gradcam", "cam", "gradinput", "integrated", "integrated-raw"):
-        raise InvalidQueryError(f"{encoder.name} is a ViT: use method 'tokens', 'occlusion' or 'eigencam'")
+        raise InvalidQueryError(f"{encoder.name} is a ViT: use method 'tokens', 'occlusion', 'rise' or 'eigencam'")
     pooled, tokens, grid = _vit_tokens(encoder, image)
     if method == "eigencam":
         return eigen_cam(tokens).reshape(grid)

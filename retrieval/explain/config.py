@@ -11,7 +11,7 @@ from retrieval.errors import InvalidQueryError
 
 # every attribution method a request may name (retrieval.explain.attribution); here, torch-free, for parsers
 METHODS = ("auto", "tokens", "gradcam", "cam", "gradinput", "integrated", "integrated-raw", "eigencam", "occlusion",
-           "matches", "colour")
+           "matches", "colour", "rise")
 
 __all__ = ["AttributionConfig", "FILLS", "fill_image"]
 
@@ -33,6 +33,10 @@ class AttributionConfig:
     ig_smooth: float = 8 / 224      # integrated: Gaussian sigma (fraction of the input side) of the map shown;
     #                                 "integrated-raw" is the same map unsmoothed (per pixel)
     ig_blend: float = 0.5           # integrated: the per-pixel map's share in the map shown (grid.legible_map)
+    rise_masks: int = 64            # rise: random deletion masks (one forward pass each, batched): the quality knob
+    rise_grid: int = 12             # rise: cells per side of the masks' coarse lattice (12: 19-px cells at 224 px)
+    rise_p: float = 0.3             # rise: probability that a mask deletes a cell
+    rise_seed: int = 0              # rise: the masks' seed (maps are deterministic)
 
 
 def fill_image(image: Image.Image, fill: str) -> Image.Image:

@@ -197,12 +197,15 @@ class LayoutSearcher:
     """An opened layout: the faiss index, its rows' global row numbers in the current manifest (-1: gone)."""
 
     def __init__(self, index, entry: LayoutEntry, to_global: np.ndarray, covered: set[int],
-                 exact_vectors: Callable[[np.ndarray], np.ndarray] | None = None, data_path: Path | None = None):
+                 exact_vectors: Callable[[np.ndarray], np.ndarray] | None = None, data_path: Path | None = None,
+                 mapped_paths: Sequence[Path] = ()):
         self.index = index
-        self._data = None                          # on-disk IVF: (open data file, its size) checked per search
-        if data_path is not None:
-            fh = open(data_path, "rb")
-            self._data = (fh, os.fstat(fh.fileno()).st_size, data_path)
+        # memory-mapped files (an on-disk IVF's data file; a flat/HNSW layout read with IO_FLAG_MMAP_IFC):
+        # (open file, its size, path), sizes checked per search: a page past a truncated end is SIGBUS
+        self._watched = []
+        for path in ([data_path] if data_path is not None else []) + list(mapped_paths):
+            fh = open(path, "rb")
+            self._watched.append((fh, os.fstat(fh.fileno()).st_size, path))
         self.entry = entry
         self.to_global = to_global
         self.covered = covered                     # shard numbers (current manifest) searched through the layout
@@ -225,9 +228,10 @@ class LayoutSearcher:
 
         from retrieval.index.shards import SearchConfig, make_params, search_index
 
-        if self._data is not None and os.fstat(self._data[0].fileno()).st_size != self._data[1]:
-            raise IndexFormatError(f"search layout data {self._data[2]} changed size while it was served "
-                                   "(truncated in place?); run `loupe optimize` again")
+        for fh, size, path in self._watched:
+            if os.fstat(fh.fileno()).st_size != size:
+                raise IndexFormatError(f"search layout {path} changed size while it was served "
+                                       "(truncated in place?); run `loupe optimize` again")
         tuned = self.entry.params
         params = {**tuned, **{key: v for key, v in (params or {}).items() if v}}
         mask = self._mask(global_mask)
@@ -264,9 +268,20 @@ class LayoutSearcher:
         return scores, rows
 
     def close(self) -> None:
-        if self._data is not None:
-            self._data[0].close()
-            self._data = None
+        for fh, _, _ in self._watched:
+            fh.close()
+        self._watched = []
+
+
+def covered_shards(manifest: store.Manifest, encoder: str) -> set[int]:
+    """Numbers of the manifest's shards that ``encoder``'s layout covers (same name and count): searched
+    through the layout, their write shards are read only to re-score or reconstruct (so ``ShardSet``
+    memory-maps them instead of reading them into RAM)."""
+    entry = layouts_of(manifest).get(encoder)
+    if entry is None:
+        return set()
+    listed = {(name, count) for name, count in entry.shards}
+    return {i for i, s in enumerate(manifest.shards) if (s.name, s.count) in listed}
 
 
 def open_layout(index_dir, manifest: store.Manifest, encoder: str, offsets: Sequence[int], *, mmap: bool = True,
@@ -300,7 +315,8 @@ def open_layout(index_dir, manifest: store.Manifest, encoder: str, offsets: Sequ
     except IndexFormatError as exc:
         raise IndexFormatError(f"{exc}; or run `loupe optimize {index_dir}` again to rebuild the layout") from None
     return LayoutSearcher(index, entry, to_global, covered, exact_vectors,
-                          data_path=path.with_name(entry.data_file) if entry.data_file else None)
+                          data_path=path.with_name(entry.data_file) if entry.data_file else None,
+                          mapped_paths=[path] if mmap and not entry.data_file else [])
 
 
 # -- the command -----------------------------------------------------------------------------------

@@ -10,13 +10,16 @@ Opening checks every shard against the manifest (``vector_files.read_vectors``/`
 sizes, the encoder's dimension, one vector per image, unit norms of flat float vectors, ids unique across
 shards — a damaged index fails to open with ``IndexFormatError`` instead of answering garbage.
 
-Memory. A shard file smaller than ``MMAP_MIN_BYTES`` is read into RAM; larger ones are memory-mapped (when
-``mmap``, the default, and the index type allows). A file read into RAM is immune to what happens on disk
-afterwards (the writer replaces files by renaming, but a tool that truncates a shard in place would make
-the next read of a mapped page kill the process with SIGBUS); the price is resident memory equal to
-the shard files' size. A mapped shard's size is checked (``fstat``) before each search — truncated,
-it answers ``IndexFormatError`` — and its norms are left to ``loupe verify`` (checking them would read it
-whole at open).
+Memory. A shard file smaller than ``MMAP_MIN_BYTES`` is read into RAM; larger ones, and every shard an
+optimized layout covers (queries go through the layout; the shard is read only to re-score or reconstruct a
+few rows: read, they were 4·d B/vector of the process's own memory for nothing), are memory-mapped (when ``mmap``, the
+default, and the index type allows). A file read into RAM is immune to what happens on disk afterwards (the
+writer replaces files by renaming, but a tool that truncates a shard in place would make the next read of a
+mapped page kill the process with SIGBUS); the price is resident memory equal to the shard files' size. A
+mapped shard's size is checked (``fstat``) before each search, re-scoring and reconstruction — truncated, it
+answers ``IndexFormatError`` (the server's 503). The norms of a large mapped shard are left to ``loupe
+verify`` (checking them would read it whole at open); a covered one is checked at open like a read one, then
+its pages are unmapped again (``vector_files.release_pages``).
 """
 
 from __future__ import annotations
@@ -166,14 +169,20 @@ class ShardSet:
         self._mapped: dict[tuple[str, int], tuple[object, int, Path]] = {}   # mapped shard -> (file, size, path)
         check_sizes(index_dir, manifest)
         check_unique_ids(ids)
+        from retrieval.index.optimize import covered_shards
+
         for name, entry in manifest.encoders.items():
             shards = []
+            covered = covered_shards(manifest, name) if mmap and entry.index_type != "binary" else set()
             for i, shard in enumerate(s.name for s in manifest.shards):
                 path = store.vectors_path(index_dir, name, shard)
-                mapped = mmap and _file_size(path) >= MMAP_MIN_BYTES
+                mapped = mmap and (_file_size(path) >= MMAP_MIN_BYTES or i in covered)
                 index = vector_files.read_vectors(index_dir, name, shard, mmap=mapped,
                                                   binary=entry.index_type == "binary")
-                vector_files.check_vectors(index, entry, counts[i], path, norms=not mapped)
+                # a covered shard is checked whole (as one read into RAM is), then its pages are let go
+                vector_files.check_vectors(index, entry, counts[i], path, norms=not mapped or i in covered)
+                if mapped and i in covered:
+                    vector_files.release_pages(index)
                 if mapped:
                     fh = open(path, "rb")
                     self._mapped[(name, i)] = (fh, os.fstat(fh.fileno()).st_size, path)

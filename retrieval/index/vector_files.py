@@ -101,6 +101,34 @@ def flat_vectors(index) -> np.ndarray | None:
     return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
 
 
+def release_pages(index) -> bool:
+    """Unmap the resident pages of a memory-mapped flat index's vectors (``madvise(MADV_DONTNEED)``: the
+    next read maps them again from the page cache or the file), so that checking a mapped shard whole at
+    open does not leave it resident. Returns whether it did (Linux, flat float storage)."""
+    import ctypes
+    import mmap as mmap_module
+
+    import faiss
+
+    storage = faiss.downcast_index(index.storage) if isinstance(index, faiss.IndexHNSW) else index
+    codes = getattr(storage, "codes", None)
+    if getattr(codes, "is_owned", True):          # vectors in RAM (not mapped): MADV_DONTNEED would zero them
+        return False
+    vecs = flat_vectors(index)
+    advice = getattr(mmap_module, "MADV_DONTNEED", None)
+    if vecs is None or advice is None or not vecs.nbytes:
+        return False
+    page = mmap_module.PAGESIZE
+    start = vecs.ctypes.data
+    end = start + vecs.nbytes
+    first, last = -(-start // page) * page, end // page * page     # whole pages inside the vectors only
+    if last <= first:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice) == 0
+
+
 def bad_norm_row(index, chunk: int = 65536) -> tuple[int, float] | None:
     """The first vector of a flat float index whose norm is not 1 (``NORM_TOLERANCE``), as (row, norm)."""
     vecs = flat_vectors(index)

@@ -7,12 +7,16 @@
    one (effnet-lite0: 14x14 stage-4 cells, ``encode_images_and_fine``).
 2. **Content saliency.** Colour distinctness (Achanta et al., frequency-tuned saliency): the distance of
    the blurred picture's colours from the picture's mean colour and from its border's median colour.
-3. **Connected salient components.** The sum of both maps (each scaled to [0, 1]) is thresholded
+3. **Segments (selective search).** ``grouping.selective_search`` on the picture resized to the saliency
+   map: every region of the hierarchical grouping of Felzenszwalb superpixels, ranked without the encoder
+   by the mean saliency of its own pixels minus the rest's, times the square root of its area fraction
+   (``segment_candidates``); the best ``segments`` come first.
+4. **Connected salient components.** The sum of both maps (each scaled to [0, 1]) is thresholded
    (Otsu's threshold, ``scipy.ndimage``: opened, labelled); each component between ``min_area`` and
-   ``max_area`` of the picture gives its bounding box, grown by ``margin``; ranked by saliency mass.
-4. **Multi-scale windows.** Windows of ``window_scales`` of the shorter side on a half-overlapping
-   lattice, ranked by their mean saliency, fill up to ``max_regions`` (a window overlapping a chosen
-   region by more than ``max_iou`` is skipped).
+   ``max_area`` of the picture gives its bounding box, grown by ``margin``; ranked by contrast.
+5. **Multi-scale windows.** Windows of ``window_scales`` of the shorter side on a half-overlapping
+   lattice, ranked by their contrast, fill up to ``max_regions`` (at least ``min_windows``; a box
+   overlapping a chosen region by more than ``max_iou`` is skipped).
 
 ``propose_regions(image, encoder)`` returns ``Region``s in pixels of ``image``; the pure array steps
 (``salient_components``, ``window_boxes``, ``otsu_threshold``) take arrays.
@@ -32,20 +36,25 @@ WORK_SIDE = 128            # the saliency maps' longer side (pixels)
 
 @dataclass(frozen=True)
 class ProposalConfig:
-    max_regions: int = 5
+    max_regions: int = 4
     min_area: float = 0.02           # a component's box, as a fraction of the picture
     max_area: float = 0.8
     margin: float = 0.15             # a component's box grows by this fraction of its sides
     levels: tuple[float, ...] = (0.5, 0.7)    # saliency levels thresholded besides Otsu's
     window_scales: tuple[float, ...] = (0.5, 0.35)
     max_iou: float = 0.5
-    min_windows: int = 2             # regions kept for windows however many components there are
+    min_windows: int = 1             # regions kept for windows however many segments/components there are
     w_feature: float = 0.7           # weights of the two saliency maps
     w_colour: float = 0.3
+    segments: int = 3                # regions kept for selective-search segments (``grouping.py``)
+    segment_scales: tuple[float, ...] = (100.0,)
+    segment_max_area: float = 0.6
+    segment_margin: float = 0.05     # a segment's box grows by this fraction of its sides
 
 
 DEFAULT_PROPOSALS = ProposalConfig()
-INDEX_PROPOSALS = ProposalConfig(max_regions=4)      # `loupe index --regions`: a few per picture
+# `loupe index --regions`: a few per picture; components and windows only (segments not yet measured there)
+INDEX_PROPOSALS = ProposalConfig(max_regions=4, segments=0, min_windows=2)
 
 
 @dataclass(frozen=True)
@@ -208,18 +217,50 @@ def box_contrast(integral: np.ndarray, box: Sequence[float]) -> float:
     return float(inside / n_in - outside)
 
 
-def regions_from_saliency(sal: np.ndarray, size: tuple[int, int], config: ProposalConfig = DEFAULT_PROPOSALS
-                          ) -> list[Region]:
-    """Salient components, then the most salient windows, each ranked by its contrast (``box_contrast``), as
-    ``Region``s in pixels of a picture of ``size``."""
+def segment_candidates(sal: np.ndarray, work: Image.Image, config: ProposalConfig = DEFAULT_PROPOSALS
+                       ) -> list[tuple[tuple[float, float, float, float], float]]:
+    """Selective-search regions of ``work`` (``grouping.selective_search`` on the picture resized to the
+    saliency map) → ``[(box in map cells, score)]``, best first. Score: the mean saliency of the region's
+    own pixels minus that of the rest of the picture, times the square root of its box's area fraction (an
+    object's segments are salient, a background segment is not; a larger salient box beats a fragment)."""
+    from retrieval.regions.grouping import selective_search
+
+    h, w = sal.shape
+    rgb = np.asarray(work.convert("RGB").resize((w, h), Image.BILINEAR))
+    total = float(sal.sum())
+    out = []
+    for box, mask in selective_search(rgb, config.segment_scales):
+        area = (box[2] - box[0]) * (box[3] - box[1]) / float(h * w)
+        n_in = int(mask.sum())
+        if not config.min_area <= area <= config.segment_max_area or n_in == h * w:
+            continue
+        inside = float(sal[mask].sum())
+        score = (inside / n_in - (total - inside) / (h * w - n_in)) * float(np.sqrt(area))
+        mx, my = config.segment_margin * (box[2] - box[0]), config.segment_margin * (box[3] - box[1])
+        out.append(((max(0.0, box[0] - mx), max(0.0, box[1] - my), min(float(w), box[2] + mx),
+                     min(float(h), box[3] + my)), score))
+    return sorted(out, key=lambda b: -b[1])
+
+
+def regions_from_saliency(sal: np.ndarray, size: tuple[int, int], config: ProposalConfig = DEFAULT_PROPOSALS,
+                          segments: Sequence[tuple[tuple[float, ...], float]] = ()) -> list[Region]:
+    """Up to ``config.segments`` selective-search ``segments`` (``segment_candidates``, in their order), then
+    salient components, then the most salient windows (each ranked by its contrast, ``box_contrast``), as
+    ``Region``s in pixels of a picture of ``size``; a box overlapping a chosen one by IoU > ``max_iou`` is
+    skipped."""
     h, w = sal.shape
     fx, fy = size[0] / w, size[1] / h
     integral = np.pad(sal.astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
     chosen: list[tuple[tuple[float, ...], float, str]] = []
-    for kind, boxes in (("salient", [b for b, _ in salient_components(sal, config)]),
-                        ("window", [tuple(b) for b in window_boxes(sal.shape, config.window_scales)])):
-        scored = sorted(((box_contrast(integral, b), b) for b in boxes), key=lambda t: -t[0])
-        limit = config.max_regions - (min(config.min_windows, config.max_regions - 1) if kind == "salient" else 0)
+    n_windows = min(config.min_windows, config.max_regions - 1)
+    stages = (("segment", list(segments), min(config.segments, config.max_regions - n_windows), False),
+              ("salient", [b for b, _ in salient_components(sal, config)], config.max_regions - n_windows, True),
+              ("window", [tuple(b) for b in window_boxes(sal.shape, config.window_scales)], config.max_regions, True))
+    for kind, boxes, limit, rank in stages:
+        if rank:
+            scored = sorted(((box_contrast(integral, b), b) for b in boxes), key=lambda t: -t[0])
+        else:
+            scored = [(score, b) for b, score in boxes]
         for score, box in scored:
             if len(chosen) >= limit:
                 break
@@ -244,4 +285,5 @@ def propose_regions(image: Image.Image, encoder=None, config: ProposalConfig = D
         work = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                             Image.BILINEAR)
     sal = saliency_map(encoder, work, config)
-    return regions_from_saliency(sal, image.size, config)
+    segments = segment_candidates(sal, work, config) if config.segments > 0 else []
+    return regions_from_saliency(sal, image.size, config, segments)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from retrieval.engine.request import MAX_K, MAX_TEXT_CHARS, MAX_VECTOR_DIM, METHODS, SEARCH_PARAMS, SearchRequest
 from retrieval.explain.config import METHODS as ATTRIBUTION_METHODS
-from server.requests import AttributionRequest, ClassifyRequest, DuplicatesRequest
+from server.requests import AttributionRequest, ClassifyRequest, DuplicatesRequest, UploadRef
 
 ID_PATTERN = "^[0-9a-f]{15}$"
 MAX_SEARCH_PARAM = 100_000
@@ -71,11 +71,16 @@ CONSTRAINTS: dict[type, dict[str, dict[str, Any]]] = {
 #: body's search fields)
 NOT_IN_BODY = {AttributionRequest: ("query",)}
 
+#: body fields the server takes before a request dataclass sees the body (``upload``: a token of
+#: ``POST /api/uploads``, swapped for the image by ``server.requests.read_body``)
+SERVER_FIELDS = {SearchRequest: UploadRef, DuplicatesRequest: UploadRef, ClassifyRequest: UploadRef}
+
 
 def body_fields(cls: type) -> list[dataclasses.Field]:
     """The fields a body may carry for ``cls`` (what ``fields_of`` accepts)."""
     skip = NOT_IN_BODY.get(cls, ())
-    return [f for f in dataclasses.fields(cls) if f.init and f.name not in skip]
+    extra = list(dataclasses.fields(SERVER_FIELDS[cls])) if cls in SERVER_FIELDS else []
+    return [f for f in [*dataclasses.fields(cls), *extra] if f.init and f.name not in skip]
 
 
 def _annotation(cls: type, f: dataclasses.Field) -> Any:
@@ -171,7 +176,7 @@ def field_schema(cls: type, f: dataclasses.Field, *, form: bool = False, doc: di
     default = _default(f)
     if default is not dataclasses.MISSING and default is not None:
         schema["default"] = default
-    description = (doc if doc is not None else docstring_fields(cls)).get(f.name)
+    description = f.metadata.get("description") or (doc if doc is not None else docstring_fields(cls)).get(f.name)
     if description and "description" not in schema:
         schema["description"] = description
     return schema

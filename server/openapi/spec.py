@@ -123,6 +123,13 @@ RESPONSES: dict[str, dict[str, Any]] = {
         "classifier": {"type": "string", "enum": ["warming", "ready", "failed"]}},
         ("status", "images", "features")),
 }
+RESPONSES["Upload"] = obj({
+    "upload": {**STR, "description": "the token: send it as upload in place of image (search, attribution, pair "
+                                     "view, duplicates, classify)"},
+    "width": {**INT, "description": "the picture's upright width in pixels (the frame of a search box)"},
+    "height": {**INT, "description": "its upright height"},
+    "expires_in": {**INT, "description": "seconds the token lives after its last use"}},
+    ("upload", "width", "height", "expires_in"))
 # the image's result JSON without a score (GET /api/images/<id>/meta)
 RESPONSES["ImageMeta"] = obj({k: v for k, v in RESPONSES["Result"]["properties"].items() if k != "score"},
                              tuple(r for r in RESPONSES["Result"]["required"] if r != "score"))
@@ -133,7 +140,8 @@ def _json(schema: dict, description: str = "OK") -> dict:
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    words = {400: "invalid request (the message names the field)", 403: "forbidden Host", 404: "unknown image id",
+    words = {400: "invalid request (the message names the field)", 403: "forbidden Host",
+             404: "unknown image id, or unknown / expired upload token (upload_not_found)",
              413: "upload too large", 415: "unsupported Content-Type", 503: "no index, busy, warming up or a "
              "damaged index (Retry-After when busy)"}
     return {str(c): _json(ref("Error"), words[c]) for c in codes}
@@ -204,6 +212,16 @@ def paths() -> dict[str, Any]:
         "/api/classify": _post("classify", "Labels for an image without a fixed label list", "ClassifyRequest",
                                _json(ref("ClassifyResponse")), tag="classify",
                                description=first_paragraph(ClassifyRequest)),
+        "/api/uploads": {"post": {
+            "operationId": "upload", "tags": ["search"], "summary": "Upload a query image once; get a token for it",
+            "description": "The token stands for the image in later requests (field upload), for "
+                           "LOUPE_UPLOAD_TTL seconds after its last use; an unknown or expired token is a 404 "
+                           "upload_not_found. The server keeps a bounded number of uploads (LOUPE_UPLOADS, "
+                           "LOUPE_UPLOADS_MB), least recently used first out.",
+            "requestBody": {"required": True, "content": {
+                "multipart/form-data": {"schema": obj({"image": {"type": "string", "format": "binary"}}, ("image",))},
+                "application/json": {"schema": obj({"image": {"type": "string", "format": "byte"}}, ("image",))}}},
+            "responses": {"200": _json(ref("Upload")), **_errors(400, 413, 415, 503)}}},
         "/healthz": _get("healthz", "Liveness and what the index holds", _json(ref("Health")), tag="service",
                          **{"503": _json(ref("Health"), "no index loaded")}),
         "/metrics": _get("metrics", "Prometheus metrics", {"description": "Prometheus text exposition format",

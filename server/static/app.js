@@ -49,7 +49,7 @@ async function start() {
       `${h.images.toLocaleString()} images · type to search · drop, paste or pick an image · click a result to open it`;
   } catch (_) { /* the page still searches */ }
   page.state = parseUrl(location.search, history.state);
-  writeUrl(page.state);             // normalise the URL (and keep an upload's Blob in this entry)
+  writeUrl(page.state);             // normalise the URL
   render();
 }
 

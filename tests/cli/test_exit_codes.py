@@ -54,3 +54,13 @@ def test_explain_json_prints_one_object(tmp_path, photos, capsys):
 def _run(capsys, *argv) -> str:
     assert main(list(argv)) == 0
     return capsys.readouterr().out
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    """A prefix of a flag (``--local-feature`` for ``--local-features``) is a typo, not a shorthand: argparse
+    would silently accept it, so a misspelt flag in the docs or a script would pass unnoticed."""
+    with pytest.raises(SystemExit) as exc:
+        main(["index", "photos", "--out", "idx", "--local-feature"])
+    assert exc.value.code == 2 and "unrecognized arguments: --local-feature" in capsys.readouterr().err
+    args = build_parser().parse_args(["index", "photos", "--out", "idx", "--local-features"])
+    assert args.local_features is True

@@ -101,3 +101,25 @@ def test_engine_on_an_accelerator_answers_as_on_the_cpu(tmp_path):
     flt = {"group": "even"}
     assert [h.id for h in cpu.search_vector("e", vecs[4], 10, filter=flt)] == \
         [h.id for h in acc.search_vector("e", vecs[4], 10, filter=flt)]
+
+
+def test_tune_lowers_k_factor_again_once_the_knob_is_chosen():
+    """A refined IVF-PQ: ``k_factor`` is first tuned at a generous ``nprobe``; when even that ``nprobe`` misses
+    the goal (the coarse quantizer limits recall, here below nprobe 384), ``k_factor`` climbs to the top of
+    the grid — then, at the ``nprobe`` finally chosen, the smallest ``k_factor`` that reaches the goal is
+    kept (fewer candidates to keep and re-score)."""
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(8), 8, 2048, faiss.METRIC_INNER_PRODUCT)   # knob_of: nlist
+    nq = 50
+    truth = np.tile(np.arange(10), (nq, 1))
+
+    def search(q, k, params):            # recall@10 = min(what the probed lists hold, what the codes rank)
+        coarse = 10 if params["nprobe"] >= 384 else 9
+        codes = 10 if params.get("k_factor", 1) >= 8 else 8
+        hits = min(coarse, codes)
+        return np.tile(np.concatenate([np.arange(hits), np.arange(100, 100 + k - hits)]), (len(q), 1))
+
+    tuned = tune(search, index, np.zeros((nq, 8), np.float32), truth, target=0.95, refine=True)
+    assert tuned.reached and tuned.recall == 1.0
+    assert tuned.params == {"nprobe": 384, "k_factor": 8}
+    tried_at_384 = {t["params"]["k_factor"]: t["recall"] for t in tuned.tried if t["params"]["nprobe"] == 384}
+    assert tried_at_384[64] == 1.0 and tried_at_384[4] < 0.95       # 64 found first, then lowered to 8

@@ -214,3 +214,38 @@ def test_which_encoders_the_gpu_decoder_can_feed(effnet):
     assert not _use_gpu_decode(SimpleNamespace(decode="gpu"), embedder)
     del encoders["pdq"], encoders["sscd"]
     assert _use_gpu_decode(SimpleNamespace(decode="gpu"), Embedder(encoders, {}))
+
+
+def test_large_photos_are_decoded_reduced_and_keep_their_own_size(tmp_path, photos, effnet, monkeypatch):
+    """A 12-megapixel JPEG is decoded by the JPEG decoder at a reduced scale (what the encoder needs, as a
+    query upload is), its vector equals the library's own ``encode_images`` of the file, and the metadata
+    keep the picture's own width and height (EXIF orientation applied)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    big = photos["astronaut"].resize((4000, 3000))
+    big.save(src / "big.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                  # stored landscape, shown portrait
+    big.save(src / "turned.jpg", quality=90, exif=exif)
+    photos["coffee"].save(src / "small.jpg", quality=90)
+    sizes = []
+    real = decode.load_image
+
+    def spy(data, **kw):
+        img = real(data, **kw)
+        sizes.append(img.size)
+        return img
+
+    monkeypatch.setattr(decode, "load_image", spy)
+    assert _index([src], tmp_path / "out", ["effnet-lite0"]).indexed == 3
+    # decoded at half scale (the shorter side stays >= 1024 px, retrieval.images.MIN_REDUCED_SIDE)
+    assert sorted(sizes) == sorted([(2000, 1500), (1500, 2000), photos["coffee"].size]), sizes
+    rows = {Path(r["path"]).name: r for r in _all_rows(tmp_path / "out")}
+    assert (rows["big.jpg"]["width"], rows["big.jpg"]["height"]) == (4000, 3000)
+    assert (rows["turned.jpg"]["width"], rows["turned.jpg"]["height"]) == (3000, 4000)
+    assert (rows["small.jpg"]["width"], rows["small.jpg"]["height"]) == photos["coffee"].size
+    vecs, ids = stored_vectors(tmp_path / "out", "effnet-lite0")
+    for name in ("big.jpg", "turned.jpg", "small.jpg"):
+        ref = effnet.encode_images([src / name])[0]
+        got = vecs[ids.index(rows[name]["id"])]
+        assert float(got @ ref) > 0.9999, name

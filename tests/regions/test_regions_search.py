@@ -9,6 +9,7 @@ from regions_data import PLANTED, png_bytes, poster
 
 from retrieval.regions.box import crop_to_box
 from retrieval.regions.proposals import ProposalConfig, box_iou, otsu_threshold, propose_regions, window_boxes
+from retrieval.regions.search import CROP_JITTER
 
 
 def test_otsu_splits_two_levels():
@@ -27,14 +28,16 @@ def test_a_distinct_object_is_proposed_from_content_alone():
     pixels = (120 + rng.normal(0, 6, (300, 400, 3))).clip(0, 255).astype(np.uint8)   # grey, a little noise
     pixels[180:260, 40:150] = (230, 40, 30)                                          # a red object
     regions = propose_regions(Image.fromarray(pixels), None)
-    assert regions and regions[0].kind == "salient"
-    assert box_iou(regions[0].box, (40, 180, 150, 260)) > 0.5
+    assert regions and regions[0].kind == "segment"               # selective search's regions come first
+    assert box_iou(regions[0].box, (40, 180, 150, 260)) > 0.7
+    only = propose_regions(Image.fromarray(pixels), None, ProposalConfig(segments=0))
+    assert only[0].kind == "salient" and box_iou(only[0].box, (40, 180, 150, 260)) > 0.5
 
 
 def test_the_planted_object_is_among_the_proposals(effnet, photos):
     regions = propose_regions(poster(photos), effnet)
     assert 1 <= len(regions) <= ProposalConfig().max_regions
-    assert {r.kind for r in regions} == {"salient", "window"}
+    assert regions[0].kind == "segment" and "window" in {r.kind for r in regions}
     assert max(box_iou(r.box, PLANTED) for r in regions) > 0.4
 
 
@@ -46,9 +49,14 @@ def test_regions_search_returns_boxes_inside_and_each_region_searched(region_eng
     for rr in rs.regions:
         x0, y0, x1, y1 = rr.box
         assert 0 <= x0 < x1 <= picture.width and 0 <= y0 < y1 <= picture.height
-        # reference: the region's crop embedded on its own and searched exactly
-        vec = effnet.encode_images([crop_to_box(picture, rr.box)])[0]
-        want = region_engine.search(vector=vec, k=4)
+        # reference: the mean of the region's crops at each CROP_JITTER (grown/shrunk by that fraction of
+        # its width and height on each side), searched exactly
+        w, h = x1 - x0, y1 - y0
+        crops = [crop_to_box(picture, (max(0, round(x0 - j * w)), max(0, round(y0 - j * h)),
+                                       min(picture.width, round(x1 + j * w)), min(picture.height, round(y1 + j * h))))
+                 for j in CROP_JITTER]
+        vec = effnet.encode_images(crops).mean(axis=0)
+        want = region_engine.search(vector=vec / np.linalg.norm(vec), k=4)
         assert [h.id for h in rr.hits] == want.ids
         assert np.allclose([h.score for h in rr.hits], [h.score for h in want.hits], atol=1e-4)
     # the fused list: every hit comes from the global list or a region's, scored >= its whole-picture cosine
@@ -71,7 +79,7 @@ def test_regions_api_response_shape(region_engine, photos):
     assert body["query_size"] == [600, 400] and len(body["results"]) == 3 and body["score_kind"] == "regions"
     for region in body["regions"]:
         assert set(region) >= {"box", "score", "kind", "results"} and len(region["box"]) == 4
-        assert region["kind"] in ("salient", "window") and len(region["results"]) == 3
+        assert region["kind"] in ("segment", "salient", "window") and len(region["results"]) == 3
         assert all("image_url" in r for r in region["results"])
     bad = client.post("/api/search", json={"image": image, "regions": "maybe"})
     assert bad.status_code == 400 and "regions" in bad.get_json()["error"]["message"]

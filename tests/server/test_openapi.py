@@ -238,6 +238,13 @@ def test_real_responses_of_every_endpoint_validate(client, spec, engine, photos,
     resp, body = post("/api/search", {}, data={"image": (io.BytesIO(buf.getvalue()), "q.jpg"), "k": "2",
                                                "rerank": "true"}, content_type="multipart/form-data")
     assert resp.status_code == 200 and body["score_kind"] == "reranked"
+    resp, body = post("/api/uploads", {}, data={"image": (io.BytesIO(buf.getvalue()), "q.jpg")},
+                      content_type="multipart/form-data")
+    assert resp.status_code == 200 and [body["width"], body["height"]] == list(photos["chelsea"].size)
+    resp, body = post("/api/search", {"upload": body["upload"], "k": 2})
+    assert resp.status_code == 200 and len(body["results"]) == 2
+    resp, body = post("/api/search", {"upload": "no-such-token", "k": 2})
+    assert resp.status_code == 404 and body["error"]["code"] == "upload_not_found"
     resp, body = post("/api/search", {"text": "a cat", "K": 1}, valid=False)
     assert resp.status_code == 400 and "'K'" in body["error"]["message"]
     resp, body = post("/api/search", {"text": "a cat", "filter": {"widht": {"gte": 1}}})

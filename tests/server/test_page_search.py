@@ -182,7 +182,8 @@ def test_size_and_colour_filters(browser, site):
         flt["colour-names"] = "red"
         want = _api_ids(client, text="a photo", k=40, filter=flt)
         page.wait_for_function(f"() => JSON.stringify([...document.querySelectorAll('#results .result')]"
-                               f".map(e => e.dataset.id)) === {json.dumps(json.dumps(want))}", timeout=60000)
+                               f".map(e => e.dataset.id)) === {json.dumps(json.dumps(want, separators=(',', ':')))}",
+                               timeout=60000)    # JSON.stringify writes no spaces
         assert page.text_content("#filter-count") == "2"
         shot(page, "page-filters.png")
         page.click("#f-clear")

@@ -1,5 +1,6 @@
 // "Why?" overlays: one attribution map per result, several requests in flight at once (not one after
-// another), each sending the query's fields built once for the search (the same Blob, not re-encoded);
+// another), each sending the query's fields built once for the search (an uploaded picture as its upload
+// token, not the picture again; a region's results with that region's box);
 // and a result's pair view (query and result side by side) in a dialog. A map that is approximate
 // says so: the note comes as the X-Attribution-Note header (or a JSON "note" field).
 import { $ } from "./util.js";

@@ -1,6 +1,8 @@
 // Result cards: thumbnail, caption, score. A cosine score gets a bar (0..1); another kind of score
 // ("fused", ranks pooled from two lists) is shown as a number with its kind, never as a cosine bar.
+// A hit found through a region of its picture (the region index) shows that region on its thumbnail.
 import { el, thumbUrl } from "./util.js";
+import { hitBox } from "./regions.js";
 
 export function scoreKind(r) { return r.score_kind || "cosine"; }
 
@@ -31,6 +33,8 @@ export function resultCard(r, i, { onOpen, onWhy }) {
   const img = el("img", { loading: "lazy", decoding: "async", alt: r.caption || "" });
   img.src = r.thumbnail_url || thumbUrl(r.id);
   thumb.append(img);
+  const where = hitBox(r);
+  if (where) thumb.append(where);
   const meta = el("div", { className: "meta" }, el("div", { className: "caption", text: label }), scoreView(r));
   card.append(thumb, meta);
   card.addEventListener("click", () => onOpen(r));

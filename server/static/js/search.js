@@ -1,7 +1,10 @@
 // The search view: text / image / "more like this" queries with an instruction, filters, pages of
-// results ("Load more" asks the API for the next `offset`), the query image and colour swatches.
+// results ("Load more" asks the API for the next `offset`), the query image and colour swatches, and
+// search by region (a box dragged on the query picture, "Find objects": js/regions.js). An uploaded
+// picture is sent once (POST /api/uploads); the search, "Load more" and the overlays send its token.
 import { $, el, fetchJSON, showError, clearError, thumbUrl, isImage, scrollBehavior } from "./util.js";
 import { page, writeUrl, apiFilter, FILTER_KEYS } from "./state.js";
+import { initRegions, setFrame, drawQuery, regionBoxes } from "./regions.js";
 import { resultCard } from "./results.js";
 import { openResult, openResultById } from "./result-view.js";
 import { loadOverlays, clearOverlays, openWhy } from "./overlays.js";
@@ -17,16 +20,21 @@ const iq = $("#image-query"), iqThumb = $("#query-thumb"), iqLabel = $("#iq-labe
 let controller = null, seq = 0, debounce = null, filterDebounce = null;
 let results = [];
 export let lastQuery = null;     // {fields, text, image}: what the shown results answer (overlays reuse it)
+let fused = null;                // the last answer with regions: {query, results, regions: [{box, results}]}
 
 export function hasQuery(s) { return !!(s.upload || s.id || s.q.trim()); }
 
 // the query's fields, built once per search and reused by "Load more", overlays and "Why?"
 function queryFields(s) {
   const fields = [];
-  if (s.upload) fields.push(["image", s.upload, s.upload.name || "query.png"]);
+  if (s.upload && s.token) fields.push(["upload", s.token]);
+  else if (s.upload) fields.push(["image", s.upload, s.upload.name || "query.png"]);
   else if (s.id) fields.push(["image_id", s.id]);
-  if (s.upload || s.id) { if (s.instr.trim()) fields.push(["instruction", s.instr.trim()]); }
-  else if (s.q.trim()) fields.push(["text", s.q.trim()]);
+  if (s.upload || s.id) {
+    if (s.instr.trim()) fields.push(["instruction", s.instr.trim()]);
+    if (s.box) fields.push(["box", s.box.join(",")]);
+    if (s.regions) fields.push(["regions", "true"]);
+  } else if (s.q.trim()) fields.push(["text", s.q.trim()]);
   const f = apiFilter(s);
   if (f) fields.push(["filter", JSON.stringify(f)]);
   return fields;
@@ -52,35 +60,65 @@ function cards(items, start) {
   return frag;
 }
 
-export async function runSearch({ append = false } = {}) {
+// an uploaded picture goes to the server once: its token stands for it afterwards (and its size is the
+// frame of a box); a server without /api/uploads gets the picture with each request instead
+async function ensureUpload(s, signal) {
+  if (!s.upload || s.token || !page.features.includes("uploads")) return;
+  const fd = new FormData();
+  fd.append("image", s.upload, s.upload.name || "query.png");
+  const { body } = await fetchJSON("/api/uploads", { method: "POST", body: fd, signal });
+  s.token = body.upload;
+  s.usize = [body.width, body.height];
+  setFrame(s.usize);
+  writeUrl(s);                     // the token rides in this history entry, with the picture
+}
+
+export async function runSearch({ append = false, retried = false } = {}) {
   const s = page.state;
   if (!hasQuery(s)) {
-    results = []; lastQuery = null; resultsEl.replaceChildren(); status.textContent = ""; more.hidden = true;
+    if (controller) controller.abort();
+    seq++;
+    document.body.classList.remove("loading");
+    results = []; lastQuery = null; fused = null; resultsEl.replaceChildren(); status.textContent = ""; more.hidden = true;
+    drawQuery();
     clearError();
     return;
   }
   if (controller) controller.abort();
   controller = new AbortController();
   const mine = ++seq;
-  const fields = append && lastQuery ? lastQuery.fields : queryFields(s);
-  const offset = append ? results.length : 0;
-  const per = s.per || PAGE;
-  const k = Math.min(append ? per : per * s.page, MAX_RESULTS - offset);
   document.body.classList.add("loading");
   more.disabled = true;
   try {
+    await ensureUpload(s, controller.signal);
+    if (mine !== seq) return;
+    const fields = append && lastQuery ? fused ? fused.query.fields : lastQuery.fields : queryFields(s);
+    const offset = append ? results.length : 0;
+    const per = s.per || PAGE;
+    const k = Math.min(append ? per : per * s.page, MAX_RESULTS - offset);
     const { body } = await fetchJSON("/api/search", { method: "POST", body: formOf(fields, { k, offset }),
                                                       signal: controller.signal });
     if (mine !== seq) return;
     clearError();
     const items = body.results || [];
-    if (append) { results = results.concat(items); resultsEl.append(cards(items, offset)); }
-    else {
-      results = items; resultsEl.replaceChildren(cards(items, 0));
-      lastQuery = { fields, text: s.q.trim(), image: !!(s.upload || s.id) };
+    if (append) {
+      results = results.concat(items); resultsEl.append(cards(items, offset));
+      if (fused) fused.results = results;
     }
-    more.hidden = items.length < k || results.length >= MAX_RESULTS;
-    renderStatus(body);
+    else {
+      results = items;
+      lastQuery = { fields, text: s.q.trim(), image: !!(s.upload || s.id) };
+      fused = body.regions ? { query: lastQuery, results: items, took: body, boxes: regionBoxes(body),
+                               regions: body.regions } : null;
+      if (fused && s.region >= 0 && s.region < fused.regions.length) { showRegion(s.region, { write: false }); }
+      else {
+        if (s.region >= 0) { s.region = -1; writeUrl(s); }
+        resultsEl.replaceChildren(cards(items, 0));
+        drawQuery({ box: s.box, regions: fused ? fused.boxes : [] });
+      }
+    }
+    more.hidden = items.length < k || results.length >= MAX_RESULTS || (fused !== null && s.region >= 0);
+    if (!fused || s.region < 0) renderStatus(body);
     if (append) { s.page = Math.ceil(results.length / per); writeUrl(s); }
     if ($("#attr").checked) loadOverlays(resultsEl);
     if (s.open && !$("#result").open) {
@@ -89,25 +127,71 @@ export async function runSearch({ append = false } = {}) {
     }
   } catch (err) {
     if (err.name === "AbortError") return;
+    if (err.code === "upload_not_found" && s.token && !retried && mine === seq) {   // expired: upload again
+      s.token = "";
+      return runSearch({ append, retried: true });
+    }
     if (mine === seq) showError(err.message);
   } finally {
     if (mine === seq) { document.body.classList.remove("loading"); more.disabled = false; }
   }
 }
 
+// a region's own results (i >= 0) or the fused list (-1), from the last answer: no new request. The
+// overlays of a region's results explain that region (its box as the query's box).
+export function showRegion(i, { write = true } = {}) {
+  if (!fused) return;
+  const s = page.state;
+  s.region = i >= 0 && i < fused.regions.length ? i : -1;
+  if (write) writeUrl(s);
+  clearOverlays(resultsEl);
+  if (s.region < 0) {
+    results = fused.results;
+    lastQuery = fused.query;
+    renderStatus(fused.took);
+  } else {
+    const b = fused.boxes[s.region].map((v) => Math.round(v));
+    results = fused.regions[s.region].results;
+    const fields = fused.query.fields.filter(([k]) => k !== "regions" && k !== "box");
+    lastQuery = { ...fused.query, fields: [...fields, ["box", b.join(",")]] };
+    status.textContent = `Object ${s.region + 1} of ${fused.regions.length}: ${results.length} result` +
+      `${results.length === 1 ? "" : "s"} for the part of the picture outlined · “All” shows every object's best`;
+  }
+  resultsEl.replaceChildren(cards(results, 0));
+  more.hidden = s.region >= 0;
+  drawQuery({ box: s.box, regions: fused.boxes, selected: s.region });
+  if ($("#attr").checked) loadOverlays(resultsEl);
+}
+
 // -- the query image ----------------------------------------------------------------------------
+let shownQuery = null;           // the Blob or id the query image shows (not reloaded when only the box changes)
+let metaSeq = 0;
 function showImageQuery(s) {
-  if (!s.upload && !s.id) { iq.hidden = true; return; }
-  if (iqThumb.dataset.url) { URL.revokeObjectURL(iqThumb.dataset.url); delete iqThumb.dataset.url; }
-  if (s.upload) { iqThumb.dataset.url = URL.createObjectURL(s.upload); iqThumb.src = iqThumb.dataset.url; }
-  else iqThumb.src = thumbUrl(s.id);
-  iqLabel.textContent = s.upload ? "Searching with this image" : "More like this";
+  $("#clear-box").hidden = !s.box;
+  $("#regions").checked = !!s.regions;
+  if (!s.upload && !s.id) { iq.hidden = true; shownQuery = null; drawQuery(); return; }
+  iqLabel.textContent = s.box ? "Searching with the part outlined" : s.upload ? "Searching with this image"
+    : "More like this";
   iq.hidden = false;
+  if (shownQuery === (s.upload || s.id)) { drawQuery({ box: s.box }); return; }
+  shownQuery = s.upload || s.id;
+  if (iqThumb.dataset.url) { URL.revokeObjectURL(iqThumb.dataset.url); delete iqThumb.dataset.url; }
+  setFrame(s.upload ? s.usize : null);
+  if (s.upload) { iqThumb.dataset.url = URL.createObjectURL(s.upload); iqThumb.src = iqThumb.dataset.url; }
+  else {
+    iqThumb.src = thumbUrl(s.id, 512);
+    const mine = ++metaSeq;          // an indexed picture: its size (the box's frame) from its metadata
+    fetchJSON(`/api/images/${encodeURIComponent(s.id)}/meta`).then(({ body }) => {
+      const m = body.metadata || {};
+      if (mine === metaSeq && m.width && m.height) { setFrame([m.width, m.height]); drawQuery({ box: s.box }); }
+    }).catch(() => {});
+  }
+  drawQuery({ box: s.box });
 }
 
 // a new search: a new history entry, then the first page
 function newSearch(changes, { push = true } = {}) {
-  const s = Object.assign(page.state, changes, { page: 1, open: "" });
+  const s = Object.assign(page.state, changes, { page: 1, open: "", region: -1 });
   writeUrl(s, { push });
   showImageQuery(s);
   clearTimeout(debounce);
@@ -118,18 +202,18 @@ export function moreLikeThis(r) {
   q.value = "";
   instruction.value = "";
   window.scrollTo({ top: 0, behavior: scrollBehavior() });
-  return newSearch({ view: "search", upload: null, id: r.id, q: "", instr: "" });
+  return newSearch({ view: "search", upload: null, id: r.id, q: "", instr: "", box: null, token: "", usize: null });
 }
 
 export function setImage(blob) {
   if (!isImage(blob)) { showError("That is not an image file."); return; }
   q.value = "";
-  return newSearch({ upload: blob, id: "", q: "", instr: instruction.value.trim() });
+  return newSearch({ upload: blob, id: "", q: "", instr: instruction.value.trim(), box: null, token: "", usize: null });
 }
 
 function clearImage() {
   instruction.value = ""; file.value = "";
-  newSearch({ upload: null, id: "", instr: "" });
+  newSearch({ upload: null, id: "", instr: "", box: null, token: "", usize: null, regions: false });
   q.focus();
 }
 
@@ -203,6 +287,7 @@ export function initSearch() {
     const wasEmpty = !hasQuery(s);
     if ((s.upload || s.id) && q.value.trim()) {   // typing starts a new text search
       s.upload = null; s.id = ""; s.instr = ""; instruction.value = ""; file.value = ""; iq.hidden = true;
+      s.box = null; s.token = ""; s.usize = null; s.regions = false; s.region = -1; shownQuery = null;
     }
     s.q = q.value; s.page = 1; s.open = "";
     writeUrl(s, { push: wasEmpty && hasQuery(s) });   // typing replaces the entry; the first letter adds one
@@ -225,9 +310,15 @@ export function initSearch() {
     document.querySelectorAll("#f-colours input").forEach((c) => { c.checked = false; });
     filtersChanged();
   });
+  $("#clear-box").addEventListener("click", clearBox);
+  $("#regions").addEventListener("change", () => newSearch({ regions: $("#regions").checked }));
+  initRegions({ onBox: (box) => newSearch({ box }), onSelect: (i) => showRegion(i) });
   $("#attr").addEventListener("change", () => {
     if ($("#attr").checked) loadOverlays(resultsEl); else clearOverlays(resultsEl);
   });
 }
 
-export function clearImageQuery() { clearImage(); }
+export function clearBox() { if (page.state.box) newSearch({ box: null }); }
+
+// Escape: a box first, then the image query
+export function clearImageQuery() { if (page.state.box) clearBox(); else clearImage(); }
