@@ -24,7 +24,7 @@ import torch
 from indexer.sources import Item, ReadConfig, read_bytes
 from retrieval import settings
 from retrieval.errors import LoupeError
-from retrieval.images import image_size, load_image
+from retrieval.images import MIN_REDUCED_SIDE, image_size, load_image
 from retrieval.index import store
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,9 @@ class DecodeDataset(torch.utils.data.Dataset):
                     rec.raw = data
                     return rec
             img = load_image(data, max_pixels=self.max_pixels, min_side=self.min_side)
-            rec.width, rec.height = img.size if self.min_side is None else original_size(data, img)
+            # a reduced decode keeps its shorter side >= MIN_REDUCED_SIDE: smaller ones are the picture's own size
+            reduced = self.min_side is not None and min(img.size) >= MIN_REDUCED_SIDE
+            rec.width, rec.height = original_size(data, img) if reduced else img.size
             rec.tensors = tuple(t(img) for t in self.transforms)
         except LoupeError as exc:
             rec.error = str(exc)

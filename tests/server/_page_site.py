@@ -91,6 +91,19 @@ def serve(app):
         thread.join(5)
 
 
+def served_site(tmp_path_factory, photos):
+    """The shared site served over HTTP, for a module-scoped fixture to ``yield from``: yields
+    ``(url, app, engine, paths)``."""
+    from retrieval.engine.engine import Engine
+    from server.app import create_app
+
+    index, paths = shared_site(tmp_path_factory, photos)
+    engine = Engine(index, device="cpu")
+    app = create_app(engine=engine)
+    with serve(app) as url:
+        yield url, app, engine, paths
+
+
 def shot(page, name: str) -> None:
     """With ``LOUPE_SCREENSHOTS=DIR`` (e.g. ``docs/screenshots``): a screenshot for a person to check, saved as
     a small palette PNG."""

@@ -15,7 +15,7 @@ import re
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-from _page_site import serve, shared_site, shot
+from _page_site import served_site, shot
 from PIL import Image
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -24,12 +24,7 @@ W, H = 640, 440          # the uploaded query: shown at most 360 x 260 CSS pixel
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, photos):
-    from retrieval.engine.engine import Engine
-    from server.app import create_app
-
-    index, paths = shared_site(tmp_path_factory, photos)
-    app = create_app(engine=Engine(index, device="cpu"))
-    with serve(app) as url:
+    for url, app, _engine, paths in served_site(tmp_path_factory, photos):
         yield url, app.test_client(), paths
 
 

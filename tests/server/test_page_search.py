@@ -11,7 +11,7 @@ import json
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-from _page_site import serve, shared_site, shot
+from _page_site import served_site, shot
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 QUERY = "a cup of coffee"
@@ -19,12 +19,7 @@ QUERY = "a cup of coffee"
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, photos):
-    from retrieval.engine.engine import Engine
-    from server.app import create_app
-
-    index, paths = shared_site(tmp_path_factory, photos)
-    app = create_app(engine=Engine(index, device="cpu"))
-    with serve(app) as url:
+    for url, app, _engine, paths in served_site(tmp_path_factory, photos):
         yield url, app.test_client(), paths
 
 

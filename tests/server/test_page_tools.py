@@ -9,7 +9,7 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-from _page_site import resized_jpeg, serve, shared_site, shot
+from _page_site import resized_jpeg, served_site, shot
 from PIL import Image
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -17,13 +17,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, photos):
-    from retrieval.engine.engine import Engine
-    from server.app import create_app
-
-    index, paths = shared_site(tmp_path_factory, photos)
-    engine = Engine(index, device="cpu")
-    app = create_app(engine=engine)
-    with serve(app) as url:
+    for url, _app, engine, paths in served_site(tmp_path_factory, photos):
         yield url, engine, paths
 
 
