@@ -84,6 +84,7 @@ def test_is_this_a_copy_lists_the_original(browser, site, tmp_path):
     page, errors = _new_page(browser)
     try:
         page.goto(url + "/?view=copy")
+        page.wait_for_selector("#view-copy", state="visible")     # the page's modules switch the view after load
         assert page.is_visible("#view-copy") and page.is_hidden("#view-search")
         page.set_input_files("#copy-file", str(query))
         page.wait_for_selector("#copy-matches .match", timeout=120000)
