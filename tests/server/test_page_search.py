@@ -121,6 +121,8 @@ def test_url_state_back_forward_and_result_view(browser, site):
             assert other.input_value("#f-caption") == "copy" and other.input_value("#q") == QUERY
             other.keyboard.press("Escape")
             other.wait_for_function("() => !document.querySelector('#result').open")
+            # the dialog's "close" event (it rewrites the URL) is a task queued after the attribute goes
+            other.wait_for_function("() => !new URLSearchParams(location.search).has('open')")
             assert "open" not in _params(other)
             assert not other_errors, other_errors
         finally:
