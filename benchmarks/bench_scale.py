@@ -6,7 +6,7 @@ writes them), it measures on held-out queries (unseen samples of the same distri
 
 * before: the engine fanning out over the write shards with the default parameters — recall@10, p50/p99;
 * `optimize` (default flags, target recall 0.95): wall time, the layout and parameters it chose, the
-  recall it measured on its own probe queries;
+  recall it measured on its own held-out (HNSW) or leave-one-out (IVF) sample;
 * after: the same queries through the layout — recall@10, p50/p99 on one thread and on all threads;
 * bytes per vector on disk and resident after open, and a projection to 100M / 1B vectors.
 
@@ -160,7 +160,7 @@ def run(n: int, dim: int, shard_counts: list[int], write_type: str, nq: int, wor
         row = {"n": n, "dim": dim, "write_shards": shards, "write_type": write_type, "build_s": round(build, 1),
                "before": before, "optimize_s": round(opt_s, 1), "optimize_peak_rss_growth_mb": round(opt_peak, 1),
                "layout": summary["layout"], "factory": summary["factory"], "params": summary["params"],
-               "probe_recall@10": summary["recall@10"], "after_1_thread": after,
+               "tuned_recall@10": summary["recall@10"], "after_1_thread": after,
                f"after_{threads_all}_threads": after_all,
                "shard_bytes_per_vector": round(disk_bytes(out, "shard-*.faiss") / n, 1),
                "layout_bytes_per_vector": round((disk_bytes(out, "search-*.faiss")
@@ -218,14 +218,14 @@ def report(args, result: dict) -> str:
              f"`optimize(layout={args.layout!r})`, "
              "otherwise default flags (target recall@10 0.95), then the same queries; latency = one query at a time",
              "",
-             f"| write shards | before recall@10 | before p50 / p99 ms | optimize s | layout, params | probe recall | "
+             f"| write shards | before recall@10 | before p50 / p99 ms | optimize s | layout, params | tuned recall | "
              f"after recall@10 | after p50 / p99 ms (1 thread) | after p50 / p99 ms ({threads} threads) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, a, aa = r["before"], r["after_1_thread"], r[f"after_{threads}_threads"]
         before = (f"{b['recall@10']:.4f} | {b['p50_ms']:.2f} / {b['p99_ms']:.2f}" if b else "not measured | —")
         lines.append(f"| {r['write_shards']} ({r['write_type']}) | {before} | {r['optimize_s']:.1f} | "
-                     f"{r['factory']} {r['params'] or 'exact'} | {r['probe_recall@10']:.4f} | {a['recall@10']:.4f} | "
+                     f"{r['factory']} {r['params'] or 'exact'} | {r['tuned_recall@10']:.4f} | {a['recall@10']:.4f} | "
                      f"{a['p50_ms']:.3f} / {a['p99_ms']:.3f} | {aa['p50_ms']:.3f} / {aa['p99_ms']:.3f} |")
     fixed = result.get("fixed")
     if fixed:

@@ -97,8 +97,8 @@ from bench_scale_measure import rss_parts, ENCODER
 from bench_server import synthetic
 from retrieval.engine.engine import Engine
 if sys.argv[3] == "read":            # before: write shards under 512 MiB read into RAM even when covered
-    import retrieval.index.optimize as optimize
-    optimize.covered_shards = lambda manifest, encoder: set()
+    import retrieval.index.layout as layout
+    layout.covered_shards = lambda manifest, encoder: set()
 queries = synthetic(int(sys.argv[4]), int(sys.argv[5]), np.random.default_rng(99))
 import faiss
 faiss.omp_set_num_threads(1)

@@ -23,7 +23,7 @@ def describe(index_dir) -> dict:
     from pathlib import Path
 
     from retrieval.index import store
-    from retrieval.index.optimize import layouts_of
+    from retrieval.index.layout import layouts_of
 
     index_dir = Path(index_dir).expanduser()
     manifest = store.read_manifest(index_dir)
@@ -44,6 +44,7 @@ def describe(index_dir) -> dict:
                               "params": tuned.get("params", {}), "recall@10": tuned.get("recall"),
                               "target_recall": tuned.get("target"), "reached": tuned.get("reached"),
                               "latency_ms": tuned.get("latency_ms"), "built": layout.built,
+                              "measured_on": {"queries": tuned.get("queries"), "method": tuned.get("method") or None},
                               "shards_searched_beside": len(delta), "images_masked": gone}
         else:
             info["layout"] = None
@@ -70,8 +71,10 @@ def run(args) -> int:
             print("    searched shard by shard (no layout: run `loupe optimize` to search one index)")
             continue
         recall = layout["recall@10"]
+        on = layout["measured_on"]
+        how = f" on {on['queries']} {on['method'].replace('_', '-')} queries" if on["method"] and on["queries"] else ""
         print(f"    layout: {layout['index_type']} ({layout['factory']}) over {layout['images']:,} images, params "
-              f"{layout['params'] or 'exact'}, recall@10 {recall:.4f} (target {layout['target_recall']}), "
+              f"{layout['params'] or 'exact'}, recall@10 {recall:.4f}{how} (target {layout['target_recall']}), "
               f"{layout['latency_ms']:.2f} ms/query; built {layout['built']}")
         if layout["shards_searched_beside"] or layout["images_masked"]:
             print(f"    since: {layout['shards_searched_beside']} shard(s) searched beside it, "

@@ -169,7 +169,7 @@ class ShardSet:
         self._mapped: dict[tuple[str, int], tuple[object, int, Path]] = {}   # mapped shard -> (file, size, path)
         check_sizes(index_dir, manifest)
         check_unique_ids(ids)
-        from retrieval.index.optimize import covered_shards
+        from retrieval.index.layout import covered_shards
 
         for name, entry in manifest.encoders.items():
             shards = []
@@ -216,7 +216,7 @@ class ShardSet:
     # -- search ------------------------------------------------------------------------------------
     def _open_layouts(self, index_dir: Path, mmap: bool) -> dict:
         """Each encoder's searchable layout (``loupe optimize``), mapped onto this manifest's shards."""
-        from retrieval.index.optimize import open_layout
+        from retrieval.index.layout import open_layout
 
         layouts = {}
         for name in self.manifest.encoders:

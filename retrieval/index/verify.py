@@ -180,8 +180,8 @@ def _check_contents(index_dir: Path, manifest: store.Manifest, report: VerifyRep
 def _check_layouts(index_dir: Path, manifest: store.Manifest, report: VerifyReport) -> None:
     """Each encoder's searchable layout (``loupe optimize``): readable, the encoder's dimension, one vector
     per image it covers, unit norms where the vectors are exact."""
+    from retrieval.index.layout import layout_files, layout_path, layouts_of, read_layout
     from retrieval.index.ondisk import check_ids
-    from retrieval.index.optimize import layout_files, layout_path, layouts_of, read_layout
 
     try:
         layouts = layouts_of(manifest)

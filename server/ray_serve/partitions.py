@@ -65,7 +65,7 @@ def partition_manifest(manifest_json: dict, partition: Partition) -> store.Manif
     if missing:
         raise ValueError(f"partition {partition.number}: shards {missing} are not in the manifest")
     manifest.shards = [by_name[s] for s in partition.shards]
-    from retrieval.index.optimize import LAYOUT_KEY
+    from retrieval.index.layout import LAYOUT_KEY
 
     manifest.extra = {k: v for k, v in manifest.extra.items() if k != LAYOUT_KEY}
     return manifest

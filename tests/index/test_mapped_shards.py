@@ -16,7 +16,8 @@ from _engine_helpers import build_index, unit
 from retrieval.engine.engine import Engine
 from retrieval.errors import IndexFormatError
 from retrieval.index import store, vector_files
-from retrieval.index.optimize import covered_shards, optimize
+from retrieval.index.layout import covered_shards
+from retrieval.index.optimize import optimize
 from retrieval.index.shards import ShardSet
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,7 +150,7 @@ def test_a_covered_shard_truncated_while_served_is_refused_not_a_crash(ivfpq_ind
 _LAYOUT_SCRIPT = """
 import os, sys
 sys.path[:0] = [sys.argv[2]]
-from retrieval.index.optimize import layouts_of
+from retrieval.index.layout import layouts_of
 from retrieval.engine.engine import Engine
 from retrieval.errors import IndexFormatError
 engine = Engine(sys.argv[1], device="cpu")

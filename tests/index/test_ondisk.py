@@ -14,8 +14,9 @@ from _engine_helpers import build_index, fake_id, unit
 from retrieval.engine.engine import Engine
 from retrieval.errors import IndexFormatError
 from retrieval.index import store
+from retrieval.index.layout import layout_files, layouts_of, read_layout
 from retrieval.index.ondisk import build_ondisk, check_ids, ondisk_lists, read_ondisk
-from retrieval.index.optimize import layout_files, layouts_of, optimize, read_layout
+from retrieval.index.optimize import optimize
 from retrieval.index.verify import verify_index
 
 

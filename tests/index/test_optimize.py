@@ -15,7 +15,8 @@ from _engine_helpers import build_index, fake_id, unit
 from retrieval.engine.engine import Engine
 from retrieval.errors import IndexLockedError, InvalidQueryError
 from retrieval.index import store, vector_files
-from retrieval.index.optimize import LAYOUT_KEY, layouts_of, needs_optimize, optimize
+from retrieval.index.layout import LAYOUT_KEY, layouts_of
+from retrieval.index.optimize import needs_optimize, optimize
 from retrieval.index.tuning import MARGIN, exact_neighbours, recall_at_k
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,6 +93,42 @@ def test_hnsw_layout_reaches_the_target_recall_on_unseen_queries(tmp_path):
     found = np.array([[int(engine.records.offsets[h.shard]) + h.row for h in engine.search_vector("e", q, 10)]
                       for q in queries])
     assert recall_at_k(found, truth) >= 0.9
+
+
+def test_hnsw_layout_inserts_the_held_out_rows_last_and_maps_them_back(tmp_path):
+    vecs = clustered(3000, 24, 3)
+    out = build_index(tmp_path / "idx", {"e": vecs}, shard_sizes=[1000] * 3, factory="HNSW32,Flat", index_type="hnsw")
+    summary = optimize(out, layout="hnsw", queries=200)
+    assert summary.encoders["e"]["measured_on"] == "200 held-out queries"
+    entry = layouts_of(store.read_manifest(out))["e"]
+    held = np.array(entry.held_out)
+    assert len(held) == 200 and np.all(np.diff(held) > 0)
+    assert entry.tuned["method"] == "held_out" and entry.tuned["queries"] == 200
+    engine = Engine(out, device="cpu")
+    searcher = engine.shards.layouts["e"]
+    # every layout row is the vector of the global row it maps to; the held-out rows are the last ones
+    assert sorted(searcher.to_global.tolist()) == list(range(3000))
+    assert searcher.to_global[-200:].tolist() == held.tolist()
+    stored = searcher.index.reconstruct_n(0, searcher.index.ntotal)
+    assert np.allclose(stored, vecs[searcher.to_global], atol=1e-6)
+    # a held-out picture's own vector finds itself (its id), as any other's
+    for r in list(held[:20]) + [0, 1500, 2999]:
+        hit = engine.search_vector("e", vecs[r], 1, params={"efSearch": 256})[0]
+        assert hit.id == fake_id(int(r)) and hit.score == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("held_out", [[5, 3], [1, 1], [0, 3000], ["7"], 12])
+def test_a_damaged_held_out_list_is_refused(tmp_path, held_out):
+    from retrieval.errors import IndexFormatError
+
+    vecs = clustered(3000, 24, 3)
+    out = build_index(tmp_path / "idx", {"e": vecs}, shard_sizes=[1500] * 2)
+    optimize(out, layout="hnsw", queries=100)
+    manifest = store.read_manifest(out)
+    manifest.extra[LAYOUT_KEY]["e"]["held_out"] = held_out
+    store.write_manifest(out, manifest)
+    with pytest.raises(IndexFormatError, match="held_out"):
+        Engine(out, device="cpu")
 
 
 def test_ivfpq_layout_rescores_candidates_exactly(tmp_path):
@@ -203,8 +240,9 @@ def test_cli_optimize_and_info(six_shards):
     assert info.returncode == 0, info.stderr
     data = json.loads(info.stdout)
     assert data["images"] == 1200 and data["encoders"]["e"]["layout"]["recall@10"] == 1.0
+    assert data["encoders"]["e"]["layout"]["measured_on"] == {"queries": 50, "method": "leave_one_out"}
     text = run("info", str(out))
-    assert "layout: flat" in text.stdout
+    assert "layout: flat" in text.stdout and "on 50 leave-one-out queries" in text.stdout
 
 
 def test_request_params_are_checked():
