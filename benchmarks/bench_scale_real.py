@@ -4,7 +4,7 @@ Fashion-MNIST images (Debian ``dataset-fashion-mnist``) are embedded with effnet
 the first ``--index`` of them are indexed through the bring-your-own-embeddings path (a Parquet file,
 ``loupe index --vectors``) in write shards of ``--shard-size``, then ``optimize(layout=...)`` with default
 flags; the next ``--queries`` images (not indexed) are the held-out queries. Reports the tuned parameters,
-the recall the tuner measured on its probe queries, and recall@10 / p50 of the held-out queries before
+the recall the tuner measured on its held-out sample, and recall@10 / p50 of the held-out queries before
 (fan-out over the write shards) and after.
 
     python benchmarks/bench_scale_real.py --index 10000 --queries 1000 --shard-size 2000 --layout hnsw
@@ -88,7 +88,8 @@ def main() -> int:
         after = measure_named(engine, engine_name, queries, truth)
     row = {"images": args.index, "write_shards": -(-args.index // args.shard_size), "held_out_queries": args.queries,
            "before": before, "layout": summary["factory"], "params": summary["params"],
-           "probe_recall@10": summary["recall@10"], "after": after, "embed_s": round(embed_s, 1)}
+           "tuned_recall@10": summary["recall@10"], "measured_on": summary["measured_on"], "after": after,
+           "embed_s": round(embed_s, 1)}
     print(json.dumps(row))
     print(f"machine: {machine()}")
     return 0
