@@ -10,7 +10,8 @@ longer grows with the number of shards, and pick its search parameters by measur
 
 Layout (--layout auto): exact (flat) up to 50,000 images, HNSW up to 5,000,000 when it fits the memory
 budget, IVF-PQ beyond (compressed codes; the best candidates re-scored exactly from the stored vectors).
-Then recall@10 is measured on queries made from a sample of the index's own vectors against exact search,
+Then recall@10 is measured against exact search on a sample of the index's own vectors used as queries it
+has not seen (HNSW: held out of the graph while measuring, inserted after; IVF: each leaves itself out),
 and the cheapest efSearch / nprobe (and refine factor) that reaches --target-recall is recorded in the
 manifest; searches use it unless a request passes its own "params". The manifest switches atomically:
 searches (and `loupe serve`) keep working during and after, and a crash leaves the previous layout.
@@ -37,7 +38,7 @@ def add_arguments(p) -> None:
                    help="optimize only this encoder (repeat for several; default: all)")
     p.add_argument("--max-memory", default=None, metavar="SIZE", help="memory budget of the layout (e.g. 4G)")
     p.add_argument("--queries", type=int, default=1000, metavar="N",
-                   help="sample queries used to measure recall (default 1000)")
+                   help="sample queries used to measure recall (default 1000; at most a tenth of the images for HNSW)")
     p.add_argument("--wait", action="store_true", help="wait for a running `loupe index` instead of failing")
     p.add_argument("--device", default="cpu", help="cuda: train IVF centroids on the GPU (faiss-gpu)")
 
