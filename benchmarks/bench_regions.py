@@ -152,6 +152,8 @@ def rank_of(ids: list[str], target: str) -> int:
 # fused-list rules replayed on the saved lists (the tuning split picks one)
 RULES = ([FuseRule("gain", gain=g, top=t) for g in (0.0, 0.5, 1.0, 2.0, 4.0) for t in (1, 2)]
          + [FuseRule("gain", gain=g, top=1, kinds=("segment", "salient")) for g in (1.0, 2.0, 4.0)]
+         + [FuseRule("gain", gain=g, top=1, kinds=kinds) for kinds in (("residual",), ("residual", "segment"))
+            for g in (1.0, 2.0, 4.0)]
          + [FuseRule("rrf", k_rrf=kk, w_global=w) for kk in (1.0, 10.0, 60.0) for w in (0.5, 1.0)]
          + [FuseRule("interleave")])
 
@@ -219,11 +221,14 @@ def direction1(engine, region_sets, data, n_q, sizes, by_name, rng, plain_ms, re
             cands.update({h.id: h for h in rr.hits if h.id not in cands})
         g = engine.vectors("effnet-lite0", list(cands.values())) @ base.query.vector
         best = max(reg.regions.regions, key=lambda rr: iou(rr.box, box), default=None)
+        res = next((rr for rr in reg.regions.regions if rr.region.kind == "residual"), None)
         rows.append({"size": area, "target": target, "background": background, "object_box": list(box),
                      "global": rank_of(plain.ids, target), "rerank": rank_of(rerank.ids, target) if rerank else 10**6,
                      "box": rank_of(boxed.ids, target), "regions": rank_of(reg.ids, target),
                      "region_of_object": rank_of([h.id for h in best.hits], target) if best else 10**6,
                      "object_iou": iou(best.box, box) if best else 0.0, "best_kind": best.region.kind if best else "",
+                     "residual_region": rank_of([h.id for h in res.hits], target) if res else 10**6,
+                     "residual_iou": iou(res.box, box) if res else None,
                      "g": {c: float(s) for c, s in zip(cands, g)},
                      "global_list": [(h.id, float(h.score)) for h in base.hits],
                      "region_lists": [(rr.region.kind, [(h.id, float(h.score)) for h in rr.hits])
@@ -263,19 +268,29 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--baseline-proposals", action="store_true",
                     help="propose regions as before selective search (components + windows, 5 regions)")
+    ap.add_argument("--no-residual", action="store_true",
+                    help="propose regions without the residual region (the previous session's proposals)")
+    ap.add_argument("--splits", default=",".join(SPLITS),
+                    help="splits to query (comma-separated; the index always holds both): tune with 'tuning'")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--skip-rerank", action="store_true", help="leave out the re-ranking baseline (slow on CPU)")
     ap.add_argument("--out", default=None, help="keep the index and the rows here (default: a temporary folder)")
     args = ap.parse_args()
     args.sizes = [float(s) for s in args.sizes.split(",")]
+    args.splits = [s for s in SPLITS if s in args.splits.split(",")]
+    if not args.splits:
+        ap.error(f"--splits: choose from {', '.join(SPLITS)}")
 
     import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    if args.baseline_proposals:
-        import retrieval.regions.search as region_search
-        from retrieval.regions.proposals import ProposalConfig
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
+    import retrieval.regions.search as region_search
+    from retrieval.regions.proposals import ProposalConfig
 
-        region_search.DEFAULT_PROPOSALS = ProposalConfig(max_regions=5, segments=0, min_windows=2)
+    if args.baseline_proposals:
+        region_search.DEFAULT_PROPOSALS = ProposalConfig(max_regions=5, segments=0, min_windows=2, residual=None)
+    elif args.no_residual:
+        region_search.DEFAULT_PROPOSALS = ProposalConfig(residual=None)
     from indexer.pipeline import IndexConfig
     from loupe import Engine, build_index
 
@@ -298,6 +313,8 @@ def main() -> None:
     region_sets = engine.region_sets
     rows1, rows2, plain_ms, regions_ms = {}, {}, [], []
     for k, split in enumerate(SPLITS):
+        if split not in args.splits:
+            continue
         rng = np.random.default_rng(args.seed + k)
         rows1[split] = direction1(engine, region_sets, splits[split], args.queries, args.sizes, by_name, rng,
                                   plain_ms, regions_ms, not args.skip_rerank)
@@ -345,24 +362,30 @@ def report(args, rows1, rows2, plain_ms, regions_ms, summary, index_seconds, eng
         rep = replay(rows, rule)
         return (recall(rep, "fused", 1), recall(rep, "fused", 10), recall(rep, "both", 2), recall(rep, "both", 10))
 
-    tuned = {rule: fused_stats(rows1["tuning"], rule) for rule in RULES}
-    chosen = max(RULES, key=lambda r: (tuned[r][0], tuned[r][3], tuned[r][1]))
-    lines.append("fused-list rules on the tuning split (R@1 obj, R@10 obj, both@2, both@10):")
-    lines += [f"- {r.describe()}: " + ", ".join(f"{v:.3f}" for v in tuned[r]) for r in RULES]
+    chosen = FUSE_RULE
+    if "tuning" in rows1:
+        tuned = {rule: fused_stats(rows1["tuning"], rule) for rule in RULES}
+        chosen = max(RULES, key=lambda r: (tuned[r][0], tuned[r][3], tuned[r][1]))
+        lines.append("fused-list rules on the tuning split (R@1 obj, R@10 obj, both@2, both@10):")
+        lines += [f"- {r.describe()}: " + ", ".join(f"{v:.3f}" for v in tuned[r]) for r in RULES]
     lines += [f"chosen on tuning: {chosen.describe()}; shipped (FUSE_RULE): {FUSE_RULE.describe()}", ""]
-    for split in SPLITS:
+    for split in rows1:
         rows = rows1[split]
         for r, rep in zip(rows, replay(rows, chosen)):
             r["fused_chosen"] = rep["fused"]
-        methods = [m for m in ("global", "rerank", "box", "region_of_object", "regions", "fused_chosen")
-                   if m != "rerank" or not args.skip_rerank]
+        methods = [m for m in ("global", "rerank", "box", "region_of_object", "residual_region", "regions",
+                               "fused_chosen") if m != "rerank" or not args.skip_rerank]
         table(f"[{split}] query contains target ({len(rows)} queries; R@1 per object size = area fraction)",
               rows, methods)
         ious = [r["object_iou"] for r in rows]
         lines.append(f"[{split}] best proposed region's IoU with the object: median {statistics.median(ious):.3f}, "
                      f"mean {statistics.mean(ious):.3f}; kinds of the best region: "
                      + ", ".join(f"{k} {sum(r['best_kind'] == k for r in rows)}"
-                                 for k in ("segment", "salient", "window")))
+                                 for k in ("residual", "segment", "salient", "window")))
+        res_ious = [r["residual_iou"] for r in rows if r.get("residual_iou") is not None]
+        lines.append(f"[{split}] a residual region in {len(res_ious)}/{len(rows)} queries; its IoU with the object: "
+                     + (f"median {statistics.median(res_ious):.3f}, mean {statistics.mean(res_ious):.3f}"
+                        if res_ious else "-"))
         for name, rule in (("chosen", chosen), ("shipped", FUSE_RULE)):
             st = fused_stats(rows, rule)
             lines.append(f"[{split}] fused list, {name} rule ({rule.describe()}): R@1 obj {st[0]:.3f}, R@10 obj "
@@ -378,13 +401,17 @@ def report(args, rows1, rows2, plain_ms, regions_ms, summary, index_seconds, eng
                   f"{sum(r['box_overlaps'] for r in found)}/{len(found)}", ""]
     med_plain, med_reg = statistics.median(plain_ms), statistics.median(regions_ms)
     lines += [f"latency ({len(plain_ms)} direction-1 queries): plain query median {med_plain:.1f} ms, regions median "
-              f"{med_reg:.1f} ms, ratio {med_reg / med_plain:.2f}x"]
+              f"{med_reg:.1f} ms, ratio {med_reg / med_plain:.2f}x (load average at the end "
+              f"{', '.join(f'{x:.2f}' for x in os.getloadavg())})"]
     rs = summary.regions
     shard_bytes = engine.index_bytes()
     lines += [f"index: {index_seconds:.1f} s in all, of which the region index {rs['seconds']:.1f} s "
               f"({rs['regions']} regions of {rs['images']} pictures); embedding stage {summary.stages.embed:.1f} s",
               f"size: vector shards + metadata {shard_bytes / 1e6:.2f} MB, region index {rs['bytes'] / 1e6:.2f} MB "
               f"({rs['bytes'] / max(shard_bytes, 1):.2f}x)"]
+    if "held-out" not in rows1:
+        print("\n".join(lines))
+        return
     held1, held2 = rows1["held-out"], rows2["held-out"]
     r_obj, r_fused = recall(held1, "region_of_object", 1), recall(held1, "fused_chosen", 1)
     lines += ["", "goals (held-out split):",

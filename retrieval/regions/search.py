@@ -88,7 +88,7 @@ def search_regions(engine, req, *, config: ProposalConfig | None = None):
         raise InvalidQueryError("regions needs an image query (image or image_id)")
     t1 = time.perf_counter()
     enc = engine.encoder(ctx.encoder)
-    regions = propose_regions(image, enc, config)
+    regions = propose_regions(image, enc, config, explaining_pictures(engine, base.hits, ctx.image_id, config))
     t2 = time.perf_counter()
     result = RegionSearch(size=image.size)
     if regions:
@@ -106,6 +106,27 @@ def search_regions(engine, req, *, config: ProposalConfig | None = None):
     base.timings.update(proposals_ms=(t2 - t1) * 1e3, regions_ms=(t3 - t2) * 1e3)
     base.took_ms = (time.perf_counter() - t0) * 1e3
     return base
+
+
+def explaining_pictures(engine, hits: list[Hit], query_id: str | None, config: ProposalConfig) -> list:
+    """The pictures of the whole-picture search's top ``config.residual.hits`` hits (not the query itself)
+    that may explain the query's background (``retrieval.regions.residual``); a picture that cannot be
+    read is left out."""
+    from retrieval.errors import LoupeError
+
+    if config.residual is None:
+        return []
+    out = []
+    for hit in hits:
+        if len(out) >= config.residual.hits:
+            break
+        if hit.id == query_id:
+            continue
+        try:
+            out.append(engine.load_image(hit.id))
+        except (LoupeError, OSError):
+            continue
+    return out
 
 
 def jitter_box(box, grow: float, size: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -79,7 +79,7 @@ def test_regions_api_response_shape(region_engine, photos):
     assert body["query_size"] == [600, 400] and len(body["results"]) == 3 and body["score_kind"] == "regions"
     for region in body["regions"]:
         assert set(region) >= {"box", "score", "kind", "results"} and len(region["box"]) == 4
-        assert region["kind"] in ("segment", "salient", "window") and len(region["results"]) == 3
+        assert region["kind"] in ("residual", "segment", "salient", "window") and len(region["results"]) == 3
         assert all("image_url" in r for r in region["results"])
     bad = client.post("/api/search", json={"image": image, "regions": "maybe"})
     assert bad.status_code == 400 and "regions" in bad.get_json()["error"]["message"]
