@@ -101,8 +101,8 @@ def measure_named(engine, name: str, queries, truth) -> dict:
         records = engine.records
 
         @staticmethod
-        def search_vector(_enc, q, k):
-            return engine.search_vector(name, q, k)
+        def search_vector(_enc, q, k, params=None):
+            return engine.search_vector(name, q, k, params=params)
     return measure(View, queries, truth)
 
 
