@@ -55,8 +55,9 @@ class ProposalConfig:
 
 
 DEFAULT_PROPOSALS = ProposalConfig()
-# `loupe index --regions`: a few per picture; components and windows only (segments not yet measured there)
-INDEX_PROPOSALS = ProposalConfig(max_regions=4, segments=0, min_windows=2, residual=None)
+# `loupe index --regions`: a few per picture: the residual region against the picture's 2 nearest indexed
+# pictures (when they explain it), components and windows (saliency-ranked segments: not better on the tuning split)
+INDEX_PROPOSALS = ProposalConfig(max_regions=4, segments=0, min_windows=2, max_with_residual=4)
 
 
 @dataclass(frozen=True)

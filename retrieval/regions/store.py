@@ -12,6 +12,10 @@ Both are written atomically and recorded in the manifest's ``files`` (size + SHA
 with ``--regions`` embeds only pictures without regions and drops the rows of pictures no longer indexed;
 a run without it leaves the files as they are (new pictures then have no regions; queries still work).
 
+With ``INDEX_PROPOSALS.residual`` set, each picture's proposals start with its residual region
+(``retrieval.regions.residual``): the part of it that its nearest indexed pictures (by the stored whole-picture
+vectors, itself left out) do not explain, e.g. an object pasted on a picture the index also holds.
+
 ``RegionSet`` is the reader: the rows of images the index still holds, searched exactly (one product).
 """
 
@@ -128,16 +132,47 @@ def _write(index_dir, manifest: store.Manifest, rs: RegionSet, images: int) -> N
         "count": len(rs), "images": images, "dim": int(rs.vectors.shape[1])}
 
 
+class _Neighbours:
+    """The pictures of an indexed picture's nearest indexed pictures (whole-picture vectors, itself left out):
+    what may explain its background (the residual region)."""
+
+    def __init__(self, index_dir, device: str, count: int):
+        from retrieval.engine import Engine
+
+        self.count = count
+        self.engine = Engine(index_dir, device=device) if count > 0 else None
+        if self.engine is not None:
+            self.engine.region_sets = {}          # whole pictures only
+
+    def pictures(self, encoder: str, image_id: str) -> list:
+        from retrieval.errors import LoupeError
+
+        if self.engine is None:
+            return []
+        vector = self.engine.stored_vector(encoder, image_id)
+        hits = self.engine.search(vector=vector, encoder=encoder, k=self.count + 1).hits
+        out = []
+        for hit in hits:
+            if hit.id == image_id or len(out) >= self.count:
+                continue
+            try:
+                out.append(self.engine.load_image(hit.id))
+            except (LoupeError, OSError) as exc:
+                log.warning("no picture for %s: %s", hit.id, exc)
+        return out
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
 def build_region_index(index_dir, *, device: str = "auto", encoders: Sequence[str] | None = None,
                        batch_size: int = 16, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Add region vectors for every indexed picture that has none (see module docstring); the caller holds
     the index's writer lock. Returns ``{"images", "regions", "seconds", "bytes"}`` (what this run added,
     and the region files' size)."""
-    from retrieval.encoders import create_encoder
-    from retrieval.errors import LoupeError
     from retrieval.index.records import RecordStore
-    from retrieval.regions.box import crop_to_box
-    from retrieval.regions.proposals import INDEX_PROPOSALS, propose_regions
+    from retrieval.regions.proposals import INDEX_PROPOSALS
 
     t0 = time.perf_counter()
     index_dir = Path(index_dir)
@@ -148,41 +183,59 @@ def build_region_index(index_dir, *, device: str = "auto", encoders: Sequence[st
     existing = open_region_sets(index_dir, manifest, known.__contains__)
     names = [n for n in (encoders or manifest.encoders) if "image" in manifest.encoders[n].modalities]
     added_images = added_regions = 0
-    for name in names:
-        try:
-            enc = create_encoder(name, device=device)
-        except LoupeError as exc:
-            log.warning("no region index for %s: %s", name, exc)
-            continue
-        if getattr(enc, "binary", False):
-            continue
-        old = existing.get(name, RegionSet(name, np.zeros((0, manifest.encoders[name].dim), np.float32), [],
-                                           np.zeros((0, 4), np.int32)))
-        done = set(old.ids)
-        todo = [i for i in all_ids if i not in done]
-        vecs, ids, boxes = [old.vectors], list(old.ids), [old.boxes]
-        for start in range(0, len(todo), batch_size):
-            crops, owners = [], []
-            for image_id in todo[start:start + batch_size]:
-                try:
-                    image = records.load_image(image_id)
-                except LoupeError as exc:
-                    log.warning("no regions for %s: %s", image_id, exc)
-                    continue
-                for region in propose_regions(image, enc, INDEX_PROPOSALS):
-                    crops.append(crop_to_box(image, region.box))
-                    owners.append((image_id, region.box))
-            if crops:
-                vecs.append(np.asarray(enc.encode_images(crops), np.float32))
-                ids += [o[0] for o in owners]
-                boxes.append(np.asarray([o[1] for o in owners], np.int32).reshape(-1, 4))
-                added_regions += len(crops)
-            if progress:
-                progress(min(start + batch_size, len(todo)), len(todo))
-        added_images = max(added_images, len(todo))
-        rs = RegionSet(name, np.concatenate(vecs), ids, np.concatenate(boxes))
-        _write(index_dir, manifest, rs, len(set(ids)))
+    neighbours = _Neighbours(index_dir, device, INDEX_PROPOSALS.residual.hits if INDEX_PROPOSALS.residual else 0)
+    try:
+        for name in names:
+            added_images, added_regions = _add_regions(index_dir, manifest, records, existing, all_ids, name, device,
+                                                       batch_size, progress, neighbours, added_images, added_regions)
+    finally:
+        neighbours.close()
     store.write_manifest(index_dir, manifest)
     size = sum(p.stat().st_size for n in names for p in region_paths(index_dir, n) if p.exists())
     return {"images": added_images, "regions": added_regions, "seconds": round(time.perf_counter() - t0, 3),
             "bytes": size}
+
+
+def _add_regions(index_dir, manifest, records, existing, all_ids, name, device, batch_size, progress, neighbours,
+                 added_images: int, added_regions: int) -> tuple[int, int]:
+    """Regions for ``name``'s pictures that have none; returns the running (images, regions) counts."""
+    from retrieval.encoders import create_encoder
+    from retrieval.errors import LoupeError
+    from retrieval.regions.box import crop_to_box
+    from retrieval.regions.proposals import INDEX_PROPOSALS, propose_regions
+
+    try:
+        enc = create_encoder(name, device=device)
+    except LoupeError as exc:
+        log.warning("no region index for %s: %s", name, exc)
+        return added_images, added_regions
+    if getattr(enc, "binary", False):
+        return added_images, added_regions
+    old = existing.get(name, RegionSet(name, np.zeros((0, manifest.encoders[name].dim), np.float32), [],
+                                       np.zeros((0, 4), np.int32)))
+    done = set(old.ids)
+    todo = [i for i in all_ids if i not in done]
+    vecs, ids, boxes = [old.vectors], list(old.ids), [old.boxes]
+    for start in range(0, len(todo), batch_size):
+        crops, owners = [], []
+        for image_id in todo[start:start + batch_size]:
+            try:
+                image = records.load_image(image_id)
+            except LoupeError as exc:
+                log.warning("no regions for %s: %s", image_id, exc)
+                continue
+            explain_by = neighbours.pictures(name, image_id) if INDEX_PROPOSALS.residual else []
+            for region in propose_regions(image, enc, INDEX_PROPOSALS, explain_by):
+                crops.append(crop_to_box(image, region.box))
+                owners.append((image_id, region.box))
+        if crops:
+            vecs.append(np.asarray(enc.encode_images(crops), np.float32))
+            ids += [o[0] for o in owners]
+            boxes.append(np.asarray([o[1] for o in owners], np.int32).reshape(-1, 4))
+            added_regions += len(crops)
+        if progress:
+            progress(min(start + batch_size, len(todo)), len(todo))
+    added_images = max(added_images, len(todo))
+    rs = RegionSet(name, np.concatenate(vecs), ids, np.concatenate(boxes))
+    _write(index_dir, manifest, rs, len(set(ids)))
+    return added_images, added_regions

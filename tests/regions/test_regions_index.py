@@ -61,3 +61,19 @@ def test_region_rows_of_images_no_longer_indexed_are_dropped(region_index, regio
     keep = set(region_engine.region_sets["effnet-lite0"].ids[:1])
     sets = open_region_sets(out, region_engine.manifest, keep.__contains__)
     assert set(sets["effnet-lite0"].ids) == keep
+
+
+def test_a_picture_explained_by_an_indexed_one_stores_its_residual_region_first(region_index, region_engine, photos):
+    from retrieval.regions.store import _Neighbours
+
+    poster_id = next(i for i in region_engine.region_sets["effnet-lite0"].ids
+                     if region_engine.metadata(i)["path"].endswith("poster.png"))
+    near = _Neighbours(region_index[0], "cpu", 1)
+    try:
+        pictures = near.pictures("effnet-lite0", poster_id)
+    finally:
+        near.close()
+    assert len(pictures) == 1 and np.array_equal(np.asarray(pictures[0]), np.asarray(photos["coffee"]))
+    rs = region_engine.region_sets["effnet-lite0"]
+    first = next(b for i, b in zip(rs.ids, rs.boxes) if i == poster_id)     # rows keep the proposals' order
+    assert box_iou(tuple(first), PLANTED) > 0.45        # without the residual region: 0.35 (a salient component)
