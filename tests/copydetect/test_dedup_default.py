@@ -68,7 +68,9 @@ def test_to_remove_keeps_the_largest_then_oldest():
     assert js["pairs"][0]["a_path"] == "/p/a.png" and js["group_paths"][1] == ["/p/c.png", "/p/d.png"]
 
 
-STAMPS = [p for p, _ in tuxpaint_stamps()]
+# letter glyphs are left out: some are scaled copies of one another (the filled "x" and "X"), which dedup
+# rightly pairs, so a sample that drew both would count a right answer as wrong
+STAMPS = [p for p, _ in tuxpaint_stamps() if "alphabets" not in p.parts]
 
 
 @pytest.fixture(scope="module")
