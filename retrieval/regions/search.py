@@ -3,8 +3,9 @@
 * ``box_request``: a request with ``box`` becomes the same request on the cropped picture, so the box is
   searched as its own query and local-feature re-ranking sees only the box.
 * ``search_regions`` (``regions=True``): the whole picture is searched as usual; its regions
-  (``retrieval.regions.proposals``) are cropped, embedded in one batch and searched each (same filter and
-  parameters). The top-level list is the fused list (``retrieval.regions.fusion``, rule ``FUSE_RULE``).
+  (``retrieval.regions.proposals``; the residual region against the pictures of its top hits,
+  ``explaining_pictures``) are cropped, embedded in one batch and searched each (same filter and parameters).
+  The top-level list is the fused list (``retrieval.regions.fusion``, rule ``FUSE_RULE``).
 * ``merge_region_hits``: on an index with a region index, a query's hits are merged with its best
   region hits (an image scores its better of the two; when a region wins, the hit carries its ``box``).
 """
