@@ -4,8 +4,8 @@
    token, on the picture padded so the grid covers every pixel) and colour distinctness, summed.
 2. **Residual** (``residual.py``, only when the caller passes ``explain_by``: the pictures of the
    whole-picture search's top hits): when they explain most of the query, the query area they do not
-   explain is the ``"residual"`` region, ranked first: the selective-search segment (or, with
-   ``ResidualConfig.box = "component"``, the connected cells) that the residual map singles out.
+   explain is the ``"residual"`` region, ranked first: the selective-search segment that the residual map
+   singles out (without segments: the connected cells the hits do not explain).
 3. **Segments (selective search).** ``grouping.selective_search`` on the picture resized to the saliency
    map: every region of the hierarchical grouping of Felzenszwalb superpixels, ranked without the encoder
    by the mean saliency of its own pixels minus the rest's, times the square root of its area fraction
@@ -192,11 +192,12 @@ def segment_candidates(sal: np.ndarray, work: Image.Image, config: ProposalConfi
 
 def residual_candidates(residual: np.ndarray, segments, config: ProposalConfig = DEFAULT_PROPOSALS
                         ) -> list[tuple[tuple[float, float, float, float], float]]:
-    """The residual region's candidates on the work map, best first: the segments ranked by the residual map
-    (``box = "segment"``), or the connected cells the hits do not explain (``"component"``: the map above
-    ``1 - explained_sim``, boxes grown by ``margin``, ranked by their summed residual)."""
+    """The residual region's candidates on the work map, best first: the ``segments`` ranked by the residual
+    map (``rank_segments`` with ``area_power``); without segments, the connected areas the hits do not explain
+    (the map above ``1 - explained_sim``; boxes grown by ``margin``, ranked by their summed residual; their
+    boxes fit the object worse: median IoU 0.36 against 0.68 for the segments on the tuning split)."""
     rc = config.residual or ResidualConfig()
-    if rc.box == "segment" and segments:
+    if segments:
         return rank_segments(segments, residual, config.segment_margin, rc.area_power)
     h, w = residual.shape
     labels, _ = ndimage.label(residual > 1.0 - rc.explained_sim)

@@ -38,7 +38,6 @@ class ResidualConfig:
     min_explained: float = 0.5     # the residual counts when this fraction of the query's cells is explained
     min_cells: int = 2             # ... and at least this many compared cells are not explained
     area_power: float = 0.2        # segments ranked by residual contrast x area fraction ** this
-    box: str = "segment"           # the residual region: "segment" (ranked by the residual map) or "component"
 
 
 @dataclass

@@ -75,3 +75,21 @@ def test_a_regions_query_puts_the_residual_region_first(region_engine, photos):
     first = resp.regions.regions[0]
     assert first.region.kind == "residual" and _on_the_patch(first.box)
     assert len(resp.regions.regions) <= 3            # ProposalConfig.max_with_residual
+
+
+def test_residual_candidates_rank_segments_by_the_residual_and_fall_back_to_components():
+    from retrieval.regions.proposals import ProposalConfig, residual_candidates
+
+    residual = np.zeros((40, 60), np.float32)
+    residual[10:20, 30:45] = 0.9                       # what the hits do not explain
+    inside = np.zeros((40, 60), bool)
+    inside[10:20, 30:45] = True
+    around = np.zeros((40, 60), bool)
+    around[5:30, 20:55] = True
+    elsewhere = np.zeros((40, 60), bool)
+    elsewhere[25:38, 2:18] = True
+    segments = [((2, 25, 18, 38), elsewhere), ((20, 5, 55, 30), around), ((30, 10, 45, 20), inside)]
+    config = ProposalConfig(segment_margin=0.0)
+    assert residual_candidates(residual, segments, config)[0][0] == (30, 10, 45, 20)
+    box, _ = residual_candidates(residual, [], config)[0]     # no segments: the connected area, grown by margin
+    assert box[0] <= 30 and box[1] <= 10 and box[2] >= 45 and box[3] >= 20 and box_iou(box, (30, 10, 45, 20)) > 0.5
