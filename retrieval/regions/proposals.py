@@ -95,22 +95,27 @@ def salient_components(sal: np.ndarray, config: ProposalConfig = DEFAULT_PROPOSA
     a nested set: a big salient area and the peaks inside it) → ``[((x0, y0, x1, y1) in map cells, score)]``,
     best first (score: mean saliency × the square root of the box's area fraction), boxes grown by
     ``config.margin`` and clipped to the map."""
-    h, w = sal.shape
     out = []
     for level in sorted({max(otsu_threshold(sal), 0.2), *config.levels}):
-        mask = ndimage.binary_opening(sal > level, iterations=1)
-        labels, _ = ndimage.label(mask)
-        for i, sl in enumerate(ndimage.find_objects(labels), start=1):
-            if sl is None:
-                continue
-            y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
-            my, mx = config.margin * (y1 - y0), config.margin * (x1 - x0)
-            box = (max(0.0, x0 - mx), max(0.0, y0 - my), min(float(w), x1 + mx), min(float(h), y1 + my))
-            area = (box[2] - box[0]) * (box[3] - box[1]) / float(h * w)
-            if not config.min_area <= area <= config.max_area:
-                continue
-            out.append((box, float(sal[labels == i].mean()) * float(np.sqrt(area))))
+        labels, _ = ndimage.label(ndimage.binary_opening(sal > level, iterations=1))
+        out += [(box, float(sal[labels == i].mean()) * float(np.sqrt(area)))
+                for i, box, area in _component_boxes(labels, config)]
     return sorted(out, key=lambda b: -b[1])
+
+
+def _component_boxes(labels: np.ndarray, config: ProposalConfig):
+    """(label, box grown by ``config.margin`` and clipped to the map, area fraction) of each labelled
+    component whose area fraction is within ``[config.min_area, config.max_area]``."""
+    h, w = labels.shape
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+        my, mx = config.margin * (y1 - y0), config.margin * (x1 - x0)
+        box = (max(0.0, x0 - mx), max(0.0, y0 - my), min(float(w), x1 + mx), min(float(h), y1 + my))
+        area = (box[2] - box[0]) * (box[3] - box[1]) / float(h * w)
+        if config.min_area <= area <= config.max_area:
+            yield i, box, area
 
 
 def window_boxes(shape: tuple[int, int], scales: Sequence[float]) -> np.ndarray:
@@ -199,18 +204,8 @@ def residual_candidates(residual: np.ndarray, segments, config: ProposalConfig =
     rc = config.residual or ResidualConfig()
     if segments:
         return rank_segments(segments, residual, config.segment_margin, rc.area_power)
-    h, w = residual.shape
     labels, _ = ndimage.label(residual > 1.0 - rc.explained_sim)
-    out = []
-    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
-        my, mx = config.margin * (y1 - y0), config.margin * (x1 - x0)
-        box = (max(0.0, x0 - mx), max(0.0, y0 - my), min(float(w), x1 + mx), min(float(h), y1 + my))
-        area = (box[2] - box[0]) * (box[3] - box[1]) / float(h * w)
-        if config.min_area <= area <= config.max_area:
-            out.append((box, float(residual[labels == i].sum())))
+    out = [(box, float(residual[labels == i].sum())) for i, box, _ in _component_boxes(labels, config)]
     return sorted(out, key=lambda b: -b[1])
 
 
