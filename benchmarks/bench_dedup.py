@@ -239,7 +239,7 @@ def scale(args) -> list[str]:
     out = Path(args.work) / "scale-pairs.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "loupe", "dedup", str(idx), "--check", "none", "--threshold", str(args.threshold),
-           "--candidates", args.candidates, "-k", str(args.k), "--out", str(out), "--json"]
+           "--candidates", args.candidates, "-k", str(args.k), "--device", args.device, "--out", str(out), "--json"]
     t0 = time.perf_counter()
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -288,6 +288,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threshold", type=float, default=0.95, help="scale: pair threshold")
     ap.add_argument("-k", type=int, default=16, help="scale: neighbours per image")
     ap.add_argument("--candidates", default="index", help="scale: loupe dedup --candidates")
+    ap.add_argument("--device", default="cpu", help="scale: loupe dedup --device (cuda: exact search on the GPU)")
     ap.add_argument("--n", type=int, default=250, help="calibrate: reference-split stamps")
     ap.add_argument("--stamps", type=int, default=320, help="judge: held-out stamps")
     ap.add_argument("--fmnist", type=int, default=1000, help="judge: Fashion-MNIST images")

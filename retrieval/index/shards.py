@@ -240,8 +240,13 @@ class ShardSet:
         out = {}
         for name, kinds in self._kinds.items():
             if kinds and all(k == "flat" for k in kinds) and self.manifest.encoders[name].index_type != "binary":
-                out[name] = TorchFlatSearcher([vecs for _, vecs, _ in self.all_vectors(name)], device,
-                                              exact_vectors=lambda rows, name=name: self.vectors_at(name, rows))
+                try:
+                    out[name] = TorchFlatSearcher([vecs for _, vecs, _ in self.all_vectors(name)], device,
+                                                  exact_vectors=lambda rows, name=name: self.vectors_at(name, rows))
+                except RuntimeError as exc:          # torch.OutOfMemoryError is one: this encoder stays on the CPU
+                    log.warning("%s: the vectors do not fit on %s (%s); searching them on the CPU with faiss",
+                                name, device, str(exc).splitlines()[0][:200])
+                    continue
                 log.info("%s: %d vectors searched on %s (%.0f MB)", name, out[name].count, device,
                          out[name].nbytes / 2**20)
         return out

@@ -131,15 +131,20 @@ def test_tune_leave_one_out_drops_each_querys_own_row():
     assert recall_at_k(found[:, :10], truth) < tuned.recall
 
 
-@pytest.mark.parametrize("half", [False, True])
-def test_torch_flat_search_equals_faiss_exact(half):
+@pytest.mark.parametrize("half,rescore", [(False, None), (True, None), (False, True)])
+def test_torch_flat_search_equals_faiss_exact(half, rescore):
+    """float32 (exact matmul), float16 + re-scoring from the stored vectors, float32 + re-scoring from the
+    copy itself (what a GPU with room for float32 does: its matmul may run in TF32)."""
     vecs = data(2000, 48)
     q = data(20, 48, seed=9)
     flat = faiss.IndexFlatIP(48)
     flat.add(vecs)
     d_ref, i_ref = flat.search(q, 10)
     chunks = [vecs[:700], vecs[700:]]
-    searcher = TorchFlatSearcher(chunks, "cpu", half=half, exact_vectors=(lambda rows: vecs[rows]) if half else None)
+    searcher = TorchFlatSearcher(chunks, "cpu", half=half, exact_vectors=(lambda rows: vecs[rows]) if half else None,
+                                 rescore=rescore)
+    assert searcher.rescore == (half or bool(rescore))
+    assert np.array_equal(searcher.matrix.float().numpy()[700:], vecs[700:].astype(np.float16 if half else np.float32))
     d, i = searcher.search(q, 10)
     assert np.array_equal(i, i_ref)
     assert np.allclose(d, d_ref, atol=1e-5)
@@ -149,6 +154,57 @@ def test_torch_flat_search_equals_faiss_exact(half):
     sel = faiss.IDSelectorBatch(np.flatnonzero(mask).astype(np.int64))
     d_ref, i_ref = flat.search(q, 10, params=faiss.SearchParameters(sel=sel))
     assert np.array_equal(i, i_ref)
+
+
+@pytest.mark.parametrize("half,rescore", [(False, None), (True, None), (False, True)])
+def test_torch_flat_search_in_blocks_equals_one_block(monkeypatch, half, rescore):
+    """A large batch goes through the collection in blocks (the score buffer stays bounded); the merged
+    answer, a filter across block edges, and the re-scoring of many queries at once equal faiss' exact search."""
+    from retrieval.index import torch_search
+
+    vecs = data(3000, 32)
+    q = data(300, 32, seed=4)
+    flat = faiss.IndexFlatIP(32)
+    flat.add(vecs)
+    monkeypatch.setattr(torch_search, "SCORE_BYTES", 300 * 4 * 700)     # 700 rows a block for 300 queries
+    monkeypatch.setattr(torch_search, "MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(torch_search, "RESCORE_ROWS", 1000)             # re-scored a few queries at a time
+    assert torch_search.block_rows(300, 4) == 700 and torch_search.block_rows(300, 2) == 1400
+    searcher = TorchFlatSearcher([vecs[:1000], vecs[1000:]], "cpu", half=half, rescore=rescore,
+                                 exact_vectors=(lambda rows: vecs[rows]) if half else None)
+    d_ref, i_ref = flat.search(q, 10)
+    d, i = searcher.search(q, 10)
+    assert np.array_equal(i, i_ref)
+    assert np.allclose(d, d_ref, atol=1e-5)
+    mask = np.zeros(3000, bool)
+    mask[690:710] = True                                                # straddles the first block edge
+    mask[2999] = True
+    d, i = searcher.search(q, 25, mask)
+    sel = faiss.IDSelectorBatch(np.flatnonzero(mask).astype(np.int64))
+    d_ref, i_ref = flat.search(q, 25, params=faiss.SearchParameters(sel=sel))
+    assert np.array_equal(i[:, :21], i_ref[:, :21]) and (i[:, 21:] == -1).all()
+    assert np.allclose(d[:, :21], d_ref[:, :21], atol=1e-5)
+
+
+def test_rescoring_on_the_device_replaces_matmul_scores_with_exact_ones():
+    import torch
+
+    vecs, q = data(50, 8), data(3, 8, seed=2)
+    searcher = TorchFlatSearcher([vecs], "cpu", half=False, rescore=True)
+    rows = torch.tensor([[4, 9, 1], [0, 2, 3], [7, 7, 5]])
+    rough = torch.full((3, 3), 0.5)
+    rough[2, 2] = float("-inf")                                   # a filtered-out candidate stays out
+    got = searcher._rescore_on_device(torch.from_numpy(q), rough, rows).numpy()
+    want = np.einsum("qfd,qd->qf", vecs[rows.numpy()], q)
+    assert np.allclose(got[np.isfinite(got)], want[np.isfinite(got)], atol=1e-6)
+    assert np.isneginf(got[2, 2]) and np.isfinite(got).sum() == 8
+
+
+def test_float32_copy_only_where_it_fits():
+    from retrieval.index import torch_search
+
+    assert not torch_search.fits_float32(1, "cpu")              # not a CUDA device: the smaller copy
+    assert TorchFlatSearcher([data(10, 4)], "cpu").half is False  # torch-cpu (tests): float32, no re-scoring
 
 
 def test_engine_on_an_accelerator_answers_as_on_the_cpu(tmp_path):
@@ -188,3 +244,22 @@ def test_tune_lowers_k_factor_again_once_the_knob_is_chosen():
     assert tuned.params == {"nprobe": 384, "k_factor": 8}
     tried_at_384 = {t["params"]["k_factor"]: t["recall"] for t in tuned.tried if t["params"]["nprobe"] == 384}
     assert tried_at_384[64] == 1.0 and tried_at_384[4] < 0.95       # 64 found first, then lowered to 8
+
+
+def test_vectors_that_do_not_fit_on_the_accelerator_are_searched_on_the_cpu(tmp_path, monkeypatch, caplog):
+    from retrieval.index import torch_search
+
+    vecs = data(300, 16)
+    out = build_index(tmp_path / "idx", {"e": vecs}, shard_sizes=[150, 150])
+
+    class OutOfMemory(torch_search.TorchFlatSearcher):
+        def __init__(self, *a, **kw):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
+
+    monkeypatch.setattr(torch_search, "TorchFlatSearcher", OutOfMemory)
+    with caplog.at_level("WARNING"):
+        engine = Engine(out, device="cpu", search_device="torch-cpu")
+    assert engine.shards.accelerated == {}
+    assert "do not fit" in caplog.text and "Tried to allocate" in caplog.text
+    assert [h.id for h in engine.search_vector("e", vecs[7], 3)][0] == \
+        [h.id for h in Engine(out, device="cpu").search_vector("e", vecs[7], 3)][0]
