@@ -31,7 +31,7 @@ from PIL import Image
 from scipy import ndimage
 
 from retrieval.regions.residual import Explanation, ResidualConfig, explain
-from retrieval.regions.saliency import WORK_SIDE, canvas_tokens, saliency_map
+from retrieval.regions.saliency import WORK_SIDE, CanvasTokens, canvas_tokens, saliency_map
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,7 @@ def regions_from_saliency(sal: np.ndarray, size: tuple[int, int], config: Propos
     return out
 
 
-def _work_picture(image: Image.Image) -> Image.Image:
+def work_picture(image: Image.Image) -> Image.Image:
     """``image`` at most ``4 * WORK_SIDE`` pixels on its longer side (the encoder sees a few hundred
     pixels; saliency needs no more)."""
     image = image.convert("RGB")
@@ -258,18 +258,20 @@ def _work_picture(image: Image.Image) -> Image.Image:
 
 
 def propose_regions(image: Image.Image, encoder=None, config: ProposalConfig = DEFAULT_PROPOSALS,
-                    explain_by: Sequence[Image.Image] = (), *, explanation: list | None = None) -> list[Region]:
+                    explain_by: Sequence[Image.Image | CanvasTokens] = (), *, explanation: list | None = None,
+                    view: CanvasTokens | None = None) -> list[Region]:
     """Object regions of ``image`` (see module docstring), in pixels of ``image``; ``encoder``: the index's
     encoder whose feature map gives the feature saliency (None: content saliency only); ``explain_by``: the
-    pictures of the whole-picture search's top hits (the residual region; needs ``encoder``). When
-    ``explanation`` is a list, the ``residual.Explanation`` (or None) is appended to it."""
+    pictures of the whole-picture search's top hits, or their stored maps (``views.py``), for the residual
+    region (needs ``encoder``); ``view``: ``image``'s own map when it is known (``canvas_tokens`` of its
+    work picture). When ``explanation`` is a list, the ``residual.Explanation`` (or None) is appended to it."""
     image = image.convert("RGB")
-    work = _work_picture(image)
+    work = work_picture(image)
     rc = config.residual
     explain_by = list(explain_by)[:rc.hits] if rc is not None else []
     views = None
     if encoder is not None and (config.w_feature > 0 or explain_by):
-        views = canvas_tokens(encoder, [work] + [_work_picture(p) for p in explain_by])
+        views = _views(encoder, work, explain_by, view)
     sal = saliency_map(work, views[0] if views else None, config.w_feature, config.w_colour)
     masks = segment_masks(work, sal.shape, config) if config.segments > 0 or explain_by else []
     segments = rank_segments(masks, sal, config.segment_margin) if config.segments > 0 else []
@@ -280,3 +282,18 @@ def propose_regions(image: Image.Image, encoder=None, config: ProposalConfig = D
     if found is not None and found.fraction >= rc.min_explained and found.unexplained(rc) >= rc.min_cells:
         residual = residual_candidates(views[0].sample(found.residual_cells(), sal.shape), masks, config)
     return regions_from_saliency(sal, image.size, config, segments, residual)
+
+
+def _views(encoder, work: Image.Image, explain_by: Sequence, view: CanvasTokens | None
+           ) -> list[CanvasTokens] | None:
+    """``[work's map] + the explaining pictures' maps``: the known ones as they are, the others encoded in
+    one batch; None when the encoder has no feature map."""
+    todo = ([] if view is not None else [work]) + [work_picture(p) for p in explain_by
+                                                   if not isinstance(p, CanvasTokens)]
+    encoded = canvas_tokens(encoder, todo) if todo else []
+    if encoded is None:
+        return None
+    fresh = iter(encoded)
+    out = [view if view is not None else next(fresh)]
+    out += [p if isinstance(p, CanvasTokens) else next(fresh) for p in explain_by]
+    return out

@@ -89,7 +89,8 @@ def search_regions(engine, req, *, config: ProposalConfig | None = None):
         raise InvalidQueryError("regions needs an image query (image or image_id)")
     t1 = time.perf_counter()
     enc = engine.encoder(ctx.encoder)
-    regions = propose_regions(image, enc, config, explaining_pictures(engine, base.hits, ctx.image_id, config))
+    regions = propose_regions(image, enc, config,
+                              explaining_pictures(engine, base.hits, ctx.image_id, config, ctx.encoder))
     t2 = time.perf_counter()
     result = RegionSearch(size=image.size)
     if regions:
@@ -109,19 +110,27 @@ def search_regions(engine, req, *, config: ProposalConfig | None = None):
     return base
 
 
-def explaining_pictures(engine, hits: list[Hit], query_id: str | None, config: ProposalConfig) -> list:
+def explaining_pictures(engine, hits: list[Hit], query_id: str | None, config: ProposalConfig,
+                        encoder: str | None = None) -> list:
     """The pictures of the whole-picture search's top ``config.residual.hits`` hits (not the query itself)
-    that may explain the query's background (``retrieval.regions.residual``); a picture that cannot be
-    read is left out."""
+    that may explain the query's background (``retrieval.regions.residual``): their feature maps stored by
+    the region index (``views.py``) where it has them, else the pictures (encoded by the caller); a picture
+    that cannot be read is left out."""
     from retrieval.errors import LoupeError
 
     if config.residual is None:
         return []
+    region_set = getattr(engine, "region_sets", {}).get(encoder) if encoder else None
+    stored = getattr(region_set, "views", None)
     out = []
     for hit in hits:
         if len(out) >= config.residual.hits:
             break
         if hit.id == query_id:
+            continue
+        view = stored.get(hit.id) if stored is not None else None
+        if view is not None:
+            out.append(view)
             continue
         try:
             out.append(engine.load_image(hit.id))

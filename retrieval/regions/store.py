@@ -32,6 +32,7 @@ import numpy as np
 
 from retrieval.errors import IndexFormatError
 from retrieval.index import store
+from retrieval.regions.views import ViewWriter, fits, read_views, view_paths
 
 log = logging.getLogger("loupe.regions")
 
@@ -52,6 +53,7 @@ class RegionSet:
     vectors: np.ndarray
     ids: list[str]
     boxes: np.ndarray
+    views: Any = None          # ``views.StoredViews``: the pictures' feature maps (None: not stored)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -111,11 +113,12 @@ def open_region_sets(index_dir, manifest: store.Manifest, known: Callable[[str],
             keep = np.array([known(i) for i in rs.ids], bool)
             if not keep.all():
                 rs = RegionSet(encoder, rs.vectors[keep], [i for i, k in zip(rs.ids, keep) if k], rs.boxes[keep])
+        rs.views = read_views(index_dir, manifest, encoder, info, known)
         out[encoder] = rs
     return out
 
 
-def _write(index_dir, manifest: store.Manifest, rs: RegionSet, images: int) -> None:
+def _write(index_dir, manifest: store.Manifest, rs: RegionSet, images: int, views: dict | None = None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -129,7 +132,7 @@ def _write(index_dir, manifest: store.Manifest, rs: RegionSet, images: int) -> N
     manifest.record(index_dir, box_path, store.atomic_write_with(box_path, lambda tmp: pq.write_table(table, tmp)))
     manifest.extra.setdefault(EXTRA_KEY, {})[rs.encoder] = {
         "vectors": store.relative(index_dir, vec_path), "boxes": store.relative(index_dir, box_path),
-        "count": len(rs), "images": images, "dim": int(rs.vectors.shape[1])}
+        "count": len(rs), "images": images, "dim": int(rs.vectors.shape[1]), **({"views": views} if views else {})}
 
 
 class _Neighbours:
@@ -144,21 +147,27 @@ class _Neighbours:
         if self.engine is not None:
             self.engine.region_sets = {}          # whole pictures only
 
-    def pictures(self, encoder: str, image_id: str) -> list:
-        from retrieval.errors import LoupeError
-
+    def ids(self, encoder: str, image_id: str) -> list[str]:
         if self.engine is None:
             return []
         vector = self.engine.stored_vector(encoder, image_id)
         hits = self.engine.search(vector=vector, encoder=encoder, k=self.count + 1).hits
+        return [h.id for h in hits if h.id != image_id][:self.count]
+
+    def pictures(self, encoder: str, image_id: str, views=None) -> list:
+        """The neighbours' stored maps where ``views`` has them, else their pictures."""
+        from retrieval.errors import LoupeError
+
         out = []
-        for hit in hits:
-            if hit.id == image_id or len(out) >= self.count:
+        for hit_id in self.ids(encoder, image_id):
+            view = views.get(hit_id) if views is not None else None
+            if view is not None:
+                out.append(view)
                 continue
             try:
-                out.append(self.engine.load_image(hit.id))
+                out.append(self.engine.load_image(hit_id))
             except (LoupeError, OSError) as exc:
-                log.warning("no picture for %s: %s", hit.id, exc)
+                log.warning("no picture for %s: %s", hit_id, exc)
         return out
 
     def close(self) -> None:
@@ -191,7 +200,8 @@ def build_region_index(index_dir, *, device: str = "auto", encoders: Sequence[st
     finally:
         neighbours.close()
     store.write_manifest(index_dir, manifest)
-    size = sum(p.stat().st_size for n in names for p in region_paths(index_dir, n) if p.exists())
+    size = sum(p.stat().st_size for n in names for p in (*region_paths(index_dir, n), *view_paths(index_dir, n))
+               if p.exists())
     return {"images": added_images, "regions": added_regions, "seconds": round(time.perf_counter() - t0, 3),
             "bytes": size}
 
@@ -215,27 +225,67 @@ def _add_regions(index_dir, manifest, records, existing, all_ids, name, device, 
                                        np.zeros((0, 4), np.int32)))
     done = set(old.ids)
     todo = [i for i in all_ids if i not in done]
+    # maps for the new pictures, and for older ones without a stored map (a region index from before maps)
+    unmapped = [i for i in dict.fromkeys(old.ids) if old.views is None or i not in old.views]
+    views = _map_pictures(index_dir, records, enc, name, todo + unmapped, old.views, batch_size) \
+        if INDEX_PROPOSALS.residual else None
     vecs, ids, boxes = [old.vectors], list(old.ids), [old.boxes]
-    for start in range(0, len(todo), batch_size):
-        crops, owners = [], []
+    try:
+        for start in range(0, len(todo), batch_size):
+            crops, owners = [], []
+            for image_id in todo[start:start + batch_size]:
+                try:
+                    image = records.load_image(image_id)
+                except LoupeError as exc:
+                    log.warning("no regions for %s: %s", image_id, exc)
+                    continue
+                stored = views.views() if views is not None else None
+                explain_by = neighbours.pictures(name, image_id, stored) if INDEX_PROPOSALS.residual else []
+                own = stored.get(image_id) if stored is not None else None
+                for region in propose_regions(image, enc, INDEX_PROPOSALS, explain_by, view=own):
+                    crops.append(crop_to_box(image, region.box))
+                    owners.append((image_id, region.box))
+            if crops:
+                vecs.append(np.asarray(enc.encode_images(crops), np.float32))
+                ids += [o[0] for o in owners]
+                boxes.append(np.asarray([o[1] for o in owners], np.int32).reshape(-1, 4))
+                added_regions += len(crops)
+            if progress:
+                progress(min(start + batch_size, len(todo)), len(todo))
+        added_images = max(added_images, len(todo))
+        rs = RegionSet(name, np.concatenate(vecs), ids, np.concatenate(boxes))
+        _write(index_dir, manifest, rs, len(set(ids)), views.commit(manifest) if views is not None else None)
+    except BaseException:
+        if views is not None:
+            views.abort()
+        raise
+    return added_images, added_regions
+
+
+def _map_pictures(index_dir, records, enc, name: str, todo: list[str], old, batch_size: int):
+    """A ``views.ViewWriter`` holding every picture's feature map (``old``'s kept, ``todo``'s computed in
+    batches), or None when the encoder has no map or its maps are too large to keep (``views.fits``)."""
+    from retrieval.errors import LoupeError
+    from retrieval.regions.proposals import work_picture
+    from retrieval.regions.saliency import canvas_tokens
+
+    writer = None
+    for start in range(0, max(len(todo), 1), batch_size):
+        batch, pictures = [], []
         for image_id in todo[start:start + batch_size]:
             try:
-                image = records.load_image(image_id)
-            except LoupeError as exc:
-                log.warning("no regions for %s: %s", image_id, exc)
-                continue
-            explain_by = neighbours.pictures(name, image_id) if INDEX_PROPOSALS.residual else []
-            for region in propose_regions(image, enc, INDEX_PROPOSALS, explain_by):
-                crops.append(crop_to_box(image, region.box))
-                owners.append((image_id, region.box))
-        if crops:
-            vecs.append(np.asarray(enc.encode_images(crops), np.float32))
-            ids += [o[0] for o in owners]
-            boxes.append(np.asarray([o[1] for o in owners], np.int32).reshape(-1, 4))
-            added_regions += len(crops)
-        if progress:
-            progress(min(start + batch_size, len(todo)), len(todo))
-    added_images = max(added_images, len(todo))
-    rs = RegionSet(name, np.concatenate(vecs), ids, np.concatenate(boxes))
-    _write(index_dir, manifest, rs, len(set(ids)))
-    return added_images, added_regions
+                pictures.append(work_picture(records.load_image(image_id)))
+                batch.append(image_id)
+            except LoupeError:
+                continue                      # reported by the regions pass
+        maps = canvas_tokens(enc, pictures) if pictures else []
+        if maps is None:
+            return None
+        if writer is None:
+            shape = maps[0].tokens.shape if maps else (old.shape if old is not None else None)
+            if shape is None or not fits(shape):
+                return None
+            writer = ViewWriter(index_dir, name, shape, len(todo), old)
+        for image_id, view in zip(batch, maps):
+            writer.add(image_id, view)
+    return writer

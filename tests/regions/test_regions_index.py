@@ -10,6 +10,7 @@ from regions_data import INDEXED, PLANTED, cat_face, png_bytes
 from retrieval.regions.proposals import box_iou
 from retrieval.regions.search import RegionHit
 from retrieval.regions.store import open_region_sets, region_paths
+from retrieval.regions.views import view_paths
 
 
 def test_index_summary_and_files(region_index, region_engine):
@@ -17,7 +18,8 @@ def test_index_summary_and_files(region_index, region_engine):
     n = len(INDEXED) + 1
     assert summary["regions"]["images"] == n and n <= summary["regions"]["regions"] <= 4 * n
     vec, boxes = region_paths(out, "effnet-lite0")
-    assert summary["regions"]["bytes"] == vec.stat().st_size + boxes.stat().st_size
+    maps, frames = view_paths(out, "effnet-lite0")
+    assert summary["regions"]["bytes"] == sum(p.stat().st_size for p in (vec, boxes, maps, frames))
     rs = region_engine.region_sets["effnet-lite0"]
     assert len(rs) == summary["regions"]["regions"] and len(set(rs.ids)) == n
     assert np.allclose(np.linalg.norm(rs.vectors, axis=1), 1, atol=1e-4)
