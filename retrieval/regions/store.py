@@ -32,7 +32,7 @@ import numpy as np
 
 from retrieval.errors import IndexFormatError
 from retrieval.index import store
-from retrieval.regions.views import ViewWriter, fits, read_views, view_paths
+from retrieval.regions.views import ViewWriter, clean_stray, fits, read_views, view_paths
 
 log = logging.getLogger("loupe.regions")
 
@@ -185,6 +185,7 @@ def build_region_index(index_dir, *, device: str = "auto", encoders: Sequence[st
 
     t0 = time.perf_counter()
     index_dir = Path(index_dir)
+    clean_stray(index_dir)                      # a killed run's temporary files
     manifest = store.read_manifest(index_dir)
     records = RecordStore(index_dir, manifest)
     all_ids = [str(i) for t in records.tables for i in t.column("id").to_pylist()]

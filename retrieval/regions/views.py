@@ -39,6 +39,19 @@ def view_paths(index_dir, encoder: str) -> tuple[Path, Path]:
     return base / f"{encoder}.views.npy", base / f"{encoder}.views.parquet"
 
 
+def clean_stray(index_dir) -> int:
+    """Delete temporary files a killed ``--regions`` run left in ``regions/`` (the caller holds the writer
+    lock); returns how many."""
+    folder = Path(index_dir) / "regions"
+    removed = 0
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.name.startswith(".") and ".tmp" in path.name and path.is_file():
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 def fits(shape: tuple[int, ...]) -> bool:
     """True when a map of ``shape = (gh, gw, C)`` is small enough to keep (``VIEW_BYTES_MAX``)."""
     return int(np.prod(shape)) * 2 <= VIEW_BYTES_MAX
@@ -109,7 +122,7 @@ class ViewWriter:
         self.index_dir, self.encoder, self.shape = Path(index_dir), encoder, tuple(int(s) for s in shape)
         npy, _ = view_paths(index_dir, encoder)
         npy.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{npy.name}.", suffix=".build.npy", dir=npy.parent)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{npy.name}.", suffix=".tmp.npy", dir=npy.parent)
         os.close(fd)
         keep = old if old is not None and old.shape == self.shape else None
         total = capacity + (len(keep.rows) if keep is not None else 0)

@@ -83,7 +83,10 @@ def test_a_region_index_from_before_maps_gets_them_on_the_next_run(region_index,
         path.unlink()
     store.write_manifest(out, manifest)
     assert open_region_sets(out, store.read_manifest(out))["effnet-lite0"].views is None
+    stray = out / "regions" / ".effnet-lite0.views.npy.x1y2.tmp.npy"         # a killed run's temporary file
+    stray.write_bytes(b"partial")
     summary = build_region_index(out, device="cpu")
+    assert not stray.exists()
     assert summary["images"] == 0                                     # no new regions: only the maps
     again = open_region_sets(out, store.read_manifest(out))["effnet-lite0"].views
     before = region_engine.region_sets["effnet-lite0"].views
