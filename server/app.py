@@ -36,6 +36,7 @@ from server.common import EXT_KEY, MAX_UPLOAD_BYTES, state
 from server.errors import error_response, register_error_handlers, scrub_paths
 from server.metrics import CONTENT_TYPE_LATEST, Metrics
 from server.routes_collection import cancel_collection_dedup
+from server.security import apply_path_views
 from server.security import install as install_security
 from server.thumbnails import ThumbnailCache
 
@@ -100,6 +101,7 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
         return error_response(exc.code, scrub_paths(str(exc)), exc.http_status)
 
     install_security(app)
+    apply_path_views(app, engine)       # --hide-paths: filters take the paths as results show them
     features = _register_blueprints(app)
     if engine is not None:
         features += ["text"] if engine.text_encoder else []
@@ -144,6 +146,7 @@ def create_app(config: dict[str, Any] | None = None, *, engine=None) -> Flask:
                               eng.index_dir)
                 return
             _refresh_classifiers(eng, new)     # before `new` serves: it takes over `eng`'s classifiers
+            apply_path_views(app, new)
             state(app)["engine"] = new
             cancel_collection_dedup(eng)        # the old version's duplicate groups would be stale
             metrics.set_index(new)

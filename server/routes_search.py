@@ -18,7 +18,6 @@ from retrieval.errors import UnknownIdError
 from server.common import get_engine, result_json, state
 from server.errors import BadRequestError
 from server.requests import search_request
-from server.security import absolute_path_filter
 from server.thumbnails import MAX_SIZE, MIN_SIZE, make_thumbnail
 
 bp = Blueprint("search", __name__)
@@ -56,8 +55,6 @@ def index_page():
 def api_search():
     q = search_request(request)
     engine = get_engine()
-    if current_app.config.get("HIDE_PATHS") and q.filter:
-        q.filter = absolute_path_filter(engine, q.filter)      # clients see (and filter by) relative paths
     resp = engine.search(q)
     metrics = state()["metrics"]
     for stage, ms in resp.timings.items():

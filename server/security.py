@@ -9,8 +9,8 @@
   plus ``--allowed-host`` names.
 * ``HIDE_PATHS`` (config, ``loupe serve --hide-paths``): results carry ``path``, ``metadata.source`` and
   ``metadata.aliases`` relative to :func:`path_root`, the deepest folder holding every indexed file, and
-  search filters on ``path`` / ``source`` take those relative paths with ``eq``, ``ne``, ``in`` or
-  ``prefix`` only (a substring or range test on the stored absolute paths would reveal them).
+  search filters compare ``path`` / ``source`` as results show them (:func:`path_views`, every operator:
+  ``contains`` too), never the stored absolute paths (a substring or range test on those would reveal them).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Any, Iterable
 
 from flask import Flask, current_app, request
 
-from retrieval.errors import InvalidQueryError
 from server.errors import ForbiddenHostError
 
 log = logging.getLogger("loupe.server")
@@ -176,37 +175,21 @@ def hide_paths(engine, result: dict[str, Any]) -> dict[str, Any]:
 
 
 PATH_FIELDS = ("path", "source")
-_PATH_OPS = ("eq", "ne", "prefix", "in")
 
 
-def absolute_path_filter(engine, flt: Any) -> Any:
-    """A search filter written with the relative paths :func:`hide_paths` shows → the same filter on the
-    stored absolute paths. Conditions on ``path`` / ``source`` may only use ``eq``, ``ne``, ``in`` and
-    ``prefix``; another operator is an ``InvalidQueryError``."""
-    if not isinstance(flt, dict) or not any(f in flt for f in PATH_FIELDS):
-        return flt
+def path_views(engine) -> dict[str, Any]:
+    """Filter views (``Engine.set_filter_views``) for a server that hides paths: ``path`` and ``source``
+    are compared as :func:`hide_paths` shows them (relative to :func:`path_root`)."""
     root = path_root(engine)
-    if root is None:
-        return flt
-    base = root.rstrip(os.sep) + os.sep
 
-    def absolute(value: Any) -> Any:
-        return base + value.lstrip(os.sep) if isinstance(value, str) and "://" not in value else value
+    def shown(value: Any) -> Any:
+        return relative_path(value, root)
 
-    out = dict(flt)
-    for field in PATH_FIELDS:
-        cond = flt.get(field)
-        if field not in flt:
-            continue
-        if isinstance(cond, list):
-            out[field] = [absolute(v) for v in cond]
-        elif isinstance(cond, dict):
-            bad = [op for op in cond if op not in _PATH_OPS]
-            if bad:
-                raise InvalidQueryError(f"filter {field!r}: paths are hidden on this server; filter them by "
-                                        f"{', '.join(_PATH_OPS)} with paths as results show them, not {bad[0]!r}")
-            out[field] = {op: [absolute(v) for v in value] if op == "in" and isinstance(value, list)
-                          else absolute(value) for op, value in cond.items()}
-        else:
-            out[field] = absolute(cond)
-    return out
+    return {field: shown for field in PATH_FIELDS}
+
+
+def apply_path_views(app: Flask, engine) -> None:
+    """With ``HIDE_PATHS``, make ``engine``'s filters take the paths as results show them (without it, as
+    stored: an engine served by an app that hides paths and then by one that does not)."""
+    if engine is not None and hasattr(engine, "set_filter_views"):
+        engine.set_filter_views(path_views(engine) if app.config.get("HIDE_PATHS") else None)

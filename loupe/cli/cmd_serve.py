@@ -66,7 +66,7 @@ def add_arguments(p) -> None:
     p.add_argument("--hide-paths", action="store_true",
                    help="show results' paths (path, metadata source and aliases) relative to the deepest folder "
                         "holding every indexed file, never the server's absolute paths; search filters on "
-                        "path/source then take those relative paths (eq, ne, in, prefix)")
+                        "path/source then compare those relative paths (every operator, contains too)")
     p.add_argument("--max-connections", type=int, default=ServeLimits.connection_limit, metavar="N",
                    help=f"open connections kept at once (default {ServeLimits.connection_limit}); idle or "
                         "slow ones are closed after a timeout")

@@ -82,6 +82,7 @@ class Engine:
                                  stored_vector=self.stored_vector, load_image=self.records.load_image,
                                  composer=lambda: {"classifiers": _classifiers_of(self)})
         self._mask_cache: OrderedDict[str, list[np.ndarray]] = OrderedDict()
+        self.filter_views: dict[str, Callable[[Any], Any]] | None = None     # set_filter_views
         self._state: dict[Any, Any] = {}
         self._lock = threading.Lock()
         self.open_seconds = time.perf_counter() - t0
@@ -312,7 +313,7 @@ class Engine:
             if key in self._mask_cache:
                 self._mask_cache.move_to_end(key)
                 return self._mask_cache[key]
-        masks = self.records.masks([c for c in conditions if c.field != colour.FILTER_FIELD])
+        masks = self.records.masks([c for c in conditions if c.field != colour.FILTER_FIELD], self.filter_views)
         for cond in (c for c in conditions if c.field == colour.FILTER_FIELD):
             masks = self._colour_masks(cond, masks)
         with self._lock:
@@ -320,6 +321,14 @@ class Engine:
             while len(self._mask_cache) > MASK_CACHE_SIZE:
                 self._mask_cache.popitem(last=False)
         return masks
+
+    def set_filter_views(self, views: dict[str, Callable[[Any], Any]] | None) -> None:
+        """Filters compare these metadata columns as ``views[column](value)`` shows them (e.g. a server that
+        hides paths: the relative paths its results show), not as stored; cached filter masks are dropped."""
+        with self._lock:
+            self.filter_views = dict(views) if views else None
+            self._mask_cache.clear()
+            self.records.forget_views()
 
     def _colour_masks(self, cond, masks: list[np.ndarray]) -> list[np.ndarray]:
         """``{"colour-names": "red" | ["red", "pink"]}``: keep images showing one of the colours

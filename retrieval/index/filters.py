@@ -118,8 +118,15 @@ def filter_key(conditions: list[Condition]) -> str:
     return json.dumps([(c.field, c.op, c.value) for c in conditions], sort_keys=True, default=str)
 
 
-def _column_values(table, name: str, extra_cache: dict) -> np.ndarray:
-    """A metadata column (or an ``extra`` key) as a numpy object/number array."""
+def _column_values(table, name: str, extra_cache: dict, views: dict | None = None) -> np.ndarray:
+    """A metadata column (or an ``extra`` key) as a numpy object/number array; a column with a ``views``
+    function is compared as that function shows each value (cached with the table's other derived columns)."""
+    if views and name in views and name in table.column_names:
+        key = ("view", name)
+        if key not in extra_cache:
+            show = views[name]
+            extra_cache[key] = np.array([show(v) for v in table.column(name).to_pylist()], dtype=object)
+        return extra_cache[key]
     if name.startswith("extra."):
         key = name[6:]
     elif name in COLUMNS:
@@ -181,12 +188,15 @@ def _compare(values: np.ndarray, op: str, target: Any) -> np.ndarray:
     return out
 
 
-def filter_mask(table, conditions: list[Condition], extra_cache: dict | None = None) -> np.ndarray:
-    """One boolean per row of the metadata ``table``: True where every condition holds."""
+def filter_mask(table, conditions: list[Condition], extra_cache: dict | None = None,
+                views: dict | None = None) -> np.ndarray:
+    """One boolean per row of the metadata ``table``: True where every condition holds. ``views``
+    (``{column: function}``): those columns are compared as the function shows their values (a server that
+    hides paths filters by the relative paths its results show)."""
     extra_cache = {} if extra_cache is None else extra_cache
     mask = np.ones(table.num_rows, dtype=bool)
     for cond in conditions:
-        values = _column_values(table, cond.field, extra_cache)
+        values = _column_values(table, cond.field, extra_cache, views)
         mask &= _compare(values, cond.op, cond.value)
         if not mask.any():
             break

@@ -101,9 +101,16 @@ class RecordStore:
     def count(self) -> int:
         return int(self.offsets[-1])
 
-    def masks(self, conditions: list[Condition]) -> list[np.ndarray]:
-        """One boolean array per shard: the rows that meet every metadata condition."""
-        return [filter_mask(t, conditions, self._extra_cache[i]) for i, t in enumerate(self.tables)]
+    def masks(self, conditions: list[Condition], views: dict | None = None) -> list[np.ndarray]:
+        """One boolean array per shard: the rows that meet every metadata condition (``views``: see
+        ``filters.filter_mask``)."""
+        return [filter_mask(t, conditions, self._extra_cache[i], views) for i, t in enumerate(self.tables)]
+
+    def forget_views(self) -> None:
+        """Drop the cached ``views`` columns (the view functions changed)."""
+        for cache in self._extra_cache:
+            for key in [k for k in cache if isinstance(k, tuple) and k[:1] == ("view",)]:
+                del cache[key]
 
     @property
     def filter_fields(self) -> frozenset[str]:

@@ -248,9 +248,21 @@ def test_hide_paths_and_no_server_paths_in_errors(tmp_path, photo_index):
     assert [r["path"] for r in one] == ["b/grey.jpg"]
     probe = {"path": {"prefix": str(tmp_path)}}
     assert client.post("/api/search", json={**q, "filter": probe}).get_json()["results"] == []
-    for op in ("contains", "gte"):
+    # every operator works on the paths as shown (the page's "path contains"), none on the stored ones:
+    # the server's folder name is in every stored path and in no shown one
+    for op in ("contains", "gte", "lte", "eq"):
         resp = client.post("/api/search", json={**q, "filter": {"path": {op: tmp_path.name}}})
-        _assert_error(resp, 400, "invalid_query")
+        assert resp.status_code == 200, resp.get_json()
+        if op != "lte":
+            assert resp.get_json()["results"] == []
+    for op, value, want in (("contains", "A/", ["a/blue.jpg", "a/red.png"]), ("contains", "grey", ["b/grey.jpg"]),
+                            ("gte", "b/", ["b/green.png", "b/grey.jpg"])):
+        got = client.post("/api/search", json={**q, "filter": {"path": {op: value}}}).get_json()["results"]
+        assert sorted(r["path"] for r in got) == want, (op, value)
+    # the same engine without --hide-paths filters the stored paths again
+    plain = create_app(engine=engine).test_client()
+    got = plain.post("/api/search", json={**q, "filter": {"path": {"contains": tmp_path.name}}}).get_json()
+    assert len(got["results"]) == 4
     red_id, red_path = files["red"]
     red_path.unlink()
     message = _assert_error(client.get(f"/api/images/{red_id}"), 404, "not_found")
