@@ -228,8 +228,11 @@ def _add_regions(index_dir, manifest, records, existing, all_ids, name, device, 
     todo = [i for i in all_ids if i not in done]
     # maps for the new pictures, and for older ones without a stored map (a region index from before maps)
     unmapped = [i for i in dict.fromkeys(old.ids) if old.views is None or i not in old.views]
+    # nothing to map and every kept picture mapped: the maps' files stay as they are (not rewritten)
+    kept = ((manifest.extra.get(EXTRA_KEY) or {}).get(name) or {}).get("views") \
+        if old.views is not None and not todo and not unmapped else None
     views = _map_pictures(index_dir, records, enc, name, todo + unmapped, old.views, batch_size) \
-        if INDEX_PROPOSALS.residual else None
+        if INDEX_PROPOSALS.residual and kept is None else None
     vecs, ids, boxes = [old.vectors], list(old.ids), [old.boxes]
     try:
         for start in range(0, len(todo), batch_size):
@@ -255,7 +258,7 @@ def _add_regions(index_dir, manifest, records, existing, all_ids, name, device, 
                 progress(min(start + batch_size, len(todo)), len(todo))
         added_images = max(added_images, len(todo))
         rs = RegionSet(name, np.concatenate(vecs), ids, np.concatenate(boxes))
-        _write(index_dir, manifest, rs, len(set(ids)), views.commit(manifest) if views is not None else None)
+        _write(index_dir, manifest, rs, len(set(ids)), views.commit(manifest) if views is not None else kept)
     except BaseException:
         if views is not None:
             views.abort()

@@ -93,6 +93,11 @@ def test_a_region_index_from_before_maps_gets_them_on_the_next_run(region_index,
     assert set(again.rows) == set(before.rows)
     for image_id in before.rows:
         assert np.array_equal(again.get(image_id).tokens, before.get(image_id).tokens)
+    # a run with nothing new keeps the maps' files as they are (no rewrite of a large file)
+    stamps = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in view_paths(out, "effnet-lite0")]
+    build_region_index(out, device="cpu")
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in view_paths(out, "effnet-lite0")] == stamps
+    assert set(open_region_sets(out, store.read_manifest(out))["effnet-lite0"].views.rows) == set(before.rows)
 
 
 def test_damaged_maps_are_an_index_format_error(region_index, tmp_path):
