@@ -275,6 +275,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--skip-rerank", action="store_true", help="leave out the re-ranking baseline (slow on CPU)")
     ap.add_argument("--out", default=None, help="keep the index and the rows here (default: a temporary folder)")
+    ap.add_argument("--reuse-index", action="store_true",
+                    help="with --out: query the index already in OUT/idx (same --stamps/--queries/--seed) instead of "
+                         "building it again; for tuning query-side settings (no index time or size reported)")
     args = ap.parse_args()
     args.sizes = [float(s) for s in args.sizes.split(",")]
     args.splits = [s for s in SPLITS if s in args.splits.split(",")]
@@ -299,12 +302,16 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     splits = build_pictures(args, folder, args.seed)
     n_images = len(list(folder.iterdir()))
-    print(f"indexing {n_images} pictures in {tmp} ...", file=sys.stderr)
-    t0 = time.perf_counter()
-    summary = build_index(IndexConfig(sources=[str(folder)], out=tmp / "idx", encoders=["effnet-lite0"],
-                                      local_features=True, local_layer="fine", regions=True, device="cpu",
-                                      workers=0, batch_size=16))
-    index_seconds = time.perf_counter() - t0
+    summary, index_seconds = None, 0.0
+    if args.reuse_index and args.out and (tmp / "idx" / "manifest.json").is_file():
+        print(f"querying the index already in {tmp / 'idx'}", file=sys.stderr)
+    else:
+        print(f"indexing {n_images} pictures in {tmp} ...", file=sys.stderr)
+        t0 = time.perf_counter()
+        summary = build_index(IndexConfig(sources=[str(folder)], out=tmp / "idx", encoders=["effnet-lite0"],
+                                          local_features=True, local_layer="fine", regions=True, device="cpu",
+                                          workers=0, batch_size=16))
+        index_seconds = time.perf_counter() - t0
     engine = Engine(tmp / "idx", device="cpu")
     by_name = {}
     for table in engine.records.tables:
@@ -403,12 +410,13 @@ def report(args, rows1, rows2, plain_ms, regions_ms, summary, index_seconds, eng
     lines += [f"latency ({len(plain_ms)} direction-1 queries): plain query median {med_plain:.1f} ms, regions median "
               f"{med_reg:.1f} ms, ratio {med_reg / med_plain:.2f}x (load average at the end "
               f"{', '.join(f'{x:.2f}' for x in os.getloadavg())})"]
-    rs = summary.regions
+    rs = summary.regions if summary is not None else None
     shard_bytes = engine.index_bytes()
-    lines += [f"index: {index_seconds:.1f} s in all, of which the region index {rs['seconds']:.1f} s "
-              f"({rs['regions']} regions of {rs['images']} pictures); embedding stage {summary.stages.embed:.1f} s",
-              f"size: vector shards + metadata {shard_bytes / 1e6:.2f} MB, region index {rs['bytes'] / 1e6:.2f} MB "
-              f"({rs['bytes'] / max(shard_bytes, 1):.2f}x)"]
+    if rs is not None:
+        lines += [f"index: {index_seconds:.1f} s in all, of which the region index {rs['seconds']:.1f} s "
+                  f"({rs['regions']} regions of {rs['images']} pictures); embedding stage {summary.stages.embed:.1f} s",
+                  f"size: vector shards + metadata {shard_bytes / 1e6:.2f} MB, region index {rs['bytes'] / 1e6:.2f} MB "
+                  f"({rs['bytes'] / max(shard_bytes, 1):.2f}x)"]
     if "held-out" not in rows1:
         print("\n".join(lines))
         return

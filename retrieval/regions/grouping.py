@@ -11,14 +11,16 @@ segments themselves included) is a candidate object: its box and its pixel mask.
 
 Diversity (the paper's strategies): several segmentation scales and two colour spaces (RGB and HSV).
 
-``selective_search(rgb)`` takes a uint8 ``[h, w, 3]`` array and returns ``[(box, mask)]``: boxes
-(x0, y0, x1, y1) in pixels of the array (end exclusive) and boolean masks of the region's pixels; pure
-array code (the segmentation comes from scikit-image).
+``selective_search(rgb)`` takes a uint8 ``[h, w, 3]`` array and returns the ``Regions``: boxes (x0, y0,
+x1, y1) in pixels of the array (end exclusive), each region's initial segments, and sums of a map over each
+region's pixels for all regions at once (iterating gives ``(box, mask)`` pairs); pure array code (the
+segmentation comes from scikit-image).
 """
 
 from __future__ import annotations
 
 import heapq
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -108,21 +110,87 @@ def hierarchical_grouping(labels: np.ndarray, channels: np.ndarray
     return out
 
 
-def selective_search(rgb: np.ndarray, scales: Sequence[float] = SCALES
-                     ) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
-    """Candidate object regions of ``rgb`` (uint8 [h, w, 3]): ``[(box, mask)]`` from every segmentation
-    scale and colour space, duplicates (same box) dropped."""
+class Regions:
+    """Selective search's regions of one picture, without a mask per region: region ``i`` is the union of
+    the initial segments ``members[i]`` of the segmentation ``labels[which[i]]``. Sums over a region's pixels
+    come from per-segment sums (``pixel_sums``: one ``bincount`` and one matrix product for all regions)."""
+
+    def __init__(self, labels: list[np.ndarray], which: np.ndarray, members: list[np.ndarray], boxes: np.ndarray):
+        self.labels = labels                                   # per segmentation: int [h, w]
+        self.which = np.asarray(which, np.int64)               # [R]: the segmentation of each region
+        self.members = members                                 # [R] bool vectors over that segmentation's segments
+        self.boxes = np.asarray(boxes, np.int64).reshape(-1, 4)   # [R, 4] (x0, y0, x1, y1), end exclusive
+
+    def __len__(self) -> int:
+        return len(self.which)
+
+    def box(self, i: int) -> tuple[int, int, int, int]:
+        return tuple(int(v) for v in self.boxes[i])
+
+    def mask(self, i: int) -> np.ndarray:
+        return self.members[i][self.labels[self.which[i]]]
+
+    def __iter__(self):
+        """``(box, mask)`` per region (masks made one by one; ``pixel_sums`` needs none)."""
+        return ((self.box(i), self.mask(i)) for i in range(len(self)))
+
+    def pixel_sums(self, values: np.ndarray | None = None) -> np.ndarray:
+        """float64 ``[R]``: per region, the sum of ``values`` (a ``[h, w]`` map) over its pixels (None: its
+        pixel count)."""
+        out = np.zeros(len(self), np.float64)
+        for s, labels in enumerate(self.labels):
+            rows = np.flatnonzero(self.which == s)
+            if not len(rows):
+                continue
+            n = int(labels.max()) + 1
+            per_segment = np.bincount(labels.ravel(), weights=None if values is None else
+                                      np.asarray(values, np.float64).ravel(), minlength=n)
+            out[rows] = np.stack([self.members[i] for i in rows]).astype(np.float64) @ per_segment
+        return out
+
+    def subset(self, keep) -> "Regions":
+        keep = np.asarray(keep, np.int64).reshape(-1)
+        return Regions(self.labels, self.which[keep], [self.members[i] for i in keep], self.boxes[keep])
+
+
+def selective_search(rgb: np.ndarray, scales: Sequence[float] = SCALES, *, workers: int = 1) -> Regions:
+    """Candidate object regions of ``rgb`` (uint8 [h, w, 3]) from every segmentation scale and colour
+    space, duplicates (same box) dropped; iterating gives ``(box, mask)`` pairs. ``workers`` > 1: the
+    segmentations run in threads (scikit-image's Felzenszwalb releases the GIL); same result."""
     from skimage.color import rgb2hsv
 
     hsv = (rgb2hsv(rgb) * 255).astype(np.uint8)
+    jobs = [(scale, channels) for scale in scales for channels in (rgb, hsv)]
+
+    def run(job):
+        labels = segment(job[1], job[0])
+        return labels, hierarchical_grouping(labels, job[1])
+
+    done = list(_pool().map(run, jobs)) if workers > 1 and len(jobs) > 1 else [run(job) for job in jobs]
     seen: set[tuple[int, int, int, int]] = set()
-    out = []
-    for scale in scales:
-        for channels in (rgb, hsv):
-            labels = segment(channels, scale)
-            for box, segs in hierarchical_grouping(labels, channels):
-                if box in seen:
-                    continue
-                seen.add(box)
-                out.append((box, segs[labels]))
-    return out
+    labels_all, which, members, boxes = [], [], [], []
+    for labels, regions in done:
+        labels_all.append(labels)
+        for box, segs in regions:
+            if box in seen:
+                continue
+            seen.add(box)
+            which.append(len(labels_all) - 1)
+            members.append(segs)
+            boxes.append(box)
+    return Regions(labels_all, np.asarray(which, np.int64), members, np.asarray(boxes, np.int64))
+
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool():
+    """The threads segmentations run in (shared by all queries; created on first use)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="loupe-segment")
+        return _POOL

@@ -153,39 +153,53 @@ def box_contrast(integral: np.ndarray, box: Sequence[float]) -> float:
     return float(inside / n_in - outside)
 
 
-def segment_masks(work: Image.Image, shape: tuple[int, int], config: ProposalConfig = DEFAULT_PROPOSALS
-                  ) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
-    """Selective-search regions (``grouping.selective_search``) of ``work`` resized to ``shape = (h, w)``
-    whose box covers ``min_area`` to ``segment_max_area`` of it: ``[(box in map cells, mask)]``."""
+def segment_masks(work: Image.Image, shape: tuple[int, int], config: ProposalConfig = DEFAULT_PROPOSALS):
+    """Selective-search regions (``grouping.selective_search``, a ``grouping.Regions``) of ``work`` resized to
+    ``shape = (h, w)`` whose box covers ``min_area`` to ``segment_max_area`` of it and that are not the whole
+    picture; boxes in map cells."""
     from retrieval.regions.grouping import selective_search
 
     h, w = shape
     rgb = np.asarray(work.convert("RGB").resize((w, h), Image.BILINEAR))
-    out = []
-    for box, mask in selective_search(rgb, config.segment_scales):
-        area = (box[2] - box[0]) * (box[3] - box[1]) / float(h * w)
-        if config.min_area <= area <= config.segment_max_area and int(mask.sum()) < h * w:
-            out.append((box, mask))
-    return out
+    found = selective_search(rgb, config.segment_scales, workers=_cpu_threads())
+    if not len(found):
+        return found
+    area = (found.boxes[:, 2] - found.boxes[:, 0]) * (found.boxes[:, 3] - found.boxes[:, 1]) / float(h * w)
+    keep = (area >= config.min_area) & (area <= config.segment_max_area) & (found.pixel_sums() < h * w)
+    return found.subset(np.flatnonzero(keep))
 
 
-def rank_segments(segments: Sequence[tuple[tuple[int, int, int, int], np.ndarray]], score_map: np.ndarray,
-                  margin: float, area_power: float = 0.5) -> list[tuple[tuple[float, float, float, float], float]]:
-    """``segments`` ranked by ``score_map`` → ``[(box grown by margin, score)]``, best first. Score: the mean
-    of the map over the region's own pixels minus over the rest of the picture, times the square root of
-    its box's area fraction (an object's segments stand out, a background segment does not; a larger
-    box that stands out beats a fragment)."""
+def _cpu_threads() -> int:
+    """Loupe's CPU threads (torch's intra-op threads, ``LOUPE_THREADS``): parallel segmentation when > 1."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def rank_segments(segments, score_map: np.ndarray, margin: float, area_power: float = 0.5
+                  ) -> list[tuple[tuple[float, float, float, float], float]]:
+    """``segments`` (a ``grouping.Regions``, or ``[(box, mask)]``) ranked by ``score_map`` → ``[(box grown by
+    margin, score)]``, best first. Score: the mean of the map over the region's own pixels minus over the
+    rest of the picture, times the square root of its box's area fraction (an object's segments stand out,
+    a background segment does not; a larger box that stands out beats a fragment)."""
+    from retrieval.regions.grouping import Regions
+
     h, w = score_map.shape
     total = float(score_map.sum())
+    if isinstance(segments, Regions):
+        boxes = [segments.box(i) for i in range(len(segments))]
+        counts, inside = segments.pixel_sums(), segments.pixel_sums(score_map)
+    else:
+        boxes = [box for box, _ in segments]
+        counts = [float(mask.sum()) for _, mask in segments]
+        inside = [float(score_map[mask].sum()) for _, mask in segments]
     out = []
-    for box, mask in segments:
+    for box, n_in, s_in in zip(boxes, counts, inside):
         area = (box[2] - box[0]) * (box[3] - box[1]) / float(h * w)
-        n_in = int(mask.sum())
-        inside = float(score_map[mask].sum())
-        score = (inside / n_in - (total - inside) / (h * w - n_in)) * float(area ** area_power)
+        score = (s_in / n_in - (total - s_in) / (h * w - n_in)) * float(area ** area_power)
         mx, my = margin * (box[2] - box[0]), margin * (box[3] - box[1])
         out.append(((max(0.0, box[0] - mx), max(0.0, box[1] - my), min(float(w), box[2] + mx),
-                     min(float(h), box[3] + my)), score))
+                     min(float(h), box[3] + my)), float(score)))
     return sorted(out, key=lambda b: -b[1])
 
 
@@ -202,7 +216,7 @@ def residual_candidates(residual: np.ndarray, segments, config: ProposalConfig =
     (the map above ``1 - explained_sim``; boxes grown by ``margin``, ranked by their summed residual; their
     boxes fit the object worse: median IoU 0.36 against 0.68 for the segments on the tuning split)."""
     rc = config.residual or ResidualConfig()
-    if segments:
+    if len(segments):
         return rank_segments(segments, residual, config.segment_margin, rc.area_power)
     labels, _ = ndimage.label(residual > 1.0 - rc.explained_sim)
     out = [(box, float(residual[labels == i].sum())) for i, box, _ in _component_boxes(labels, config)]
@@ -273,13 +287,15 @@ def propose_regions(image: Image.Image, encoder=None, config: ProposalConfig = D
     if encoder is not None and (config.w_feature > 0 or explain_by):
         views = _views(encoder, work, explain_by, view)
     sal = saliency_map(work, views[0] if views else None, config.w_feature, config.w_colour)
-    masks = segment_masks(work, sal.shape, config) if config.segments > 0 or explain_by else []
-    segments = rank_segments(masks, sal, config.segment_margin) if config.segments > 0 else []
+    masks = segment_masks(work, sal.shape, config) if config.segments > 0 else None
+    segments = rank_segments(masks, sal, config.segment_margin) if masks is not None else []
     found: Explanation | None = explain(views[0], views[1:], rc) if views and len(views) > 1 else None
     if explanation is not None:
         explanation.append(found)
     residual = []
     if found is not None and found.fraction >= rc.min_explained and found.unexplained(rc) >= rc.min_cells:
+        if masks is None:                  # segmented only when a residual needs them (``INDEX_PROPOSALS``)
+            masks = segment_masks(work, sal.shape, config)
         residual = residual_candidates(views[0].sample(found.residual_cells(), sal.shape), masks, config)
     return regions_from_saliency(sal, image.size, config, segments, residual)
 

@@ -35,6 +35,29 @@ def test_each_object_is_a_region_of_the_hierarchy_and_the_last_is_the_picture():
         assert box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
 
 
+def test_region_sums_and_ranking_equal_the_per_mask_reference():
+    from retrieval.regions.proposals import rank_segments
+
+    rgb = _two_objects()
+    found = selective_search(rgb)
+    values = np.random.default_rng(1).random(rgb.shape[:2]).astype(np.float32)
+    pairs = list(found)                                     # (box, mask) per region, as iteration gives them
+    assert len(pairs) == len(found) > 10
+    assert np.allclose(found.pixel_sums(), [m.sum() for _, m in pairs])
+    assert np.allclose(found.pixel_sums(values), [values[m].sum() for _, m in pairs], rtol=1e-5)
+    for i in (0, len(found) // 2, len(found) - 1):
+        ys, xs = np.nonzero(found.mask(i))
+        assert found.box(i) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    fast, slow = rank_segments(found, values, 0.05), rank_segments(pairs, values, 0.05)
+    assert [b for b, _ in fast] == [b for b, _ in slow]
+    assert np.allclose([s for _, s in fast], [s for _, s in slow], atol=1e-6)
+    threaded = selective_search(rgb, workers=2)              # segmentations in threads: the same regions
+    assert np.array_equal(threaded.boxes, found.boxes) and np.array_equal(threaded.which, found.which)
+    assert all(np.array_equal(a, b) for a, b in zip(threaded.members, found.members))
+    part = found.subset([3, 1])
+    assert [part.box(0), part.box(1)] == [found.box(3), found.box(1)]
+
+
 def test_segments_are_proposed_first_and_fit_the_object():
     rgb = _two_objects()
     big = Image.fromarray(rgb).resize((512, 384), Image.NEAREST)
