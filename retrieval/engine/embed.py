@@ -125,10 +125,9 @@ class Embedder:
                 "or clip-vit-b-32 to search by text")
         return self.manifest.entry(self.manifest.text_encoder)
 
-    def embed(self, req: SearchRequest, *, keep_local: bool = False, canvas: bool = False) -> QueryContext:
+    def embed(self, req: SearchRequest, *, keep_local: bool = False) -> QueryContext:
         """Embed a query into one unit vector; ``keep_local``: keep the query image's local features from
-        the same forward pass (re-ranking); ``canvas``: embed an uploaded picture padded to the encoder's
-        square and keep that pass's feature map (``ctx.canvas``; a ``regions`` query)."""
+        the same forward pass (re-ranking)."""
         entry = self.route(req)
         ctx = QueryContext(vector=np.zeros(entry.dim, np.float32), encoder=entry.name, image_id=req.image_id,
                            instruction=req.instruction)
@@ -140,7 +139,7 @@ class Embedder:
             ctx.text = req.text if isinstance(req.text, str) else " ".join(req.text)
             ctx.vector = combine(self.embed_texts(entry.name, [t for _, t in ctx.terms]), [w for w, _ in ctx.terms])
             return ctx
-        img_vec = self._image_vector(req, entry, ctx, keep_local, canvas)
+        img_vec = self._image_vector(req, entry, ctx, keep_local)
         unit = (img_vec / max(float(np.linalg.norm(img_vec)), 1e-12)).astype(np.float32)
         if req.instruction is None:
             ctx.vector = unit
@@ -149,7 +148,7 @@ class Embedder:
         return ctx
 
     def _image_vector(self, req: SearchRequest, entry: store.EncoderEntry, ctx: QueryContext,
-                      keep_local: bool, canvas: bool = False) -> np.ndarray:
+                      keep_local: bool) -> np.ndarray:
         """The query image's vector: uploaded bytes / PIL embedded now, an indexed image's stored vector."""
         if req.image is None:
             ctx._image_loader = lambda iid=req.image_id: self._load_image(iid)
@@ -161,14 +160,6 @@ class Embedder:
         if isinstance(req.image, (bytes, bytearray)):
             ctx.upload_id = store.content_id(store.sha256_bytes(bytes(req.image)))
         enc = self.encoder(entry.name)
-        if canvas:      # one pass: the whole picture (padded: every pixel) and its feature map
-            from retrieval.regions.proposals import work_picture
-            from retrieval.regions.saliency import canvas_pass
-
-            out = canvas_pass(enc, [work_picture(pil)])
-            if out is not None:
-                ctx.canvas = out[1][0]
-                return out[0][0]
         if keep_local and (entry.local_features or {}).get("layer") == "fine" and "fine" in enc.local_layers:
             # one forward pass: the global vector, the final map (regions) and the fine map (matching)
             vecs, tokens, grid, ftok, fgrid = enc.encode_images_and_fine([pil])

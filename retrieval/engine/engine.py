@@ -231,15 +231,9 @@ class Engine:
             response = self.search(cropped)
             response.box = box
             return response
-        return self.search_request(req)
-
-    def search_request(self, req: SearchRequest, *, canvas: bool = False) -> SearchResponse:
-        """``search`` of a checked request without ``box`` / ``regions``. ``canvas`` (a ``regions`` query's
-        whole-picture search): an uploaded picture is embedded padded to the encoder's square, and that pass's
-        feature map is kept as ``response.query.canvas`` (``retrieval.regions.saliency.canvas_pass``)."""
         t0 = time.perf_counter()
         masks = self._masks(req.filter)
-        ctx = self.embedder.embed(req, keep_local=req.rerank, canvas=canvas and not req.rerank)
+        ctx = self.embedder.embed(req, keep_local=req.rerank)
         t1 = time.perf_counter()
         threshold = req.dedup_threshold
         want = req.offset + req.k          # a page: ranks offset..offset+k of the same ranking

@@ -27,7 +27,6 @@ class QueryContext:
     local: tuple[np.ndarray, tuple[int, int]] | None = None   # (raw tokens [p, C], grid) from the same pass
     local_fine: tuple[np.ndarray, tuple[int, int]] | None = None   # the fine layer's (tokens, grid), same pass
     image_vector: np.ndarray | None = None   # the unit image vector before an instruction was composed in
-    canvas: Any = None                 # regions: the query's padded feature map (saliency.CanvasTokens), same pass
     _image_loader: Callable[[], Image.Image] | None = field(default=None, repr=False, compare=False)
 
     def get_image(self) -> Image.Image | None:

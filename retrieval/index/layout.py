@@ -32,16 +32,16 @@ class LayoutEntry:
     """One encoder's searchable layout, as recorded in the manifest."""
 
     file: str                                  # search-NNNNN.faiss under DIR/<encoder>/
-    index_type: str                            # flat | hnsw | ivfpq
+    index_type: str                            # flat | hnsw | hnsw-pca | ivfpq
     factory: str
     shards: list[list[Any]]                    # [[shard name, count], ...] in row order
     count: int
     tuned: dict[str, Any] | None = None        # tuning.Tuned.to_json()
     built: str = field(default_factory=store.now_iso)
     build_seconds: float = 0.0
-    rescore: bool = False                      # ivfpq: candidates re-scored from the write shards' vectors
+    rescore: bool = False                      # ivfpq, hnsw-pca: candidates re-scored from the write shards' vectors
     data_file: str | None = None               # ivfpq: its inverted lists, search-NNNNN.ivfdata (mapped)
-    held_out: list[int] | None = None          # hnsw: rows (of ``shards`` in order) inserted last: ``layout_order``
+    held_out: list[int] | None = None          # hnsw(-pca): rows (of ``shards`` in order) inserted last: ``layout_order``
 
     @property
     def params(self) -> dict[str, int]:
@@ -233,7 +233,7 @@ def open_layout(index_dir, manifest: store.Manifest, encoder: str, offsets: Sequ
     index = read_layout(index_dir, encoder, entry, mmap=mmap)
     try:
         vector_files.check_vectors(index, manifest.encoders[encoder], len(to_global), path,
-                            norms=entry.index_type != "ivfpq")
+                            norms=entry.index_type in ("flat", "hnsw"))
     except IndexFormatError as exc:
         raise IndexFormatError(f"{exc}; or run `loupe optimize {index_dir}` again to rebuild the layout") from None
     return LayoutSearcher(index, entry, to_global, covered, exact_vectors,

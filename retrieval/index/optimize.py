@@ -7,6 +7,13 @@ builds, per encoder, **one** index over every shard's vectors:
 
 * ``flat`` (exact) for small collections (``FLAT_LAYOUT_MAX``);
 * ``hnsw`` (``HNSW32,Flat``) up to ``HNSW_LAYOUT_MAX`` vectors, when its bytes fit the memory budget;
+* ``hnsw-pca`` (``PCA128,HNSW32,Flat``, L2 on the projection) instead of ``hnsw`` from ``PCA_LAYOUT_MIN`` vectors
+  of at least ``2 * PCA_DIM`` dimensions: the graph is built and walked on a PCA projection to ``PCA_DIM``
+  dimensions (trained on a sample; distances 4x cheaper at 512-d, and a better graph for the same build time:
+  efConstruction ``PCA_EF_CONSTRUCTION``), and the top ``k * k_factor`` candidates are re-scored exactly from
+  the write shards' stored vectors, as ``ivfpq``'s are. Unit vectors: the L2 order is the inner-product order,
+  and L2 distances survive the projection's centring where inner products do not. 1M x 512-d (RESULTS.md):
+  ``hnsw`` needs efSearch 768 for recall@10 0.97 at 9 ms a query on one thread;
 * ``ivfpq`` (``IVF{nlist},PQ{m}x8``) beyond, with the top ``k * k_factor`` candidates re-scored exactly
   from the stored vectors of the write shards (memory-mapped; "refine" in faiss' terms). One coarse
   quantizer is trained, each write shard's vectors are encoded with it, and the shards' inverted lists are
@@ -71,9 +78,13 @@ __all__ = ["LAYOUT_KEY", "LAYOUT_TYPES", "choose_layout", "build_index", "optimi
 FLAT_LAYOUT_MAX = 50_000           # one exact index below this (a 50k x 512 scan: ~2 ms on one core)
 HNSW_LAYOUT_MAX = 5_000_000
 HNSW_EF_CONSTRUCTION = 80
+PCA_DIM = 128                      # hnsw-pca: the graph's dimensions
+PCA_LAYOUT_MIN = 500_000           # auto: hnsw-pca instead of hnsw from this many vectors (of >= 2 * PCA_DIM dims)
+PCA_EF_CONSTRUCTION = 200
 AUTO_OPTIMIZE_MIN = 20_000         # `loupe index` optimizes by itself from this many images ...
 AUTO_OPTIMIZE_DELTA = 2            # ... when at least this many shards are outside the layout
-LAYOUT_TYPES = ("auto", "flat", "hnsw", "ivfpq")
+LAYOUT_TYPES = ("auto", "flat", "hnsw", "hnsw-pca", "ivfpq")
+RESCORED = ("ivfpq", "hnsw-pca")   # layouts whose candidates are re-scored from the write shards' vectors
 TRAIN_SAMPLE = 100_000
 
 
@@ -89,22 +100,27 @@ def choose_layout(n: int, dim: int, *, requested: str = "auto", max_memory: int 
         if n <= FLAT_LAYOUT_MAX:
             requested = "flat"
         elif n <= HNSW_LAYOUT_MAX and estimate_bytes("hnsw", n, dim) <= budget:
-            requested = "hnsw"
+            requested = "hnsw-pca" if n >= PCA_LAYOUT_MIN and dim >= 2 * PCA_DIM else "hnsw"
         else:
             requested = "ivfpq"
     if requested == "flat":
         return "flat", "Flat"
     if requested == "hnsw":
         return "hnsw", "HNSW32,Flat"
+    if requested == "hnsw-pca":
+        if dim < 2 * PCA_DIM:
+            raise LoupeError(f"layout hnsw-pca projects vectors to {PCA_DIM} dimensions; these have {dim}: "
+                             "use --layout hnsw")
+        return "hnsw-pca", f"PCA{PCA_DIM},HNSW32,Flat"
     return "ivfpq", f"IVF{ivf_nlist(n)},PQ{pq_subquantizers(dim, n, budget)}x8"
 
 
 def train_index(factory: str, dim: int, chunks: Callable[[], Any], n: int, *, use_gpu: bool = False):
     """An empty faiss index of ``factory``, trained (IVF) on a sample of ``TRAIN_SAMPLE`` of the ``n``
     vectors of ``chunks()`` (an iterable of [m, dim] blocks); returns (index, the factory fitted to the sample)."""
-    from indexer.index_types import fit_factory, new_index, train
+    from indexer.index_types import fit_factory, train
 
-    if factory.startswith("IVF"):
+    if factory.startswith(("IVF", "PCA")):
         rows = set(sample_rows(n, TRAIN_SAMPLE, seed=1).tolist())
         sample, offset = [], 0
         for chunk in chunks():
@@ -114,14 +130,34 @@ def train_index(factory: str, dim: int, chunks: Callable[[], Any], n: int, *, us
             offset += len(chunk)
         sample = np.concatenate(sample).astype(np.float32)
         factory = fit_factory(factory, len(sample))
-        index = new_index(factory, dim)
+        index = _new_index(factory, dim)
         train(index, sample, use_gpu=use_gpu)
     else:
-        index = new_index(factory, dim)
-        hnsw = getattr(index, "hnsw", None)
-        if hnsw is not None:
-            hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index = _new_index(factory, dim)
+    hnsw = hnsw_of(index)
+    if hnsw is not None:
+        hnsw.efConstruction = PCA_EF_CONSTRUCTION if factory.startswith("PCA") else HNSW_EF_CONSTRUCTION
     return index, factory
+
+
+def _new_index(factory: str, dim: int):
+    """An empty index of ``factory``: inner product, except a PCA projection's graph (L2: see module docstring)."""
+    import faiss
+
+    from indexer.index_types import new_index
+
+    if factory.startswith("PCA"):
+        return faiss.index_factory(dim, factory, faiss.METRIC_L2)
+    return new_index(factory, dim)
+
+
+def hnsw_of(index):
+    """The HNSW graph of ``index`` (inside a PCA pre-transform too), or None."""
+    import faiss
+
+    if isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return getattr(index, "hnsw", None)
 
 
 def build_index(factory: str, dim: int, chunks: Callable[[], Any], n: int, *, use_gpu: bool = False,
@@ -153,7 +189,8 @@ def _tune_layout(index, entry: LayoutEntry, shards, name: str, chunks: Callable[
     n = entry.count
     held = np.asarray(entry.held_out or [], dtype=np.int64)
     if len(held):                          # HNSW: every row but the held-out ones is in the graph
-        searcher = LayoutSearcher(index, entry, layout_order(n, held)[:n - len(held)], set())
+        searcher = LayoutSearcher(index, entry, layout_order(n, held)[:n - len(held)], set(),
+                                  exact_vectors=exact_vectors if entry.rescore else None)
         sample = shards.vectors_at(name, held)
         _, truth = exact_neighbours(chunks(), sample, 10, exclude=held)
         own, method = None, "held_out"
@@ -255,14 +292,17 @@ def optimize(index_dir, *, encoders: Sequence[str] | None = None, target_recall:
                         yield vecs
 
                 kind, factory = choose_layout(n, entry.dim, requested=layout, max_memory=max_memory)
+                exact = all(k in ("flat", "hnsw") for k in shards._kinds[name])
+                if kind == "hnsw-pca" and not exact:   # nothing exact to re-score from: the full-dimension graph
+                    log.warning("%s: write shards hold compressed vectors; layout hnsw instead of hnsw-pca", name)
+                    kind, factory = "hnsw", "HNSW32,Flat"
                 folder = index_dir / name
                 before = previous.get(name)
                 remove_orphans(folder, {f.name for f in layout_files(index_dir, name, before)} if before else set())
                 file = _next_file(folder, before)
                 report = None if progress is None else (lambda done, name=name, n=n: progress(name, done, n))
-                exact = all(k in ("flat", "hnsw") for k in shards._kinds[name])
-                rescore = kind == "ivfpq" and exact
-                held = held_out_rows(n, queries, seed=7) if kind == "hnsw" else np.zeros(0, np.int64)
+                rescore = kind in RESCORED and exact
+                held = held_out_rows(n, queries, seed=7) if kind in ("hnsw", "hnsw-pca") else np.zeros(0, np.int64)
                 if kind == "ivfpq":                # one trained quantizer, the shards' lists merged on disk
                     trained, factory = train_index(factory, entry.dim, chunks, n, use_gpu=use_gpu)
                     index, records = build_ondisk(trained, chunks(), folder / file, progress=report)

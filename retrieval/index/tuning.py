@@ -170,6 +170,8 @@ def knob_of(index) -> tuple[str | None, tuple[int, ...]]:
     if ivf is not None:
         return "nprobe", tuple(p for p in NPROBE_GRID if p < ivf.nlist) + (int(ivf.nlist),)
     inner = faiss.downcast_index(index.base_index) if isinstance(index, faiss.IndexRefine) else index
+    if isinstance(inner, faiss.IndexPreTransform):      # a graph on a PCA projection (hnsw-pca)
+        inner = faiss.downcast_index(inner.index)
     if isinstance(inner, faiss.IndexHNSW):
         return "efSearch", EF_SEARCH_GRID
     return None, ()

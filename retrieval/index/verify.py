@@ -196,7 +196,7 @@ def _check_layouts(index_dir: Path, manifest: store.Manifest, report: VerifyRepo
         try:
             index = read_layout(index_dir, name, layout, mmap=False)
             vector_files.check_vectors(index, manifest.encoders[name], layout.count, path,
-                                norms=layout.index_type != "ivfpq")
+                                norms=layout.index_type in ("flat", "hnsw"))
             if layout.data_file:        # on-disk IVF: the merged lists hold every row once
                 check_ids(index, layout.count, path)
             del index

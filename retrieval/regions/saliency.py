@@ -2,10 +2,8 @@
 
 * ``canvas_tokens``: the picture padded to the square the encoder's centre crop keeps whole
   (``retrieval.rerank.regions.encoder_view``), so the feature grid covers every pixel; one batched pass for
-  several pictures (the query and the pictures that may explain it, ``residual.py``). ``canvas_pass`` also
-  returns each padded picture's global vector from the same pass (a ``regions`` query's whole-picture
-  vector). The finer map is used when the encoder has one (effnet-lite0: 14x14 stage-4 cells,
-  ``encode_images_and_fine``).
+  several pictures (the query and the pictures that may explain it, ``residual.py``). The finer map is
+  used when the encoder has one (effnet-lite0: 14x14 stage-4 cells, ``encode_images_and_fine``).
 * ``feature_saliency``: a cell is salient when its token differs from the picture's mean token (``1 - cos``):
   an object stands out from the surroundings it was pasted on or photographed against.
 * ``colour_saliency``: colour distinctness (Achanta et al., frequency-tuned saliency): the distance of the
@@ -75,13 +73,6 @@ class CanvasTokens:
 def canvas_tokens(encoder, images: Sequence[Image.Image]) -> list[CanvasTokens] | None:
     """The feature map of each picture padded (with its mean colour) to the square the encoder's centre
     crop keeps whole, in one batched pass; None when the encoder has no feature map."""
-    out = canvas_pass(encoder, images)
-    return None if out is None else out[1]
-
-
-def canvas_pass(encoder, images: Sequence[Image.Image]) -> tuple[np.ndarray, list[CanvasTokens]] | None:
-    """``canvas_tokens`` and, from the same forward pass, each padded picture's global vector (unit rows
-    ``[n, d]``: the whole picture, every pixel of it, as the encoder sees it); None without a feature map."""
     from retrieval.errors import UnsupportedModalityError
     from retrieval.rerank.regions import encoder_view
 
@@ -104,14 +95,14 @@ def canvas_pass(encoder, images: Sequence[Image.Image]) -> tuple[np.ndarray, lis
         frames.append(((w, h), float(side), (c0 - ox, c0 - oy)))
     try:
         if "fine" in getattr(encoder, "local_layers", ()) and hasattr(encoder, "encode_images_and_fine"):
-            vectors, _, _, tokens, grid = encoder.encode_images_and_fine(canvases)
+            _, _, _, tokens, grid = encoder.encode_images_and_fine(canvases)
         else:
-            vectors, tokens, grid = encoder.encode_images_and_local(canvases)
+            _, tokens, grid = encoder.encode_images_and_local(canvases)
     except UnsupportedModalityError:
         return None
     gh, gw = int(grid[0]), int(grid[1])
-    return np.asarray(vectors, np.float32), [CanvasTokens(np.asarray(t, np.float32).reshape(gh, gw, -1), size, side,
-                                                          origin) for t, (size, side, origin) in zip(tokens, frames)]
+    return [CanvasTokens(np.asarray(t, np.float32).reshape(gh, gw, -1), size, side, origin)
+            for t, (size, side, origin) in zip(tokens, frames)]
 
 
 def feature_saliency(view: CanvasTokens | None, out_shape: tuple[int, int]) -> np.ndarray:

@@ -2,9 +2,8 @@
 
 * ``box_request``: a request with ``box`` becomes the same request on the cropped picture, so the box is
   searched as its own query and local-feature re-ranking sees only the box.
-* ``search_regions`` (``regions=True``): the whole picture is searched (an upload embedded padded to the
-  encoder's square, ``saliency.canvas_pass``: the same forward pass gives the feature map its regions are
-  proposed from; an indexed picture's stored vector and stored map, ``views.py``); its regions
+* ``search_regions`` (``regions=True``): the whole picture is searched as usual (an indexed picture's feature
+  map is read from the region index, ``views.py``, not computed again); its regions
   (``retrieval.regions.proposals``; the residual region against the pictures of its top hits,
   ``explaining_pictures``) are cropped, embedded in one batch and searched each (same filter and parameters).
   The top-level list is the fused list (``retrieval.regions.fusion``, rule ``FUSE_RULE``).
@@ -84,14 +83,14 @@ def search_regions(engine, req, *, config: ProposalConfig | None = None):
     replaced by the fused list (module docstring); ``config``: the proposals' (default ``DEFAULT_PROPOSALS``)."""
     config = config or DEFAULT_PROPOSALS
     t0 = time.perf_counter()
-    base = engine.search_request(req.replace(regions=False), canvas=True)
+    base = engine.search(req.replace(regions=False))
     ctx = base.query
     image = ctx.get_image()
     if image is None:
         raise InvalidQueryError("regions needs an image query (image or image_id)")
     t1 = time.perf_counter()
     enc = engine.encoder(ctx.encoder)
-    view = ctx.canvas if ctx.canvas is not None else stored_view(engine, ctx.encoder, ctx.image_id)
+    view = stored_view(engine, ctx.encoder, ctx.image_id)     # an indexed picture's map: no encoder pass
     regions = propose_regions(image, enc, config,
                               explaining_pictures(engine, base.hits, ctx.image_id, config, ctx.encoder), view=view)
     t2 = time.perf_counter()

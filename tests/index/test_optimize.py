@@ -146,6 +146,52 @@ def test_ivfpq_layout_rescores_candidates_exactly(tmp_path):
         assert h.score == pytest.approx(float(vecs[row] @ q), abs=1e-5)
 
 
+def test_hnsw_pca_layout_walks_a_projected_graph_and_rescores_exactly(tmp_path):
+    import faiss
+
+    from retrieval.index.optimize import PCA_DIM, choose_layout
+
+    vecs = clustered(3000, 256, 4)
+    out = build_index(tmp_path / "idx", {"e": vecs}, shard_sizes=[1000] * 3)
+    summary = optimize(out, layout="hnsw-pca", target_recall=0.95, queries=200)
+    info = summary.encoders["e"]
+    assert info["layout"] == "hnsw-pca" and info["factory"] == f"PCA{PCA_DIM},HNSW32,Flat"
+    assert info["reached"] and info["recall@10"] >= 0.95 and info["measured_on"] == "200 held-out queries"
+    assert {"efSearch", "k_factor"} >= set(info["params"]) >= {"efSearch"}
+    entry = layouts_of(store.read_manifest(out))["e"]
+    assert entry.rescore and len(entry.held_out) == 200
+    engine = Engine(out, device="cpu")
+    searcher = engine.shards.layouts["e"]
+    assert isinstance(searcher.index, faiss.IndexPreTransform) and searcher.index.d == 256
+    assert faiss.downcast_index(searcher.index.index).d == PCA_DIM
+    assert sorted(searcher.to_global.tolist()) == list(range(3000))
+    # unseen queries: recall against brute force, scores exact inner products (not projected distances)
+    queries = clustered(100, 256, 98)
+    _, truth = exact_neighbours([vecs], queries, 10)
+    found = []
+    for q in queries:
+        hits = engine.search_vector("e", q, 10)
+        rows = [int(engine.records.offsets[h.shard]) + h.row for h in hits]
+        assert [h.score for h in hits] == pytest.approx([float(vecs[r] @ q) for r in rows], abs=1e-5)
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        found.append(rows)
+    assert recall_at_k(np.array(found), truth) >= 0.9
+    # a held-out picture's own vector finds itself; a filter is exact
+    for r in list(entry.held_out[:10]) + [0, 2999]:
+        assert engine.search_vector("e", vecs[r], 1)[0].id == fake_id(int(r))
+    keep = np.zeros(3000, bool)
+    keep[::7] = True
+    q = queries[0]
+    hits = engine.search_vector("e", q, 5, filter={"id": {"in": [fake_id(int(i)) for i in np.flatnonzero(keep)]}},
+                                params={"efSearch": 1024, "k_factor": 8})
+    assert [h.id for h in hits] == [fake_id(i) for i in brute(vecs, q, 5, keep)]
+    # auto picks it for large high-dimensional collections only; too few dimensions is a clear error
+    assert choose_layout(1_000_000, 512)[0] == "hnsw-pca" and choose_layout(1_000_000, 128)[0] == "hnsw"
+    assert choose_layout(200_000, 512)[0] == "hnsw"
+    with pytest.raises(Exception, match="hnsw-pca"):
+        choose_layout(10_000, 64, requested="hnsw-pca")
+
+
 def test_delta_shards_are_searched_beside_the_layout_and_pruned_rows_masked(six_shards):
     out, vecs = six_shards
     optimize(out, queries=50)

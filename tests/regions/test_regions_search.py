@@ -8,15 +8,7 @@ from PIL import Image
 from regions_data import PLANTED, png_bytes, poster
 
 from retrieval.regions.box import crop_to_box
-from retrieval.regions.proposals import (
-    ProposalConfig,
-    box_iou,
-    otsu_threshold,
-    propose_regions,
-    window_boxes,
-    work_picture,
-)
-from retrieval.regions.saliency import canvas_pass
+from retrieval.regions.proposals import ProposalConfig, box_iou, otsu_threshold, propose_regions, window_boxes
 from retrieval.regions.search import CROP_JITTER
 
 
@@ -67,15 +59,11 @@ def test_regions_search_returns_boxes_inside_and_each_region_searched(region_eng
         want = region_engine.search(vector=vec / np.linalg.norm(vec), k=4)
         assert [h.id for h in rr.hits] == want.ids
         assert np.allclose([h.score for h in rr.hits], [h.score for h in want.hits], atol=1e-4)
-    # the whole picture: embedded padded to the encoder's square, in the pass that gave its feature map
-    vectors, views = canvas_pass(effnet, [work_picture(picture)])
-    assert np.allclose(resp.query.vector, vectors[0], atol=1e-5)
-    assert np.allclose(resp.query.canvas.tokens, views[0].tokens, atol=1e-4)
     # the fused list: every hit comes from the global list or a region's, scored >= its whole-picture cosine
-    whole = region_engine.search(vector=resp.query.vector, k=4)
-    pool = set(whole.ids) | {h.id for rr in rs.regions for h in rr.hits}
+    plain = region_engine.search(image=png_bytes(picture), k=4)
+    pool = set(plain.ids) | {h.id for rr in rs.regions for h in rr.hits}
     assert len(resp.hits) == 4 and set(resp.ids) <= pool
-    g = region_engine.vectors("effnet-lite0", resp.hits) @ resp.query.vector
+    g = region_engine.vectors("effnet-lite0", resp.hits) @ plain.query.vector
     assert all(h.score >= s - 1e-5 for h, s in zip(resp.hits, g))
     assert resp.hits == sorted(resp.hits, key=lambda h: -h.score)
 

@@ -68,6 +68,25 @@ def test_a_regions_query_reads_no_hit_picture_when_their_maps_are_stored(region_
     assert read == [] and resp.regions.regions[0].region.kind == "residual"
 
 
+def test_an_indexed_pictures_regions_query_uses_its_stored_map(region_engine, monkeypatch):
+    import retrieval.regions.proposals as proposals
+
+    rs = region_engine.region_sets["effnet-lite0"]
+    image_id = rs.ids[0]
+    want = region_engine.search(image_id=image_id, regions=True, k=3)       # may encode (reference run)
+    encoded = []
+    real = proposals.canvas_tokens
+    monkeypatch.setattr(proposals, "canvas_tokens", lambda enc, images: encoded.append(len(images)) or real(enc, images))
+    got = region_engine.search(image_id=image_id, regions=True, k=3)
+    assert encoded == [] and _regions(got) == _regions(want) and got.ids == want.ids
+    saved, rs.views = rs.views, None              # without stored maps the query picture is encoded
+    try:
+        again = region_engine.search(image_id=image_id, regions=True, k=3)
+    finally:
+        rs.views = saved
+    assert encoded and encoded[0] >= 1 and again.ids == want.ids
+
+
 def _copy(region_index, tmp_path):
     out = tmp_path / "idx"
     shutil.copytree(region_index[0], out)
