@@ -41,7 +41,7 @@ class LayoutEntry:
     build_seconds: float = 0.0
     rescore: bool = False                      # ivfpq, hnsw-pca: candidates re-scored from the write shards' vectors
     data_file: str | None = None               # ivfpq: its inverted lists, search-NNNNN.ivfdata (mapped)
-    held_out: list[int] | None = None          # hnsw(-pca): rows (of ``shards`` in order) inserted last: ``layout_order``
+    held_out: list[int] | None = None          # hnsw(-pca): rows (of ``shards``) inserted last: ``layout_order``
 
     @property
     def params(self) -> dict[str, int]:

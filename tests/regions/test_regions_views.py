@@ -76,7 +76,8 @@ def test_an_indexed_pictures_regions_query_uses_its_stored_map(region_engine, mo
     want = region_engine.search(image_id=image_id, regions=True, k=3)       # may encode (reference run)
     encoded = []
     real = proposals.canvas_tokens
-    monkeypatch.setattr(proposals, "canvas_tokens", lambda enc, images: encoded.append(len(images)) or real(enc, images))
+    monkeypatch.setattr(proposals, "canvas_tokens",
+                        lambda enc, images: encoded.append(len(images)) or real(enc, images))
     got = region_engine.search(image_id=image_id, regions=True, k=3)
     assert encoded == [] and _regions(got) == _regions(want) and got.ids == want.ids
     saved, rs.views = rs.views, None              # without stored maps the query picture is encoded
