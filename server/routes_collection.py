@@ -20,9 +20,11 @@ largest file, then the oldest), as ``loupe dedup --to-remove`` decides. A failed
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
+import weakref
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
@@ -67,6 +69,7 @@ class CollectionDedup:
                 return
             self.error, self.done = None, 0
             self.thread = threading.Thread(target=self._run, name="loupe-collection-dedup", daemon=True)
+            _RUNNING.add(self)
             self.thread.start()
 
     def cancel(self) -> None:
@@ -97,6 +100,23 @@ class CollectionDedup:
         with self.lock:
             self.seconds = time.perf_counter() - t0
             self.result = result
+
+
+_RUNNING: "weakref.WeakSet[CollectionDedup]" = weakref.WeakSet()
+
+
+@atexit.register
+def stop_running_dedups(timeout: float = 10.0) -> None:
+    """At exit: cancel every running de-duplication and wait for its thread (up to ``timeout`` s in all), so
+    the process does not finalize while a daemon thread is inside faiss or torch (a crash at exit)."""
+    jobs = list(_RUNNING)
+    for job in jobs:
+        job.cancel()
+    deadline = time.monotonic() + timeout
+    for job in jobs:
+        thread = job.thread
+        if thread is not None and thread.is_alive():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def collection_dedup(engine) -> CollectionDedup:

@@ -42,3 +42,30 @@ def test_the_reload_cancels_the_old_versions_computation(tmp_path, monkeypatch):
     assert client.get("/healthz").status_code == 200   # any request checks for a new version
     assert job.cancelled.is_set()
     assert collection_dedup(new) is not job and not collection_dedup(new).cancelled.is_set()
+
+
+def test_exit_stops_a_running_computation(tmp_path, monkeypatch):
+    """The exit hook cancels a running de-duplication and waits for its thread, so the process does not
+    finalize while a daemon thread is inside faiss."""
+    import threading
+
+    from server import routes_collection
+    from server.routes_collection import collection_dedup, stop_running_dedups
+
+    engine = _engine(tmp_path)
+    job = collection_dedup(engine)
+    entered, release = threading.Event(), threading.Event()
+    real_progress = job._progress
+
+    def slow_progress(n):                            # the computation's next progress step waits
+        entered.set()
+        release.wait(5)
+        real_progress(n)
+
+    monkeypatch.setattr(job, "_progress", slow_progress)
+    job.start()
+    assert entered.wait(30) and job in set(routes_collection._RUNNING)
+    threading.Timer(0.2, release.set).start()
+    stop_running_dedups(timeout=30)
+    assert job.cancelled.is_set() and not job.thread.is_alive()
+    assert job.result is None and job.error is None
