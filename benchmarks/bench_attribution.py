@@ -219,9 +219,10 @@ def main(argv=None) -> int:
     tag = args.tag or args.which
     begin, end = f"<!-- bench_attribution:{tag} -->", f"<!-- /bench_attribution:{tag} -->"
 
-    import torch
+    from retrieval.device import set_cpu_threads
 
-    torch.set_num_threads(args.threads)
+    # (not torch.set_num_threads: loading an encoder would set all cores again)
+    set_cpu_threads(args.threads)
     import bench_rerank as br
 
     from retrieval.encoders import create_encoder

@@ -99,9 +99,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dump", default=str(ROOT / "benchmarks" / "out" / "attribution_legible.npz"))
     args = ap.parse_args(argv)
 
-    import torch
+    from retrieval.device import set_cpu_threads
 
-    torch.set_num_threads(args.threads)
+    # (not torch.set_num_threads: loading an encoder would set all cores again)
+    set_cpu_threads(args.threads)
     import bench_attribution as ba
 
     from retrieval.encoders import create_encoder

@@ -168,9 +168,10 @@ class RiseCache:
 
 
 def run(args) -> None:
-    import torch
+    from retrieval.device import set_cpu_threads
 
-    torch.set_num_threads(args.threads)
+    # (not torch.set_num_threads: loading an encoder would set all cores again)
+    set_cpu_threads(args.threads)
     import bench_attribution as ba
 
     from retrieval.encoders import create_encoder
@@ -179,7 +180,7 @@ def run(args) -> None:
     from retrieval.explain.grid import crop_box, smoothness, to_image_map
 
     enc = create_encoder("effnet-lite0", device="cpu")
-    torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads)
     variants = [v for v in args.variants.split(",") if v] + (["oracle"] if args.oracle else [])
     pairs = pairs_for(args.set, args.start, args.limit, args.seed)
     out = Path(args.out) / f"{args.set}_{args.start}_{args.tag}.npy"

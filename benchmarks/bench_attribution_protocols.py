@@ -78,9 +78,10 @@ def tagged_pairs(which: str, pairs: int, half: str, limit: int | None, seed: int
 
 
 def run(args) -> None:
-    import torch
+    from retrieval.device import set_cpu_threads
 
-    torch.set_num_threads(args.threads)
+    # (not torch.set_num_threads: loading an encoder would set all cores again)
+    set_cpu_threads(args.threads)
     import bench_attribution as ba
 
     from retrieval.encoders import create_encoder

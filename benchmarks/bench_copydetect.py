@@ -291,9 +291,10 @@ def main(argv=None) -> int:
         print(json.dumps(scale_worker(kind, int(n), float(thr))))
         return 0
 
-    import torch
+    from retrieval.device import set_cpu_threads
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # (not torch.set_num_threads: loading an encoder would set all cores again)
+    set_cpu_threads(min(2, os.cpu_count() or 1))
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
         "# Copy detection and dedup benchmark",

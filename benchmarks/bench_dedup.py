@@ -299,9 +299,10 @@ def main(argv=None) -> int:
     if args.quick:
         args.n = args.stamps = args.fmnist = 60
         args.copies = 15
-    import torch
+    from retrieval.device import set_cpu_threads
 
-    torch.set_num_threads(2)
+    # (not torch.set_num_threads: loading an encoder would set all cores again)
+    set_cpu_threads(2)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = {"calibrate": calibrate, "judge": judge, "scale": scale}[args.mode](args)
     cmd = "python benchmarks/bench_dedup.py " + " ".join(sys.argv[1:] if argv is None else argv)

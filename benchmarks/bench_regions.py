@@ -284,9 +284,13 @@ def main() -> None:
     if not args.splits:
         ap.error(f"--splits: choose from {', '.join(SPLITS)}")
 
-    import torch
+    from retrieval.device import set_cpu_threads
 
-    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
+    # (not torch.set_num_threads: loading an encoder would set all cores again)
+    set_cpu_threads(max(1, min(args.threads, os.cpu_count() or 1)))
+    from retrieval.device import one_query_per_thread
+
+    one_query_per_thread()          # as `loupe serve`: faiss and the BLAS libraries at one thread
     import retrieval.regions.search as region_search
     from retrieval.regions.proposals import ProposalConfig
 
@@ -350,8 +354,13 @@ def replay(rows: list[dict], rule: FuseRule) -> list[dict]:
 def report(args, rows1, rows2, plain_ms, regions_ms, summary, index_seconds, engine, n_images):
     sizes = args.sizes
     load = os.getloadavg()[0]
+    import torch
+
+    from retrieval.encoders.passes import width
+
     lines = [f"machine: {platform.machine()}, {os.cpu_count()} cores, CPU only (load average {load:.1f}); "
-             f"UTC {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}",
+             f"UTC {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}; torch threads {torch.get_num_threads()}, "
+             f"encoder passes side by side: {width(engine.encoder('effnet-lite0'))}",
              f"index: {n_images} pictures ({args.stamps} stamps, {args.queries} posters per split, photos); "
              f"{args.queries} queries per direction and split; seed {args.seed}; held-out topics "
              f"{', '.join(HELD_OUT_TOPICS)}", ""]

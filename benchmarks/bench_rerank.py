@@ -77,9 +77,10 @@ def main(argv=None) -> int:
     ap.add_argument("--crop-expand", type=int, default=20, help="candidates each query crop fetches (tuned)")
     args = ap.parse_args(argv)
 
-    import torch
+    from retrieval.device import set_cpu_threads
 
-    torch.set_num_threads(args.threads)
+    # (not torch.set_num_threads: loading an encoder would set all cores again)
+    set_cpu_threads(args.threads)
     from retrieval.encoders import create_encoder
     from retrieval.engine.engine import Engine
     from retrieval.engine.query import QueryContext

@@ -89,3 +89,18 @@ def faiss_gpu_available() -> bool:
     except ImportError:  # pragma: no cover
         return False
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def one_query_per_thread() -> None:
+    """For a process whose threads each answer one query at a time (``loupe serve``, a Ray Serve replica):
+    faiss's OpenMP teams and the BLAS libraries loaded so far (numpy's and faiss's OpenBLAS, through
+    ``threadpoolctl``) to one thread each. A one-query search gains nothing from their threads, and idle BLAS
+    threads spin on the cores torch's encoder passes need: a plain image query on a 2-core machine took
+    40.0-52.0 ms with them, 25.2 ms without (benchmarks/RESULTS.md, issue 17 follow-up 5). Torch's own
+    threads (``LOUPE_THREADS``) are left as they are."""
+    import faiss
+    import numpy  # noqa: F401 - loaded before the limit, so threadpoolctl sees its BLAS
+    from threadpoolctl import threadpool_limits
+
+    faiss.omp_set_num_threads(1)
+    threadpool_limits(1, user_api="blas")

@@ -227,14 +227,14 @@ def serve_app(app, host: str, port: int, threads: int = 8, *, ready=None, limits
 
 
 def run(args) -> int:
-    import faiss
-
+    from retrieval.device import one_query_per_thread
     from server.app import create_app
     from server.security import default_allowed_hosts
 
     # One request = one query vector: concurrency comes from the server's threads, and OpenMP teams
-    # per query only contend with each other (measured: 10-20x slower on a busy 2-core machine).
-    faiss.omp_set_num_threads(1)
+    # per query only contend with each other (measured: 10-20x slower on a busy 2-core machine); idle
+    # BLAS threads spin on the encoder's cores (a plain image query 40-52 ms -> 25 ms on 2 cores).
+    one_query_per_thread()
     # A fatal signal (SIGBUS from a memory-mapped file truncated in place, SIGSEGV) prints the thread
     # stacks to stderr instead of killing the server without a word.
     try:

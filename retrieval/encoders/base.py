@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -12,6 +11,7 @@ import torch
 from PIL import Image
 
 from retrieval.device import DeviceConfig
+from retrieval.encoders.passes import PassLock
 from retrieval.errors import UnsupportedModalityError
 from retrieval.images import load_image, to_rgb
 from retrieval.numeric import l2_normalize
@@ -108,8 +108,8 @@ class Encoder:
     def __init__(self, spec: EncoderSpec, device: DeviceConfig):
         self.spec = spec
         self.device = device
-        # Forward passes are serialised per encoder: safe under a threaded server.
-        self.lock = threading.RLock()
+        # Forward passes are serialised per encoder: safe under a threaded server (``passes.py``).
+        self.lock = PassLock()
 
     # -- description ---------------------------------------------------------------------------
     @property

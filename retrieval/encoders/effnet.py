@@ -77,6 +77,14 @@ class EffnetEncoder(Encoder):
                 logits = self.model(x)   # forward_features + forward_head (pool, classifier)
         return logits.float().softmax(dim=-1).cpu()
 
+    def _to_fine(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem and blocks up to ``FINE_STAGE``: the fine map [n, 112, h, w] (call under the lock)."""
+        m = self.model
+        h = m.bn1(m.conv_stem(x))
+        for block in m.blocks[:FINE_STAGE + 1]:
+            h = block(h)
+        return h
+
     @torch.inference_mode()
     def encode_images_and_fine(self, batch):
         """One forward pass: ``(global [n, d], final tokens [n, 49, 1280], final grid, fine tokens
@@ -84,15 +92,23 @@ class EffnetEncoder(Encoder):
         x = self.to_batch(batch)
         m = self.model
         with self.lock, self.device.autocast():
-            h = m.bn1(m.conv_stem(x))
-            fine = None
-            for i, block in enumerate(m.blocks):
+            fine = self._to_fine(x)
+            h = fine
+            for block in m.blocks[FINE_STAGE + 1:]:
                 h = block(h)
-                if i == FINE_STAGE:
-                    fine = h
             fmap = m.bn2(m.conv_head(h))
             pooled = m.forward_head(fmap, pre_logits=True)
         tokens = fmap.flatten(2).transpose(1, 2)
         fine_tokens = fine.flatten(2).transpose(1, 2)
         return (l2_normalize(pooled), l2_normalize(tokens), tuple(fmap.shape[2:]), l2_normalize(fine_tokens),
                 tuple(fine.shape[2:]))
+
+    @torch.inference_mode()
+    def encode_fine(self, batch):
+        """Only the fine map: ``(fine tokens [n, 196, 112] unit rows, fine grid)``, as
+        ``encode_images_and_fine`` gives them, without the layers after ``FINE_STAGE`` (about a third of the
+        pass: the search-by-region saliency and residual need no global vector)."""
+        x = self.to_batch(batch)
+        with self.lock, self.device.autocast():
+            fine = self._to_fine(x)
+        return l2_normalize(fine.flatten(2).transpose(1, 2)), tuple(fine.shape[2:])

@@ -94,7 +94,9 @@ def canvas_tokens(encoder, images: Sequence[Image.Image]) -> list[CanvasTokens] 
         c0 = (canvas_side - side) / 2.0      # the grid covers the view square [c0, c0 + side) of the canvas
         frames.append(((w, h), float(side), (c0 - ox, c0 - oy)))
     try:
-        if "fine" in getattr(encoder, "local_layers", ()) and hasattr(encoder, "encode_images_and_fine"):
+        if "fine" in getattr(encoder, "local_layers", ()) and hasattr(encoder, "encode_fine"):
+            tokens, grid = encoder.encode_fine(canvases)          # the fine map only (no global vector)
+        elif "fine" in getattr(encoder, "local_layers", ()) and hasattr(encoder, "encode_images_and_fine"):
             _, _, _, tokens, grid = encoder.encode_images_and_fine(canvases)
         else:
             _, tokens, grid = encoder.encode_images_and_local(canvases)

@@ -19,10 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.encoders.passes import side_by_side, split, width
 from retrieval.errors import InvalidQueryError
 from retrieval.regions.box import check_box_in_image, crop_to_box, full_size
 from retrieval.regions.fusion import FuseRule, fuse
-from retrieval.regions.proposals import DEFAULT_PROPOSALS, ProposalConfig, Region, propose_regions
+from retrieval.regions.proposals import DEFAULT_PROPOSALS, ProposalConfig, Region, propose_regions, work_picture
+from retrieval.regions.saliency import canvas_tokens
 from retrieval.types import Hit
 
 FUSE_RULE = FuseRule("gain", gain=2.0, top=1)     # the fused list's rule (``fusion.py``): bench_regions.py's choice
@@ -83,14 +85,13 @@ def search_regions(engine, req, *, config: ProposalConfig | None = None):
     replaced by the fused list (module docstring); ``config``: the proposals' (default ``DEFAULT_PROPOSALS``)."""
     config = config or DEFAULT_PROPOSALS
     t0 = time.perf_counter()
-    base = engine.search(req.replace(regions=False))
+    base, view = _whole_picture(engine, req.replace(regions=False), config)
     ctx = base.query
     image = ctx.get_image()
     if image is None:
         raise InvalidQueryError("regions needs an image query (image or image_id)")
     t1 = time.perf_counter()
     enc = engine.encoder(ctx.encoder)
-    view = stored_view(engine, ctx.encoder, ctx.image_id)     # an indexed picture's map: no encoder pass
     regions = propose_regions(image, enc, config,
                               explaining_pictures(engine, base.hits, ctx.image_id, config, ctx.encoder), view=view)
     t2 = time.perf_counter()
@@ -110,6 +111,32 @@ def search_regions(engine, req, *, config: ProposalConfig | None = None):
     base.timings.update(proposals_ms=(t2 - t1) * 1e3, regions_ms=(t3 - t2) * 1e3)
     base.took_ms = (time.perf_counter() - t0) * 1e3
     return base
+
+
+def _whole_picture(engine, req, config: ProposalConfig):
+    """The whole picture's search and the query's feature map (``saliency.canvas_tokens`` of its work
+    picture: an indexed picture's stored map, else computed), the two passes side by side where the CPU has
+    room (``retrieval.encoders.passes``); the map is None when the proposals need none or it cannot be had."""
+    if req.image is None and req.image_id is None:
+        return engine.search(req), None
+    name = engine.embedder.route(req).name
+    view = stored_view(engine, name, req.image_id)     # an indexed picture's map: no encoder pass
+    if view is not None or (config.w_feature <= 0 and config.residual is None):
+        return engine.search(req), view
+    enc = engine.encoder(name)
+
+    def own_view():
+        from retrieval.errors import LoupeError
+
+        try:
+            image, _ = query_picture(engine, req)
+        except (LoupeError, OSError):
+            return None                  # the search reports the picture's error
+        maps = canvas_tokens(enc, [work_picture(image)])
+        return maps[0] if maps else None
+
+    base, view = side_by_side(enc, [lambda: engine.search(req), own_view])
+    return base, view
 
 
 def stored_view(engine, encoder: str, image_id: str | None):
@@ -162,7 +189,9 @@ def embed_regions(enc, image, boxes, jitter=CROP_JITTER) -> np.ndarray:
     default is one crop: averaging the box and the box grown / shrunk by 10 % did not change the nearest
     region's R@1 on the benchmark's development set (docs/regions.md)."""
     crops = [crop_to_box(image, jitter_box(b, j, image.size)) for b in boxes for j in jitter]
-    v = np.asarray(enc.encode_images(crops), np.float32).reshape(len(boxes), len(jitter), -1).mean(axis=1)
+    chunks = split(crops, width(enc))      # passes side by side where the CPU has room (``encoders.passes``)
+    parts = side_by_side(enc, [lambda c=c: np.asarray(enc.encode_images(c), np.float32) for c in chunks])
+    v = np.concatenate(parts).reshape(len(boxes), len(jitter), -1).mean(axis=1)
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 

@@ -23,13 +23,12 @@ log = logging.getLogger("loupe.ray_serve")
 @serve.deployment(name="searcher", max_ongoing_requests=32, health_check_period_s=2, health_check_timeout_s=10)
 class Searcher:
     def __init__(self, index_dir: str, manifest_json: dict, partition):
-        import faiss
-
+        from retrieval.device import one_query_per_thread
         from retrieval.index import store
         from retrieval.index.shards import ShardSet
         from server.ray_serve.partitions import partition_manifest
 
-        faiss.omp_set_num_threads(1)      # one query per call: parallelism comes from replicas and requests
+        one_query_per_thread()      # one query per call: parallelism comes from replicas and requests
         self.partition = partition
         manifest = partition_manifest(manifest_json, partition)
         ids = [store.read_metadata(index_dir, s.name, manifest).column("id").to_pylist() for s in manifest.shards]

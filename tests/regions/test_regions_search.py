@@ -90,3 +90,21 @@ def test_regions_inside_a_box(region_engine, photos, fields):
     resp = region_engine.search(image=png_bytes(poster(photos)), k=3, **fields)
     assert resp.box == (300, 100, 500, 300)
     assert all(0 <= r.box[0] < r.box[2] <= 200 and 0 <= r.box[1] < r.box[3] <= 200 for r in resp.regions.regions)
+
+
+def test_passes_side_by_side_give_the_same_regions_and_lists(region_engine, photos, monkeypatch):
+    """The whole picture's search beside the feature map's pass, and the region crops in two threads
+    (``retrieval.encoders.passes``): the same proposals and lists as one pass after the other."""
+    import retrieval.encoders.passes as passes
+    import retrieval.regions.search as search
+
+    query = png_bytes(poster(photos))
+    answers = []
+    for w in (1, 2):
+        monkeypatch.setattr(passes, "width", lambda enc, w=w: w)
+        monkeypatch.setattr(search, "width", lambda enc, w=w: w)
+        resp = region_engine.search(image=query, regions=True, k=4)
+        answers.append((resp.ids, [(rr.box, rr.region.kind, [h.id for h in rr.hits]) for rr in resp.regions.regions],
+                        [h.score for h in resp.hits]))
+    assert answers[0][:2] == answers[1][:2]
+    np.testing.assert_allclose(answers[0][2], answers[1][2], atol=1e-5)

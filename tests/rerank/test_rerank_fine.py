@@ -28,6 +28,9 @@ def test_encode_images_and_fine_matches_the_models_own_forward(effnet, photos):
     ref = seen["fine"].flatten(2).transpose(1, 2).numpy()
     ref = ref / np.linalg.norm(ref, axis=-1, keepdims=True)
     np.testing.assert_allclose(ftok, ref, atol=1e-5)
+    only, only_grid = effnet.encode_fine(imgs)         # the search-by-region map: the same cells, no head
+    assert only_grid == (14, 14)
+    np.testing.assert_allclose(only, ref, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(ftok, axis=-1), 1.0, atol=1e-5)
 
 

@@ -1,0 +1,129 @@
+"""An encoder's passes side by side (``retrieval.encoders.passes``): the lock lent to the caller's threads,
+calls really concurrent when the CPU has room, results in order and equal to one pass after the other."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from retrieval.encoders import passes
+from retrieval.encoders.passes import PassLock, side_by_side, split
+
+
+class _Enc:
+    """Just what ``side_by_side`` looks at: a ``PassLock`` and a CPU device."""
+
+    def __init__(self):
+        self.lock = PassLock()
+        self.device = None
+
+
+def test_calls_run_at_once_holding_the_lock(monkeypatch):
+    monkeypatch.setattr(passes, "width", lambda enc: 2)
+    enc = _Enc()
+    both = threading.Barrier(2, timeout=10)      # each call waits for the other: one after the other would fail
+    outsider = []
+
+    def call(i):
+        both.wait()
+        with enc.lock:                           # lent: re-taking the encoder's lock inside does not block
+            pass
+        if i == 0:                               # another thread cannot take the lock meanwhile
+            t = threading.Thread(target=lambda: outsider.append(enc.lock.acquire(blocking=False)))
+            t.start()
+            t.join()
+        return i * 10
+
+    assert side_by_side(enc, [lambda: call(0), lambda: call(1)]) == [0, 10]
+    assert outsider == [False]
+    assert enc.lock.acquire(blocking=False)      # released afterwards
+    enc.lock.release()
+
+
+def test_width_one_runs_in_order_on_the_callers_thread(monkeypatch):
+    monkeypatch.setattr(passes, "width", lambda enc: 1)
+    seen = []
+    out = side_by_side(_Enc(), [lambda i=i: seen.append((i, threading.get_ident())) or i for i in range(3)])
+    assert out == [0, 1, 2] and [s[0] for s in seen] == [0, 1, 2]
+    assert {s[1] for s in seen} == {threading.get_ident()}
+
+
+def test_an_error_is_raised_after_all_calls_ended(monkeypatch):
+    monkeypatch.setattr(passes, "width", lambda enc: 2)
+    finished = threading.Event()
+
+    def slow():
+        threading.Event().wait(0.2)
+        finished.set()
+        return 1
+
+    def bad():
+        raise ValueError("broken picture")
+
+    with pytest.raises(ValueError, match="broken picture"):
+        side_by_side(_Enc(), [bad, slow])
+    assert finished.is_set()
+
+
+def test_width_counts_the_cores_torch_leaves(monkeypatch):
+    import torch
+
+    enc = _Enc()
+    monkeypatch.setattr(passes, "cpu_cores", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert passes.width(enc) == 4
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert passes.width(enc) == 1
+
+    class Cuda:
+        is_cuda = True
+
+    enc.device = Cuda()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert passes.width(enc) == 1
+
+
+def test_split_keeps_order_and_sizes():
+    assert split([1, 2, 3], 2) == [[1, 2], [3]]
+    assert split([1, 2], 5) == [[1], [2]]
+    assert split(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+def test_real_passes_side_by_side_equal_one_batch(effnet, photos, monkeypatch):
+    """effnet-lite0 crops embedded in two threads at once give the vectors of one batch."""
+    from retrieval.regions.search import embed_regions
+
+    image = photos["astronaut"]
+    boxes = [(0, 0, 200, 200), (100, 50, 400, 300), (250, 250, 500, 500)]
+    monkeypatch.setattr(passes, "width", lambda enc: 1)
+    one = embed_regions(effnet, image, boxes)
+    monkeypatch.setattr("retrieval.regions.search.width", lambda enc: 2)
+    monkeypatch.setattr(passes, "width", lambda enc: 2)
+    two = embed_regions(effnet, image, boxes)
+    np.testing.assert_allclose(two, one, atol=1e-5)
+    ref = effnet.encode_images([image.crop(b) for b in boxes])
+    np.testing.assert_allclose(one, ref, atol=1e-5)
+
+
+def test_one_query_per_thread_quiets_the_blas_libraries():
+    """`loupe serve`'s setting: numpy's and faiss's BLAS at one thread (their idle threads spin on the
+    encoder's cores); restored afterwards for the other tests."""
+    import faiss
+    from threadpoolctl import ThreadpoolController
+
+    from retrieval.device import one_query_per_thread
+
+    controller = ThreadpoolController()
+    before = {lib.filepath: lib.num_threads for lib in controller.lib_controllers}
+    faiss_before = faiss.omp_get_max_threads()
+    try:
+        one_query_per_thread()
+        blas = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+        assert blas and all(lib.num_threads == 1 for lib in blas)
+        assert faiss.omp_get_max_threads() == 1
+    finally:
+        for lib in controller.lib_controllers:
+            lib.set_num_threads(before[lib.filepath])
+        faiss.omp_set_num_threads(faiss_before)
