@@ -94,14 +94,3 @@ def side_by_side(encoder, calls: Sequence[Callable[[], T]]) -> list[T]:
         futures = [pool.submit(lock.lend(call)) for call in calls]
         return [f.result() for f in futures]
 
-
-def split(items: Sequence, parts: int) -> list[list]:
-    """``items`` in at most ``parts`` consecutive, nearly equal, non-empty chunks (first chunks larger)."""
-    parts = max(1, min(parts, len(items)))
-    size, extra = divmod(len(items), parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + size + (1 if i < extra else 0)
-        out.append(list(items[start:end]))
-        start = end
-    return out

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.encoders.passes import side_by_side, split, width
+from retrieval.encoders.passes import side_by_side, width
 from retrieval.errors import InvalidQueryError
 from retrieval.regions.box import check_box_in_image, crop_to_box, full_size
 from retrieval.regions.fusion import FuseRule, fuse
@@ -189,7 +189,9 @@ def embed_regions(enc, image, boxes, jitter=CROP_JITTER) -> np.ndarray:
     default is one crop: averaging the box and the box grown / shrunk by 10 % did not change the nearest
     region's R@1 on the benchmark's development set (docs/regions.md)."""
     crops = [crop_to_box(image, jitter_box(b, j, image.size)) for b in boxes for j in jitter]
-    chunks = split(crops, width(enc))      # passes side by side where the CPU has room (``encoders.passes``)
+    # passes side by side where the CPU has room (``encoders.passes``), one crop each: 3 crops on a 2-core box
+    # with one torch thread took 80.6 ms in one batch, 69.0 ms as [2] | [1], 51.2 ms one by one on 2 threads
+    chunks = [[c] for c in crops] if width(enc) > 1 else [crops]
     parts = side_by_side(enc, [lambda c=c: np.asarray(enc.encode_images(c), np.float32) for c in chunks])
     v = np.concatenate(parts).reshape(len(boxes), len(jitter), -1).mean(axis=1)
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from retrieval.encoders import passes
-from retrieval.encoders.passes import PassLock, side_by_side, split
+from retrieval.encoders.passes import PassLock, side_by_side
 
 
 class _Enc:
@@ -83,12 +83,6 @@ def test_width_counts_the_cores_torch_leaves(monkeypatch):
     enc.device = Cuda()
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert passes.width(enc) == 1
-
-
-def test_split_keeps_order_and_sizes():
-    assert split([1, 2, 3], 2) == [[1, 2], [3]]
-    assert split([1, 2], 5) == [[1], [2]]
-    assert split(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
 
 
 def test_real_passes_side_by_side_equal_one_batch(effnet, photos, monkeypatch):
