@@ -55,7 +55,7 @@ class ProposalConfig:
 
 
 DEFAULT_PROPOSALS = ProposalConfig()
-EXPLAIN_BESIDE = True
+EXPLAIN_BESIDE = True     # the RANSAC explanation in a thread beside the segmentations (same result)
 # `loupe index --regions`: a few per picture: the residual region against the picture's 2 nearest indexed
 # pictures (when they explain it), components and windows (saliency-ranked segments: not better on the tuning split)
 INDEX_PROPOSALS = ProposalConfig(max_regions=4, segments=0, min_windows=2, max_with_residual=4)
@@ -290,7 +290,7 @@ def propose_regions(image: Image.Image, encoder=None, config: ProposalConfig = D
         views = _views(encoder, work, explain_by, view)
     pending = None
     if views and len(views) > 1 and config.segments > 0 and EXPLAIN_BESIDE and _cpu_threads() > 1:
-        from retrieval.regions.grouping import _pool     # the explanation beside the segmentations
+        from retrieval.regions.grouping import _pool  # the explanation beside the segmentations
 
         pending = _pool().submit(explain, views[0], views[1:], rc)
     sal = saliency_map(work, views[0] if views else None, config.w_feature, config.w_colour)
