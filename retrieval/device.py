@@ -96,8 +96,8 @@ def one_query_per_thread() -> None:
     faiss's OpenMP teams and the BLAS libraries loaded so far (numpy's and faiss's OpenBLAS, through
     ``threadpoolctl``) to one thread each. A one-query search gains nothing from their threads, and idle BLAS
     threads spin on the cores torch's encoder passes need: a plain image query on a 2-core machine took
-    40.0-52.0 ms with them, 25.2 ms without (benchmarks/RESULTS.md, issue 17 follow-up 5). Torch's own
-    threads (``LOUPE_THREADS``) are left as they are."""
+    40.0-52.0 ms with them, 25.2 ms without through Engine.search; over HTTP no gain was measured
+    (benchmarks/RESULTS.md, issue 17 follow-up 5). Torch's own threads (``LOUPE_THREADS``) are left as they are."""
     import faiss
     import numpy  # noqa: F401 - loaded before the limit, so threadpoolctl sees its BLAS
     from threadpoolctl import threadpool_limits
