@@ -12,6 +12,7 @@ writes them), it measures on held-out queries (unseen samples of the same distri
 
     python benchmarks/bench_scale.py --n 100000 --dim 256 --shards 1,10,100 --write-type hnsw
     python benchmarks/bench_scale.py --n 20000 --dim 64 --shards 1,10 --quick      # seconds, for make bench
+    python benchmarks/bench_scale.py --n 10000000 --dim 512 --shards 100 --write-type flat --skip-before --stream
 
 Appends nothing by itself: prints a Markdown report (copy it into RESULTS.md) and a JSON line.
 """
@@ -32,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_server import machine, pct, rss_mb, synthetic  # noqa: E402
+from bench_server import machine, pct, rss_mb, synthetic, synthetic_blocks  # noqa: E402
 
 from retrieval.index import (
     store,  # noqa: E402
@@ -40,20 +41,26 @@ from retrieval.index import (
 )
 
 
-def write_shards(out: Path, vecs: np.ndarray, shards: int, write_type: str) -> float:
-    """Write ``vecs`` as ``shards`` write shards of ``write_type`` (hnsw | flat); returns build seconds."""
+def write_shards(out: Path, vecs, shards: int, write_type: str, *, n: int | None = None, dim: int | None = None
+                 ) -> float:
+    """Write ``vecs`` as ``shards`` write shards of ``write_type`` (hnsw | flat); returns build seconds.
+    ``vecs``: an array, or (``--stream``) an iterable of consecutive blocks of ``n`` x ``dim`` in all."""
     from indexer.index_types import new_index
 
     factory = "HNSW32,Flat" if write_type == "hnsw" else "Flat"
-    n, dim = vecs.shape
+    if isinstance(vecs, np.ndarray):
+        n, dim = vecs.shape
     bounds = np.linspace(0, n, shards + 1).astype(int)
+    blocks = _rechunk(vecs, np.diff(bounds)) if not isinstance(vecs, np.ndarray) else None
     entries, build = [], 0.0
     for s in range(shards):
         a, b = bounds[s], bounds[s + 1]
+        part = vecs[a:b] if blocks is None else next(blocks)
         t = time.perf_counter()
         index = new_index(factory, dim)
-        index.add(vecs[a:b])
+        index.add(part)
         build += time.perf_counter() - t
+        del part
         name = store.shard_name(s)
         vector_files.write_vectors(out, "synthetic", name, index)
         store.write_metadata(out, name, [{"id": store.int_to_id(i), "source": f"s{i}"} for i in range(a, b)])
@@ -62,6 +69,28 @@ def write_shards(out: Path, vecs: np.ndarray, shards: int, write_type: str) -> f
         encoders={"synthetic": store.EncoderEntry("synthetic", dim, index_type=write_type, factory=factory)},
         shards=entries))
     return build
+
+
+def _rechunk(blocks, sizes):
+    """Consecutive blocks regrouped into pieces of ``sizes`` rows."""
+    it, buf = iter(blocks), []
+    for size in sizes:
+        have = sum(len(x) for x in buf)
+        while have < size:
+            buf.append(next(it))
+            have += len(buf[-1])
+        joined = np.concatenate(buf) if len(buf) > 1 else buf[0]
+        yield joined[:size]
+        buf = [joined[size:]] if have > size else []
+
+
+def stored_blocks(out: Path):
+    """Each written shard's vectors in order, read back (memory-mapped) one at a time."""
+    manifest = store.read_manifest(out)
+    for shard in manifest.shards:
+        index = vector_files.read_vectors(out, "synthetic", shard.name)
+        yield vector_files.reconstruct_all(index)
+        del index
 
 
 def measure(engine, queries: np.ndarray, truth: np.ndarray, threads: int = 1, params: dict | None = None) -> dict:
@@ -119,7 +148,7 @@ def peak_rss_mb() -> float:
 
 def run(n: int, dim: int, shard_counts: list[int], write_type: str, nq: int, work: Path, threads_all: int, *,
         layout: str = "auto", skip_before: bool = False, planted: int = 0, keep: bool = False,
-        repeats: int = 0) -> dict:
+        repeats: int = 0, stream: bool = False) -> dict:
     import faiss
 
     from retrieval.engine.engine import Engine
@@ -127,18 +156,30 @@ def run(n: int, dim: int, shard_counts: list[int], write_type: str, nq: int, wor
 
     faiss.omp_set_num_threads(threads_all)
     t = time.perf_counter()
-    vecs = synthetic(n, dim, np.random.default_rng(0))
-    vecs, pairs = with_planted(vecs, planted, np.random.default_rng(5))
-    n = len(vecs)
     queries = synthetic(nq, dim, np.random.default_rng(99))
-    _, truth = exact_neighbours([vecs[a:a + 100_000] for a in range(0, n, 100_000)], queries, 10)
-    print(f"data + truth: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+    if stream:          # never held whole: written shard by shard, the truth computed in the same pass
+        if planted or len(shard_counts) != 1:
+            raise SystemExit("--stream builds one index (one --shards value) without --planted")
+        vecs, pairs = None, np.zeros((0, 2), np.int64)
+    else:
+        vecs = synthetic(n, dim, np.random.default_rng(0))
+        vecs, pairs = with_planted(vecs, planted, np.random.default_rng(5))
+        n = len(vecs)
+        _, truth = exact_neighbours([vecs[a:a + 100_000] for a in range(0, n, 100_000)], queries, 10)
+        print(f"data + truth: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     rows, dirs = [], []
     for shards in shard_counts:
         out = work / f"n{n}-s{shards}"
         shutil.rmtree(out, ignore_errors=True)
         faiss.omp_set_num_threads(threads_all)
-        build = write_shards(out, vecs, shards, write_type)
+        if stream:
+            t = time.perf_counter()
+            build = write_shards(out, synthetic_blocks(n, dim, np.random.default_rng(0)), shards, write_type,
+                                 n=n, dim=dim)
+            _, truth = exact_neighbours(stored_blocks(out), queries, 10)
+            print(f"data + shards + truth: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+        else:
+            build = write_shards(out, vecs, shards, write_type)
         if planted:
             np.save(out / "planted-pairs.npy", pairs)
         before, before_rss = None, None
@@ -265,6 +306,9 @@ def main() -> int:
     ap.add_argument("--planted", type=int, default=0, help="append this many near-duplicates (for bench_dedup scale)")
     ap.add_argument("--repeats", type=int, default=0,
                     help="also time every layout with the same parameters in this many interleaved rounds")
+    ap.add_argument("--stream", action="store_true",
+                    help="never hold the vectors whole (collections larger than RAM): generated and written shard "
+                         "by shard, the truth read back from the shards; one --shards value, no --planted")
     ap.add_argument("--quick", action="store_true", help="20,000 x 64-d, 1 and 10 shards, 200 queries")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the indexes under --work")
@@ -275,7 +319,8 @@ def main() -> int:
     try:
         result = run(args.n, args.dim, [int(s) for s in args.shards.split(",")], args.write_type, args.queries,
                      work, args.threads, layout=args.layout, skip_before=args.skip_before, planted=args.planted,
-                     keep=args.keep and bool(args.work), repeats=args.repeats)
+                     keep=args.keep and bool(args.work), repeats=args.repeats,
+                     stream=args.stream)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -302,14 +302,23 @@ def engine_vs_faiss(index_dir: Path, encoder: str, nq: int = 1000, k: int = 20, 
 def synthetic(n: int, dim: int, rng, latent: int = 64, noise: float = 0.1, seed: int = 0) -> np.ndarray:
     """Unit vectors with a low intrinsic dimension, like real embeddings: a fixed random linear map of
     ``latent``-d Gaussians into ``dim`` dimensions, plus isotropic noise of relative norm ``noise``."""
-    w = np.random.default_rng(seed).standard_normal((latent, dim)).astype(np.float32) / np.sqrt(latent)
     out = np.empty((n, dim), dtype=np.float32)
-    for a in range(0, n, 100_000):
-        b = min(n, a + 100_000)
+    a = 0
+    for block in synthetic_blocks(n, dim, rng, latent, noise, seed):
+        out[a:a + len(block)] = block
+        a += len(block)
+    return out
+
+
+def synthetic_blocks(n: int, dim: int, rng, latent: int = 64, noise: float = 0.1, seed: int = 0, block: int = 100_000):
+    """``synthetic``'s vectors (the same ones, for the same ``rng``), ``block`` rows at a time: collections
+    larger than RAM (10M x 512-d float32 = 20 GB)."""
+    w = np.random.default_rng(seed).standard_normal((latent, dim)).astype(np.float32) / np.sqrt(latent)
+    for a in range(0, n, block):
+        b = min(n, a + block)
         z = rng.standard_normal((b - a, latent)).astype(np.float32) @ w
         z = unit(z) + noise * rng.standard_normal((b - a, dim)).astype(np.float32) / np.sqrt(dim)
-        out[a:b] = unit(z)
-    return out
+        yield unit(z).astype(np.float32)
 
 
 def run_scale(n: int, dim: int, work: Path, nq: int = 500, shard_size: int = 1_000_000, requested: str = "auto"):

@@ -16,9 +16,11 @@ builds, per encoder, **one** index over every shard's vectors:
   ``hnsw`` needs efSearch 768 for recall@10 0.97 at 9 ms a query on one thread;
 * ``ivfpq`` (``IVF{nlist},PQ{m}x8``) beyond, with the top ``k * k_factor`` candidates re-scored exactly
   from the stored vectors of the write shards (memory-mapped; "refine" in faiss' terms). One coarse
-  quantizer is trained, each write shard's vectors are encoded with it, and the shards' inverted lists are
+  quantizer is trained (on ``TRAIN_PER_LIST`` sampled rows per list, so ``nlist`` can grow as ``4 * sqrt(n)``:
+  16,384 lists at 10M), each write shard's vectors are encoded with it, and the shards' inverted lists are
   merged into one on-disk, memory-mapped file (``search-NNNNN.ivfdata``, :mod:`retrieval.index.ondisk`):
-  the layout is never held whole in RAM.
+  the layout is never held whole in RAM. 10M x 128-d on a 2-core, 24 GB box (RESULTS.md, issue 14 part 7):
+  ``IVF16384,PQ32x8``, nprobe 1024 / k_factor 16 tuned, unseen recall@10 0.954 at 12.3 ms a query.
 
 Then it measures recall@10 of the new index against exact search on a sample of the collection's own
 vectors used as queries the index has not seen (:mod:`retrieval.index.tuning`):
@@ -40,6 +42,7 @@ measured recall. The manifest is replaced atomically, so readers switch at once 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,7 +88,10 @@ AUTO_OPTIMIZE_MIN = 20_000         # `loupe index` optimizes by itself from this
 AUTO_OPTIMIZE_DELTA = 2            # ... when at least this many shards are outside the layout
 LAYOUT_TYPES = ("auto", "flat", "hnsw", "hnsw-pca", "ivfpq")
 RESCORED = ("ivfpq", "hnsw-pca")   # layouts whose candidates are re-scored from the write shards' vectors
-TRAIN_SAMPLE = 100_000
+TRAIN_SAMPLE = 100_000             # training rows at least (PCA, small IVF) ...
+TRAIN_PER_LIST = 40                # ... and for IVF at least this many per list (faiss warns below 39): 655,360
+                                   # rows for the 16,384 lists of 10M vectors, where a fixed 100,000 capped nlist
+                                   # at 2,048 and left lists 8x longer (RESULTS.md, "10M IVF-PQ")
 
 
 # -- choosing and building -----------------------------------------------------------------------
@@ -115,18 +121,25 @@ def choose_layout(n: int, dim: int, *, requested: str = "auto", max_memory: int 
     return "ivfpq", f"IVF{ivf_nlist(n)},PQ{pq_subquantizers(dim, n, budget)}x8"
 
 
+def train_size(factory: str, n: int) -> int:
+    """Rows to train ``factory`` on, of ``n``: ``TRAIN_SAMPLE``, or ``TRAIN_PER_LIST`` per IVF list when more."""
+    m = re.match(r"IVF(\d+)", factory)
+    want = max(TRAIN_SAMPLE, TRAIN_PER_LIST * int(m.group(1))) if m else TRAIN_SAMPLE
+    return min(n, want)
+
+
 def train_index(factory: str, dim: int, chunks: Callable[[], Any], n: int, *, use_gpu: bool = False):
-    """An empty faiss index of ``factory``, trained (IVF) on a sample of ``TRAIN_SAMPLE`` of the ``n``
+    """An empty faiss index of ``factory``, trained (IVF) on a sample of ``train_size`` rows of the ``n``
     vectors of ``chunks()`` (an iterable of [m, dim] blocks); returns (index, the factory fitted to the sample)."""
     from indexer.index_types import fit_factory, train
 
     if factory.startswith(("IVF", "PCA")):
-        rows = set(sample_rows(n, TRAIN_SAMPLE, seed=1).tolist())
+        rows = sample_rows(n, train_size(factory, n), seed=1)
         sample, offset = [], 0
         for chunk in chunks():
-            take = [i - offset for i in range(offset, offset + len(chunk)) if i in rows]
-            if take:
-                sample.append(np.asarray(chunk)[take])
+            a, b = np.searchsorted(rows, [offset, offset + len(chunk)])
+            if b > a:
+                sample.append(np.asarray(chunk)[rows[a:b] - offset])
             offset += len(chunk)
         sample = np.concatenate(sample).astype(np.float32)
         factory = fit_factory(factory, len(sample))
@@ -273,7 +286,9 @@ def optimize(index_dir, *, encoders: Sequence[str] | None = None, target_recall:
         if not manifest.shards or manifest.count == 0:
             raise LoupeError(f"{index_dir} holds no images yet; run `loupe index` first")
         ids = [store.read_metadata(index_dir, s.name).column("id").to_pylist() for s in manifest.shards]
-        shards = ShardSet(index_dir, manifest, ids)
+        # every shard mapped, not read: optimize streams them once or twice and reads a few rows to
+        # measure (20 GB of 10M x 512-d shards read into RAM were killed by the OOM killer on 24 GB)
+        shards = ShardSet(index_dir, manifest, ids, map_all=True)
         previous = layouts_of(manifest)
         new_layouts = dict(manifest.extra.get(LAYOUT_KEY) or {})
         old_files: list[Path] = []

@@ -19,7 +19,10 @@ mapped page kill the process with SIGBUS); the price is resident memory equal to
 mapped shard's size is checked (``fstat``) before each search, re-scoring and reconstruction — truncated, it
 answers ``IndexFormatError`` (the server's 503). The norms of a large mapped shard are left to ``loupe
 verify`` (checking them would read it whole at open); a covered one is checked at open like a read one, then
-its pages are unmapped again (``vector_files.release_pages``).
+its pages are unmapped again (``vector_files.release_pages``). When the shard files together exceed
+``MAP_ALL_SHARE`` of the machine's memory (or ``map_all``, as ``loupe optimize`` asks), every shard is mapped and
+checked that way: 10M x 512-d flat shards (20 GB) read into RAM killed a 24 GB box (out of memory) during
+``optimize``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from retrieval.types import Hit
 log = logging.getLogger("loupe.index")
 
 MMAP_MIN_BYTES = 512 * 2**20    # shard files at least this large are memory-mapped (when allowed), smaller read
+MAP_ALL_SHARE = 0.5              # ... and all of them when together they exceed this share of physical memory
 PARALLEL_MIN_VECTORS = 200_000   # below this, searching shards one after another is faster
 DEFAULT_NPROBE = 32
 DEFAULT_EF_SEARCH = 256  # 1M random 512-d, efConstruction 80: recall@10 0.834 at 256 vs 0.673 at 128
@@ -160,7 +164,7 @@ class ShardSet:
     """Every encoder's shards of one index, with the global row numbering (``offsets``) they share."""
 
     def __init__(self, index_dir: Path, manifest: store.Manifest, ids: Sequence[Sequence[str]], *,
-                 mmap: bool = True, search_device: str | None = None):
+                 mmap: bool = True, search_device: str | None = None, map_all: bool | None = None):
         self.manifest = manifest
         self.ids = ids                                     # per shard: image ids in row order
         counts = [len(x) for x in ids]
@@ -171,9 +175,13 @@ class ShardSet:
         check_unique_ids(ids)
         from retrieval.index.layout import covered_shards
 
+        if map_all is None:
+            map_all = too_big_for_ram(index_dir, manifest)
         for name, entry in manifest.encoders.items():
             shards = []
-            covered = covered_shards(manifest, name) if mmap and entry.index_type != "binary" else set()
+            covered = set()
+            if mmap and entry.index_type != "binary":
+                covered = set(range(len(manifest.shards))) if map_all else covered_shards(manifest, name)
             for i, shard in enumerate(s.name for s in manifest.shards):
                 path = store.vectors_path(index_dir, name, shard)
                 mapped = mmap and (_file_size(path) >= MMAP_MIN_BYTES or i in covered)
@@ -379,6 +387,17 @@ class ShardSet:
         for fh, _, _ in self._mapped.values():
             fh.close()
         self._mapped.clear()
+
+
+def too_big_for_ram(index_dir: Path, manifest: store.Manifest, share: float | None = None) -> bool:
+    """Whether the index's vector shards together exceed ``share`` (``MAP_ALL_SHARE``) of physical memory."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return False
+    total = sum(_file_size(store.vectors_path(index_dir, name, s.name))
+                for name in manifest.encoders for s in manifest.shards)
+    return total > (MAP_ALL_SHARE if share is None else share) * ram
 
 
 def _file_size(path: Path) -> int:

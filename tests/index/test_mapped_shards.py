@@ -177,3 +177,49 @@ def test_a_mapped_layout_file_truncated_while_served_is_refused_not_a_crash(tmp_
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["before", "3", "refused", "True"], proc.stdout + proc.stderr[-2000:]
+
+
+def test_shards_larger_than_ram_together_are_all_mapped_and_optimize_maps_them(tmp_path, monkeypatch):
+    """Without a layout, small shard files are read into RAM — unless together they exceed MAP_ALL_SHARE of
+    physical memory (10M x 512-d: 20 GB of 205 MB files killed a 24 GB box in `loupe optimize`); optimize
+    maps every shard whatever their size. Mapped or read, the same vectors; a bad norm is still refused."""
+    from retrieval.index import shards as shards_mod
+
+    vecs = clustered(3000, 16, 5)
+    out = build_index(tmp_path / "idx", {"e": vecs}, shard_sizes=[1000] * 3)
+    manifest = store.read_manifest(out)
+    ids = [store.read_metadata(out, s.name).column("id").to_pylist() for s in manifest.shards]
+    assert not shards_mod.too_big_for_ram(out, manifest)              # 192 KB of shards
+    assert shards_mod.too_big_for_ram(out, manifest, share=1e-9)
+    small = ShardSet(out, manifest, ids)
+    assert not small._mapped and all(ix.codes.is_owned for ix in small.indexes["e"])
+    monkeypatch.setattr(shards_mod, "MAP_ALL_SHARE", 1e-9)           # "larger than RAM"
+    big = ShardSet(out, manifest, ids)
+    assert set(big._mapped) == {("e", i) for i in range(3)}
+    assert not any(ix.codes.is_owned for ix in big.indexes["e"])
+    rows = np.array([0, 999, 1000, 2999])
+    np.testing.assert_array_equal(big.vectors_at("e", rows), vecs[rows])
+    small.close()
+    big.close()
+    monkeypatch.setattr(shards_mod, "MAP_ALL_SHARE", 0.5)
+
+    seen = {}
+    real = shards_mod.ShardSet.__init__
+
+    def spy(self, *a, **kw):
+        real(self, *a, **kw)
+        seen["mapped"] = set(self._mapped)
+
+    monkeypatch.setattr(shards_mod.ShardSet, "__init__", spy)
+    optimize(out, layout="flat")
+    assert seen["mapped"] == {("e", i) for i in range(3)}
+
+    # a non-unit vector in a shard that is mapped because of the total size is still refused at open
+    bad = vecs[:1000].copy()
+    bad[7] *= 3
+    out2 = build_index(tmp_path / "idx2", {"e": np.concatenate([bad, vecs[1000:]])}, shard_sizes=[1000] * 3)
+    monkeypatch.setattr(shards_mod, "MAP_ALL_SHARE", 1e-9)
+    m2 = store.read_manifest(out2)
+    ids2 = [store.read_metadata(out2, s.name).column("id").to_pylist() for s in m2.shards]
+    with pytest.raises(IndexFormatError):
+        ShardSet(out2, m2, ids2)

@@ -373,3 +373,33 @@ def test_the_layout_file_is_checksummed_and_verified(six_shards):
     assert not report.ok and any(p.file == rel for p in report.problems)
     with pytest.raises(Exception, match="norm|SHA|damaged|optimize"):
         Engine(out, device="cpu")
+
+
+def test_the_ivf_training_sample_grows_with_the_lists_and_is_the_sampled_rows(monkeypatch):
+    """A fixed 100,000-row sample capped 10M vectors at 2,048 lists (fit_factory: 39 rows per list); the
+    sample now grows with nlist, and the rows read from the chunks are exactly the sampled ones."""
+    import faiss
+
+    from indexer.index_types import fit_factory
+    from retrieval.index import optimize as opt
+    from retrieval.index.tuning import sample_rows
+
+    assert opt.train_size("IVF16384,PQ32x8", 10_000_000) == opt.TRAIN_PER_LIST * 16384
+    assert fit_factory("IVF16384,PQ32x8", opt.train_size("IVF16384,PQ32x8", 10_000_000)) == "IVF16384,PQ32x8"
+    assert opt.train_size("IVF1024,PQ32x8", 10_000_000) == opt.TRAIN_SAMPLE
+    assert opt.train_size("IVF16384,PQ32x8", 50_000) == 50_000
+    assert opt.train_size("PCA128,HNSW32,Flat", 10_000_000) == opt.TRAIN_SAMPLE
+
+    monkeypatch.setattr(opt, "TRAIN_SAMPLE", 200)
+    monkeypatch.setattr(opt, "TRAIN_PER_LIST", 40)          # 8 lists -> 320 of the 900 rows
+    vecs = unit(np.random.default_rng(3).standard_normal((900, 16)).astype(np.float32))
+    chunks = lambda: (vecs[a:a + 130] for a in range(0, 900, 130))   # noqa: E731 - uneven chunks on purpose
+    index, factory = opt.train_index("IVF8,PQ4x4", 16, chunks, 900)
+    assert factory == "IVF8,PQ4x4" and index.is_trained
+    rows = sample_rows(900, 320, seed=1)
+    assert len(rows) == 320
+    ref = faiss.index_factory(16, "IVF8,PQ4x4", faiss.METRIC_INNER_PRODUCT)
+    ref.train(vecs[rows])                  # faiss' k-means is seeded: the same sample gives the same centroids
+    got = faiss.extract_index_ivf(index).quantizer.reconstruct_n(0, 8)
+    want = faiss.extract_index_ivf(ref).quantizer.reconstruct_n(0, 8)
+    np.testing.assert_allclose(got, want, atol=1e-5)
