@@ -232,22 +232,29 @@ def test_engine_on_an_accelerator_answers_as_on_the_cpu(tmp_path):
         [h.id for h in acc.search_vector("e", vecs[4], 10, filter=flt)]
 
 
+def tune_refined(codes_rank_all_from: int, codes_hits_below: int):
+    """``tune`` a refined IVF (2,048 lists) on a fake search whose recall@10 is the smaller of what the probed
+    lists hold (all 10 true neighbours from nprobe 384, 9 below) and what the codes rank (all 10 from
+    ``k_factor`` ``codes_rank_all_from``, ``codes_hits_below`` below)."""
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(8), 8, 2048, faiss.METRIC_INNER_PRODUCT)   # knob_of: nlist
+    nq = 50
+    truth = np.tile(np.arange(10), (nq, 1))
+
+    def search(q, k, params):
+        coarse = 10 if params["nprobe"] >= 384 else 9
+        codes = 10 if params.get("k_factor", 1) >= codes_rank_all_from else codes_hits_below
+        hits = min(coarse, codes)
+        return np.tile(np.concatenate([np.arange(hits), np.arange(100, 100 + k - hits)]), (len(q), 1))
+
+    return tune(search, index, np.zeros((nq, 8), np.float32), truth, target=0.95, refine=True)
+
+
 def test_tune_lowers_k_factor_again_once_the_knob_is_chosen():
     """A refined IVF-PQ: ``k_factor`` is first tuned at a generous ``nprobe``; when even that ``nprobe`` misses
     the goal (the coarse quantizer limits recall, here below nprobe 384), ``k_factor`` climbs to the top of
     the grid — then, at the ``nprobe`` finally chosen, the smallest ``k_factor`` that reaches the goal is
     kept (fewer candidates to keep and re-score)."""
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(8), 8, 2048, faiss.METRIC_INNER_PRODUCT)   # knob_of: nlist
-    nq = 50
-    truth = np.tile(np.arange(10), (nq, 1))
-
-    def search(q, k, params):            # recall@10 = min(what the probed lists hold, what the codes rank)
-        coarse = 10 if params["nprobe"] >= 384 else 9
-        codes = 10 if params.get("k_factor", 1) >= 8 else 8
-        hits = min(coarse, codes)
-        return np.tile(np.concatenate([np.arange(hits), np.arange(100, 100 + k - hits)]), (len(q), 1))
-
-    tuned = tune(search, index, np.zeros((nq, 8), np.float32), truth, target=0.95, refine=True)
+    tuned = tune_refined(8, 8)
     assert tuned.reached and tuned.recall == 1.0
     assert tuned.params == {"nprobe": 384, "k_factor": 8}
     tried_at_384 = {t["params"]["k_factor"]: t["recall"] for t in tuned.tried if t["params"]["nprobe"] == 384}
@@ -257,17 +264,7 @@ def test_tune_lowers_k_factor_again_once_the_knob_is_chosen():
 def test_tune_keeps_more_candidates_rather_than_probe_more_lists():
     """Codes too coarse to rank the true top 10 within 64 x k candidates (10M x 512-d, PQ64x8: recall@10 0.937 at
     nprobe 2048 with k_factor 64, 0.954 with 128): a larger ``k_factor`` reaches the goal at the smaller ``nprobe``."""
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(8), 8, 2048, faiss.METRIC_INNER_PRODUCT)
-    nq = 50
-    truth = np.tile(np.arange(10), (nq, 1))
-
-    def search(q, k, params):
-        coarse = 10 if params["nprobe"] >= 384 else 9
-        codes = 10 if params.get("k_factor", 1) >= 128 else 9
-        hits = min(coarse, codes)
-        return np.tile(np.concatenate([np.arange(hits), np.arange(100, 100 + k - hits)]), (len(q), 1))
-
-    tuned = tune(search, index, np.zeros((nq, 8), np.float32), truth, target=0.95, refine=True)
+    tuned = tune_refined(128, 9)
     assert tuned.reached and tuned.recall == 1.0
     assert tuned.params == {"nprobe": 384, "k_factor": 128}
 
