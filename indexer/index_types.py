@@ -116,7 +116,11 @@ def choose_index_type(n: int, dim: int, *, requested: str = "auto", max_memory: 
 
 
 def fit_factory(factory: str, n_train: int) -> str:
-    """Cap an IVF-PQ factory to what ``n_train`` training vectors can fit (tiny corpora, tests)."""
+    """Cap an IVF-PQ (or IVF-RaBitQ) factory to what ``n_train`` training vectors can fit (tiny corpora, tests)."""
+    rabitq = re.fullmatch(r"IVF(\d+),RaBitQ", factory)
+    if rabitq:
+        cap = max(1, n_train // MIN_POINTS_PER_CENTROID)
+        return f"IVF{min(int(rabitq.group(1)), 2 ** int(math.log2(cap)))},RaBitQ"
     m = re.fullmatch(r"IVF(\d+),PQ(\d+)x(\d+)", factory)
     if not m:
         return factory

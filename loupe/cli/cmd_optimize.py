@@ -35,7 +35,7 @@ def add_arguments(p) -> None:
                    help=f"recall@10 the search parameters must reach, in (0, 1] (default {DEFAULT_TARGET_RECALL})")
     p.add_argument("--layout", choices=LAYOUT_TYPES, default="auto",
                    help="index of the layout (auto: flat, HNSW, HNSW on a PCA projection or IVF-PQ by size, "
-                        "dimension and --max-memory)")
+                        "dimension and --max-memory; ivf-rabitq: IVF with 1-bit RaBitQ codes, on request)")
     p.add_argument("--encoder", action="append", dest="encoders", metavar="NAME", default=None,
                    help="optimize only this encoder (repeat for several; default: all)")
     p.add_argument("--max-memory", default=None, metavar="SIZE", help="memory budget of the layout (e.g. 4G)")

@@ -20,7 +20,12 @@ builds, per encoder, **one** index over every shard's vectors:
   16,384 lists at 10M), each write shard's vectors are encoded with it, and the shards' inverted lists are
   merged into one on-disk, memory-mapped file (``search-NNNNN.ivfdata``, :mod:`retrieval.index.ondisk`):
   the layout is never held whole in RAM. 10M x 128-d on a 2-core, 24 GB box (RESULTS.md, issue 14 part 7):
-  ``IVF16384,PQ32x8``, nprobe 1024 / k_factor 16 tuned, unseen recall@10 0.954 at 12.3 ms a query.
+  ``IVF16384,PQ32x8``, nprobe 1024 / k_factor 16 tuned, unseen recall@10 0.954 at 12.3 ms a query;
+* ``ivf-rabitq`` (``IVF{nlist},RaBitQ``, on request): as ``ivfpq`` but with RaBitQ codes (Gao & Long, SIGMOD 2024:
+  one bit per dimension of the randomly rotated residual, plus two floats, with an unbiased estimator of the inner
+  product; ``d / 8 + 8`` bytes) scanned with ``RABITQ_QUERY_BITS``-bit queries. Its codes rank candidates much
+  better per byte than PQ at high dimension, so fewer candidates need re-scoring (10M x 512-d raw-faiss
+  experiment: k_factor 32 where PQ64x8 needed 128 at the same recall).
 
 Then it measures recall@10 of the new index against exact search on a sample of the collection's own
 vectors used as queries the index has not seen (:mod:`retrieval.index.tuning`):
@@ -86,8 +91,11 @@ PCA_LAYOUT_MIN = 500_000           # auto: hnsw-pca instead of hnsw from this ma
 PCA_EF_CONSTRUCTION = 200
 AUTO_OPTIMIZE_MIN = 20_000         # `loupe index` optimizes by itself from this many images ...
 AUTO_OPTIMIZE_DELTA = 2            # ... when at least this many shards are outside the layout
-LAYOUT_TYPES = ("auto", "flat", "hnsw", "hnsw-pca", "ivfpq")
-RESCORED = ("ivfpq", "hnsw-pca")   # layouts whose candidates are re-scored from the write shards' vectors
+LAYOUT_TYPES = ("auto", "flat", "hnsw", "hnsw-pca", "ivfpq", "ivf-rabitq")
+RESCORED = ("ivfpq", "ivf-rabitq", "hnsw-pca")   # layouts whose candidates are re-scored from the write shards' vectors
+ON_DISK = ("ivfpq", "ivf-rabitq")  # layouts built and searched with their inverted lists on disk (mapped)
+RABITQ_QUERY_BITS = 4              # ivf-rabitq: bits per query dimension in the scan (faiss' default 8); 10M x 512-d
+                                   # (RESULTS.md, part 7): recall@10 0.9547 at 30.7 ms vs 0.956 at 37.7 ms with 8
 TRAIN_SAMPLE = 100_000             # training rows at least (PCA, small IVF) ...
 TRAIN_PER_LIST = 40                # ... and for IVF at least this many per list (faiss warns below 39): 655,360
                                    # rows for the 16,384 lists of 10M vectors, where a fixed 100,000 capped nlist
@@ -118,6 +126,8 @@ def choose_layout(n: int, dim: int, *, requested: str = "auto", max_memory: int 
             raise LoupeError(f"layout hnsw-pca projects vectors to {PCA_DIM} dimensions; these have {dim}: "
                              "use --layout hnsw")
         return "hnsw-pca", f"PCA{PCA_DIM},HNSW32,Flat"
+    if requested == "ivf-rabitq":
+        return "ivf-rabitq", f"IVF{ivf_nlist(n)},RaBitQ"
     return "ivfpq", f"IVF{ivf_nlist(n)},PQ{pq_subquantizers(dim, n, budget)}x8"
 
 
@@ -145,6 +155,8 @@ def train_index(factory: str, dim: int, chunks: Callable[[], Any], n: int, *, us
         factory = fit_factory(factory, len(sample))
         index = _new_index(factory, dim)
         train(index, sample, use_gpu=use_gpu)
+        if hasattr(index, "qb"):                  # IVF RaBitQ: saved with the index, so every search uses it
+            index.qb = RABITQ_QUERY_BITS
     else:
         index = _new_index(factory, dim)
     hnsw = hnsw_of(index)
@@ -318,7 +330,7 @@ def optimize(index_dir, *, encoders: Sequence[str] | None = None, target_recall:
                 report = None if progress is None else (lambda done, name=name, n=n: progress(name, done, n))
                 rescore = kind in RESCORED and exact
                 held = held_out_rows(n, queries, seed=7) if kind in ("hnsw", "hnsw-pca") else np.zeros(0, np.int64)
-                if kind == "ivfpq":                # one trained quantizer, the shards' lists merged on disk
+                if kind in ON_DISK:                # one trained quantizer, the shards' lists merged on disk
                     trained, factory = train_index(factory, entry.dim, chunks, n, use_gpu=use_gpu)
                     index, records = build_ondisk(trained, chunks(), folder / file, progress=report)
                     written.extend(records)
@@ -328,7 +340,7 @@ def optimize(index_dir, *, encoders: Sequence[str] | None = None, target_recall:
                                                  progress=report)
                 layout_entry = LayoutEntry(file=file, index_type=kind, factory=factory,
                                            shards=[[s.name, s.count] for s in manifest.shards], count=n,
-                                           rescore=rescore, data_file=data_file_of(file) if kind == "ivfpq" else None,
+                                           rescore=rescore, data_file=data_file_of(file) if kind in ON_DISK else None,
                                            held_out=held.tolist() or None)
                 tuned = _tune_layout(index, layout_entry, shards, name, chunks, queries=queries, target=target_recall,
                                      exact_vectors=(lambda rows, name=name: shards.vectors_at(name, rows)))
@@ -336,7 +348,7 @@ def optimize(index_dir, *, encoders: Sequence[str] | None = None, target_recall:
                     index.add(np.ascontiguousarray(shards.vectors_at(name, held), dtype=np.float32))
                     if report is not None:
                         report(n)
-                if kind != "ivfpq":
+                if kind not in ON_DISK:
                     records = {folder / file: store.atomic_write_with(folder / file,
                                                                       lambda tmp, ix=index: _write_index(ix, tmp))}
                     written.extend(records)

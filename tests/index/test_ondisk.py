@@ -73,7 +73,7 @@ def test_merged_on_disk_lists_search_exactly_like_one_in_ram_index(tmp_path):
 
 
 def _reference_engine_answer(out, vecs, q, k, nprobe, k_factor):
-    """Top-k by the in-RAM IVF-PQ built from the layout's own trained quantizer and codebooks, candidates
+    """Top-k by the in-RAM IVF index built from the layout's own trained quantizer and codebooks, candidates
     re-scored exactly — what the engine must answer through the on-disk layout."""
     manifest = store.read_manifest(out)
     entry = layouts_of(manifest)["e"]
@@ -91,11 +91,15 @@ def _reference_engine_answer(out, vecs, q, k, nprobe, k_factor):
     return [fake_id(int(i)) for i in cand[order]]
 
 
-def test_optimize_writes_an_on_disk_ivfpq_layout_that_engine_and_verify_use(tmp_path):
+@pytest.mark.parametrize("kind", ["ivfpq", "ivf-rabitq"])
+def test_optimize_writes_an_on_disk_ivf_layout_that_engine_and_verify_use(tmp_path, kind):
+    from retrieval.index.optimize import RABITQ_QUERY_BITS
+
     vecs = clustered(4000, 32, 1)
     out = build_index(tmp_path / "idx", {"e": vecs}, shard_sizes=[1500, 1000, 1500])
-    info = optimize(out, layout="ivfpq", target_recall=0.9, queries=150).encoders["e"]
-    assert info["layout"] == "ivfpq"
+    info = optimize(out, layout=kind, target_recall=0.9, queries=150).encoders["e"]
+    assert info["layout"] == kind and info["reached"] and info["recall@10"] >= 0.9
+    assert info["factory"].endswith(",RaBitQ" if kind == "ivf-rabitq" else "x8")
     manifest = store.read_manifest(out)
     entry = layouts_of(manifest)["e"]
     assert entry.data_file == entry.file.replace(".faiss", ".ivfdata")
@@ -105,6 +109,9 @@ def test_optimize_writes_an_on_disk_ivfpq_layout_that_engine_and_verify_use(tmp_
     engine = Engine(out, device="cpu")
     layout = engine.shards.layouts["e"]
     assert ondisk_lists(layout.index) is not None
+    if kind == "ivf-rabitq":                         # 1-bit codes, scanned with 4-bit queries (saved in the file)
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(layout.index))
+        assert isinstance(ivf, faiss.IndexIVFRaBitQ) and ivf.qb == RABITQ_QUERY_BITS and ivf.code_size == 32 // 8 + 8
     nprobe, k_factor = entry.params["nprobe"], entry.params["k_factor"]
     for qi in (3, 77, 1999, 3500):
         q = unit(vecs[qi] + 0.05 * np.random.default_rng(qi).standard_normal(32))
