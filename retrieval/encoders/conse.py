@@ -19,7 +19,7 @@ import torch
 
 from retrieval import settings
 from retrieval.encoders.base import Encoder
-from retrieval.encoders.effnet import effnet_transform, load_effnet_lite0
+from retrieval.encoders.effnet import CHANNELS_LAST, effnet_transform, load_effnet_lite0
 from retrieval.encoders.minilm import MiniLMTextEncoder
 from retrieval.numeric import l2_normalize
 from retrieval.types import Vectors
@@ -76,6 +76,9 @@ class ConseEncoder(Encoder):
         self.classnames = imagenet_classnames()
         self.templates = list(spec.get("templates") or ["a photo of a {}."])
         self.class_embeddings = class_prompt_embeddings(self.text, self.classnames, self.templates)
+
+    def to_batch(self, batch) -> torch.Tensor:
+        return super().to_batch(batch).contiguous(memory_format=CHANNELS_LAST)   # as the effnet encoder
 
     def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """``(ImageNet-1k logits [n, 1000], final feature-map cells [n, h*w, 1280], (h, w))``: the first

@@ -6,6 +6,8 @@ loaded strictly. Inputs: bicubic resize to 256, centre crop 224, scaled to [-1, 
 Global vector: the pooled 1280-d pre-logits; local features: the final 7x7x1280 feature map, or
 (``local_layer="fine"``) the 14x14x112 map of stage 4 (``FINE_STAGE``), whose cells see a quarter of the
 area: 196 descriptors instead of 49 for local matching, from the same forward pass.
+The network runs in channels-last memory format (``CHANNELS_LAST``): its depthwise convolutions are 1.6x
+faster that way on a 2-core CPU (10.5 -> 16.7 img/s on 64 images), same outputs within 3e-5.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ def load_effnet_lite0(spec: EncoderSpec) -> torch.nn.Module:
                               ValueError(f"{len(source)} tensors, expected {len(target)}"))
     renamed = OrderedDict((tk, sv) for tk, sv in zip(target.keys(), source.values()))
     model.load_state_dict(renamed, strict=True)
-    return model.eval()
+    return model.eval().to(memory_format=CHANNELS_LAST)
+
+
+CHANNELS_LAST = torch.channels_last
 
 
 def effnet_transform(spec):
@@ -59,6 +64,9 @@ class EffnetEncoder(Encoder):
         super().__init__(spec, device)
         self.model = load_effnet_lite0(spec).to(device.device)
         self.preprocess = effnet_transform(spec)
+
+    def to_batch(self, batch) -> torch.Tensor:
+        return super().to_batch(batch).contiguous(memory_format=CHANNELS_LAST)
 
     def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """``(pooled 1280-d pre-logits, final feature-map cells [n, h*w, 1280] row-major, (h, w))``."""
