@@ -78,7 +78,7 @@ def main() -> int:
     ap.add_argument("--index", type=int, default=10_000)
     ap.add_argument("--queries", type=int, default=1_000)
     ap.add_argument("--shard-size", type=int, default=2_000)
-    ap.add_argument("--layout", default="hnsw")
+    ap.add_argument("--layout", default="auto", help="optimize's layout (default: auto, as `loupe optimize`)")
     ap.add_argument("--cache", default="/tmp/loupe-fmnist-effnet.npy",
                     help="embedding cache (one .npy; resumable parts beside it in <stem>.parts/)")
     ap.add_argument("--device", default="cpu", help="where to embed: cpu | cuda (a GPU box embeds 70,000 in seconds)")

@@ -39,7 +39,7 @@ class LayoutEntry:
     tuned: dict[str, Any] | None = None        # tuning.Tuned.to_json()
     built: str = field(default_factory=store.now_iso)
     build_seconds: float = 0.0
-    rescore: bool = False                      # ivfpq, ivf-rabitq, hnsw-pca: candidates re-scored from the write shards' vectors
+    rescore: bool = False                      # ivfpq, ivf-rabitq, hnsw-pca: candidates re-scored from write shards
     data_file: str | None = None               # ivfpq, ivf-rabitq: its inverted lists, search-NNNNN.ivfdata (mapped)
     held_out: list[int] | None = None          # hnsw(-pca): rows (of ``shards``) inserted last: ``layout_order``
 

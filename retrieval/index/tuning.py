@@ -17,7 +17,7 @@ on ten 50k shards — so Loupe measures instead of guessing:
    index and its own row is left out of its answer and its truth (``own``, ``drop_own_rows``);
 2. ``exact_neighbours`` computes the true top-k by exact inner product over every vector (streamed,
    so a memory-mapped collection is never copied whole; ``exclude``: rows not in the index yet);
-3. ``tune`` tries the knob's values from cheap to expensive and keeps the first one whose recall@k reaches
+3. ``tune`` bisects the knob's values (recall grows with the knob) for the cheapest one whose recall@k reaches
    the target plus a small margin (``MARGIN`` of the remaining gap: 0.955 for a target of 0.95): the
    sample's recall is an estimate (1,000 queries: standard error ≈ 0.003 near 0.95), and the choice
    should hold for the queries users send. When none does, the most accurate one tried is kept.
@@ -199,6 +199,7 @@ def tune(search: Callable[[np.ndarray, int, dict[str, int]], np.ndarray], index,
     def measure(params: dict[str, int]) -> tuple[float, float]:
         import faiss
 
+        started = time.perf_counter()
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)                 # as `loupe serve` searches
         try:
@@ -213,7 +214,8 @@ def tune(search: Callable[[np.ndarray, int, dict[str, int]], np.ndarray], index,
         finally:
             faiss.omp_set_num_threads(threads)
         recall = recall_at_k(rows, truth, k)
-        tried.append({"params": dict(params), "recall": recall, "latency_ms": latency})
+        tried.append({"params": dict(params), "recall": recall, "latency_ms": latency,
+                      "seconds": round(time.perf_counter() - started, 2)})
         return recall, latency
 
     if knob is None:                               # exact: nothing to tune, measure once
@@ -221,27 +223,57 @@ def tune(search: Callable[[np.ndarray, int, dict[str, int]], np.ndarray], index,
         return Tuned({}, recall, target, k, len(queries), latency, recall >= target, tried)
 
     base: dict[str, int] = {}
-    generous = {knob: grid[min(len(grid) - 1, len(grid) * 3 // 4)]}
+    at_generous = min(len(grid) - 1, len(grid) * 3 // 4)
+    generous = {knob: grid[at_generous]}
+    known: dict[int, Trial] = {}
     if refine:
         for kf in K_FACTOR_GRID:
-            recall, _ = measure({**generous, "k_factor": kf})
+            recall, latency = measure({**generous, "k_factor": kf})
             base = {"k_factor": kf}
+            known = {at_generous: (recall, latency, {**generous, **base})}
             if recall >= goal:
                 break
-    best: tuple[float, float, dict[str, int]] | None = None
-    for value in grid:
-        params = {**base, knob: int(value)}
-        recall, latency = measure(params)
-        if best is None or recall > best[0]:
-            best = (recall, latency, params)
-        if recall >= goal:
-            if refine and value > generous[knob]:    # smaller k_factors missed at a larger knob value
-                params, recall, latency = _smaller_k_factor(measure, params, recall, latency, goal)
-            return Tuned(params, recall, target, k, len(queries), latency, True, tried)
-        if recall >= 0.999:                          # saturated: more cannot help
-            break
-    assert best is not None
+    chosen, best = bisect_knob(measure, base, knob, grid, goal, known)
+    if chosen is not None:
+        params, recall, latency = chosen
+        if refine and params[knob] > generous[knob]:  # smaller k_factors missed at a larger knob value
+            params, recall, latency = _smaller_k_factor(measure, params, recall, latency, goal)
+        return Tuned(params, recall, target, k, len(queries), latency, True, tried)
     return Tuned(best[2], best[0], target, k, len(queries), best[1], best[0] >= target, tried)
+
+
+SATURATED = 0.999           # a recall this high is taken as the knob's ceiling: larger values cannot help
+Trial = tuple[float, float, dict[str, int]]      # (recall, latency ms, params) of one measurement
+
+
+def bisect_knob(measure, base: dict[str, int], knob: str, grid: tuple[int, ...], goal: float,
+                known: dict[int, Trial] | None = None) -> tuple[tuple[dict[str, int], float, float] | None, Trial]:
+    """The cheapest value of ``grid`` whose recall reaches ``goal``, found by bisection: recall grows with the
+    knob (more lists probed, a wider graph search), so every value below one that misses the goal can be skipped.
+    About log2(len(grid)) measurements instead of one per value up to the answer: tuning 10M x 512-d spent most
+    of its 2,207.8 s climbing ``nprobe`` 1, 2, 3, ... 2048 with 2,560 candidates re-scored per query
+    (benchmarks/RESULTS.md, issue 14 parts 7 and 8). Returns ``((params, recall, latency) or None when no value
+    reaches the goal, (recall, latency, params) of the most accurate value measured)``; a saturated value
+    (``SATURATED``) that still misses the goal ends the search like a reaching one, with ``None``. ``known``:
+    grid positions already measured with ``base``."""
+    seen = dict(known or {})
+
+    def at(i: int) -> tuple[float, float, dict[str, int]]:
+        if i not in seen:
+            params = {**base, knob: int(grid[i])}
+            seen[i] = (*measure(params), params)
+        return seen[i]
+
+    lo, hi = 0, len(grid) - 1                # every value below ``lo`` misses; ``hi`` is the last one left
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if at(mid)[0] >= min(goal, SATURATED):
+            hi = mid
+        else:
+            lo = mid + 1
+    recall, latency, params = at(lo)
+    best = max(seen.values(), key=lambda x: x[0])
+    return ((params, recall, latency) if recall >= goal else None), best
 
 
 def _smaller_k_factor(measure, params: dict[str, int], recall: float, latency: float, goal: float

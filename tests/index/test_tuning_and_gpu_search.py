@@ -269,6 +269,38 @@ def test_tune_keeps_more_candidates_rather_than_probe_more_lists():
     assert tuned.params == {"nprobe": 384, "k_factor": 128}
 
 
+@pytest.mark.parametrize("reaches_from", [1, 6, 48, 192, 2048, 4096, None])
+def test_tune_bisects_the_knob_for_the_cheapest_value_a_linear_scan_finds(reaches_from):
+    """Recall grows with ``nprobe``: the bisection finds the value a scan from the cheapest would, in about
+    log2(grid) measurements instead of one per value up to the answer (``None``: no value reaches the goal,
+    the most accurate one measured is kept)."""
+    from retrieval.index.tuning import knob_of
+
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(8), 8, 4096, faiss.METRIC_INNER_PRODUCT)
+    _, grid = knob_of(index)
+    nq = 40
+    truth = np.tile(np.arange(10), (nq, 1))
+
+    def hits_at(nprobe):                    # monotone: 10 from ``reaches_from`` on, fewer below
+        if reaches_from is not None and nprobe >= reaches_from:
+            return 10
+        return min(9, 1 + int(np.log2(nprobe)) // 2)
+
+    def search(q, k, params):
+        hits = hits_at(params["nprobe"])
+        return np.tile(np.concatenate([np.arange(hits), np.arange(100, 100 + k - hits)]), (len(q), 1))
+
+    tuned = tune(search, index, np.zeros((nq, 8), np.float32), truth, target=0.95)
+    linear = next((v for v in grid if hits_at(v) == 10), None)
+    if linear is None:
+        assert not tuned.reached and tuned.params == {"nprobe": grid[-1]}          # the most accurate
+        assert tuned.recall == pytest.approx(hits_at(grid[-1]) / 10)
+    else:
+        assert tuned.reached and tuned.params == {"nprobe": linear} and tuned.recall == 1.0
+    assert len(tuned.tried) <= int(np.ceil(np.log2(len(grid)))) + 1 < grid.index(2048)
+    assert all(t["seconds"] >= 0 for t in tuned.tried)
+
+
 def test_one_query_on_several_threads_splits_the_ivf_lists_with_the_same_answers():
     from retrieval.index.shards import search_index
 
