@@ -24,8 +24,9 @@ builds, per encoder, **one** index over every shard's vectors:
 * ``ivf-rabitq`` (``IVF{nlist},RaBitQ``, on request): as ``ivfpq`` but with RaBitQ codes (Gao & Long, SIGMOD 2024:
   one bit per dimension of the randomly rotated residual, plus two floats, with an unbiased estimator of the inner
   product; ``d / 8 + 8`` bytes) scanned with ``RABITQ_QUERY_BITS``-bit queries. Its codes rank candidates much
-  better per byte than PQ at high dimension, so fewer candidates need re-scoring (10M x 512-d raw-faiss
-  experiment: k_factor 32 where PQ64x8 needed 128 at the same recall).
+  better per byte than PQ at high dimension, so fewer candidates need re-scoring (10M x 512-d: k_factor 64 where
+  PQ64x8 needed 128), but its scan gained less from two threads: 27.2 ms vs PQ64x8's 21.5 at recall@10 0.96
+  (RESULTS.md, issue 14 part 8), so ``auto`` keeps ``ivfpq``.
 
 Then it measures recall@10 of the new index against exact search on a sample of the collection's own
 vectors used as queries the index has not seen (:mod:`retrieval.index.tuning`):
