@@ -63,14 +63,24 @@ def _drops(encoder, result: Image.Image, qv: np.ndarray, heat: np.ndarray, seed:
     return float(d[0]), float(d[1:].mean())
 
 
-def _deletion_ratio(encoder, pairs, heat_of) -> float:
+def _mean_drops(encoder, pairs, heat_of) -> tuple[float, float]:
     tops, rnds = [], []
     for query, result in pairs:
         qv = encoder.encode_images([query])[0]
         top, rnd = _drops(encoder, result, qv, heat_of(result, qv))
         tops.append(top)
         rnds.append(rnd)
-    return float(np.mean(tops) / max(np.mean(rnds), 1e-9))
+    return float(np.mean(tops)), float(np.mean(rnds))
+
+
+def _deletion_ratio(encoder, pairs, heat_of) -> float:
+    top, rnd = _mean_drops(encoder, pairs, heat_of)
+    return top / max(rnd, 1e-9)
+
+
+def _deletion_gain(encoder, pairs, heat_of) -> float:
+    top, rnd = _mean_drops(encoder, pairs, heat_of)
+    return top - rnd
 
 
 def test_default_map_is_smooth_and_beats_random_deletion(effnet, real_pairs):
@@ -86,14 +96,19 @@ def test_default_map_is_smooth_and_beats_random_deletion(effnet, real_pairs):
 
 
 def test_a_random_map_does_not_pass_the_deletion_check(effnet, real_pairs):
-    """The check above fails for a map that knows nothing (smooth noise): the ratio is what the map earns."""
+    """The check above fails for a map that knows nothing (smooth noise): hiding its top 20 % takes the
+    similarity down by less than half of what hiding the default map's top 20 % does, beyond random deletion.
+    (Judged by the gain over random deletion, not by the ratio: the random drop's mean can be near zero —
+    0.0066 on one dev box's pairs, where noise's ratio came out 5.9 from a gain of 0.032.)"""
     from retrieval.explain.grid import smooth_map
 
     def noise(result, qv):
         rng = np.random.default_rng(result.size[0])
         return smooth_map(rng.random((result.size[1], result.size[0])), 12.0)
 
-    assert _deletion_ratio(effnet, real_pairs, noise) < 1.5
+    noise_gain = _deletion_gain(effnet, real_pairs, noise)
+    default_gain = _deletion_gain(effnet, real_pairs, lambda result, qv: attribute(effnet, result, qv))
+    assert default_gain > 0 and noise_gain < 0.5 * default_gain, (noise_gain, default_gain)
 
 
 def test_rise_map_is_the_measured_deletion_score(effnet, photos):
