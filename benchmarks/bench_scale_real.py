@@ -33,8 +33,8 @@ CHUNK = 1024                       # images per resumable part of the embedding 
 def embed(n: int, cache: Path, *, batch: int = 256, device: str = "cpu") -> np.ndarray:
     """Effnet-lite0 vectors of the first ``n`` Fashion-MNIST images. Resumable: each block of ``CHUNK`` images is
     saved as its own file under ``cache``'s folder (``<cache stem>.parts/``) as soon as it is embedded, so a run that
-    is stopped (70,000 images take about an hour on a 2-core CPU: 20.5 img/s measured) goes on where it stopped; ``cache`` itself
-    (one array) is written once every image is in."""
+    is stopped (70,000 images take about an hour on a 2-core CPU: 20.5 img/s measured) goes on where it stopped;
+    ``cache`` itself (one array) is written once every image is in."""
     if cache.is_file() and len(np.load(cache, mmap_mode="r")) >= n:
         return np.load(cache)[:n]
     from PIL import Image
