@@ -20,6 +20,8 @@ from retrieval.encoders.base import Encoder, EncoderSpec
 from retrieval.encoders.weights import missing_weights, resolve_weights
 from retrieval.numeric import l2_normalize
 
+CHANNELS_LAST = torch.channels_last        # the network's memory format (see the module docstring)
+
 
 def load_effnet_lite0(spec: EncoderSpec) -> torch.nn.Module:
     """timm ``tf_efficientnet_lite0`` with the ImageNet weights the resolver finds for ``spec`` (its
@@ -40,9 +42,6 @@ def load_effnet_lite0(spec: EncoderSpec) -> torch.nn.Module:
     renamed = OrderedDict((tk, sv) for tk, sv in zip(target.keys(), source.values()))
     model.load_state_dict(renamed, strict=True)
     return model.eval().to(memory_format=CHANNELS_LAST)
-
-
-CHANNELS_LAST = torch.channels_last
 
 
 def effnet_transform(spec):

@@ -250,15 +250,15 @@ def bisect_knob(measure, base: dict[str, int], knob: str, grid: tuple[int, ...],
                 known: dict[int, Trial] | None = None) -> tuple[tuple[dict[str, int], float, float] | None, Trial]:
     """The cheapest value of ``grid`` whose recall reaches ``goal``, found by bisection: recall grows with the
     knob (more lists probed, a wider graph search), so every value below one that misses the goal can be skipped.
-    About log2(len(grid)) measurements instead of one per value up to the answer: tuning 10M x 512-d spent most
-    of its 2,207.8 s climbing ``nprobe`` 1, 2, 3, ... 2048 with 2,560 candidates re-scored per query
-    (benchmarks/RESULTS.md, issue 14 parts 7 and 8). Returns ``((params, recall, latency) or None when no value
-    reaches the goal, (recall, latency, params) of the most accurate value measured)``; a saturated value
-    (``SATURATED``) that still misses the goal ends the search like a reaching one, with ``None``. ``known``:
-    grid positions already measured with ``base``."""
+    About log2(len(grid)) measurements instead of one per value up to the answer: at 10M x 512-d each value
+    measured at k_factor 256 took 121-183 s, and the scan from nprobe 1 had reached only nprobe 8 after 18.5
+    minutes; the bisection measured 3 values (benchmarks/RESULTS.md, issue 14 part 8). Returns
+    ``((params, recall, latency) or None when no value reaches the goal, (recall, latency, params) of the most
+    accurate value measured)``; a saturated value (``SATURATED``) that still misses the goal ends the search like
+    a reaching one, with ``None``. ``known``: grid positions already measured with ``base``."""
     seen = dict(known or {})
 
-    def at(i: int) -> tuple[float, float, dict[str, int]]:
+    def at(i: int) -> Trial:
         if i not in seen:
             params = {**base, knob: int(grid[i])}
             seen[i] = (*measure(params), params)
