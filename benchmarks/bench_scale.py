@@ -39,6 +39,7 @@ from retrieval.index import (
     store,  # noqa: E402
     vector_files,
 )
+from retrieval.index.optimize import LAYOUT_TYPES  # noqa: E402
 
 
 def write_shards(out: Path, vecs, shards: int, write_type: str, *, n: int | None = None, dim: int | None = None
@@ -298,7 +299,7 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--shards", default="1,10,100", help="write-shard counts, comma-separated")
     ap.add_argument("--write-type", choices=("hnsw", "flat"), default="hnsw")
-    ap.add_argument("--layout", choices=("auto", "flat", "hnsw", "hnsw-pca", "ivfpq", "ivf-rabitq"), default="auto",
+    ap.add_argument("--layout", choices=LAYOUT_TYPES, default="auto",
                     help="the layout optimize builds (auto = the default flags)")
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)

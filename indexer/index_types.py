@@ -116,7 +116,11 @@ def choose_index_type(n: int, dim: int, *, requested: str = "auto", max_memory: 
 
 
 def fit_factory(factory: str, n_train: int) -> str:
-    """Cap an IVF-PQ (or IVF-RaBitQ) factory to what ``n_train`` training vectors can fit (tiny corpora, tests)."""
+    """Cap an IVF-PQ (or IVF-RaBitQ) factory to what ``n_train`` training vectors can fit (tiny corpora, tests);
+    a leading projection (``PCA128,`` / ``UPCA128,``) is kept as it is."""
+    head = re.match(r"(U?PCA\d+,)(.+)", factory)
+    if head:
+        return head.group(1) + fit_factory(head.group(2), n_train)
     rabitq = re.fullmatch(r"IVF(\d+),RaBitQ", factory)
     if rabitq:
         cap = max(1, n_train // MIN_POINTS_PER_CENTROID)
@@ -162,7 +166,8 @@ def train(index, sample: np.ndarray, *, use_gpu: bool = False):
     ivf = faiss.try_extract_index_ivf(index)
     if use_gpu and ivf is not None:
         try:
-            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(index.d))
+            # the IVF's own space and metric (behind a projection: its output dimensions; hnsw-pca's L2)
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))
         except Exception as exc:  # noqa: BLE001 - GPU training is an optimisation only
             log.warning("GPU clustering unavailable (%s); training on the CPU", exc)
     index.train(sample)

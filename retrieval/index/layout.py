@@ -32,15 +32,15 @@ class LayoutEntry:
     """One encoder's searchable layout, as recorded in the manifest."""
 
     file: str                                  # search-NNNNN.faiss under DIR/<encoder>/
-    index_type: str                            # flat | hnsw | hnsw-pca | ivfpq | ivf-rabitq
+    index_type: str                            # flat | hnsw | hnsw-pca | ivfpq | ivfpq-pca | ivf-rabitq
     factory: str
     shards: list[list[Any]]                    # [[shard name, count], ...] in row order
     count: int
     tuned: dict[str, Any] | None = None        # tuning.Tuned.to_json()
     built: str = field(default_factory=store.now_iso)
     build_seconds: float = 0.0
-    rescore: bool = False                      # ivfpq, ivf-rabitq, hnsw-pca: candidates re-scored from write shards
-    data_file: str | None = None               # ivfpq, ivf-rabitq: its inverted lists, search-NNNNN.ivfdata (mapped)
+    rescore: bool = False                      # RESCORED layouts: candidates re-scored from write shards
+    data_file: str | None = None               # ON_DISK layouts: their inverted lists, search-NNNNN.ivfdata (mapped)
     held_out: list[int] | None = None          # hnsw(-pca): rows (of ``shards``) inserted last: ``layout_order``
 
     @property

@@ -14,19 +14,30 @@ builds, per encoder, **one** index over every shard's vectors:
   the write shards' stored vectors, as ``ivfpq``'s are. Unit vectors: the L2 order is the inner-product order,
   and L2 distances survive the projection's centring where inner products do not. 1M x 512-d (RESULTS.md):
   ``hnsw`` needs efSearch 768 for recall@10 0.97 at 9 ms a query on one thread;
-* ``ivfpq`` (``IVF{nlist},PQ{m}x8``) beyond, with the top ``k * k_factor`` candidates re-scored exactly
-  from the stored vectors of the write shards (memory-mapped; "refine" in faiss' terms). One coarse
-  quantizer is trained (on ``TRAIN_PER_LIST`` sampled rows per list, so ``nlist`` can grow as ``4 * sqrt(n)``:
-  16,384 lists at 10M), each write shard's vectors are encoded with it, and the shards' inverted lists are
-  merged into one on-disk, memory-mapped file (``search-NNNNN.ivfdata``, :mod:`retrieval.index.ondisk`):
-  the layout is never held whole in RAM. 10M x 128-d on a 2-core, 24 GB box (RESULTS.md, issue 14 part 7):
+* ``ivfpq`` (``IVF{nlist},PQ{m}x8``) beyond (below ``2 * PCA_DIM`` dimensions), with the top ``k * k_factor``
+  candidates re-scored exactly from the stored vectors of the write shards (memory-mapped; "refine" in faiss'
+  terms). One coarse quantizer is trained (on ``TRAIN_PER_LIST`` sampled rows per list, so ``nlist`` can grow as
+  ``4 * sqrt(n)``: 16,384 lists at 10M), each write shard's vectors are encoded with it, and the shards' inverted lists
+  are merged into one on-disk, memory-mapped file (``search-NNNNN.ivfdata``, :mod:`retrieval.index.ondisk`): the
+  layout is never held whole in RAM. 10M x 128-d on a 2-core, 24 GB box (RESULTS.md, issue 14 part 7):
   ``IVF16384,PQ32x8``, nprobe 1024 / k_factor 16 tuned, unseen recall@10 0.954 at 12.3 ms a query;
+* ``ivfpq-pca`` (``UPCA{PCA_DIM},IVF{nlist},PQ{PCA_DIM / 4}x8``) instead of ``ivfpq`` for vectors of at least
+  ``2 * PCA_DIM`` dimensions (write shards flat or HNSW): as ``ivfpq``, but the lists are built and scanned on
+  an **uncentred** PCA projection to ``PCA_DIM`` dimensions (the top eigenvectors of the sample's second-moment
+  matrix, no mean subtracted: a linear map ``W`` with orthonormal rows, so ``<Wx, Wq>`` is the inner product of
+  ``x`` with ``q``'s part in the kept subspace and the inner-product metric stays valid; a centred PCA needs L2,
+  whose by-residual PQ tables cost 8,192 adds per probed list). Four dimensions per PQ sub-quantizer where
+  ``ivfpq`` at 512-d has eight: half the bytes scanned and better-ranked candidates. 1M x 512-d, IVF4096,
+  nprobe 512 (RESULTS.md, issue 14 part 9): recall@10 0.8817 at 2.185 ms vs ``IVF4096,PQ64x8``'s 0.8790 at
+  3.738 ms (k_factor 32, one thread; the centred ``PCA128`` + L2: 0.8890 at 5.501 ms). 10M x 512-d, default
+  flags: nprobe 2048 / k_factor 128 tuned, unseen recall@10 0.9550 at 14.820 ms on two threads (32.348 on one),
+  where ``ivfpq``'s ``PQ64x8`` gave 0.9570 at 21.535 ms (45.146 on one);
 * ``ivf-rabitq`` (``IVF{nlist},RaBitQ``, on request): as ``ivfpq`` but with RaBitQ codes (Gao & Long, SIGMOD 2024:
   one bit per dimension of the randomly rotated residual, plus two floats, with an unbiased estimator of the inner
   product; ``d / 8 + 8`` bytes) scanned with ``RABITQ_QUERY_BITS``-bit queries. Its codes rank candidates much
   better per byte than PQ at high dimension, so fewer candidates need re-scoring (10M x 512-d: k_factor 64 where
   PQ64x8 needed 128), but its scan gained less from two threads: 27.2 ms vs PQ64x8's 21.5 at recall@10 0.96
-  (RESULTS.md, issue 14 part 8), so ``auto`` keeps ``ivfpq``.
+  (RESULTS.md, issue 14 part 8), so ``auto`` does not pick it.
 
 Then it measures recall@10 of the new index against exact search on a sample of the collection's own
 vectors used as queries the index has not seen (:mod:`retrieval.index.tuning`):
@@ -92,9 +103,10 @@ PCA_LAYOUT_MIN = 500_000           # auto: hnsw-pca instead of hnsw from this ma
 PCA_EF_CONSTRUCTION = 200
 AUTO_OPTIMIZE_MIN = 20_000         # `loupe index` optimizes by itself from this many images ...
 AUTO_OPTIMIZE_DELTA = 2            # ... when at least this many shards are outside the layout
-LAYOUT_TYPES = ("auto", "flat", "hnsw", "hnsw-pca", "ivfpq", "ivf-rabitq")
-RESCORED = ("ivfpq", "ivf-rabitq", "hnsw-pca")   # layouts whose candidates are re-scored from the write shards' vectors
-ON_DISK = ("ivfpq", "ivf-rabitq")  # layouts built and searched with their inverted lists on disk (mapped)
+LAYOUT_TYPES = ("auto", "flat", "hnsw", "hnsw-pca", "ivfpq", "ivfpq-pca", "ivf-rabitq")
+RESCORED = ("ivfpq", "ivfpq-pca", "ivf-rabitq", "hnsw-pca")  # candidates re-scored from the write shards' vectors
+ON_DISK = ("ivfpq", "ivfpq-pca", "ivf-rabitq")  # layouts built and searched with their inverted lists on disk (mapped)
+PROJECTED = {"hnsw-pca": "hnsw", "ivfpq-pca": "ivfpq"}  # searched on a projection: re-scoring needs exact shards
 RABITQ_QUERY_BITS = 4              # ivf-rabitq: bits per query dimension in the scan (faiss' default 8); 10M x 512-d
                                    # (RESULTS.md, part 7): recall@10 0.9547 at 30.7 ms vs 0.956 at 37.7 ms with 8
 TRAIN_SAMPLE = 100_000             # training rows at least (PCA, small IVF) ...
@@ -117,16 +129,18 @@ def choose_layout(n: int, dim: int, *, requested: str = "auto", max_memory: int 
         elif n <= HNSW_LAYOUT_MAX and estimate_bytes("hnsw", n, dim) <= budget:
             requested = "hnsw-pca" if n >= PCA_LAYOUT_MIN and dim >= 2 * PCA_DIM else "hnsw"
         else:
-            requested = "ivfpq"
+            requested = "ivfpq-pca" if dim >= 2 * PCA_DIM else "ivfpq"
+    if requested in PROJECTED and dim < 2 * PCA_DIM:
+        raise LoupeError(f"layout {requested} projects vectors to {PCA_DIM} dimensions; these have {dim}: "
+                         f"use --layout {PROJECTED[requested]}")
     if requested == "flat":
         return "flat", "Flat"
     if requested == "hnsw":
         return "hnsw", "HNSW32,Flat"
     if requested == "hnsw-pca":
-        if dim < 2 * PCA_DIM:
-            raise LoupeError(f"layout hnsw-pca projects vectors to {PCA_DIM} dimensions; these have {dim}: "
-                             "use --layout hnsw")
         return "hnsw-pca", f"PCA{PCA_DIM},HNSW32,Flat"
+    if requested == "ivfpq-pca":
+        return "ivfpq-pca", f"UPCA{PCA_DIM},IVF{ivf_nlist(n)},PQ{pq_subquantizers(PCA_DIM, n, budget)}x8"
     if requested == "ivf-rabitq":
         return "ivf-rabitq", f"IVF{ivf_nlist(n)},RaBitQ"
     return "ivfpq", f"IVF{ivf_nlist(n)},PQ{pq_subquantizers(dim, n, budget)}x8"
@@ -134,7 +148,7 @@ def choose_layout(n: int, dim: int, *, requested: str = "auto", max_memory: int 
 
 def train_size(factory: str, n: int) -> int:
     """Rows to train ``factory`` on, of ``n``: ``TRAIN_SAMPLE``, or ``TRAIN_PER_LIST`` per IVF list when more."""
-    m = re.match(r"IVF(\d+)", factory)
+    m = re.search(r"(?:^|,)IVF(\d+)", factory)
     want = max(TRAIN_SAMPLE, TRAIN_PER_LIST * int(m.group(1))) if m else TRAIN_SAMPLE
     return min(n, want)
 
@@ -144,7 +158,7 @@ def train_index(factory: str, dim: int, chunks: Callable[[], Any], n: int, *, us
     vectors of ``chunks()`` (an iterable of [m, dim] blocks); returns (index, the factory fitted to the sample)."""
     from indexer.index_types import fit_factory, train
 
-    if factory.startswith(("IVF", "PCA")):
+    if factory.startswith(("IVF", "PCA", "UPCA")):
         rows = sample_rows(n, train_size(factory, n), seed=1)
         sample, offset = [], 0
         for chunk in chunks():
@@ -154,7 +168,7 @@ def train_index(factory: str, dim: int, chunks: Callable[[], Any], n: int, *, us
             offset += len(chunk)
         sample = np.concatenate(sample).astype(np.float32)
         factory = fit_factory(factory, len(sample))
-        index = _new_index(factory, dim)
+        index = _new_index(factory, dim, sample)
         train(index, sample, use_gpu=use_gpu)
         if hasattr(index, "qb"):                  # IVF RaBitQ: saved with the index, so every search uses it
             index.qb = RABITQ_QUERY_BITS
@@ -166,15 +180,43 @@ def train_index(factory: str, dim: int, chunks: Callable[[], Any], n: int, *, us
     return index, factory
 
 
-def _new_index(factory: str, dim: int):
-    """An empty index of ``factory``: inner product, except a PCA projection's graph (L2: see module docstring)."""
+def _new_index(factory: str, dim: int, sample: np.ndarray | None = None):
+    """An empty index of ``factory``: inner product, except a PCA projection's graph (L2: see module docstring).
+    ``UPCA{d},...``: ``...`` (inner product) behind the uncentred projection of ``sample``."""
     import faiss
 
     from indexer.index_types import new_index
 
     if factory.startswith("PCA"):
         return faiss.index_factory(dim, factory, faiss.METRIC_L2)
+    if factory.startswith("UPCA"):
+        head, rest = factory.split(",", 1)
+        if sample is None:
+            raise ValueError(f"{factory}: the projection is trained on a sample")
+        inner = new_index(rest, int(head[4:]))
+        return faiss.IndexPreTransform(uncentred_pca(sample, int(head[4:])), inner)  # faiss' wrapper keeps both
     return new_index(factory, dim)
+
+
+def uncentred_pca(sample: np.ndarray, d_out: int):
+    """A ``faiss.LinearTransform`` onto the top ``d_out`` eigenvectors of ``sample``'s second-moment matrix
+    (``X^T X``, no mean subtracted, no bias): orthonormal rows, so inner products keep their meaning (the
+    query's component in the kept subspace). Saved and read by faiss as a plain linear transform."""
+    import faiss
+
+    x = np.asarray(sample)
+    if x.ndim != 2 or x.shape[1] < d_out:
+        raise ValueError(f"cannot project {x.shape[-1]}-d vectors to {d_out} dimensions")
+    moment = np.zeros((x.shape[1], x.shape[1]))
+    for a in range(0, len(x), 65_536):                 # X^T X in float64 blocks (not a 2.7 GB copy of 655,360 x 512)
+        block = x[a:a + 65_536].astype(np.float64)
+        moment += block.T @ block
+    _, vectors = np.linalg.eigh(moment)                 # ascending eigenvalues
+    projection = np.ascontiguousarray(vectors[:, ::-1][:, :d_out].T, dtype=np.float32)
+    transform = faiss.LinearTransform(x.shape[1], d_out, False)
+    faiss.copy_array_to_vector(projection.ravel(), transform.A)
+    transform.is_trained = True
+    return transform
 
 
 def hnsw_of(index):
@@ -321,9 +363,10 @@ def optimize(index_dir, *, encoders: Sequence[str] | None = None, target_recall:
 
                 kind, factory = choose_layout(n, entry.dim, requested=layout, max_memory=max_memory)
                 exact = all(k in ("flat", "hnsw") for k in shards._kinds[name])
-                if kind == "hnsw-pca" and not exact:   # nothing exact to re-score from: the full-dimension graph
-                    log.warning("%s: write shards hold compressed vectors; layout hnsw instead of hnsw-pca", name)
-                    kind, factory = "hnsw", "HNSW32,Flat"
+                if kind in PROJECTED and not exact:   # nothing exact to re-score from: the full-dimension layout
+                    log.warning("%s: write shards hold compressed vectors; layout %s instead of %s", name,
+                                PROJECTED[kind], kind)
+                    kind, factory = choose_layout(n, entry.dim, requested=PROJECTED[kind], max_memory=max_memory)
                 folder = index_dir / name
                 before = previous.get(name)
                 remove_orphans(folder, {f.name for f in layout_files(index_dir, name, before)} if before else set())

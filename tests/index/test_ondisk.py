@@ -84,22 +84,27 @@ def _reference_engine_answer(out, vecs, q, k, nprobe, k_factor):
     lists.this.disown()                              # the index owns it now
     ram.ntotal = ivf.ntotal = 0
     ram.add(vecs)
-    _, cand = ram.search(q[None], k * k_factor, params=faiss.SearchParametersIVF(nprobe=nprobe))
+    params = faiss.SearchParametersIVF(nprobe=nprobe)
+    if isinstance(ram, faiss.IndexPreTransform):     # ivfpq-pca: the lists behind the projection
+        params = faiss.SearchParametersPreTransform(index_params=params)
+    _, cand = ram.search(q[None], k * k_factor, params=params)
     cand = cand[0][cand[0] >= 0]
     scores = vecs[cand] @ q
     order = np.argsort(-scores, kind="stable")[:k]
     return [fake_id(int(i)) for i in cand[order]]
 
 
-@pytest.mark.parametrize("kind", ["ivfpq", "ivf-rabitq"])
+@pytest.mark.parametrize("kind", ["ivfpq", "ivf-rabitq", "ivfpq-pca"])
 def test_optimize_writes_an_on_disk_ivf_layout_that_engine_and_verify_use(tmp_path, kind):
     from retrieval.index.optimize import RABITQ_QUERY_BITS
 
-    vecs = clustered(4000, 32, 1)
+    dim = 256 if kind == "ivfpq-pca" else 32        # ivfpq-pca projects to 128 dimensions
+    vecs = clustered(4000, dim, 1)
     out = build_index(tmp_path / "idx", {"e": vecs}, shard_sizes=[1500, 1000, 1500])
     info = optimize(out, layout=kind, target_recall=0.9, queries=150).encoders["e"]
     assert info["layout"] == kind and info["reached"] and info["recall@10"] >= 0.9
     assert info["factory"].endswith(",RaBitQ" if kind == "ivf-rabitq" else "x8")
+    assert info["factory"].startswith("UPCA128,IVF") == (kind == "ivfpq-pca")
     manifest = store.read_manifest(out)
     entry = layouts_of(manifest)["e"]
     assert entry.data_file == entry.file.replace(".faiss", ".ivfdata")
@@ -114,9 +119,11 @@ def test_optimize_writes_an_on_disk_ivf_layout_that_engine_and_verify_use(tmp_pa
         assert isinstance(ivf, faiss.IndexIVFRaBitQ) and ivf.qb == RABITQ_QUERY_BITS and ivf.code_size == 32 // 8 + 8
     nprobe, k_factor = entry.params["nprobe"], entry.params["k_factor"]
     for qi in (3, 77, 1999, 3500):
-        q = unit(vecs[qi] + 0.05 * np.random.default_rng(qi).standard_normal(32))
-        got = [h.id for h in engine.search_vector("e", q, 10)]
-        assert got == _reference_engine_answer(out, vecs, q, 10, nprobe, k_factor)
+        q = unit(vecs[qi] + 0.05 * np.random.default_rng(qi).standard_normal(dim))
+        hits = engine.search_vector("e", q, 10)
+        assert [h.id for h in hits] == _reference_engine_answer(out, vecs, q, 10, nprobe, k_factor)
+        rows = [int(engine.records.offsets[h.shard]) + h.row for h in hits]   # exact inner products, not codes
+        assert [h.score for h in hits] == pytest.approx([float(vecs[r] @ q) for r in rows], abs=1e-5)
     assert verify_index(out).ok
     engine.close()
 
@@ -168,3 +175,39 @@ def test_a_crash_during_an_ivfpq_optimize_keeps_the_previous_layout_and_leaves_n
     assert sorted(p.name for p in (out / "e").iterdir()) == sorted(
         ["shard-00000.faiss", "shard-00001.faiss", entry.file, entry.data_file])
     assert verify_index(out).ok
+
+
+def test_ivfpq_pca_scans_an_uncentred_projection_that_keeps_inner_products(tmp_path):
+    """ivfpq-pca's projection: the top eigenvectors of X^T X (no mean subtracted, no bias), orthonormal rows,
+    the lists behind it inner-product; compressed write shards fall back to ivfpq (nothing exact to re-score)."""
+    from retrieval.index.optimize import PCA_DIM, choose_layout, uncentred_pca
+
+    vecs = clustered(3000, 256, 5) + 0.5 / 16        # a large common mean, as real embeddings have
+    vecs = unit(vecs)
+    transform = uncentred_pca(vecs, PCA_DIM)
+    a = faiss.vector_to_array(transform.A).reshape(PCA_DIM, 256)
+    assert not transform.have_bias and np.allclose(a @ a.T, np.eye(PCA_DIM), atol=1e-4)
+    _, v = np.linalg.eigh(vecs.astype(np.float64).T @ vecs)
+    top = v[:, ::-1][:, :PCA_DIM]                    # same subspace (eigenvector signs are arbitrary)
+    assert np.allclose(a.T @ a, top @ top.T, atol=1e-3)
+    projected = transform.apply(vecs[:50])
+    assert np.allclose(projected, vecs[:50] @ a.T, atol=1e-5)
+    # the common mean is not removed (a centred PCA drops it), so <Wx, Wq> keeps its share of every inner product
+    mean = vecs.mean(axis=0)
+    assert np.linalg.norm(a @ mean) > 0.99 * np.linalg.norm(mean)
+    out = build_index(tmp_path / "idx", {"e": vecs}, shard_sizes=[1500, 1500])
+    optimize(out, layout="ivfpq-pca", target_recall=0.9, queries=100)
+    layout = read_layout(out, "e", layouts_of(store.read_manifest(out))["e"])
+    assert isinstance(layout, faiss.IndexPreTransform) and layout.d == 256
+    assert faiss.downcast_VectorTransform(layout.chain.at(0)).__class__ is faiss.LinearTransform
+    ivf = faiss.extract_index_ivf(layout)
+    assert ivf.d == PCA_DIM and ivf.metric_type == faiss.METRIC_INNER_PRODUCT
+    # the choice: auto beyond the HNSW range, projected when there are >= 2 * PCA_DIM dimensions
+    assert choose_layout(10_000_000, 512) == ("ivfpq-pca", f"UPCA{PCA_DIM},IVF16384,PQ32x8")
+    assert choose_layout(10_000_000, 128)[0] == "ivfpq"
+    with pytest.raises(Exception, match="ivfpq-pca projects"):
+        choose_layout(10_000_000, 64, requested="ivfpq-pca")
+    compressed = build_index(tmp_path / "pq", {"e": vecs}, shard_sizes=[1500, 1500], factory="IVF16,PQ16x6",
+                             index_type="ivfpq")
+    info = optimize(compressed, layout="ivfpq-pca", target_recall=0.5, queries=50).encoders["e"]
+    assert info["layout"] == "ivfpq" and not info["factory"].startswith("UPCA")

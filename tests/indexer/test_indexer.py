@@ -265,6 +265,7 @@ def test_index_type_chooser():
     assert index_types.fit_factory("IVF1024,PQ64x8", 1_000_000) == "IVF1024,PQ64x8"
     assert index_types.fit_factory("IVF1024,RaBitQ", 100) == "IVF2,RaBitQ"
     assert index_types.fit_factory("IVF16384,RaBitQ", 1_000_000) == "IVF16384,RaBitQ"
+    assert index_types.fit_factory("UPCA128,IVF1024,PQ32x8", 100) == "UPCA128,IVF2,PQ32x6"   # the projection kept
     assert index_types.parse_memory("4G") == 4 * 2**30 and index_types.parse_memory("512mb") == 512 * 2**20
     with pytest.raises(LoupeError):
         index_types.parse_memory("lots")
