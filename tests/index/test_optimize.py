@@ -389,6 +389,7 @@ def test_the_ivf_training_sample_grows_with_the_lists_and_is_the_sampled_rows(mo
     assert opt.train_size("IVF1024,PQ32x8", 10_000_000) == opt.TRAIN_SAMPLE
     assert opt.train_size("IVF16384,PQ32x8", 50_000) == 50_000
     assert opt.train_size("PCA128,HNSW32,Flat", 10_000_000) == opt.TRAIN_SAMPLE
+    assert opt.train_size("UPCA128,IVF16384,PQ32x8", 10_000_000) == opt.TRAIN_PER_LIST * 16384   # behind a projection
 
     monkeypatch.setattr(opt, "TRAIN_SAMPLE", 200)
     monkeypatch.setattr(opt, "TRAIN_PER_LIST", 40)          # 8 lists -> 320 of the 900 rows
