@@ -8,6 +8,10 @@ near-duplicates, written as ``--shards`` flat write shards (as ``loupe index`` w
 * GPU exact: the engine with ``device="cuda"`` (torch float16 matmul + top-k, float32 re-scoring of the
   candidates: ``retrieval/index/torch_search.py``) one query at a time through ``Engine.search_vector``,
   and batches of 1,000 / 4,096 through the same searcher; answers compared with the CPU's (same ids);
+* with ``--layout ivfpq`` (or ``ivfpq-pca``): ``loupe optimize`` builds that layout, searched through the
+  engine on the CPU and, when the installed faiss has GPU support (the ``gpu`` extra), through its faiss GPU
+  copy (``retrieval/index/faiss_gpu.py``), one query at a time and in a batch: latency, recall against the
+  truth, and whether the two answer alike;
 * ``loupe dedup --device cuda --candidates index --check none`` on the whole collection (a subprocess:
   wall time, peak RSS), planted pairs found, and the pairs on a subset checked against exact range search.
 
@@ -78,6 +82,39 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return round(recall_at_k(found[:, :10], truth[:, :10], 10), 4)
 
 
+def layout_stage(out: Path, args, queries: np.ndarray, truth: np.ndarray, single: np.ndarray) -> dict:
+    """The optimized IVF-PQ layout through the CPU engine, then through its faiss GPU copy (same engine)."""
+    from retrieval.device import faiss_gpu_available
+    from retrieval.engine.engine import Engine
+    from retrieval.index.faiss_gpu import layout_to_gpu
+    from retrieval.index.optimize import optimize
+
+    t = time.perf_counter()
+    info = optimize(out, layout=args.layout).encoders["synthetic"]
+    row = {"layout": info["layout"], "factory": info["factory"], "params": info.get("params"),
+           "optimize_s": round(time.perf_counter() - t, 1)}
+    engine = Engine(out, device="cpu")
+    layout = engine.shards.layouts["synthetic"]
+    answers = {}
+    for where in ("cpu", "gpu"):
+        if where == "gpu":
+            if not faiss_gpu_available():
+                row["gpu"] = "the installed faiss has no GPU support (install the gpu extra)"
+                break
+            layout.gpu = layout_to_gpu(layout, args.device)
+        one_at_a_time(engine, single[:20], 10)                  # warm-up
+        lat, found = one_at_a_time(engine, single, 10)
+        s, rows = batched(lambda q, k: layout.search(q, k), queries, 10, max(1, args.repeats // 2))
+        answers[where] = found
+        row[where] = {"p50_ms": round(pct(lat, 50) * 1e3, 3), "p99_ms": round(pct(lat, 99) * 1e3, 3),
+                      "recall_at_10": recall(found, truth[:len(found)]), "batch_qps": round(len(queries) / s, 1),
+                      "batch_recall_at_10": recall(rows, truth)}
+    if len(answers) == 2:
+        row["gpu_same_rows_as_cpu"] = same_rows(answers["gpu"], answers["cpu"])
+    engine.close()
+    return log("layout", **row)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1_000_000, help="vectors before the planted copies")
@@ -92,6 +129,7 @@ def main() -> int:
     ap.add_argument("--threshold", type=float, default=0.95)
     ap.add_argument("--subset", type=int, default=20_000, help="rows checked against exact range search")
     ap.add_argument("--skip-dedup", action="store_true")
+    ap.add_argument("--layout", default=None, help="also optimize to this IVF-PQ layout and search it on CPU and GPU")
     ap.add_argument("--device", default="cuda", help="cuda[:N]; torch-cpu runs the same path on the CPU (a dry run)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default=None, help="write the JSON summary here")
@@ -185,6 +223,9 @@ def main() -> int:
     del engine, acc
     if cuda:
         torch.cuda.empty_cache()
+
+    if args.layout:
+        result["layout"] = layout_stage(out, args, queries, truth, single)
 
     # -- dedup on the GPU: the CLI, as a user runs it ------------------------------------------------
     if not args.skip_dedup:

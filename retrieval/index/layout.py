@@ -132,6 +132,7 @@ class LayoutSearcher:
         self.exact_vectors = exact_vectors         # global rows -> float32 vectors (re-scoring)
         self.all_live = bool((to_global >= 0).all())
         self._live = None if self.all_live else (to_global >= 0)
+        self.gpu = None                            # a faiss GPU copy (``faiss_gpu.layout_to_gpu``), set by ShardSet
 
     def _mask(self, global_mask: np.ndarray | None) -> np.ndarray | None:
         if global_mask is None:
@@ -146,7 +147,7 @@ class LayoutSearcher:
         """(scores [nq, k], global rows [nq, k]; -1 = none) with ``params`` (``None``/missing keys: the tuned ones)."""
         import faiss
 
-        from retrieval.index.shards import SearchConfig, make_params, search_index
+        from retrieval.index.shards import DEFAULT_NPROBE, SearchConfig, make_params, search_index
 
         for fh, size, path in self._watched:
             if os.fstat(fh.fileno()).st_size != size:
@@ -166,7 +167,11 @@ class LayoutSearcher:
         rescore = self.entry.rescore and self.exact_vectors is not None
         fetch = k * max(1, int(params.get("k_factor", 1))) if rescore else k
         config = SearchConfig(nprobe=params.get("nprobe"), ef_search=params.get("efSearch"))
-        scores, rows = search_index(self.index, q, fetch, make_params(self.index, config, sel, fetch))
+        found = None
+        fetch = int(min(fetch, max(self.index.ntotal, 1)))
+        if self.gpu is not None and self.gpu.usable(fetch, config.nprobe or DEFAULT_NPROBE, sel):
+            found = self.gpu.search(q, fetch, config.nprobe or DEFAULT_NPROBE)      # None: it failed, CPU below
+        scores, rows = found or search_index(self.index, q, fetch, make_params(self.index, config, sel, fetch))
         del bitmap, sel
         rows = np.where(rows >= 0, self.to_global[np.maximum(rows, 0)], -1)
         if mask is not None:

@@ -254,14 +254,31 @@ class ShardSet:
 
     def _accelerate(self, search_device: str | None) -> dict:
         """Encoders whose shards are all exact (flat) searched on ``search_device`` with torch
-        (:mod:`retrieval.index.torch_search`): ``cuda``/``cuda:N``/``mps``, or ``torch-cpu`` (tests)."""
+        (:mod:`retrieval.index.torch_search`): ``cuda``/``cuda:N``/``mps``, or ``torch-cpu`` (tests). The
+        others' IVF-PQ layouts go to the GPU with faiss where it can (:mod:`retrieval.index.faiss_gpu`)."""
         if not search_device or search_device == "cpu":
             return {}
+        out = self._accelerate_exact(search_device)
+        if str(search_device).startswith("cuda"):
+            from retrieval.device import faiss_gpu_available
+            from retrieval.index.faiss_gpu import layout_to_gpu
+
+            gpu_ok = faiss_gpu_available()
+            for name, layout in self.layouts.items():
+                if name not in out and gpu_ok:
+                    layout.gpu = layout_to_gpu(layout, search_device)
+                    if layout.gpu is not None:
+                        log.info("%s: the %s layout is searched on %s with faiss", name,
+                                 layout.entry.index_type, search_device)
+        return out
+
+    def _accelerate_exact(self, search_device: str) -> dict:
         from retrieval.index.torch_search import TorchFlatSearcher, torch_device_available
 
         device = "cpu" if search_device == "torch-cpu" else search_device
         if not torch_device_available(device):
-            log.warning("search device %s is not available; searching on the CPU with faiss", search_device)
+            log.warning("search device %s is not available to torch; exact searches run on the CPU with faiss",
+                        search_device)
             return {}
         out = {}
         for name, kinds in self._kinds.items():
