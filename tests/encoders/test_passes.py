@@ -42,8 +42,8 @@ def test_calls_run_at_once_holding_the_lock(monkeypatch):
     enc.lock.release()
 
 
-def test_width_one_runs_in_order_on_the_callers_thread(monkeypatch):
-    monkeypatch.setattr(passes, "width", lambda enc: 1)
+def test_a_plan_of_one_runs_in_order_on_the_callers_thread(monkeypatch):
+    monkeypatch.setattr(passes, "plan", lambda enc, calls: (1, None))
     seen = []
     out = side_by_side(_Enc(), [lambda i=i: seen.append((i, threading.get_ident())) or i for i in range(3)])
     assert out == [0, 1, 2] and [s[0] for s in seen] == [0, 1, 2]
@@ -83,6 +83,58 @@ def test_width_counts_the_cores_torch_leaves(monkeypatch):
     enc.device = Cuda()
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert passes.width(enc) == 1
+
+
+def test_the_plan_shares_torchs_threads_out_when_they_take_every_core(monkeypatch):
+    import torch
+
+    enc = _Enc()
+    monkeypatch.setattr(passes, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(passes, "omp_threads_setter", lambda: (lambda n: None))
+    assert passes.plan(enc, 2) == (2, 1) and passes.plan(enc, 3) == (2, 1)
+    assert passes.plan(enc, 1) == (1, None)
+    monkeypatch.setattr(passes, "cpu_cores", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert passes.plan(enc, 2) == (2, 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert passes.plan(enc, 2) == (2, None) and passes.plan(enc, 9) == (4, None)    # the width: torch's own
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(passes, "cpu_cores", lambda: 1)
+    assert passes.plan(enc, 2) == (1, None)                     # one core: nothing to share
+    monkeypatch.setattr(passes, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(passes, "omp_threads_setter", lambda: None)
+    assert passes.plan(enc, 2) == (1, None)                     # no OpenMP runtime found
+
+    class Cuda:
+        is_cuda = True
+
+    monkeypatch.setattr(passes, "omp_threads_setter", lambda: (lambda n: None))
+    enc.device = Cuda()
+    assert passes.plan(enc, 2) == (1, None)
+
+
+def test_a_calls_thread_gets_its_share_of_threads_and_the_callers_keep_theirs():
+    """The real OpenMP runtime: the share is set in the call's thread only."""
+    import torch
+
+    if passes.omp_threads_setter() is None:
+        pytest.skip("no OpenMP runtime found in this process")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        t = threading.Thread(target=passes._with_threads(lambda: seen.append(torch.get_num_threads()), 1))
+        t.start()
+        t.join()
+        other = []                                # a thread that takes no share keeps torch's count
+        t = threading.Thread(target=lambda: other.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert seen == [1] and other == [2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_real_passes_side_by_side_equal_one_batch(effnet, photos, monkeypatch):

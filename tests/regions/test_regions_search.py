@@ -100,11 +100,12 @@ def test_passes_side_by_side_give_the_same_regions_and_lists(region_engine, phot
 
     query = png_bytes(poster(photos))
     answers = []
-    for w in (1, 2):
-        monkeypatch.setattr(passes, "width", lambda enc, w=w: w)
+    for w, share in ((1, None), (2, None), (2, 1)):      # one after the other; side by side; threads shared out
+        monkeypatch.setattr(passes, "plan", lambda enc, calls, w=w, share=share: (min(w, calls), share))
         monkeypatch.setattr(search, "width", lambda enc, w=w: w)
         resp = region_engine.search(image=query, regions=True, k=4)
         answers.append((resp.ids, [(rr.box, rr.region.kind, [h.id for h in rr.hits]) for rr in resp.regions.regions],
                         [h.score for h in resp.hits]))
-    assert answers[0][:2] == answers[1][:2]
-    np.testing.assert_allclose(answers[0][2], answers[1][2], atol=1e-5)
+    for other in answers[1:]:
+        assert answers[0][:2] == other[:2]
+        np.testing.assert_allclose(answers[0][2], other[2], atol=1e-5)
