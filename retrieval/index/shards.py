@@ -195,19 +195,28 @@ class ShardSet:
 
         if map_all is None:
             map_all = too_big_for_ram(index_dir, manifest)
+        # rows of these shards are checked where they are read (``_read_check``), not whole at open
+        self._unchecked: set[tuple[str, int]] = set()
         for name, entry in manifest.encoders.items():
             shards = []
-            covered = set()
+            covered = under_layout = set()
             if mmap and entry.index_type != "binary":
-                covered = set(range(len(manifest.shards))) if map_all else covered_shards(manifest, name)
+                under_layout = covered_shards(manifest, name)
+                covered = set(range(len(manifest.shards))) if map_all else under_layout
             for i, shard in enumerate(s.name for s in manifest.shards):
                 path = store.vectors_path(index_dir, name, shard)
                 mapped = mmap and (_file_size(path) >= MMAP_MIN_BYTES or i in covered)
                 index = vector_files.read_vectors(index_dir, name, shard, mmap=mapped,
                                                   binary=entry.index_type == "binary")
-                # a covered shard is checked whole (as one read into RAM is), then its pages are let go
-                vector_files.check_vectors(index, entry, counts[i], path, norms=not mapped or i in covered)
-                if mapped and i in covered:
+                # a covered shard is checked whole (as one read into RAM is), then its pages are let go; in
+                # an index too big for RAM, a shard under the layout (read only to re-score) is checked
+                # row by row where it is read: checking them all at open read 20 GB at 10M x 512-d
+                later = map_all and i in under_layout and entry.normalized and entry.metric == "ip"
+                vector_files.check_vectors(index, entry, counts[i], path,
+                                           norms=not mapped or (i in covered and not later))
+                if later:
+                    self._unchecked.add((name, i))
+                elif mapped and i in covered:
                     vector_files.release_pages(index)
                 if mapped:
                     fh = open(path, "rb")
@@ -216,6 +225,10 @@ class ShardSet:
             self.indexes[name] = shards
         self._kinds = {name: [index_kind(ix) for ix in shards] for name, shards in self.indexes.items()}
         self.layouts = self._open_layouts(index_dir, mmap)
+        self._closing = threading.Event()
+        if self._unchecked:
+            threading.Thread(target=_read_ahead, args=([self._mapped[k][2] for k in sorted(self._unchecked)],
+                                                       self._closing), daemon=True, name="loupe-read-ahead").start()
         self.accelerated = self._accelerate(search_device)
         self._direct_map_done: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
@@ -367,7 +380,7 @@ class ShardSet:
         if self.manifest.encoders[encoder].index_type == "binary":
             return _unpack(index.reconstruct(int(row))[None])[0]
         try:
-            return np.asarray(index.reconstruct(int(row)), dtype=np.float32)
+            return self._read_check(encoder, shard, [row], np.asarray(index.reconstruct(int(row)), np.float32))
         except RuntimeError:
             with self._lock:
                 if (encoder, shard) not in self._direct_map_done:
@@ -395,7 +408,14 @@ class ShardSet:
                 out[at] = self.indexes[encoder][int(s)].reconstruct_batch(np.ascontiguousarray(rows[at]))
             except RuntimeError:                        # IVF without a direct map: one by one (builds it once)
                 out[at] = np.stack([self.reconstruct(encoder, int(s), int(r)) for r in rows[at]])
+            self._read_check(encoder, int(s), rows[at], out[at])
         return out
+
+    def _read_check(self, encoder: str, shard: int, rows, vecs: np.ndarray) -> np.ndarray:
+        """``vecs`` as read from ``rows``, checked for unit norms when the shard was not checked at open."""
+        if (encoder, shard) in self._unchecked:
+            vector_files.check_rows(vecs, rows, self._mapped[(encoder, shard)][2])
+        return vecs
 
     def vectors(self, encoder: str, hits: Sequence[Hit]) -> np.ndarray:
         """Stored vectors of ``hits``, ``[n, d]`` float32."""
@@ -412,16 +432,32 @@ class ShardSet:
                 codes = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d // 8), np.uint8)
                 vecs = _unpack(codes)
             else:
-                vecs = vector_files.reconstruct_all(index)
+                vecs = self._read_check(encoder, i, np.arange(index.ntotal), vector_files.reconstruct_all(index))
+                self._unchecked.discard((encoder, i))      # checked whole now
             yield i, vecs, list(self.ids[i])
 
     def close(self) -> None:
+        self._closing.set()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
         self.indexes.clear()
         for fh, _, _ in self._mapped.values():
             fh.close()
         self._mapped.clear()
+
+
+def _read_ahead(paths: Sequence[Path], stop: threading.Event, block: int = 8 << 20) -> None:
+    """Read files into the page cache with large reads (a background thread at open: the re-scoring's first
+    reads of cold mapped pages each wait for the disk; ``posix_fadvise(WILLNEED)`` reads only the first
+    8 MB here); stops when ``stop`` is set or a file cannot be read."""
+    buf = bytearray(block)
+    for path in paths:
+        try:
+            with open(path, "rb", buffering=0) as fh:
+                while not stop.is_set() and fh.readinto(buf):
+                    pass
+        except OSError:
+            return
 
 
 def too_big_for_ram(index_dir: Path, manifest: store.Manifest, share: float | None = None) -> bool:

@@ -129,9 +129,20 @@ def release_pages(index) -> bool:
     return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice) == 0
 
 
+def check_rows(vecs: np.ndarray, rows, path) -> None:
+    """``vecs`` (read from rows ``rows`` of the shard at ``path``) are unit vectors, else ``IndexFormatError``
+    (a shard whose norms were not checked at open is checked where it is read: ``ShardSet``)."""
+    bad = bad_norm_row(np.atleast_2d(vecs))
+    if bad is not None:
+        row = int(np.asarray(rows).reshape(-1)[bad[0]])
+        raise IndexFormatError(f"vector shard {path}: vector {row} has norm {bad[1]:.4g}, not 1; the file was "
+                               f"damaged after indexing — {REPAIR_HINT}")
+
+
 def bad_norm_row(index, chunk: int = 65536) -> tuple[int, float] | None:
-    """The first vector of a flat float index whose norm is not 1 (``NORM_TOLERANCE``), as (row, norm)."""
-    vecs = flat_vectors(index)
+    """The first vector of a flat float index (or of an ``[n, d]`` array) whose norm is not 1
+    (``NORM_TOLERANCE``), as (row, norm)."""
+    vecs = index if isinstance(index, np.ndarray) else flat_vectors(index)
     if vecs is None:
         return None
     for start in range(0, len(vecs), chunk):

@@ -1,6 +1,7 @@
 """Write shards covered by an optimized layout are memory-mapped, not read into RAM (queries go through the
-layout; the shards serve only re-scoring and reconstruction): same answers, still checked at open, and a
-shard truncated in place while served is refused (``IndexFormatError``, a 503), never a SIGBUS."""
+layout; the shards serve only re-scoring and reconstruction): same answers, still checked at open (beyond
+RAM: where their rows are read), and a shard truncated in place while served is refused (``IndexFormatError``,
+a 503), never a SIGBUS."""
 
 from __future__ import annotations
 
@@ -99,6 +100,40 @@ def test_a_covered_shard_with_a_bad_vector_is_refused_at_open(ivfpq_index):
     faiss.write_index(index, str(store.vectors_path(out, "e", "shard-00001")))
     with pytest.raises(IndexFormatError, match="vector 7 has norm"):
         Engine(out, device="cpu")
+
+
+def test_in_an_index_too_big_for_ram_a_bad_vector_under_the_layout_is_refused_where_it_is_read(
+        ivfpq_index, monkeypatch):
+    """Beyond RAM every shard is mapped; those under the layout are not read whole at open (20 GB at 10M x
+    512-d): the re-scoring, a reconstruction or a full read that meets the bad vector refuses it, the
+    others answer, and ``loupe verify`` finds it."""
+    import retrieval.index.shards as shards_module
+    from retrieval.index.verify import verify_index
+
+    out, vecs = ivfpq_index
+    bad = vecs[1000:2000].copy()
+    bad[7] *= 3.0
+    index = faiss.IndexFlatIP(32)
+    index.add(bad)
+    faiss.write_index(index, str(store.vectors_path(out, "e", "shard-00001")))
+    monkeypatch.setattr(shards_module, "too_big_for_ram", lambda *a, **kw: True)
+    engine = Engine(out, device="cpu")               # opens: the shard is not read whole
+    try:
+        assert engine.shards._unchecked == {("e", i) for i in range(4)}
+        good = engine.search_vector("e", vecs[3500], 5)             # a search that does not meet it
+        assert good and good[0].id == engine.shards.ids[3][500]
+        with pytest.raises(IndexFormatError, match="shard-00001.*vector 7 has norm 3"):
+            engine.search_vector("e", vecs[1007], 5)                 # re-scores the bad vector
+        with pytest.raises(IndexFormatError, match="vector 7 has norm"):
+            engine.shards.reconstruct("e", 1, 7)
+        assert np.allclose(engine.shards.reconstruct("e", 1, 6), vecs[1006])
+        with pytest.raises(IndexFormatError, match="vector 7 has norm"):
+            for _ in engine.shards.all_vectors("e"):
+                pass
+        assert ("e", 0) not in engine.shards._unchecked            # read whole: checked, not again
+    finally:
+        engine.close()
+    assert not verify_index(out).ok
 
 
 def test_release_pages_only_drops_mapped_pages(tmp_path):
