@@ -211,3 +211,31 @@ def test_ivfpq_pca_scans_an_uncentred_projection_that_keeps_inner_products(tmp_p
                              index_type="ivfpq")
     info = optimize(compressed, layout="ivfpq-pca", target_recall=0.5, queries=50).encoders["e"]
     assert info["layout"] == "ivfpq" and not info["factory"].startswith("UPCA")
+
+
+def test_candidates_are_rescored_a_block_of_queries_at_a_time_with_the_same_answers(tmp_path, monkeypatch):
+    """A batch (the tuner's, dedup's) re-scores its candidates in blocks of ``RESCORE_ROWS`` rows: bounded
+    memory (1,000 queries x 2,560 candidates x 512-d were 5.2 GB at once), the same scores and rows."""
+    import retrieval.index.layout as layout_module
+
+    vecs = clustered(3000, 32, 4)
+    out = build_index(tmp_path / "idx", {"e": vecs}, shard_sizes=[1500, 1500])
+    optimize(out, layout="ivfpq", target_recall=0.9, queries=100)
+    engine = Engine(out, device="cpu")
+    layout = engine.shards.layouts["e"]
+    queries = clustered(37, 32, 8)
+    whole = layout.search(queries, 10)
+    seen = []
+    exact = layout.exact_vectors
+    layout.exact_vectors = lambda rows: seen.append(len(rows)) or exact(rows)
+    monkeypatch.setattr(layout_module, "RESCORE_ROWS", 100)
+    blocks = layout.search(queries, 10)
+    k_factor = layout.entry.params["k_factor"]
+    assert max(seen) <= max(100, 10 * k_factor) and len(seen) > 1
+    np.testing.assert_array_equal(blocks[1], whole[1])
+    np.testing.assert_array_equal(blocks[0], whole[0])
+    # and they are the exact inner products of the rows found
+    found = whole[1][whole[1] >= 0]
+    assert np.allclose(np.sort(whole[0][whole[1] >= 0]), np.sort(np.einsum(
+        "ij,ij->i", vecs[found], np.repeat(queries, (whole[1] >= 0).sum(axis=1), axis=0))), atol=1e-5)
+    engine.close()
