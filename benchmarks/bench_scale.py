@@ -193,7 +193,9 @@ def run(n: int, dim: int, shard_counts: list[int], write_type: str, nq: int, wor
             del before_engine
         summary, opt_s, opt_peak = optimize_one(out, layout, threads_all)
         rss0 = rss_mb()
+        t_open = time.perf_counter()
         engine = Engine(out, device="cpu")
+        open_s = time.perf_counter() - t_open        # page cache as optimize left it
         after_rss = rss_mb() - rss0
         after = measure(engine, queries, truth, threads=1)
         after_all = measure(engine, queries, truth, threads=threads_all)
@@ -209,7 +211,7 @@ def run(n: int, dim: int, shard_counts: list[int], write_type: str, nq: int, wor
                                                  + disk_bytes(out, "search-*.ivfdata")) / n, 1),
                "layout_files": {p.name: p.stat().st_size for p in out.rglob("search-*")},
                "rss_mb_before": None if before_rss is None else round(before_rss, 1),
-               "rss_mb_after": round(after_rss, 1)}
+               "rss_mb_after": round(after_rss, 1), "open_s": round(open_s, 2)}
         print(json.dumps(row), flush=True)
         rows.append(row)
         dirs.append(out)
