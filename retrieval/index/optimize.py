@@ -342,8 +342,9 @@ def optimize(index_dir, *, encoders: Sequence[str] | None = None, target_recall:
             raise LoupeError(f"{index_dir} holds no images yet; run `loupe index` first")
         ids = [store.read_metadata(index_dir, s.name).column("id").to_pylist() for s in manifest.shards]
         # every shard mapped, not read: optimize streams them once or twice and reads a few rows to
-        # measure (20 GB of 10M x 512-d shards read into RAM were killed by the OOM killer on 24 GB)
-        shards = ShardSet(index_dir, manifest, ids, map_all=True)
+        # measure (20 GB of 10M x 512-d shards read into RAM were killed by the OOM killer on 24 GB); their
+        # unit norms are checked as they are streamed, not all at open first
+        shards = ShardSet(index_dir, manifest, ids, map_all=True, streamed=True)
         previous = layouts_of(manifest)
         new_layouts = dict(manifest.extra.get(LAYOUT_KEY) or {})
         old_files: list[Path] = []

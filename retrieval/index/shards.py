@@ -182,7 +182,8 @@ class ShardSet:
     """Every encoder's shards of one index, with the global row numbering (``offsets``) they share."""
 
     def __init__(self, index_dir: Path, manifest: store.Manifest, ids: Sequence[Sequence[str]], *,
-                 mmap: bool = True, search_device: str | None = None, map_all: bool | None = None):
+                 mmap: bool = True, search_device: str | None = None, map_all: bool | None = None,
+                 streamed: bool = False):
         self.manifest = manifest
         self.ids = ids                                     # per shard: image ids in row order
         counts = [len(x) for x in ids]
@@ -211,7 +212,9 @@ class ShardSet:
                 # a covered shard is checked whole (as one read into RAM is), then its pages are let go; in
                 # an index too big for RAM, a shard under the layout (read only to re-score) is checked
                 # row by row where it is read: checking them all at open read 20 GB at 10M x 512-d
-                later = map_all and i in under_layout and entry.normalized and entry.metric == "ip"
+                # (``streamed``: the caller, ``optimize``, reads every shard whole anyway: checked then)
+                later = (mapped and map_all and (streamed or i in under_layout) and entry.normalized
+                         and entry.metric == "ip" and vector_files.flat_vectors(index) is not None)
                 vector_files.check_vectors(index, entry, counts[i], path,
                                            norms=not mapped or (i in covered and not later))
                 if later:
@@ -226,9 +229,10 @@ class ShardSet:
         self._kinds = {name: [index_kind(ix) for ix in shards] for name, shards in self.indexes.items()}
         self.layouts = self._open_layouts(index_dir, mmap)
         self._closing = threading.Event()
-        if self._unchecked:
-            threading.Thread(target=_read_ahead, args=([self._mapped[k][2] for k in sorted(self._unchecked)],
-                                                       self._closing), daemon=True, name="loupe-read-ahead").start()
+        if self._unchecked and not streamed:
+            paths = [self._mapped[k][2] for k in sorted(self._unchecked)]
+            threading.Thread(target=vector_files.read_ahead, args=(paths, self._closing), daemon=True,
+                             name="loupe-read-ahead").start()
         self.accelerated = self._accelerate(search_device)
         self._direct_map_done: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
@@ -444,20 +448,6 @@ class ShardSet:
         for fh, _, _ in self._mapped.values():
             fh.close()
         self._mapped.clear()
-
-
-def _read_ahead(paths: Sequence[Path], stop: threading.Event, block: int = 8 << 20) -> None:
-    """Read files into the page cache with large reads (a background thread at open: the re-scoring's first
-    reads of cold mapped pages each wait for the disk; ``posix_fadvise(WILLNEED)`` reads only the first
-    8 MB here); stops when ``stop`` is set or a file cannot be read."""
-    buf = bytearray(block)
-    for path in paths:
-        try:
-            with open(path, "rb", buffering=0) as fh:
-                while not stop.is_set() and fh.readinto(buf):
-                    pass
-        except OSError:
-            return
 
 
 def too_big_for_ram(index_dir: Path, manifest: store.Manifest, share: float | None = None) -> bool:

@@ -8,8 +8,9 @@ writes): ``DIR/<encoder>/shard-NNNNN.faiss`` holds the shard's vectors, vector i
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -127,6 +128,20 @@ def release_pages(index) -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice) == 0
+
+
+def read_ahead(paths: Sequence[Path], stop: threading.Event, block: int = 8 << 20) -> None:
+    """Read files into the page cache with large reads (a background thread at open: the re-scoring's first
+    reads of cold mapped pages each wait for the disk; ``posix_fadvise(WILLNEED)`` reads only the first
+    8 MB here); stops when ``stop`` is set or a file cannot be read."""
+    buf = bytearray(block)
+    for path in paths:
+        try:
+            with open(path, "rb", buffering=0) as fh:
+                while not stop.is_set() and fh.readinto(buf):
+                    pass
+        except OSError:
+            return
 
 
 def check_rows(vecs: np.ndarray, rows, path) -> None:
