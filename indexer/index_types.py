@@ -125,14 +125,15 @@ def fit_factory(factory: str, n_train: int) -> str:
     if rabitq:
         cap = max(1, n_train // MIN_POINTS_PER_CENTROID)
         return f"IVF{min(int(rabitq.group(1)), 2 ** int(math.log2(cap)))},RaBitQ"
-    m = re.fullmatch(r"IVF(\d+),PQ(\d+)x(\d+)", factory)
+    m = re.fullmatch(r"IVF(\d+),PQ(\d+)x(\d+)(fs)?", factory)
     if not m:
         return factory
     nlist, msub, nbits = int(m.group(1)), int(m.group(2)), int(m.group(3))
     cap = max(1, n_train // MIN_POINTS_PER_CENTROID)
     nlist = min(nlist, 2 ** int(math.log2(cap)))
-    nbits = max(1, min(nbits, int(math.log2(max(2, n_train)))))
-    return f"IVF{nlist},PQ{msub}x{nbits}"
+    fitted = max(1, min(nbits, int(math.log2(max(2, n_train)))))
+    fast = m.group(4) and fitted == nbits          # fast-scan codes are 4 bits: fewer rows, plain PQ codes
+    return f"IVF{nlist},PQ{msub}x{fitted}" + ("fs" if fast else "")
 
 
 def new_index(factory: str, dim: int):

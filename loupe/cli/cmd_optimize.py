@@ -10,8 +10,10 @@ longer grows with the number of shards, and pick its search parameters by measur
 
 Layout (--layout auto): exact (flat) up to 50,000 images, HNSW up to 5,000,000 when it fits the memory
 budget (from 500,000 images of >= 256 dimensions: hnsw-pca, the graph on a 128-d PCA projection, the best
-candidates re-scored exactly from the stored vectors), IVF-PQ beyond (compressed codes, re-scored the same way;
-from 256 dimensions ivfpq-pca, the lists on an uncentred 128-d PCA projection that keeps inner products).
+candidates re-scored exactly from the stored vectors), IVF-PQ beyond (compressed codes, re-scored the same way):
+ivfpq-fastscan when its 4-bit codes fit half the memory budget in RAM (72 bytes a vector; scanned with SIMD fast-scan
+kernels, from 256 dimensions on an uncentred 128-d PCA projection that keeps inner products), else ivfpq-pca
+(8-bit codes on that projection) or ivfpq, their lists on disk, memory-mapped.
 Then recall@10 is measured against exact search on a sample of the index's own vectors used as queries it
 has not seen (HNSW: held out of the graph while measuring, inserted after; IVF: each leaves itself out),
 and the cheapest efSearch / nprobe (and refine factor) that reaches --target-recall is recorded in the
@@ -35,8 +37,8 @@ def add_arguments(p) -> None:
     p.add_argument("--target-recall", type=float, default=DEFAULT_TARGET_RECALL, metavar="R",
                    help=f"recall@10 the search parameters must reach, in (0, 1] (default {DEFAULT_TARGET_RECALL})")
     p.add_argument("--layout", choices=LAYOUT_TYPES, default="auto",
-                   help="index of the layout (auto: flat, HNSW, HNSW on a PCA projection or IVF-PQ (on a "
-                        "projection from 256-d) by size, dimension and --max-memory; "
+                   help="index of the layout (auto: flat, HNSW, HNSW on a PCA projection or IVF-PQ (fast-scan "
+                        "in RAM, else on disk; on a projection from 256-d) by size, dimension and --max-memory; "
                         "ivf-rabitq: IVF with 1-bit RaBitQ codes, on request)")
     p.add_argument("--encoder", action="append", dest="encoders", metavar="NAME", default=None,
                    help="optimize only this encoder (repeat for several; default: all)")

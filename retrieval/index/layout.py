@@ -33,7 +33,7 @@ class LayoutEntry:
     """One encoder's searchable layout, as recorded in the manifest."""
 
     file: str                                  # search-NNNNN.faiss under DIR/<encoder>/
-    index_type: str                            # flat | hnsw | hnsw-pca | ivfpq | ivfpq-pca | ivf-rabitq
+    index_type: str                            # optimize.LAYOUT_TYPES but auto
     factory: str
     shards: list[list[Any]]                    # [[shard name, count], ...] in row order
     count: int

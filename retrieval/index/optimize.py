@@ -32,6 +32,17 @@ builds, per encoder, **one** index over every shard's vectors:
   3.738 ms (k_factor 32, one thread; the centred ``PCA128`` + L2: 0.8890 at 5.501 ms). 10M x 512-d, default
   flags: nprobe 2048 / k_factor 128 tuned, unseen recall@10 0.9550 at 14.820 ms on two threads (32.348 on one),
   where ``ivfpq``'s ``PQ64x8`` gave 0.9570 at 21.535 ms (45.146 on one);
+* ``ivfpq-fastscan`` (``UPCA{PCA_DIM},IVF{nlist},PQ{PCA_DIM}x4fs``; below ``2 * PCA_DIM`` dimensions no
+  projection, ``PQ{d}x4fs``) instead of both when its lists fit half the memory budget in RAM
+  (``fastscan_bytes``: 72 B a vector, 728 MB at 10M; the other half is left to the engine's ids and metadata,
+  ~200 B a vector) and the write shards hold exact vectors: 4-bit PQ codes, one dimension per
+  sub-quantizer, scanned with faiss' SIMD fast-scan kernels (André et al., "Quicker ADC": the 16-entry
+  tables held in registers) instead of one table look-up per byte; the top ``k * k_factor`` candidates are
+  re-scored exactly as in ``ivfpq``. Its codes rank candidates well enough that few need re-scoring, which
+  at 10M x 512-d costs page faults (20 GB of write shards on a 23 GiB box). faiss keeps fast-scan codes in
+  blocks of 32 vectors (``BlockInvertedLists``), which ``OnDiskInvertedLists`` cannot map, so these lists are
+  read into RAM. 1M x 512-d, IVF4096, nprobe 512, one thread (RESULTS.md, issue 14 part 11): recall@10
+  0.8903 at 2.419 ms with k_factor 16 where ``ivfpq-pca``'s ``PQ32x8`` gave 0.8907 at 4.866 ms with 128;
 * ``ivf-rabitq`` (``IVF{nlist},RaBitQ``, on request): as ``ivfpq`` but with RaBitQ codes (Gao & Long, SIGMOD 2024:
   one bit per dimension of the randomly rotated residual, plus two floats, with an unbiased estimator of the inner
   product; ``d / 8 + 8`` bytes) scanned with ``RABITQ_QUERY_BITS``-bit queries. Its codes rank candidates much
@@ -103,10 +114,12 @@ PCA_LAYOUT_MIN = 500_000           # auto: hnsw-pca instead of hnsw from this ma
 PCA_EF_CONSTRUCTION = 200
 AUTO_OPTIMIZE_MIN = 20_000         # `loupe index` optimizes by itself from this many images ...
 AUTO_OPTIMIZE_DELTA = 2            # ... when at least this many shards are outside the layout
-LAYOUT_TYPES = ("auto", "flat", "hnsw", "hnsw-pca", "ivfpq", "ivfpq-pca", "ivf-rabitq")
-RESCORED = ("ivfpq", "ivfpq-pca", "ivf-rabitq", "hnsw-pca")  # candidates re-scored from the write shards' vectors
+LAYOUT_TYPES = ("auto", "flat", "hnsw", "hnsw-pca", "ivfpq-fastscan", "ivfpq", "ivfpq-pca", "ivf-rabitq")
+RESCORED = ("ivfpq", "ivfpq-pca", "ivfpq-fastscan", "ivf-rabitq", "hnsw-pca")  # candidates re-scored from the
+                                                                              # write shards' vectors
 ON_DISK = ("ivfpq", "ivfpq-pca", "ivf-rabitq")  # layouts built and searched with their inverted lists on disk (mapped)
 PROJECTED = {"hnsw-pca": "hnsw", "ivfpq-pca": "ivfpq"}  # searched on a projection: re-scoring needs exact shards
+NEEDS_EXACT = {**PROJECTED, "ivfpq-fastscan": "ivfpq"}  # ... and 4-bit codes: without exact shards, the fallback
 RABITQ_QUERY_BITS = 4              # ivf-rabitq: bits per query dimension in the scan (faiss' default 8); 10M x 512-d
                                    # (RESULTS.md, part 7): recall@10 0.9547 at 30.7 ms vs 0.956 at 37.7 ms with 8
 TRAIN_SAMPLE = 100_000             # training rows at least (PCA, small IVF) ...
@@ -128,6 +141,8 @@ def choose_layout(n: int, dim: int, *, requested: str = "auto", max_memory: int 
             requested = "flat"
         elif n <= HNSW_LAYOUT_MAX and estimate_bytes("hnsw", n, dim) <= budget:
             requested = "hnsw-pca" if n >= PCA_LAYOUT_MIN and dim >= 2 * PCA_DIM else "hnsw"
+        elif fastscan_bytes(n, dim) <= budget // 2:     # in RAM beside the engine's ids and metadata (~200 B a
+            requested = "ivfpq-fastscan"                 # vector): 10M yes, 100M on a 24 GB box no (7.2 GB)
         else:
             requested = "ivfpq-pca" if dim >= 2 * PCA_DIM else "ivfpq"
     if requested in PROJECTED and dim < 2 * PCA_DIM:
@@ -143,7 +158,29 @@ def choose_layout(n: int, dim: int, *, requested: str = "auto", max_memory: int 
         return "ivfpq-pca", f"UPCA{PCA_DIM},IVF{ivf_nlist(n)},PQ{pq_subquantizers(PCA_DIM, n, budget)}x8"
     if requested == "ivf-rabitq":
         return "ivf-rabitq", f"IVF{ivf_nlist(n)},RaBitQ"
+    if requested == "ivfpq-fastscan":
+        d, m = fastscan_shape(dim)
+        return "ivfpq-fastscan", ("" if d == dim else f"UPCA{d},") + f"IVF{ivf_nlist(n)},PQ{m}x4fs"
     return "ivfpq", f"IVF{ivf_nlist(n)},PQ{pq_subquantizers(dim, n, budget)}x8"
+
+
+def fastscan_shape(dim: int) -> tuple[int, int]:
+    """(dimensions scanned, 4-bit sub-quantizers) of ``ivfpq-fastscan`` for ``dim``-d vectors: the uncentred
+    ``PCA_DIM`` projection from ``2 * PCA_DIM`` dimensions, one dimension per sub-quantizer. Two per
+    sub-quantizer (half the bytes, a 2x faster scan) ranked candidates too poorly at 10M x 512-d: recall@10
+    0.9376 with 1,280 candidates where one per sub-quantizer reached 0.9548 with 160 (RESULTS.md, part 11)."""
+    d = PCA_DIM if dim >= 2 * PCA_DIM else dim
+    return d, d
+
+
+def fastscan_bytes(n: int, dim: int) -> int:
+    """RAM of an ``ivfpq-fastscan`` layout of ``n`` vectors: 4-bit codes and an 8-byte id per vector (72 B at
+    128 sub-quantizers), the centroids (its lists are held in RAM, not mapped: faiss keeps fast-scan codes in
+    32-vector blocks)."""
+    from indexer.index_types import ivf_nlist
+
+    d, m = fastscan_shape(dim)
+    return n * ((m + 1) // 2 + 8) + ivf_nlist(n) * d * 4
 
 
 def train_size(factory: str, n: int) -> int:
@@ -364,10 +401,10 @@ def optimize(index_dir, *, encoders: Sequence[str] | None = None, target_recall:
 
                 kind, factory = choose_layout(n, entry.dim, requested=layout, max_memory=max_memory)
                 exact = all(k in ("flat", "hnsw") for k in shards._kinds[name])
-                if kind in PROJECTED and not exact:   # nothing exact to re-score from: the full-dimension layout
-                    log.warning("%s: write shards hold compressed vectors; layout %s instead of %s", name,
-                                PROJECTED[kind], kind)
-                    kind, factory = choose_layout(n, entry.dim, requested=PROJECTED[kind], max_memory=max_memory)
+                if kind in NEEDS_EXACT and not exact:   # nothing exact to re-score from: the full-dimension,
+                    log.warning("%s: write shards hold compressed vectors; layout %s instead of %s", name,  # 8-bit
+                                NEEDS_EXACT[kind], kind)
+                    kind, factory = choose_layout(n, entry.dim, requested=NEEDS_EXACT[kind], max_memory=max_memory)
                 folder = index_dir / name
                 before = previous.get(name)
                 remove_orphans(folder, {f.name for f in layout_files(index_dir, name, before)} if before else set())

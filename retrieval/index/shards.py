@@ -149,7 +149,11 @@ def split_lists(index, nq: int) -> None:
     faiss splits an IVF search over the queries (``parallel_mode`` 0), so one query ran on one core however
     many faiss had; ``parallel_mode`` 1 gives each thread a share of the query's lists (the same answers).
     10M x 512-d on 2 cores, nprobe 4096, k_factor 64: 63.6 -> 35.2 ms a query (RESULTS.md, issue 14 part 7).
-    With one thread (``loupe serve``: one query per request thread) nothing changes."""
+    With one thread (``loupe serve``: one query per request thread) nothing changes. Fast-scan IVF
+    (``ivfpq-fastscan``) ignores ``parallel_mode``. On the 2-core dev box neither split paid for it: one
+    query's lists dealt to two threads by hand (``search_preassigned`` each) took 22.828 ms where faiss'
+    default took 19.847 on two threads and 18.062 on one (10M x 512-d), and faiss' own split (``implem`` 15)
+    7.972 vs 2.774 ms (1M; RESULTS.md, issue 14 part 11), so it is left as faiss runs it."""
     import faiss
 
     ivf = faiss.try_extract_index_ivf(index)

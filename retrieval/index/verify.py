@@ -197,8 +197,8 @@ def _check_layouts(index_dir: Path, manifest: store.Manifest, report: VerifyRepo
             index = read_layout(index_dir, name, layout, mmap=False)
             vector_files.check_vectors(index, manifest.encoders[name], layout.count, path,
                                 norms=layout.index_type in ("flat", "hnsw"))
-            if layout.data_file:        # on-disk IVF: the merged lists hold every row once
-                check_ids(index, layout.count, path)
+            if layout.index_type.startswith("ivf"):      # IVF (merged on disk, or fast-scan in RAM): the
+                check_ids(index, layout.count, path)       # lists hold every row once
             del index
         except RuntimeError as exc:
             report.add(rel, f"unreadable: {exc}")

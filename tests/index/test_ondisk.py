@@ -202,9 +202,10 @@ def test_ivfpq_pca_scans_an_uncentred_projection_that_keeps_inner_products(tmp_p
     assert faiss.downcast_VectorTransform(layout.chain.at(0)).__class__ is faiss.LinearTransform
     ivf = faiss.extract_index_ivf(layout)
     assert ivf.d == PCA_DIM and ivf.metric_type == faiss.METRIC_INNER_PRODUCT
-    # the choice: auto beyond the HNSW range, projected when there are >= 2 * PCA_DIM dimensions
-    assert choose_layout(10_000_000, 512) == ("ivfpq-pca", f"UPCA{PCA_DIM},IVF16384,PQ32x8")
-    assert choose_layout(10_000_000, 128)[0] == "ivfpq"
+    # the choice: auto beyond the HNSW range when ivfpq-fastscan's lists do not fit half the memory budget in
+    # RAM (10M: 728 MB), projected when there are >= 2 * PCA_DIM dimensions
+    assert choose_layout(10_000_000, 512, max_memory=405_000_000) == ("ivfpq-pca", f"UPCA{PCA_DIM},IVF16384,PQ32x8")
+    assert choose_layout(10_000_000, 128, max_memory=405_000_000)[0] == "ivfpq"
     with pytest.raises(Exception, match="ivfpq-pca projects"):
         choose_layout(10_000_000, 64, requested="ivfpq-pca")
     compressed = build_index(tmp_path / "pq", {"e": vecs}, shard_sizes=[1500, 1500], factory="IVF16,PQ16x6",
