@@ -275,12 +275,13 @@ def work_picture(image: Image.Image) -> Image.Image:
 
 def propose_regions(image: Image.Image, encoder=None, config: ProposalConfig = DEFAULT_PROPOSALS,
                     explain_by: Sequence[Image.Image | CanvasTokens] = (), *, explanation: list | None = None,
-                    view: CanvasTokens | None = None) -> list[Region]:
+                    view: CanvasTokens | None = None, masks: tuple | None = None) -> list[Region]:
     """Object regions of ``image`` (see module docstring), in pixels of ``image``; ``encoder``: the index's
     encoder whose feature map gives the feature saliency (None: content saliency only); ``explain_by``: the
     pictures of the whole-picture search's top hits, or their stored maps (``views.py``), for the residual
     region (needs ``encoder``); ``view``: ``image``'s own map when it is known (``canvas_tokens`` of its
-    work picture). When ``explanation`` is a list, the ``residual.Explanation`` (or None) is appended to it."""
+    work picture). When ``explanation`` is a list, the ``residual.Explanation`` (or None) is appended to it.
+    ``masks``: ``(work picture size, segment_masks of it)`` computed beforehand (used when the size matches)."""
     image = image.convert("RGB")
     work = work_picture(image)
     rc = config.residual
@@ -288,13 +289,14 @@ def propose_regions(image: Image.Image, encoder=None, config: ProposalConfig = D
     views = None
     if encoder is not None and (config.w_feature > 0 or explain_by):
         views = _views(encoder, work, explain_by, view)
+    known = masks[1] if masks is not None and tuple(masks[0]) == work.size and config.segments > 0 else None
     pending = None
     if views and len(views) > 1 and config.segments > 0 and EXPLAIN_BESIDE and _cpu_threads() > 1:
         from retrieval.regions.grouping import _pool  # the explanation beside the segmentations
 
         pending = _pool().submit(explain, views[0], views[1:], rc)
     sal = saliency_map(work, views[0] if views else None, config.w_feature, config.w_colour)
-    masks = segment_masks(work, sal.shape, config) if config.segments > 0 else None
+    masks = known if known is not None else segment_masks(work, sal.shape, config) if config.segments > 0 else None
     segments = rank_segments(masks, sal, config.segment_margin) if masks is not None else []
     if pending is not None:
         found: Explanation | None = pending.result()

@@ -23,8 +23,15 @@ from retrieval.encoders.passes import side_by_side, width
 from retrieval.errors import InvalidQueryError
 from retrieval.regions.box import check_box_in_image, crop_to_box, full_size
 from retrieval.regions.fusion import FuseRule, fuse
-from retrieval.regions.proposals import DEFAULT_PROPOSALS, ProposalConfig, Region, propose_regions, work_picture
-from retrieval.regions.saliency import canvas_tokens
+from retrieval.regions.proposals import (
+    DEFAULT_PROPOSALS,
+    ProposalConfig,
+    Region,
+    propose_regions,
+    segment_masks,
+    work_picture,
+)
+from retrieval.regions.saliency import canvas_tokens, work_shape
 from retrieval.types import Hit
 
 FUSE_RULE = FuseRule("gain", gain=2.0, top=1)     # the fused list's rule (``fusion.py``): bench_regions.py's choice
@@ -85,7 +92,7 @@ def search_regions(engine, req, *, config: ProposalConfig | None = None):
     replaced by the fused list (module docstring); ``config``: the proposals' (default ``DEFAULT_PROPOSALS``)."""
     config = config or DEFAULT_PROPOSALS
     t0 = time.perf_counter()
-    base, view = _whole_picture(engine, req.replace(regions=False), config)
+    base, view, masks = _whole_picture(engine, req.replace(regions=False), config)
     ctx = base.query
     image = ctx.get_image()
     if image is None:
@@ -93,7 +100,8 @@ def search_regions(engine, req, *, config: ProposalConfig | None = None):
     t1 = time.perf_counter()
     enc = engine.encoder(ctx.encoder)
     regions = propose_regions(image, enc, config,
-                              explaining_pictures(engine, base.hits, ctx.image_id, config, ctx.encoder), view=view)
+                              explaining_pictures(engine, base.hits, ctx.image_id, config, ctx.encoder), view=view,
+                              masks=masks)
     t2 = time.perf_counter()
     result = RegionSearch(size=image.size)
     if regions:
@@ -116,27 +124,34 @@ def search_regions(engine, req, *, config: ProposalConfig | None = None):
 def _whole_picture(engine, req, config: ProposalConfig):
     """The whole picture's search and the query's feature map (``saliency.canvas_tokens`` of its work
     picture: an indexed picture's stored map, else computed), the two passes side by side where the CPU has
-    room (``retrieval.encoders.passes``); the map is None when the proposals need none or it cannot be had."""
+    room (``retrieval.encoders.passes``), and then, on the thread the search frees, the work picture's
+    selective-search segments (``proposals.segment_masks``: they need no encoder pass, so they fill the core
+    the shorter pass leaves idle). Returns ``(response, map, (work size, segments))``; the map is None when the
+    proposals need none or it cannot be had, the segments None when they were not computed here."""
     if req.image is None and req.image_id is None:
-        return engine.search(req), None
+        return engine.search(req), None, None
     name = engine.embedder.route(req).name
     view = stored_view(engine, name, req.image_id)     # an indexed picture's map: no encoder pass
     if view is not None or (config.w_feature <= 0 and config.residual is None):
-        return engine.search(req), view
+        return engine.search(req), view, None
     enc = engine.encoder(name)
+    from retrieval.errors import LoupeError
+
+    try:
+        work = work_picture(query_picture(engine, req)[0])
+    except (LoupeError, OSError):
+        return engine.search(req), None, None           # the search reports the picture's error
 
     def own_view():
-        from retrieval.errors import LoupeError
-
-        try:
-            image, _ = query_picture(engine, req)
-        except (LoupeError, OSError):
-            return None                  # the search reports the picture's error
-        maps = canvas_tokens(enc, [work_picture(image)])
+        maps = canvas_tokens(enc, [work])
         return maps[0] if maps else None
 
-    base, view = side_by_side(enc, [lambda: engine.search(req), own_view])
-    return base, view
+    def own_segments():
+        return work.size, segment_masks(work, work_shape(work.size), config)
+
+    calls = [lambda: engine.search(req), own_view] + ([own_segments] if config.segments > 0 else [])
+    base, view, *masks = side_by_side(enc, calls)
+    return base, view, (masks[0] if masks else None)
 
 
 def stored_view(engine, encoder: str, image_id: str | None):
