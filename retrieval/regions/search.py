@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.encoders.passes import side_by_side, width
-from retrieval.errors import InvalidQueryError
+from retrieval.errors import InvalidQueryError, LoupeError
 from retrieval.regions.box import check_box_in_image, crop_to_box, full_size
 from retrieval.regions.fusion import FuseRule, fuse
 from retrieval.regions.proposals import (
@@ -135,8 +135,6 @@ def _whole_picture(engine, req, config: ProposalConfig):
     if view is not None or (config.w_feature <= 0 and config.residual is None):
         return engine.search(req), view, None
     enc = engine.encoder(name)
-    from retrieval.errors import LoupeError
-
     try:
         work = work_picture(query_picture(engine, req)[0])
     except (LoupeError, OSError):
@@ -168,8 +166,6 @@ def explaining_pictures(engine, hits: list[Hit], query_id: str | None, config: P
     that may explain the query's background (``retrieval.regions.residual``): their feature maps stored by
     the region index (``views.py``) where it has them, else the pictures (encoded by the caller); a picture
     that cannot be read is left out."""
-    from retrieval.errors import LoupeError
-
     if config.residual is None:
         return []
     region_set = getattr(engine, "region_sets", {}).get(encoder) if encoder else None
