@@ -268,6 +268,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--baseline-proposals", action="store_true",
                     help="propose regions as before selective search (components + windows, 5 regions)")
+    ap.add_argument("--max-with-residual", type=int, default=None,
+                    help="regions per query when a residual region is found (default: ProposalConfig's)")
     ap.add_argument("--no-residual", action="store_true",
                     help="propose regions without the residual region (the previous session's proposals)")
     ap.add_argument("--splits", default=",".join(SPLITS),
@@ -298,6 +300,11 @@ def main() -> None:
         region_search.DEFAULT_PROPOSALS = ProposalConfig(max_regions=5, segments=0, min_windows=2, residual=None)
     elif args.no_residual:
         region_search.DEFAULT_PROPOSALS = ProposalConfig(residual=None)
+    if args.max_with_residual is not None:
+        from dataclasses import replace
+
+        region_search.DEFAULT_PROPOSALS = replace(region_search.DEFAULT_PROPOSALS,
+                                                  max_with_residual=args.max_with_residual)
     from indexer.pipeline import IndexConfig
     from loupe import Engine, build_index
 

@@ -148,6 +148,31 @@ def _with_threads(call: Callable[[], T], threads: int | None) -> Callable[[], T]
     return run
 
 
+class Handoff:
+    """A value that one call of a ``side_by_side`` batch produces and a later call of the same batch waits
+    for (``set`` wraps the producer, ``get`` waits). Safe there because the calls start in order: the
+    producer is running or done when the later call starts. None when the producer raised (its exception
+    is raised by ``side_by_side``)."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._value = None
+
+    def set(self, call: Callable[[], T]) -> Callable[[], T]:
+        def run() -> T:
+            try:
+                self._value = call()
+                return self._value
+            finally:
+                self._done.set()
+
+        return run
+
+    def get(self):
+        self._done.wait()
+        return self._value
+
+
 def side_by_side(encoder, calls: Sequence[Callable[[], T]]) -> list[T]:
     """The results of ``calls`` (in order), run as ``plan`` says in threads holding ``encoder.lock`` between
     them (module docstring); one after the other when the plan is 1 or the encoder has no ``PassLock``. An

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import heapq
 import threading
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -153,20 +153,30 @@ class Regions:
         return Regions(self.labels, self.which[keep], [self.members[i] for i in keep], self.boxes[keep])
 
 
-def selective_search(rgb: np.ndarray, scales: Sequence[float] = SCALES, *, workers: int = 1) -> Regions:
-    """Candidate object regions of ``rgb`` (uint8 [h, w, 3]) from every segmentation scale and colour
-    space, duplicates (same box) dropped; iterating gives ``(box, mask)`` pairs. ``workers`` > 1: the
-    segmentations run in threads (scikit-image's Felzenszwalb releases the GIL); same result."""
+def segmentation_jobs(rgb: np.ndarray, scales: Sequence[float] = SCALES) -> list[Callable[[], tuple]]:
+    """One call per segmentation of ``rgb`` (uint8 [h, w, 3]): every scale in RGB and in HSV, each returning
+    ``(labels, hierarchical_grouping(labels, channels))``; independent of each other, so a caller can run
+    them in threads or beside other work (scikit-image's Felzenszwalb releases the GIL in its inner loop).
+    ``collect_regions`` of their results, in this order, is ``selective_search(rgb, scales)``."""
+    def job(scale: float, space: str):
+        def run():
+            channels = rgb if space == "rgb" else _hsv(rgb)
+            labels = segment(channels, scale)
+            return labels, hierarchical_grouping(labels, channels)
+        return run
+
+    return [job(scale, space) for scale in scales for space in ("rgb", "hsv")]
+
+
+def _hsv(rgb: np.ndarray) -> np.ndarray:
     from skimage.color import rgb2hsv
 
-    hsv = (rgb2hsv(rgb) * 255).astype(np.uint8)
-    jobs = [(scale, channels) for scale in scales for channels in (rgb, hsv)]
+    return (rgb2hsv(rgb) * 255).astype(np.uint8)
 
-    def run(job):
-        labels = segment(job[1], job[0])
-        return labels, hierarchical_grouping(labels, job[1])
 
-    done = list(_pool().map(run, jobs)) if workers > 1 and len(jobs) > 1 else [run(job) for job in jobs]
+def collect_regions(done: Sequence[tuple]) -> Regions:
+    """The ``Regions`` of the segmentations ``done`` (``segmentation_jobs``' results, in order), duplicates
+    (same box) dropped: the first segmentation that formed a box keeps it."""
     seen: set[tuple[int, int, int, int]] = set()
     labels_all, which, members, boxes = [], [], [], []
     for labels, regions in done:
@@ -179,6 +189,15 @@ def selective_search(rgb: np.ndarray, scales: Sequence[float] = SCALES, *, worke
             members.append(segs)
             boxes.append(box)
     return Regions(labels_all, np.asarray(which, np.int64), members, np.asarray(boxes, np.int64))
+
+
+def selective_search(rgb: np.ndarray, scales: Sequence[float] = SCALES, *, workers: int = 1) -> Regions:
+    """Candidate object regions of ``rgb`` (uint8 [h, w, 3]) from every segmentation scale and colour
+    space, duplicates (same box) dropped; iterating gives ``(box, mask)`` pairs. ``workers`` > 1: the
+    segmentations run in threads; same result."""
+    jobs = segmentation_jobs(rgb, scales)
+    done = list(_pool().map(lambda run: run(), jobs)) if workers > 1 and len(jobs) > 1 else [run() for run in jobs]
+    return collect_regions(done)
 
 
 _POOL = None

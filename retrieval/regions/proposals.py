@@ -51,7 +51,7 @@ class ProposalConfig:
     segment_max_area: float = 0.6
     segment_margin: float = 0.05     # a segment's box grows by this fraction of its sides
     residual: ResidualConfig | None = ResidualConfig()   # the residual region (with ``explain_by``); None: off
-    max_with_residual: int = 3       # at most this many regions when a residual region is found
+    max_with_residual: int = 2       # at most this many regions when a residual region is found
 
 
 DEFAULT_PROPOSALS = ProposalConfig()
@@ -157,12 +157,30 @@ def box_contrast(integral: np.ndarray, box: Sequence[float]) -> float:
 def segment_masks(work: Image.Image, shape: tuple[int, int], config: ProposalConfig = DEFAULT_PROPOSALS):
     """Selective-search regions (``grouping.selective_search``, a ``grouping.Regions``) of ``work`` resized to
     ``shape = (h, w)`` whose box covers ``min_area`` to ``segment_max_area`` of it and that are not the whole
-    picture; boxes in map cells."""
-    from retrieval.regions.grouping import selective_search
+    picture; boxes in map cells. The segmentations run in threads where the CPU has several cores."""
+    from retrieval.regions.grouping import _pool
+
+    jobs = segment_jobs(work, shape, config)
+    done = list(_pool().map(lambda run: run(), jobs)) if _cpu_threads() > 1 and len(jobs) > 1 else [
+        run() for run in jobs]
+    return masks_from_segmentations(done, shape, config)
+
+
+def segment_jobs(work: Image.Image, shape: tuple[int, int], config: ProposalConfig = DEFAULT_PROPOSALS) -> list:
+    """``segment_masks``' segmentations as independent calls (``grouping.segmentation_jobs``), for a caller
+    that runs them beside other work; ``masks_from_segmentations`` of their results gives the same regions."""
+    from retrieval.regions.grouping import segmentation_jobs
 
     h, w = shape
-    rgb = np.asarray(work.convert("RGB").resize((w, h), Image.BILINEAR))
-    found = selective_search(rgb, config.segment_scales, workers=_cpu_threads())
+    return segmentation_jobs(np.asarray(work.convert("RGB").resize((w, h), Image.BILINEAR)), config.segment_scales)
+
+
+def masks_from_segmentations(done, shape: tuple[int, int], config: ProposalConfig = DEFAULT_PROPOSALS):
+    """The regions of ``segment_masks`` from the results of ``segment_jobs`` (in order)."""
+    from retrieval.regions.grouping import collect_regions
+
+    h, w = shape
+    found = collect_regions(done)
     if not len(found):
         return found
     area = (found.boxes[:, 2] - found.boxes[:, 0]) * (found.boxes[:, 3] - found.boxes[:, 1]) / float(h * w)
@@ -267,21 +285,31 @@ def work_picture(image: Image.Image) -> Image.Image:
     """``image`` at most ``4 * WORK_SIDE`` pixels on its longer side (the encoder sees a few hundred
     pixels; saliency needs no more)."""
     image = image.convert("RGB")
-    if max(image.size) <= 4 * WORK_SIDE:
-        return image
-    scale = 4 * WORK_SIDE / max(image.size)
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+    size = work_size(image.size)
+    return image if size == image.size else image.resize(size, Image.BILINEAR)
+
+
+@dataclass
+class QueryParts:
+    """What ``propose_regions`` computes before it ranks, computed by a caller beside its own passes
+    (``retrieval.regions.search``): the work picture, its feature map (None without one), its saliency map,
+    its segments (``segment_masks``; None: none wanted) and the explanation of its background (None: none)."""
+
+    work: Image.Image
+    view: CanvasTokens | None
+    saliency: np.ndarray
+    masks: object | None
+    explanation: Explanation | None
 
 
 def propose_regions(image: Image.Image, encoder=None, config: ProposalConfig = DEFAULT_PROPOSALS,
                     explain_by: Sequence[Image.Image | CanvasTokens] = (), *, explanation: list | None = None,
-                    view: CanvasTokens | None = None, masks: tuple | None = None) -> list[Region]:
+                    view: CanvasTokens | None = None) -> list[Region]:
     """Object regions of ``image`` (see module docstring), in pixels of ``image``; ``encoder``: the index's
     encoder whose feature map gives the feature saliency (None: content saliency only); ``explain_by``: the
     pictures of the whole-picture search's top hits, or their stored maps (``views.py``), for the residual
     region (needs ``encoder``); ``view``: ``image``'s own map when it is known (``canvas_tokens`` of its
-    work picture). When ``explanation`` is a list, the ``residual.Explanation`` (or None) is appended to it.
-    ``masks``: ``(work picture size, segment_masks of it)`` computed beforehand (used when the size matches)."""
+    work picture). When ``explanation`` is a list, the ``residual.Explanation`` (or None) is appended to it."""
     image = image.convert("RGB")
     work = work_picture(image)
     rc = config.residual
@@ -289,27 +317,55 @@ def propose_regions(image: Image.Image, encoder=None, config: ProposalConfig = D
     views = None
     if encoder is not None and (config.w_feature > 0 or explain_by):
         views = _views(encoder, work, explain_by, view)
-    known = masks[1] if masks is not None and tuple(masks[0]) == work.size and config.segments > 0 else None
     pending = None
     if views and len(views) > 1 and config.segments > 0 and EXPLAIN_BESIDE and _cpu_threads() > 1:
         from retrieval.regions.grouping import _pool  # the explanation beside the segmentations
 
         pending = _pool().submit(explain, views[0], views[1:], rc)
     sal = saliency_map(work, views[0] if views else None, config.w_feature, config.w_colour)
-    masks = known if known is not None else segment_masks(work, sal.shape, config) if config.segments > 0 else None
-    segments = rank_segments(masks, sal, config.segment_margin) if masks is not None else []
+    masks = segment_masks(work, sal.shape, config) if config.segments > 0 else None
     if pending is not None:
         found: Explanation | None = pending.result()
     else:
         found = explain(views[0], views[1:], rc) if views and len(views) > 1 else None
     if explanation is not None:
         explanation.append(found)
+    return regions_from_parts(image, QueryParts(work, views[0] if views else None, sal, masks, found), config)
+
+
+def explain_query(encoder, work: Image.Image, view: CanvasTokens | None, explain_by: Sequence,
+                  config: ProposalConfig = DEFAULT_PROPOSALS) -> Explanation | None:
+    """``propose_regions``' explanation of ``work`` (its map ``view``) by the pictures or maps ``explain_by``
+    (the first ``config.residual.hits``; pictures are encoded in one batch); None without a map, a residual
+    config or a picture to explain by."""
+    rc = config.residual
+    if rc is None or view is None or encoder is None:
+        return None
+    views = _views(encoder, work, list(explain_by)[:rc.hits], view)
+    return explain(views[0], views[1:], rc) if views and len(views) > 1 else None
+
+
+def regions_from_parts(image: Image.Image, parts: QueryParts, config: ProposalConfig = DEFAULT_PROPOSALS
+                       ) -> list[Region]:
+    """The regions of ``image`` from its ``QueryParts`` (``parts.work`` must be ``work_picture(image)``):
+    its segments ranked by saliency, the residual region when the explanation leaves one, then
+    ``regions_from_saliency``."""
+    rc, sal, masks, found = config.residual, parts.saliency, parts.masks, parts.explanation
+    segments = rank_segments(masks, sal, config.segment_margin) if masks is not None else []
     residual = []
     if found is not None and found.fraction >= rc.min_explained and found.unexplained(rc) >= rc.min_cells:
         if masks is None:                  # segmented only when a residual needs them (``INDEX_PROPOSALS``)
-            masks = segment_masks(work, sal.shape, config)
-        residual = residual_candidates(views[0].sample(found.residual_cells(), sal.shape), masks, config)
+            masks = segment_masks(parts.work, sal.shape, config)
+        residual = residual_candidates(parts.view.sample(found.residual_cells(), sal.shape), masks, config)
     return regions_from_saliency(sal, image.size, config, segments, residual)
+
+
+def work_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The size ``work_picture`` gives a picture of ``size``."""
+    if max(size) <= 4 * WORK_SIDE:
+        return tuple(size)
+    scale = 4 * WORK_SIDE / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def _views(encoder, work: Image.Image, explain_by: Sequence, view: CanvasTokens | None

@@ -19,19 +19,24 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.encoders.passes import side_by_side, width
+from retrieval.encoders.passes import Handoff, side_by_side, width
 from retrieval.errors import InvalidQueryError, LoupeError
 from retrieval.regions.box import check_box_in_image, crop_to_box, full_size
 from retrieval.regions.fusion import FuseRule, fuse
 from retrieval.regions.proposals import (
     DEFAULT_PROPOSALS,
     ProposalConfig,
+    QueryParts,
     Region,
+    explain_query,
+    masks_from_segmentations,
     propose_regions,
-    segment_masks,
+    regions_from_parts,
+    segment_jobs,
     work_picture,
+    work_size,
 )
-from retrieval.regions.saliency import canvas_tokens, work_shape
+from retrieval.regions.saliency import canvas_tokens, saliency_map, work_shape
 from retrieval.types import Hit
 
 FUSE_RULE = FuseRule("gain", gain=2.0, top=1)     # the fused list's rule (``fusion.py``): bench_regions.py's choice
@@ -92,16 +97,18 @@ def search_regions(engine, req, *, config: ProposalConfig | None = None):
     replaced by the fused list (module docstring); ``config``: the proposals' (default ``DEFAULT_PROPOSALS``)."""
     config = config or DEFAULT_PROPOSALS
     t0 = time.perf_counter()
-    base, view, masks = _whole_picture(engine, req.replace(regions=False), config)
+    base, view, parts = _whole_picture(engine, req.replace(regions=False), config)
     ctx = base.query
     image = ctx.get_image()
     if image is None:
         raise InvalidQueryError("regions needs an image query (image or image_id)")
     t1 = time.perf_counter()
     enc = engine.encoder(ctx.encoder)
-    regions = propose_regions(image, enc, config,
-                              explaining_pictures(engine, base.hits, ctx.image_id, config, ctx.encoder), view=view,
-                              masks=masks)
+    if parts is not None and parts.work.size == work_size(image.size):
+        regions = regions_from_parts(image, parts, config)
+    else:
+        regions = propose_regions(image, enc, config,
+                                  explaining_pictures(engine, base.hits, ctx.image_id, config, ctx.encoder), view=view)
     t2 = time.perf_counter()
     result = RegionSearch(size=image.size)
     if regions:
@@ -122,12 +129,15 @@ def search_regions(engine, req, *, config: ProposalConfig | None = None):
 
 
 def _whole_picture(engine, req, config: ProposalConfig):
-    """The whole picture's search and the query's feature map (``saliency.canvas_tokens`` of its work
-    picture: an indexed picture's stored map, else computed), the two passes side by side where the CPU has
-    room (``retrieval.encoders.passes``), and then, on the thread the search frees, the work picture's
-    selective-search segments (``proposals.segment_masks``: they need no encoder pass, so they fill the core
-    the shorter pass leaves idle). Returns ``(response, map, (work size, segments))``; the map is None when the
-    proposals need none or it cannot be had, the segments None when they were not computed here."""
+    """The whole picture's search and what the proposals need of the query (``proposals.QueryParts``),
+    computed side by side where the CPU has room (``retrieval.encoders.passes``), in this order: the search;
+    the feature map (``saliency.canvas_tokens`` of the work picture) and the saliency map it gives; the
+    selective-search segmentations (``proposals.segment_jobs``, one call per colour space: no encoder pass,
+    so each fills a core as soon as a pass leaves it); last, the explanation of the query's background by
+    its top hits (``proposals.explain_query``: it waits for the search and the map, which started first).
+    Returns ``(response, map, parts)``: an indexed picture's stored map (``views.py``) is used as it is and
+    then no parts are computed here (``propose_regions`` does the rest); parts None also when the proposals
+    need no map or the picture cannot be read."""
     if req.image is None and req.image_id is None:
         return engine.search(req), None, None
     name = engine.embedder.route(req).name
@@ -139,17 +149,28 @@ def _whole_picture(engine, req, config: ProposalConfig):
         work = work_picture(query_picture(engine, req)[0])
     except (LoupeError, OSError):
         return engine.search(req), None, None           # the search reports the picture's error
+    searched, mapped = Handoff(), Handoff()
 
-    def own_view():
+    def own_map():
         maps = canvas_tokens(enc, [work])
-        return maps[0] if maps else None
+        own = maps[0] if maps else None
+        return own, saliency_map(work, own, config.w_feature, config.w_colour)
 
-    def own_segments():
-        return work.size, segment_masks(work, work_shape(work.size), config)
+    def own_explanation():
+        base, (own, _) = searched.get(), (mapped.get() or (None, None))
+        if base is None or own is None:
+            return None
+        return explain_query(enc, work, own, explaining_pictures(engine, base.hits, req.image_id, config, name),
+                             config)
 
-    calls = [lambda: engine.search(req), own_view] + ([own_segments] if config.segments > 0 else [])
-    base, view, *masks = side_by_side(enc, calls)
-    return base, view, (masks[0] if masks else None)
+    shape = work_shape(work.size)
+    jobs = segment_jobs(work, shape, config) if config.segments > 0 else []
+    calls = [searched.set(lambda: engine.search(req)), mapped.set(own_map)] + jobs
+    calls += [own_explanation] if config.residual is not None else []
+    base, (own, sal), *rest = side_by_side(enc, calls)
+    masks = masks_from_segmentations(rest[:len(jobs)], shape, config) if jobs else None
+    found = rest[len(jobs)] if config.residual is not None else None
+    return base, own, QueryParts(work, own, sal, masks, found)
 
 
 def stored_view(engine, encoder: str, image_id: str | None):

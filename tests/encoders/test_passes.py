@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from retrieval.encoders import passes
-from retrieval.encoders.passes import PassLock, side_by_side
+from retrieval.encoders.passes import Handoff, PassLock, side_by_side
 
 
 class _Enc:
@@ -65,6 +65,31 @@ def test_an_error_is_raised_after_all_calls_ended(monkeypatch):
     with pytest.raises(ValueError, match="broken picture"):
         side_by_side(_Enc(), [bad, slow])
     assert finished.is_set()
+
+
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_a_later_call_waits_for_an_earlier_ones_value(monkeypatch, width):
+    """``Handoff``: the last call of a batch uses what the first one produced, one at a time or side by side
+    (where the producer is still running when the consumer starts); side by side, a producer's error reaches
+    it as None."""
+    monkeypatch.setattr(passes, "plan", lambda enc, calls: (min(width, calls), None))
+    first = Handoff()
+
+    def produce():
+        threading.Event().wait(0.2)              # still running when the consumer starts (width > 1)
+        return 21
+
+    assert side_by_side(_Enc(), [first.set(produce), lambda: 1, lambda: first.get() * 2]) == [21, 1, 42]
+
+    failed = Handoff()
+
+    def bad():
+        raise ValueError("broken picture")
+
+    seen = []
+    with pytest.raises(ValueError, match="broken picture"):
+        side_by_side(_Enc(), [failed.set(bad), lambda: seen.append(failed.get())])
+    assert seen == ([None] if width > 1 else [])   # one at a time: the error ends the batch at once
 
 
 def test_width_counts_the_cores_torch_leaves(monkeypatch):

@@ -106,20 +106,22 @@ def test_passes_side_by_side_give_the_same_regions_and_lists(region_engine, phot
         resp = region_engine.search(image=query, regions=True, k=4)
         answers.append((resp.ids, [(rr.box, rr.region.kind, [h.id for h in rr.hits]) for rr in resp.regions.regions],
                         [h.score for h in resp.hits]))
-    # the segments computed beside the passes (``_whole_picture``) are the ones propose_regions computes itself
+    # what ``_whole_picture`` computes beside the passes (saliency, segments, the background's explanation) is
+    # what propose_regions computes itself after them
     whole = search._whole_picture
     given = []
 
-    def without_segments(*args):
+    def without_parts(*args):
         out = whole(*args)
         given.append(out[2])
         return out[:2] + (None,)
 
-    monkeypatch.setattr(search, "_whole_picture", without_segments)
+    monkeypatch.setattr(search, "_whole_picture", without_parts)
     resp = region_engine.search(image=query, regions=True, k=4)
     answers.append((resp.ids, [(rr.box, rr.region.kind, [h.id for h in rr.hits]) for rr in resp.regions.regions],
                     [h.score for h in resp.hits]))
-    assert given[0] is not None and len(given[0][1]) > 0
+    parts = given[0]
+    assert parts is not None and len(parts.masks) > 0 and parts.explanation is not None
     for other in answers[1:]:
         assert answers[0][:2] == other[:2]
         np.testing.assert_allclose(answers[0][2], other[2], atol=1e-5)
