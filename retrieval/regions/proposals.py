@@ -157,13 +157,11 @@ def box_contrast(integral: np.ndarray, box: Sequence[float]) -> float:
 def segment_masks(work: Image.Image, shape: tuple[int, int], config: ProposalConfig = DEFAULT_PROPOSALS):
     """Selective-search regions (``grouping.selective_search``, a ``grouping.Regions``) of ``work`` resized to
     ``shape = (h, w)`` whose box covers ``min_area`` to ``segment_max_area`` of it and that are not the whole
-    picture; boxes in map cells. The segmentations run in threads where the CPU has several cores."""
-    from retrieval.regions.grouping import _pool
+    picture; boxes in map cells."""
+    from retrieval.regions.grouping import selective_search
 
-    jobs = segment_jobs(work, shape, config)
-    done = list(_pool().map(lambda run: run(), jobs)) if _cpu_threads() > 1 and len(jobs) > 1 else [
-        run() for run in jobs]
-    return masks_from_segmentations(done, shape, config)
+    found = selective_search(_segment_input(work, shape), config.segment_scales, workers=_cpu_threads())
+    return _object_sized(found, shape, config)
 
 
 def segment_jobs(work: Image.Image, shape: tuple[int, int], config: ProposalConfig = DEFAULT_PROPOSALS) -> list:
@@ -171,16 +169,25 @@ def segment_jobs(work: Image.Image, shape: tuple[int, int], config: ProposalConf
     that runs them beside other work; ``masks_from_segmentations`` of their results gives the same regions."""
     from retrieval.regions.grouping import segmentation_jobs
 
-    h, w = shape
-    return segmentation_jobs(np.asarray(work.convert("RGB").resize((w, h), Image.BILINEAR)), config.segment_scales)
+    return segmentation_jobs(_segment_input(work, shape), config.segment_scales)
 
 
 def masks_from_segmentations(done, shape: tuple[int, int], config: ProposalConfig = DEFAULT_PROPOSALS):
     """The regions of ``segment_masks`` from the results of ``segment_jobs`` (in order)."""
     from retrieval.regions.grouping import collect_regions
 
+    return _object_sized(collect_regions(done), shape, config)
+
+
+def _segment_input(work: Image.Image, shape: tuple[int, int]) -> np.ndarray:
     h, w = shape
-    found = collect_regions(done)
+    return np.asarray(work.convert("RGB").resize((w, h), Image.BILINEAR))
+
+
+def _object_sized(found, shape: tuple[int, int], config: ProposalConfig):
+    """The regions of ``found`` whose box covers ``min_area`` to ``segment_max_area`` of the map and that are
+    not the whole picture."""
+    h, w = shape
     if not len(found):
         return found
     area = (found.boxes[:, 2] - found.boxes[:, 0]) * (found.boxes[:, 3] - found.boxes[:, 1]) / float(h * w)
